@@ -1,0 +1,60 @@
+"""Integer arithmetic of the integer-only Segmenter: every algorithm once, as pure functions.
+
+Each function takes tensors holding integers and returns integers. Integer tensors (any width)
+are the deployed path and give int64; float tensors holding integers are the QAT path and give
+the same integers as floats, with a straight-through gradient (see :mod:`._bridge`). Docstrings
+state each operator's input range, output range and scale, rounding rule and intermediate widths.
+
+Float appears only in the ``*_params`` / ``exp_i0`` / ``dyadic_from_ratio`` / ``fit_*`` helpers,
+which run once at conversion to turn real scales into integer constants.
+"""
+from .dyadic import Dyadic, dyadic_from_ratio, requantize, requantize_add
+from .exp import bit_exp_params, bit_exp_softmax, exp_i0, shift_exp, shiftmax
+from .gelu import (
+    LAMBDA_DEFAULT,
+    LambdaGeluParams,
+    PolyGeluParams,
+    fit_poly_gelu,
+    lambda_shift_gelu,
+    lambda_shift_gelu_params,
+    poly_gelu,
+    poly_gelu_params,
+    shift_gelu,
+)
+from .norm import LayerNormParams, i_layernorm, isqrt, l2_normalize, layernorm_params
+from .quantize import channel_minmax, ema_minmax, int_range, quantize, symmetric_scale
+from .resize import bilinear_table, upsample_bilinear, upsample_nearest
+
+__all__ = [
+    "Dyadic",
+    "dyadic_from_ratio",
+    "requantize",
+    "requantize_add",
+    "exp_i0",
+    "shift_exp",
+    "shiftmax",
+    "bit_exp_params",
+    "bit_exp_softmax",
+    "LAMBDA_DEFAULT",
+    "shift_gelu",
+    "lambda_shift_gelu",
+    "LambdaGeluParams",
+    "lambda_shift_gelu_params",
+    "PolyGeluParams",
+    "fit_poly_gelu",
+    "poly_gelu_params",
+    "poly_gelu",
+    "isqrt",
+    "LayerNormParams",
+    "layernorm_params",
+    "i_layernorm",
+    "l2_normalize",
+    "int_range",
+    "symmetric_scale",
+    "channel_minmax",
+    "ema_minmax",
+    "quantize",
+    "bilinear_table",
+    "upsample_nearest",
+    "upsample_bilinear",
+]

@@ -1,0 +1,98 @@
+"""Dyadic requantization: I_out = round(I_in * S_in / S_out) with an integer multiplier and shift.
+
+At conversion, the float ratio ``r = S_in / S_out`` becomes ``r ~= m / 2**e`` with a 31-bit
+signed multiplier ``m`` (``2**30 <= |m| < 2**31``) and ``0 <= e <= 62``. At run time only integers
+are used: ``I_out = (I_in * m + 2**(e-1)) >> e`` in int64 (round half up, as gemmlowp's
+``MultiplyByQuantizedMultiplier``), exact for every ``|I_in| < 2**31``, with no float64 shortcut
+(I-ViT's ``fixedpoint_mul`` rounds in float64, inexact once ``|I_in * m| > 2**53``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._bridge import INT64, as_int64, round_shift, run_integer
+from .quantize import int_range
+
+MULT_BITS = 31
+MAX_SHIFT = 62
+
+
+class Dyadic(NamedTuple):
+    """An integer multiplier and right shift: the real ratio ``multiplier / 2**shift``."""
+
+    multiplier: Tensor
+    shift: Tensor
+
+    def ratio(self) -> Tensor:
+        """The float64 ratio this pair stands for (for reporting and tests, not for inference)."""
+        return self.multiplier.double() / torch.pow(2.0, self.shift.double())
+
+
+def dyadic_from_ratio(ratio: Tensor | float) -> Dyadic:
+    """Turn float ratios (scalar or per channel, any sign) into int64 (multiplier, shift) pairs.
+
+    The mantissa is rounded to the nearest 31-bit integer; a ratio of 0 gives (0, 0). The
+    relative error is at most 2**-31. Ratios too small for a 62-bit shift lose low multiplier
+    bits (the ratio is then below 2**-31, which no 8/16-bit output can show); ratios of 2**31 or
+    more are refused.
+    """
+    r = torch.as_tensor(ratio, dtype=torch.float64)
+    if not torch.isfinite(r).all():
+        raise ValueError(f"requantization ratio must be finite, got {r}")
+    mant, exp = torch.frexp(r)  # r = mant * 2**exp, 0.5 <= |mant| < 1
+    m = torch.round(mant * 2.0**MULT_BITS).to(INT64)
+    exp = exp.to(INT64)
+    carry = m.abs() == (1 << MULT_BITS)  # mantissa rounded up to 1.0
+    m = torch.where(carry, m // 2, m)
+    exp = exp + carry.to(INT64)
+    e = MULT_BITS - exp
+    if (e < 0).any():
+        raise ValueError(f"requantization ratio {r.abs().max().item():.3g} is >= 2**31: scales are inconsistent")
+    too_far = (e - MAX_SHIFT).clamp_min(0)
+    m = round_shift(m, too_far)
+    e = e - too_far
+    zero = m == 0
+    return Dyadic(torch.where(zero, 0, m), torch.where(zero, 0, e))
+
+
+def _requantize_int(x: Tensor, multiplier: Tensor, shift: Tensor, bits: int | None) -> Tensor:
+    out = round_shift(as_int64(x) * multiplier, shift)
+    if bits is not None:
+        lo, hi = int_range(bits)
+        out = out.clamp(lo, hi)
+    return out
+
+
+def requantize(x: Tensor, dyadic: Dyadic, bits: int | None = 8) -> Tensor:
+    """I_out = clamp(round_half_up(I_in * m / 2**e)) in int64.
+
+    * input: integers with ``|I_in| < 2**31`` (an INT32 accumulator at most);
+    * ``dyadic``: scalar, or per channel broadcast against the last dimension;
+    * output: scale S_out; clamped to a signed ``bits``-wide integer (no clamp if ``bits`` is None);
+    * rounding: half up, exact (int64 product < 2**62).
+    """
+    m, e = dyadic
+    return run_integer(
+        _requantize_int, (x,), lambda xf: xf * dyadic.ratio().to(xf.dtype), m, e, bits
+    )
+
+
+def _requantize_add_int(a: Tensor, b: Tensor, ma: Tensor, ea: Tensor, mb: Tensor, eb: Tensor, bits: int) -> Tensor:
+    lo, hi = int_range(bits)
+    return (_requantize_int(a, ma, ea, None) + _requantize_int(b, mb, eb, None)).clamp(lo, hi)
+
+
+def requantize_add(a: Tensor, da: Dyadic, b: Tensor, db: Dyadic, bits: int = 16) -> Tensor:
+    """Residual add of two integer tensors of different scales into one output scale.
+
+    Each operand is requantized to S_out on its own (round half up) and the two are added and
+    clamped to ``bits`` (I-ViT's residual QuantAct). Error: at most 1 output LSB against the
+    exact real sum, before clamping.
+    """
+    def surrogate(af: Tensor, bf: Tensor) -> Tensor:
+        return af * da.ratio().to(af.dtype) + bf * db.ratio().to(bf.dtype)
+
+    return run_integer(_requantize_add_int, (a, b), surrogate, da.multiplier, da.shift, db.multiplier, db.shift, bits)

@@ -1,0 +1,138 @@
+"""Integer exponentials and softmaxes: I-ViT's ShiftExp / Shiftmax and IPTQ-ViT-style bit-exp softmax.
+
+Both softmaxes return probabilities in ``[0, 2**(k_out-1)]`` with scale ``2**-(k_out-1)``. A
+one-hot row gives exactly ``2**(k_out-1)`` (128 for k_out=8, 32768 for k_out=16), one more than a
+signed k_out-bit integer holds (reference §4 step 8): the output is therefore declared as an
+*unsigned* k_out-bit integer (uint8 / uint16), which holds it. This is also the operand type of
+onnxruntime's fast u8 x s8 integer GEMM for attn @ V.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._bridge import as_int64, divide, round_shift, run_integer
+from .dyadic import Dyadic, dyadic_from_ratio, requantize
+
+LOG2E = math.log2(math.e)
+
+
+def exp_i0(scale: float) -> int:
+    """I-ViT's I0 = round(1/S) for an input scale S (at least 1): the integer for one real unit."""
+    return max(1, round(1.0 / float(scale)))
+
+
+def mul_log2e(x: Tensor) -> Tensor:
+    """x * 1.0111b (= 1.4375 ~ log2 e) by shift-add: x + (x >> 1) - (x >> 4) (I-ViT eq. 9)."""
+    return x + torch.bitwise_right_shift(x, 1) - torch.bitwise_right_shift(x, 4)
+
+
+def _shift_exp_int(x: Tensor, i0: int, k_inter: int) -> Tensor:
+    p = mul_log2e(as_int64(x))  # base-2 exponent in units of 1/i0
+    p = p.clamp_min(-k_inter * i0)  # exponent >= -k_inter (I-ViT eq. 10)
+    q = torch.div(p, -i0, rounding_mode="floor")  # integer part, 0 <= q <= k_inter
+    r = p + q * i0  # fractional part, -i0 < r <= 0
+    b = torch.bitwise_right_shift(r, 1) + i0  # 2**(r/i0) ~ 1 + r/(2 i0), in units of 1/i0
+    return torch.bitwise_left_shift(b, k_inter - q)
+
+
+def shift_exp(x: Tensor, i0: int, k_inter: int) -> Tensor:
+    """ShiftExp (I-ViT): e**(x*S) for integers ``x <= 0`` with ``i0 = round(1/S)``.
+
+    * input: integers ``x <= 0`` (scale S, represented by ``i0 >= 1``);
+    * output: ``e`` with ``e / (i0 * 2**k_inter) ~= exp(x / i0)``; ``0 < e <= i0 * 2**k_inter``
+      (never 0: the exponent is clamped at ``-k_inter`` before the shift);
+    * method: base 2 with log2 e ~ 1.4375 by shifts, split into integer part q (a left shift by
+      ``k_inter - q >= 0``) and fraction r, ``2**(r/i0) ~ 1 + r/(2 i0)`` with r floored by ``>> 1``
+      (TVM's rule; I-ViT's PyTorch keeps the half LSB);
+    * error: the linear fraction is off by up to 4.3 % and 1.4375 vs 1.4427 by 0.36 % in the
+      exponent; inputs below ``-k_inter / (1.4375 S)`` are clamped.
+    """
+    if i0 < 1:
+        raise ValueError(f"i0 must be >= 1, got {i0}")
+    return run_integer(
+        _shift_exp_int, (x,), lambda xf: torch.exp(xf / i0) * (i0 * 2.0**k_inter), i0, k_inter
+    )
+
+
+def _shiftmax_int(x: Tensor, i0: int, k_out: int, k_inter: int, dim: int) -> Tensor:
+    x = as_int64(x)
+    e = _shift_exp_int(x - x.amax(dim, keepdim=True), i0, k_inter)
+    return divide(e, e.sum(dim, keepdim=True), k_out - 1)
+
+
+def shiftmax(x: Tensor, i0: int, k_out: int = 16, k_inter: int = 15, dim: int = -1) -> Tensor:
+    """Shiftmax (I-ViT): integer softmax of ``x * S`` along ``dim``, ``i0 = round(1/S)``.
+
+    * input: integers (INT8 attention logits in the encoder), any range; row max subtracted first;
+    * output: ``[0, 2**(k_out-1)]``, scale ``2**-(k_out-1)``, unsigned k_out bits (module docstring);
+    * method: ShiftExp with clamp ``k_inter`` (15 in I-ViT's PyTorch), then one integer division
+      per row, ``round(e * floor(2**62 / sum) / 2**(62 - k_out + 1))`` (I-ViT divides 2**31 - 1,
+      which keeps few bits once the row sum is large);
+    * intermediates: ``e <= i0 * 2**k_inter``, row sum ``<= n * i0 * 2**k_inter`` (int64);
+    * error: dominated by ShiftExp's linear fraction (see ``docs/op_fidelity.md``).
+    """
+    if i0 < 1:
+        raise ValueError(f"i0 must be >= 1, got {i0}")
+    return run_integer(
+        _shiftmax_int,
+        (x,),
+        lambda xf: torch.softmax(xf / i0, dim) * 2.0 ** (k_out - 1),
+        i0,
+        k_out,
+        k_inter,
+        dim,
+    )
+
+
+# Bit-exp: the base-2 exponent carried with BITEXP_FRAC fraction bits, and 2**u on [0, 1) by the
+# quadratic 1 + u (C1 + C2 u) with C1 + C2 = 1 (exact at both ends, max error 0.0038, vs 0.043
+# for ShiftExp's 1 + u/2). Coefficients are the minimax fit under that constraint.
+BITEXP_FRAC = 12
+_BITEXP_C1 = round(0.65571 * 2**BITEXP_FRAC)
+_BITEXP_C2 = (1 << BITEXP_FRAC) - _BITEXP_C1
+
+
+def bit_exp_params(scale: float) -> Dyadic:
+    """The multiplier turning an input of scale S into a base-2 exponent with 12 fraction bits."""
+    return dyadic_from_ratio(float(scale) * LOG2E * 2**BITEXP_FRAC)
+
+
+def _bit_exp_softmax_int(x: Tensor, m: Tensor, e: Tensor, k_out: int, k_inter: int, dim: int) -> Tensor:
+    x = as_int64(x)
+    p = requantize(x - x.amax(dim, keepdim=True), Dyadic(m, e), bits=None)  # exponent * 2**FRAC, <= 0
+    p = p.clamp_min(-k_inter << BITEXP_FRAC)
+    q = -torch.bitwise_right_shift(p, BITEXP_FRAC)  # 0 <= q <= k_inter
+    r = torch.bitwise_and(p, (1 << BITEXP_FRAC) - 1)  # fraction u = r / 2**FRAC in [0, 1)
+    frac = round_shift(r * (_BITEXP_C1 + round_shift(_BITEXP_C2 * r, BITEXP_FRAC)), BITEXP_FRAC)
+    mant = (1 << BITEXP_FRAC) + frac  # 2**u in [2**FRAC, 2**(FRAC+1)]
+    ex = torch.bitwise_right_shift(torch.bitwise_left_shift(mant, k_inter), q)  # no bits lost: q <= k_inter
+    return divide(ex, ex.sum(dim, keepdim=True), k_out - 1)
+
+
+def bit_exp_softmax(x: Tensor, params: Dyadic, k_out: int = 16, k_inter: int = 15, dim: int = -1) -> Tensor:
+    """Bit-exp softmax (IPTQ-ViT's bit-shifting softmax, our reading): integer softmax along ``dim``.
+
+    IPTQ-ViT publishes no formula or code for its "efficient bit-exp", so this is our version of
+    the idea (a base-2 exponent whose precision does not depend on the input scale):
+
+    * input: integers (scale S); ``params = bit_exp_params(S)``;
+    * exponent ``(x - max) * S * log2 e`` by a dyadic multiply (exact log2 e, not 1.4375) with 12
+      fraction bits, clamped at ``-k_inter``; ``2**-q`` by a right shift, ``2**u`` by the quadratic
+      above; one integer division per row as in :func:`shiftmax`;
+    * output: ``[0, 2**(k_out-1)]``, scale ``2**-(k_out-1)`` (unsigned k_out bits);
+    * intermediates: ``ex <= 2**(13 + k_inter)``, row sum ``<= n * 2**(13 + k_inter)`` (int64).
+    """
+    scale = float(params.ratio()) / (LOG2E * 2**BITEXP_FRAC)
+    return run_integer(
+        _bit_exp_softmax_int,
+        (x,),
+        lambda xf: torch.softmax(xf * scale, dim) * 2.0 ** (k_out - 1),
+        params.multiplier,
+        params.shift,
+        k_out,
+        k_inter,
+        dim,
+    )

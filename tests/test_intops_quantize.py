@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from iseg_plugin import intops
+
+
+def test_int_range():
+    assert intops.int_range(8) == (-128, 127)
+    assert intops.int_range(8, narrow=True) == (-127, 127)
+    assert intops.int_range(16) == (-32768, 32767)
+    assert intops.int_range(8, signed=False) == (0, 255)
+
+
+def test_symmetric_scale_per_tensor_and_per_channel():
+    s = intops.symmetric_scale(torch.tensor(-2.54), torch.tensor(1.0), 8)
+    assert s.item() == pytest.approx(2.54 / 127)
+    s = intops.symmetric_scale(torch.tensor([-1.0, -0.5]), torch.tensor([0.5, 2.0]), 8)
+    assert torch.allclose(s, torch.tensor([1.0, 2.0]) / 127)
+    # an all-zero tensor gets a positive scale, never 0 (no division by zero downstream)
+    assert intops.symmetric_scale(torch.tensor(0.0), torch.tensor(0.0), 8).item() > 0
+
+
+def test_quantize_hand_case_and_clamp():
+    x = torch.tensor([0.5, -1.0, 1.27, 2.0, -3.0, 0.005, 0.015])
+    q = intops.quantize(x, torch.tensor(0.01), 8)
+    # 0.005/0.01 = 0.5 -> 0 and 1.5 -> 2: round half to even (torch.round, as Brevitas / torch.ao)
+    assert q.tolist() == [50.0, -100.0, 127.0, 127.0, -128.0, 0.0, 2.0]
+    assert intops.quantize(torch.tensor([-3.0]), torch.tensor(0.01), 8, narrow=True).item() == -127
+
+
+def test_quantize_per_channel():
+    w = torch.tensor([[1.0, -2.0], [0.1, 0.2]])
+    scale = torch.tensor([2.0, 0.2]) / 127
+    q = intops.quantize(w, scale, 8, channel_dim=0)
+    assert q.tolist() == [[64.0, -127.0], [64.0, 127.0]]
+
+
+def test_quantize_straight_through_gradient():
+    x = torch.tensor([0.3, 5.0, -5.0], requires_grad=True)
+    intops.quantize(x, torch.tensor(0.01), 8).sum().backward()
+    assert x.grad.tolist() == pytest.approx([100.0, 0.0, 0.0])  # 1/S inside, 0 where clamped
+
+
+def test_ema_minmax_first_batch_then_momentum():
+    first = intops.ema_minmax(None, torch.tensor([-1.0, 3.0]), momentum=0.05)
+    assert [v.item() for v in first] == [-1.0, 3.0]
+    second = intops.ema_minmax(first, torch.tensor([-3.0, 1.0]), momentum=0.05)
+    # m = 0.95 * m + 0.05 * current
+    assert second[0].item() == pytest.approx(-1.1)
+    assert second[1].item() == pytest.approx(2.9)
+
+
+def test_ema_minmax_per_channel():
+    x = torch.tensor([[1.0, -4.0], [2.0, 8.0]])
+    mn, mx = intops.ema_minmax(None, x, 0.01, channel_dim=1)
+    assert mn.tolist() == [1.0, -4.0] and mx.tolist() == [2.0, 8.0]
+
+
+@pytest.mark.parametrize("momentum", [0.0, -0.1, 1.5])
+def test_ema_minmax_rejects_bad_momentum(momentum):
+    with pytest.raises(ValueError, match="momentum"):
+        intops.ema_minmax(None, torch.zeros(3), momentum)
