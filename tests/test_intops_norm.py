@@ -90,3 +90,18 @@ def test_l2_normalize_within_one_lsb(values):
     ref = torch.nn.functional.normalize(x.double(), dim=-1) * 2**15
     assert (out - ref).abs().max() <= 1.0
     assert out.abs().max() <= 2**15
+
+
+def test_i_layernorm_eps_hand_case_and_small_variance_rows():
+    # row [1, 3] with eps = 2 LSB**2: V = 2 + 2 * 2 = 6, y / sqrt(6) * 2**15 = +-13377.5 -> [-13377, 13377]
+    params = LayerNormParams(weight=torch.tensor([1, 1]), bias=torch.tensor([0, 0]), out_scale=1.0)
+    assert intops.i_layernorm(torch.tensor([[1, 3]]), params, eps=2).tolist() == [[-13377, 13377]]
+    # near-uniform rows (e.g. class masks): with eps the integer LayerNorm follows the float one
+    scale, eps = 1e-4, 1e-5
+    x = torch.randint(-20, 21, (8, 7), generator=torch.Generator().manual_seed(4))
+    gamma, beta = torch.ones(7), torch.zeros(7)
+    p = intops.layernorm_params(gamma, beta)
+    z = intops.i_layernorm(x, p, eps=intops.layernorm_eps(eps, scale)) * p.out_scale
+    ref = torch.nn.functional.layer_norm(x.double() * scale, (7,), eps=eps)
+    assert (z - ref).abs().max() < 2e-3
+    assert (intops.i_layernorm(x, p) * p.out_scale - ref).abs().max() > 0.5  # without eps: far off

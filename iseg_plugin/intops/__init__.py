@@ -21,7 +21,7 @@ from .gelu import (
     poly_gelu_params,
     shift_gelu,
 )
-from .norm import LayerNormParams, i_layernorm, isqrt, l2_normalize, layernorm_params
+from .norm import LayerNormParams, i_layernorm, isqrt, l2_normalize, layernorm_eps, layernorm_params
 from .quantize import channel_minmax, ema_minmax, int_range, quantize, symmetric_scale
 from .resize import bilinear_table, upsample_bilinear, upsample_nearest
 
@@ -47,6 +47,7 @@ __all__ = [
     "isqrt",
     "LayerNormParams",
     "layernorm_params",
+    "layernorm_eps",
     "i_layernorm",
     "l2_normalize",
     "int_range",

@@ -78,8 +78,9 @@ def run_integer(
 ) -> Tensor:
     """Run ``int_fn(*inputs, *args, **kwargs)`` on integer or float-holding-integer tensors.
 
-    * integer inputs (deployment): ``int_fn`` runs as is and returns int64;
-    * float inputs (QAT): they must hold integers. They are cast to int64, ``int_fn`` runs
+    * integer first input (deployment): ``int_fn`` runs on int64 (further inputs that are floats
+      holding integers, such as quantized parameters, are cast too) and returns int64;
+    * float first input (QAT): every input must hold integers. They are cast to int64, ``int_fn`` runs
       without autograd, and the result comes back in the first input's float dtype, with the
       gradient of ``surrogate(*inputs)``, the float function the integer one approximates, in
       the same integer units (straight-through estimator).
@@ -89,7 +90,7 @@ def run_integer(
     """
     first = inputs[0]
     if not first.dtype.is_floating_point:
-        return int_fn(*inputs, *args, **kwargs)
+        return int_fn(*(t.to(INT64) for t in inputs), *args, **kwargs)
     with torch.no_grad():
         out = int_fn(*(t.to(INT64) for t in inputs), *args, **kwargs).to(first.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):

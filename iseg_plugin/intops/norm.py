@@ -15,10 +15,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._bridge import INT64, as_int64, bit_length, round_shift, run_integer
+from ._bridge import as_int64, bit_length, round_shift, run_integer
 from .dyadic import Dyadic, requantize
+from .quantize import quantize
 
 ISQRT_MAX_BITS = 62
+MEAN_FRAC_BITS = 4  # the row mean keeps 4 fraction bits (I-ViT rounds it to an integer)
 _NEWTON_STEPS = 6  # from a start within 2x of the root, 5 steps reach 1e-15 relative error, the 6th the unit
 
 
@@ -55,33 +57,40 @@ class LayerNormParams(NamedTuple):
     """Integer affine of I-LayerNorm and the real scale of its output."""
 
     weight: Tensor  # gamma / s_gamma, INT16, per channel
-    bias: Tensor  # beta / (s_norm * s_gamma), clamped to +-2**30, per channel
+    bias: Tensor  # beta / out_scale, clamped to +-2**30, per channel
     out_scale: float  # sqrt(C) * 2**-norm_bits * s_gamma
 
 
 def layernorm_params(gamma: Tensor, beta: Tensor, norm_bits: int = 15, weight_bits: int = 16) -> LayerNormParams:
-    """Quantize LayerNorm's affine for :func:`i_layernorm` (conversion time).
+    """Quantize LayerNorm's affine for :func:`i_layernorm` (conversion time, or every QAT step).
 
     gamma is quantized per tensor to ``weight_bits`` (not folded into a per-channel scale as in
-    I-ViT, whose bias ``beta / gamma`` blows up when gamma ~ 0); beta to the output scale.
+    I-ViT, whose bias ``beta / gamma`` blows up when gamma ~ 0); beta to the output scale. The
+    integers are float tensors with straight-through gradients to gamma and beta.
     """
     channels = gamma.numel()
-    gamma = gamma.detach().double()
-    s_gamma = float(gamma.abs().max().clamp_min(1e-12)) / ((1 << (weight_bits - 1)) - 1)
+    s_gamma = float(gamma.detach().abs().max().clamp_min(1e-12)) / ((1 << (weight_bits - 1)) - 1)
     out_scale = math.sqrt(channels) * 2.0**-norm_bits * s_gamma
-    weight = torch.round(gamma / s_gamma).to(INT64)
-    bias = torch.round(beta.detach().double() / out_scale).clamp(-(2**30), 2**30).to(INT64)
+    weight = quantize(gamma, torch.tensor(s_gamma, dtype=gamma.dtype), weight_bits)
+    bias = torch.clamp(quantize(beta, torch.tensor(out_scale, dtype=beta.dtype), 32), -(2**30), 2**30)
     return LayerNormParams(weight, bias, out_scale)
 
 
+def layernorm_eps(eps: float, in_scale: float) -> int:
+    """LayerNorm's eps in squared input integers, round(eps / S**2), capped at 2**40 (conversion time)."""
+    return min(round(eps / float(in_scale) ** 2), 1 << 40)
+
+
 def _i_layernorm_int(
-    x: Tensor, weight: Tensor, bias: Tensor, m: Tensor | None, e: Tensor | None, out_bits: int, norm_bits: int
+    x: Tensor, weight: Tensor, bias: Tensor, eps: int, m: Tensor | None, e: Tensor | None, out_bits: int,
+    norm_bits: int,
 ) -> Tensor:
-    x = as_int64(x)
     channels = x.shape[-1]
-    mean = torch.div(2 * x.sum(-1, keepdim=True) + channels, 2 * channels, rounding_mode="floor")  # round half up
-    y = x - mean
-    normed = _divide_by_root(y, (y * y).sum(-1, keepdim=True), norm_bits)  # y / ||y|| * 2**norm_bits
+    xs = torch.bitwise_left_shift(x, MEAN_FRAC_BITS)
+    mean = torch.div(2 * xs.sum(-1, keepdim=True) + channels, 2 * channels, rounding_mode="floor")  # round half up
+    y = xs - mean  # x - mean with MEAN_FRAC_BITS fraction bits
+    sumsq = (y * y).sum(-1, keepdim=True) + (channels * eps << (2 * MEAN_FRAC_BITS))  # C (var + eps) * 2**8
+    normed = _divide_by_root(y, sumsq, norm_bits)  # (x - mean) / sqrt(C (var + eps)) * 2**norm_bits
     z = normed * weight + bias
     if m is None:
         return z
@@ -91,28 +100,33 @@ def _i_layernorm_int(
 def i_layernorm(
     x: Tensor,
     params: LayerNormParams,
+    eps: int = 0,
     out: Dyadic | None = None,
     out_bits: int = 8,
     norm_bits: int = 15,
 ) -> Tensor:
     """I-LayerNorm over the last dimension, optionally fused with the output requantization.
 
-    * input: integers of any scale S (it cancels), C channels; ``C * max|x - mean|**2 < 2**62``
+    * input: integers of any scale S (it cancels), C channels; ``C * max|x - mean|**2 < 2**54``
       (INT16 rows of any practical width; INT32 rows must be requantized first);
-    * mean rounded half up; ``V = sum (x - mean)**2`` in int64; eps is ignored (it is below one
-      LSB of any row that is not constant; a constant row gives ``bias``);
+    * the mean keeps 4 fraction bits (rounded half up): I-ViT's integer mean is off by up to
+      half an LSB, which on rows of small variance shifts every output;
+    * ``V = sum (x - mean)**2 + C * eps`` in int64 (times 2**8), where ``eps`` is
+      LayerNorm's eps in squared input integers (:func:`layernorm_eps`; I-ViT drops it, which
+      blows up rows of small variance such as near-uniform class masks); a constant row with
+      ``eps = 0`` gives ``bias``;
     * normalised ``n = round((x - mean) * 2**norm_bits / sqrt(V))``, ``|n| <= 2**norm_bits``;
     * output ``z = n * weight + bias``, ``|z| < 2**31``, scale ``params.out_scale``; if ``out`` is
       given, ``requantize(z, out, out_bits)`` instead (scale of the next layer's input).
     """
     m, e = (None, None) if out is None else out
 
-    def surrogate(xf: Tensor) -> Tensor:
-        ref = torch.nn.functional.layer_norm(xf, xf.shape[-1:], eps=1e-12)
-        z = ref * (2.0**norm_bits / math.sqrt(xf.shape[-1])) * params.weight.to(xf) + params.bias.to(xf)
+    def surrogate(xf: Tensor, wf: Tensor, bf: Tensor) -> Tensor:
+        ref = torch.nn.functional.layer_norm(xf, xf.shape[-1:], eps=max(eps, 1))  # at least 1 LSB**2
+        z = ref * (2.0**norm_bits / math.sqrt(xf.shape[-1])) * wf + bf
         return z if out is None else z * out.ratio().to(xf.dtype)
 
-    return run_integer(_i_layernorm_int, (x,), surrogate, params.weight, params.bias, m, e, out_bits, norm_bits)
+    return run_integer(_i_layernorm_int, (x, params.weight, params.bias), surrogate, eps, m, e, out_bits, norm_bits)
 
 
 def _l2_normalize_int(x: Tensor, frac_bits: int) -> Tensor:

@@ -1,0 +1,166 @@
+"""mmengine hooks: post-training calibration and the QAT range schedule."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from mmengine.hooks import Hook
+from mmengine.logging import HistoryBuffer
+from mmengine.model import is_model_wrapper
+from mmengine.utils import ProgressBar
+
+from ..quant.act import set_observing
+
+
+def _unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_progress: bool = True) -> int:
+    """Run ``num_samples`` images through ``model`` in eval mode with its range observers on (EMA
+    update ``momentum``), then freeze the ranges. Returns the number of images seen."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    model = _unwrap(model)
+    if set_observing(model, True, momentum) == 0:
+        raise ValueError("the model has no quantizers to calibrate: build it with quant=dict(...)")
+    was_training = model.training
+    model.eval()
+    seen = 0
+    bar = ProgressBar(num_samples) if show_progress else None
+    try:
+        with torch.no_grad():
+            for data in dataloader:
+                data = model.data_preprocessor(data, True)  # pads the batch to the crop size
+                inputs = data["inputs"][: num_samples - seen]
+                model._forward(inputs)
+                seen += inputs.shape[0]
+                if bar is not None:
+                    for _ in range(inputs.shape[0]):
+                        bar.update()
+                if seen >= num_samples:
+                    break
+    finally:
+        set_observing(model, False)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("the calibration set is empty: check the dataset's data_root and split")
+    return seen
+
+
+class CalibrationHook(Hook):
+    """Calibrate the quantized model on ``num_samples`` images before training or testing.
+
+    The images come from their own finite loader (``DefaultSampler``, no shuffle) built from
+    ``dataloader`` (default: the runner's train dataloader config with batch ``batch_size``):
+    iterating the runner's ``InfiniteSampler`` loader here would exhaust it for training.
+    I-Segmenter: one image (one-shot PTQ) or 500, batch 8, EMA update 0.05.
+    """
+
+    priority = "VERY_HIGH"
+
+    def __init__(self, num_samples: int = 1, batch_size: int = 8, momentum: float = 0.05,
+                 dataloader: dict | None = None, before: str = "train"):
+        if before not in ("train", "val", "test"):
+            raise ValueError(f"before must be 'train', 'val' or 'test', got {before!r}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.momentum = momentum
+        self.dataloader = dataloader
+        self.before = before
+
+    def _loader_cfg(self, runner) -> dict:
+        cfg = self.dataloader or runner.cfg.get("train_dataloader")
+        if cfg is None:
+            raise ValueError("CalibrationHook needs a dataloader: set train_dataloader or the hook's dataloader")
+        cfg = dict(cfg)
+        cfg.update(batch_size=min(self.batch_size, self.num_samples), sampler=dict(type="DefaultSampler",
+                                                                                   shuffle=False),
+                   persistent_workers=False)
+        return cfg
+
+    def _calibrate(self, runner) -> None:
+        loader = runner.build_dataloader(self._loader_cfg(runner))
+        if len(loader.dataset) < self.num_samples:
+            raise ValueError(
+                f"calibration asks for {self.num_samples} images but the dataset has {len(loader.dataset)}"
+            )
+        seen = calibrate(runner.model, loader, self.num_samples, self.momentum)
+        runner.logger.info(f"calibrated the quantized model on {seen} images (EMA update {self.momentum})")
+
+    def before_train(self, runner) -> None:
+        if self.before == "train":
+            self._calibrate(runner)
+
+    def before_val(self, runner) -> None:
+        if self.before == "val":
+            self._calibrate(runner)
+
+    def before_test(self, runner) -> None:
+        if self.before == "test":
+            self._calibrate(runner)
+
+
+class QATHook(Hook):
+    """I-Segmenter's QAT range schedule: ranges follow an EMA (update 0.01) during the warm-up,
+    then are frozen for the rest of training (the paper freezes after 10 warm-up epochs)."""
+
+    priority = "HIGH"
+
+    def __init__(self, momentum: float = 0.01, freeze_iter: int = 1000):
+        self.momentum = momentum
+        self.freeze_iter = freeze_iter
+
+    def before_train(self, runner) -> None:
+        frozen = runner.iter >= self.freeze_iter
+        set_observing(_unwrap(runner.model), not frozen, self.momentum)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if runner.iter + 1 == self.freeze_iter:
+            set_observing(_unwrap(runner.model), False)
+            runner.logger.info(f"QAT: activation ranges frozen after {self.freeze_iter} iterations")
+
+
+_BUFFER_TAG = "__history_buffer__"
+
+
+def _to_plain(obj):
+    if isinstance(obj, HistoryBuffer):
+        log, count = obj.data
+        return {_BUFFER_TAG: True, "log": log.tolist(), "count": count.tolist(), "max_length": obj.max_length}
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj)
+    return obj
+
+
+def _from_plain(obj):
+    if isinstance(obj, dict):
+        if obj.get(_BUFFER_TAG):
+            return HistoryBuffer(obj["log"], obj["count"], obj["max_length"])
+        return {k: _from_plain(v) for k, v in obj.items()}
+    return obj
+
+
+class PlainCheckpointHook(Hook):
+    """Keep checkpoints loadable by ``torch.load(weights_only=True)``.
+
+    torch >= 2.6 loads checkpoints with the safe unpickler, which refuses the ``HistoryBuffer``
+    objects and numpy arrays in mmengine's ``message_hub`` state: ``mim test`` then cannot read
+    what ``mim train`` wrote. Rather than turning the safe loader off, this hook stores that state
+    as plain lists when saving and rebuilds it when a checkpoint is loaded (for resuming).
+    """
+
+    priority = "VERY_LOW"
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if "message_hub" in checkpoint:
+            checkpoint["message_hub"] = _to_plain(checkpoint["message_hub"])
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if "message_hub" in checkpoint:
+            checkpoint["message_hub"] = _from_plain(checkpoint["message_hub"])

@@ -1,0 +1,140 @@
+"""Activation quantizers: EMA range observers that requantize integers into INT8/INT16.
+
+``QTensor`` carries the integers and their scale explicitly: Brevitas' ``IntQuantTensor`` is lost
+by ``torch.matmul`` and softmax (ecosystem notes §1.1), and the integer operators need the scale
+as a ratio to turn into a dyadic multiplier. The observers follow I-ViT's ``QuantAct`` with the
+paper's update weight (alpha = 0.05 for PTQ, 0.01 for QAT): per-tensor min/max EMA, symmetric
+scale, ranges synchronised across processes under distributed training.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import intops
+
+
+class QTensor(NamedTuple):
+    """Integers (int tensor, or float tensor holding integers in QAT) and their real scale."""
+
+    value: Tensor
+    scale: Tensor  # scalar, or one per channel of the last dimension
+
+    def dequantize(self) -> Tensor:
+        return self.value * self.scale.to(self.value.dtype)
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer was used before it saw any data."""
+
+
+def _all_reduce(t: Tensor, op) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=op)
+    return t
+
+
+class QuantAct(nn.Module):
+    """Requantize integers (or quantize a float tensor) to a per-tensor ``bits``-wide scale.
+
+    While ``observing`` the range is updated from each batch (EMA with ``momentum`` = the
+    paper's alpha; the first batch is taken as it is). The range, the observing flag and the
+    calibrated flag are buffers, so they travel with checkpoints.
+    """
+
+    def __init__(self, bits: int = 8, momentum: float = 0.05):
+        super().__init__()
+        self.bits = bits
+        self.momentum = momentum
+        self.register_buffer("min_val", torch.zeros(()))
+        self.register_buffer("max_val", torch.zeros(()))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.register_buffer("observing", torch.tensor(True))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, momentum={self.momentum}"
+
+    @torch.no_grad()
+    def observe(self, real: Tensor) -> None:
+        if not bool(self.observing):
+            return
+        cur_min = _all_reduce(real.detach().amin().float(), dist.ReduceOp.MIN)
+        cur_max = _all_reduce(real.detach().amax().float(), dist.ReduceOp.MAX)
+        running = (self.min_val, self.max_val) if bool(self.calibrated) else None
+        new_min, new_max = intops.ema_minmax(running, torch.stack([cur_min, cur_max]), self.momentum)
+        self.min_val.copy_(new_min)
+        self.max_val.copy_(new_max)
+        self.calibrated.fill_(True)
+
+    def scale(self) -> Tensor:
+        if not bool(self.calibrated):
+            raise NotCalibratedError(
+                f"{type(self).__name__}({self.extra_repr()}) has no range yet: calibrate the model "
+                "(iseg ptq, or CalibrationHook in the config) or train it before evaluating"
+            )
+        return intops.symmetric_scale(self.min_val, self.max_val, self.bits)
+
+    def requant_params(self, in_scale: Tensor) -> intops.Dyadic:
+        """The dyadic multiplier from ``in_scale`` to this quantizer's scale (also used at conversion)."""
+        return intops.dyadic_from_ratio(in_scale.double() / self.scale().double())
+
+    def forward(self, x: QTensor | Tensor) -> QTensor:
+        if isinstance(x, QTensor):
+            self.observe(x.dequantize())
+            return QTensor(intops.requantize(x.value, self.requant_params(x.scale), self.bits), self.scale())
+        self.observe(x)
+        return QTensor(intops.quantize(x, self.scale(), self.bits), self.scale())
+
+
+class QuantAdd(QuantAct):
+    """Residual add: both operands requantized to one ``bits``-wide scale (I-ViT's residual QuantAct)."""
+
+    def __init__(self, bits: int = 16, momentum: float = 0.05):
+        super().__init__(bits, momentum)
+
+    def forward(self, a: QTensor, b: QTensor) -> QTensor:
+        self.observe(a.dequantize() + b.dequantize())
+        out = intops.requantize_add(
+            a.value, self.requant_params(a.scale), b.value, self.requant_params(b.scale), self.bits
+        )
+        return QTensor(out, self.scale())
+
+
+class QuantCat(QuantAct):
+    """Concatenate quantized tokens with a float embedding (cls token, class embeddings) at one scale."""
+
+    def __init__(self, bits: int = 16, momentum: float = 0.05, embedding_first: bool = True):
+        super().__init__(bits, momentum)
+        self.embedding_first = embedding_first
+
+    def forward(self, tokens: QTensor, embedding: Tensor) -> QTensor:
+        self.observe(torch.cat([tokens.dequantize().flatten(), embedding.detach().flatten().to(tokens.value.dtype)]))
+        scale = self.scale()
+        parts = [
+            intops.requantize(tokens.value, self.requant_params(tokens.scale), self.bits),
+            intops.quantize(embedding, scale, self.bits).to(tokens.value.dtype),
+        ]
+        if self.embedding_first:
+            parts.reverse()
+        return QTensor(torch.cat(parts, dim=1), scale)
+
+
+def observers(model: nn.Module) -> list[QuantAct]:
+    return [m for m in model.modules() if isinstance(m, QuantAct)]
+
+
+def set_observing(model: nn.Module, observing: bool, momentum: float | None = None) -> int:
+    """Switch every range observer of ``model`` on or off (and set its EMA weight); returns their count."""
+    found = observers(model)
+    for m in found:
+        m.observing.fill_(observing)
+        if momentum is not None:
+            m.momentum = momentum
+    for m in model.modules():
+        if hasattr(m, "set_calibrating"):
+            m.set_calibrating(observing)
+    return len(found)
