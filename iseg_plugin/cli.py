@@ -1,7 +1,8 @@
-"""The ``iseg`` command."""
+"""The ``iseg`` command: ``demo``, ``ptq``, ``eval``."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,12 +18,62 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ptq(args: argparse.Namespace) -> int:
+    from .ptq import run_ptq
+
+    report = run_ptq(args.config, args.checkpoint, args.calib_samples, args.out, args.gelu, args.softmax,
+                     args.decoder, args.data_root)
+    mb = 2**20
+    print(f"\ndeployed integer model: {report['out']} ({report['deployed_bytes'] / mb:.1f} MB); "
+          f"FP32 weights: {report['fp32_bytes'] / mb:.1f} MB ({report['fp32_bytes'] / report['deployed_bytes']:.2f}x); "
+          f"calibration on {report['num_samples']} images: {report['calib_seconds']:.1f} s")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    report = evaluate(args.config, args.model, args.data_root, args.limit, args.out_dir)
+    print()
+    classes = report["classes"]
+    print("| form | mIoU | aAcc | s/image | " + " | ".join(classes) + " |")
+    print("|---" * (4 + len(classes)) + "|")
+    for form, r in report["forms"].items():
+        print(f"| {form} | {r['mIoU']:.2f} | {r['aAcc']:.2f} | {r['seconds_per_image']:.2f} | "
+              + " | ".join(f"{v:.1f}" for v in r["per_class"]) + " |")
+    for key, value in report["pixel_agreement"].items():
+        print(f"pixel agreement, {key}: {value:.3f} %")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iseg", description="Integer-only Segmenter tools")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job on its embedded default")
     demo.add_argument("--out-dir", default="work_dirs/demo", help="where the report and plots go")
     demo.set_defaults(func=_demo)
+
+    ptq = sub.add_parser("ptq", help="calibrate a Segmenter and write the deployed integer-only model")
+    ptq.add_argument("config")
+    ptq.add_argument("checkpoint", help="FP32 checkpoint (plugin or stock mmseg keys)")
+    ptq.add_argument("--calib-samples", type=int, default=1, help="calibration images (1 = one-shot PTQ)")
+    ptq.add_argument("--gelu", choices=("lambda-shift", "shift", "poly"))
+    ptq.add_argument("--softmax", choices=("shift", "bit-exp"))
+    ptq.add_argument("--decoder", choices=("paper", "bilinear-l2"))
+    ptq.add_argument("--data-root")
+    ptq.add_argument("--out", required=True)
+    ptq.set_defaults(func=_ptq)
+
+    ev = sub.add_parser("eval", help="mIoU of the FP32, fake-quant and deployed forms on the validation set")
+    ev.add_argument("config")
+    ev.add_argument("model", help="deployed model written by `iseg ptq`")
+    ev.add_argument("--data-root")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N images")
+    ev.add_argument("--out-dir", default="work_dirs/eval", help="confusion matrix and overlay PNGs")
+    ev.add_argument("--json", help="also write the report as JSON")
+    ev.set_defaults(func=_eval)
     return parser
 
 

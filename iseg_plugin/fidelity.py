@@ -109,7 +109,7 @@ def layernorm_rows(channels: int = 768) -> list[Row]:
             x[:, 5] = outlier
         q, scale = _quantize(x, 16)
         ref = F.layer_norm(q * scale, (channels,), gamma, beta, eps=0.0)
-        rows.append(Row("LayerNorm", "I-LayerNorm", label, *_errors(intops.i_layernorm(q, params) * params.out_scale, ref)))
+        rows.append(Row("LayerNorm", "I-LayerNorm", label, *_errors(intops.i_layernorm(q, params.weight, params.bias) * params.out_scale, ref)))
     return rows
 
 

@@ -90,3 +90,11 @@ def test_softmax_error_against_float_on_attention_like_logits():
     assert (sm - ref).abs().max() < 0.03
     assert (be - ref).abs().max() < 0.003
     assert (be - ref).pow(2).mean() < (sm - ref).pow(2).mean() / 10
+
+
+@given(int16_rows, st.integers(1, 300), st.integers(8, 23))
+def test_shift_exp_lookup_equals_direct(values, i0, k):
+    from iseg_plugin.intops.exp import _shift_exp_int, shift_exp_lookup
+
+    x = -torch.tensor(values).abs()
+    assert torch.equal(shift_exp_lookup(x, i0, k), _shift_exp_int(x, i0, k))  # table or direct: same integers

@@ -6,7 +6,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iseg_plugin import intops
-from iseg_plugin.intops import LayerNormParams
 
 
 def test_isqrt_exhaustive_small_range():
@@ -39,10 +38,10 @@ def test_isqrt_rejects_out_of_range(bad):
 
 def test_i_layernorm_hand_case():
     # row [1, 3]: mean 2, y = [-1, 1], V = 2, y / sqrt(V) * 2**15 = +-23170.48 -> [-23170, 23170]
-    params = LayerNormParams(weight=torch.tensor([1, 2]), bias=torch.tensor([0, 5]), out_scale=1.0)
-    assert intops.i_layernorm(torch.tensor([[1, 3]]), params).tolist() == [[-23170, 2 * 23170 + 5]]
+    weight, bias = torch.tensor([1, 2]), torch.tensor([0, 5])
+    assert intops.i_layernorm(torch.tensor([[1, 3]]), weight, bias).tolist() == [[-23170, 2 * 23170 + 5]]
     # a constant row (zero variance) gives the bias, with no division by zero
-    assert intops.i_layernorm(torch.tensor([[7, 7]]), params).tolist() == [[0, 5]]
+    assert intops.i_layernorm(torch.tensor([[7, 7]]), weight, bias).tolist() == [[0, 5]]
 
 
 def _ln_params(channels, seed=0):
@@ -63,7 +62,7 @@ def test_i_layernorm_error_full_int16_rows():
         torch.cat([torch.full((1, channels - 1), -(2**15)), torch.tensor([[2**15 - 1]])], 1),  # one outlier
     ]
     for x in rows:
-        z = intops.i_layernorm(x, params)
+        z = intops.i_layernorm(x, params.weight, params.bias)
         assert (z.abs() < 2**31).all()
         ref = torch.nn.functional.layer_norm(x.double(), (channels,), gamma.double(), beta.double(), eps=0.0)
         assert (z * params.out_scale - ref).abs().max() < 2e-3 * float(gamma.abs().max() * math.sqrt(channels)) + 1e-3
@@ -73,8 +72,8 @@ def test_i_layernorm_fused_requantize_equals_two_steps():
     _, _, params = _ln_params(64)
     x = torch.randint(-(2**15), 2**15, (8, 64), generator=torch.Generator().manual_seed(3))
     out = intops.dyadic_from_ratio(params.out_scale / 0.05)
-    fused = intops.i_layernorm(x, params, out=out, out_bits=8)
-    assert torch.equal(fused, intops.requantize(intops.i_layernorm(x, params), out, 8))
+    fused = intops.i_layernorm(x, params.weight, params.bias, out=out, out_bits=8)
+    assert torch.equal(fused, intops.requantize(intops.i_layernorm(x, params.weight, params.bias), out, 8))
     assert fused.min() >= -128 and fused.max() <= 127
 
 
@@ -94,14 +93,14 @@ def test_l2_normalize_within_one_lsb(values):
 
 def test_i_layernorm_eps_hand_case_and_small_variance_rows():
     # row [1, 3] with eps = 2 LSB**2: V = 2 + 2 * 2 = 6, y / sqrt(6) * 2**15 = +-13377.5 -> [-13377, 13377]
-    params = LayerNormParams(weight=torch.tensor([1, 1]), bias=torch.tensor([0, 0]), out_scale=1.0)
-    assert intops.i_layernorm(torch.tensor([[1, 3]]), params, eps=2).tolist() == [[-13377, 13377]]
+    ones, zeros = torch.tensor([1, 1]), torch.tensor([0, 0])
+    assert intops.i_layernorm(torch.tensor([[1, 3]]), ones, zeros, eps=2).tolist() == [[-13377, 13377]]
     # near-uniform rows (e.g. class masks): with eps the integer LayerNorm follows the float one
     scale, eps = 1e-4, 1e-5
     x = torch.randint(-20, 21, (8, 7), generator=torch.Generator().manual_seed(4))
     gamma, beta = torch.ones(7), torch.zeros(7)
     p = intops.layernorm_params(gamma, beta)
-    z = intops.i_layernorm(x, p, eps=intops.layernorm_eps(eps, scale)) * p.out_scale
+    z = intops.i_layernorm(x, p.weight, p.bias, eps=intops.layernorm_eps(eps, scale)) * p.out_scale
     ref = torch.nn.functional.layer_norm(x.double() * scale, (7,), eps=eps)
     assert (z - ref).abs().max() < 2e-3
-    assert (intops.i_layernorm(x, p) * p.out_scale - ref).abs().max() > 0.5  # without eps: far off
+    assert (intops.i_layernorm(x, p.weight, p.bias) * p.out_scale - ref).abs().max() > 0.5  # without eps: far off

@@ -20,7 +20,7 @@ OPS = {
     "shift_gelu": (lambda x: intops.shift_gelu(x, 30), X8),
     "lambda_shift_gelu": (lambda x: intops.lambda_shift_gelu(x, intops.lambda_shift_gelu_params(1 / 30)), X8),
     "poly_gelu": (lambda x: intops.poly_gelu(x, POLY), X8),
-    "i_layernorm": (lambda x: intops.i_layernorm(x, LN, out=intops.dyadic_from_ratio(LN.out_scale / 0.04)), X16),
+    "i_layernorm": (lambda x: intops.i_layernorm(x, LN.weight, LN.bias, out=intops.dyadic_from_ratio(LN.out_scale / 0.04)), X16),
     "l2_normalize": (lambda x: intops.l2_normalize(x), X16),
     "upsample_nearest": (lambda x: intops.upsample_nearest(x.unsqueeze(0), (7, 80)), X16),
     "upsample_bilinear": (lambda x: intops.upsample_bilinear(x.unsqueeze(0), (7, 80)), X16),

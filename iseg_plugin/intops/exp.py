@@ -38,6 +38,22 @@ def _shift_exp_int(x: Tensor, i0: int, k_inter: int) -> Tensor:
     return torch.bitwise_left_shift(b, k_inter - q)
 
 
+# Inputs spanning at most this many integers are evaluated through a table of _shift_exp_int over
+# their range (one gather instead of ~10 element-wise passes); the table is built by the same
+# function, so the integers are identical (tested).
+TABLE_MAX = 1 << 13
+
+
+def shift_exp_lookup(x: Tensor, i0: int, k_inter: int) -> Tensor:
+    """``_shift_exp_int`` of ``x <= 0`` through a lookup table when its range is small, else directly."""
+    x = as_int64(x)
+    low = int(x.min()) if x.numel() else 0
+    if -low >= TABLE_MAX:
+        return _shift_exp_int(x, i0, k_inter)
+    table = _shift_exp_int(torch.arange(low, 1, dtype=torch.int64), i0, k_inter)
+    return table[x - low]
+
+
 def shift_exp(x: Tensor, i0: int, k_inter: int) -> Tensor:
     """ShiftExp (I-ViT): e**(x*S) for integers ``x <= 0`` with ``i0 = round(1/S)``.
 
@@ -59,7 +75,7 @@ def shift_exp(x: Tensor, i0: int, k_inter: int) -> Tensor:
 
 def _shiftmax_int(x: Tensor, i0: int, k_out: int, k_inter: int, dim: int) -> Tensor:
     x = as_int64(x)
-    e = _shift_exp_int(x - x.amax(dim, keepdim=True), i0, k_inter)
+    e = shift_exp_lookup(x - x.amax(dim, keepdim=True), i0, k_inter)
     return divide(e, e.sum(dim, keepdim=True), k_out - 1)
 
 
@@ -125,11 +141,14 @@ def bit_exp_softmax(x: Tensor, params: Dyadic, k_out: int = 16, k_inter: int = 1
     * output: ``[0, 2**(k_out-1)]``, scale ``2**-(k_out-1)`` (unsigned k_out bits);
     * intermediates: ``ex <= 2**(13 + k_inter)``, row sum ``<= n * 2**(13 + k_inter)`` (int64).
     """
-    scale = float(params.ratio()) / (LOG2E * 2**BITEXP_FRAC)
+    def surrogate(xf: Tensor) -> Tensor:
+        scale = float(params.ratio()) / (LOG2E * 2**BITEXP_FRAC)  # only on the float (QAT) path
+        return torch.softmax(xf * scale, dim) * 2.0 ** (k_out - 1)
+
     return run_integer(
         _bit_exp_softmax_int,
         (x,),
-        lambda xf: torch.softmax(xf * scale, dim) * 2.0 ** (k_out - 1),
+        surrogate,
         params.multiplier,
         params.shift,
         k_out,

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ._bridge import as_int64, bit_length, divide, round_shift, run_integer
 from .dyadic import Dyadic, dyadic_from_ratio, requantize
-from .exp import _shift_exp_int, exp_i0
+from .exp import exp_i0, shift_exp_lookup
 
 LAMBDA_DEFAULT = 6.0
 K_INTER_GELU = 23
@@ -79,14 +79,20 @@ def _sigmoid_gelu_int(
     xs = torch.bitwise_left_shift(x, frac_bits)
     z = mul_1702(xs if cap is None else xs.clamp_max(cap))
     ref = z.amax(dim, keepdim=True).clamp_min(0)
-    e1 = _shift_exp_int(z - ref, i0, k_inter)  # e**(z - m)
-    e2 = _shift_exp_int(-ref, i0, k_inter)  # e**(-m) > 0
+    e1 = shift_exp_lookup(z - ref, i0, k_inter)  # e**(z - m)
+    e2 = shift_exp_lookup(-ref, i0, k_inter)  # e**(-m) > 0
     return x * divide(e1, e1 + e2, k_out - 1)
 
 
-def _gelu_surrogate(unit: float, k_out: int):
-    """The float GELU in integer units: input scale 1/unit, output scale 2**-(k_out-1)/unit."""
-    return lambda xf: _float_gelu(xf / unit) * (unit * 2.0 ** (k_out - 1))
+def _gelu_surrogate(i0: int, k_out: int, frac_bits: int = 0):
+    """The float GELU in integer units: one real unit is i0 / 2**frac_bits input integers, and the
+    output scale is 2**-(k_out-1) of the input's (evaluated on the float path only)."""
+
+    def surrogate(xf: Tensor) -> Tensor:
+        unit = i0 / 2.0**frac_bits
+        return _float_gelu(xf / unit) * (unit * 2.0 ** (k_out - 1))
+
+    return surrogate
 
 
 def shift_gelu(x: Tensor, i0: int, k_inter: int = K_INTER_GELU, k_out: int = 8, dim: int = -1) -> Tensor:
@@ -110,11 +116,10 @@ def lambda_shift_gelu(
     whose max is below lambda. Same output contract as :func:`shift_gelu`; never divides by
     zero, never produces NaN/inf; exponentials ``<= i0 * 2**k_inter`` with ``i0 ~ 2**frac_bits / S``.
     """
-    unit = params.i0 / 2.0**params.frac_bits
     return run_integer(
         _sigmoid_gelu_int,
         (x,),
-        _gelu_surrogate(unit, k_out),
+        _gelu_surrogate(params.i0, k_out, params.frac_bits),
         params.i0,
         params.cap,
         params.frac_bits,

@@ -99,7 +99,8 @@ def _i_layernorm_int(
 
 def i_layernorm(
     x: Tensor,
-    params: LayerNormParams,
+    weight: Tensor,
+    bias: Tensor,
     eps: int = 0,
     out: Dyadic | None = None,
     out_bits: int = 8,
@@ -116,8 +117,10 @@ def i_layernorm(
       blows up rows of small variance such as near-uniform class masks); a constant row with
       ``eps = 0`` gives ``bias``;
     * normalised ``n = round((x - mean) * 2**norm_bits / sqrt(V))``, ``|n| <= 2**norm_bits``;
-    * output ``z = n * weight + bias``, ``|z| < 2**31``, scale ``params.out_scale``; if ``out`` is
-      given, ``requantize(z, out, out_bits)`` instead (scale of the next layer's input).
+    * ``weight``, ``bias``: the integer affine of :func:`layernorm_params` (INT16 gamma, beta at the
+      output scale);
+    * output ``z = n * weight + bias``, ``|z| < 2**31``, scale ``LayerNormParams.out_scale``; if
+      ``out`` is given, ``requantize(z, out, out_bits)`` instead (scale of the next layer's input).
     """
     m, e = (None, None) if out is None else out
 
@@ -126,7 +129,7 @@ def i_layernorm(
         z = ref * (2.0**norm_bits / math.sqrt(xf.shape[-1])) * wf + bf
         return z if out is None else z * out.ratio().to(xf.dtype)
 
-    return run_integer(_i_layernorm_int, (x, params.weight, params.bias), surrogate, eps, m, e, out_bits, norm_bits)
+    return run_integer(_i_layernorm_int, (x, weight, bias), surrogate, eps, m, e, out_bits, norm_bits)
 
 
 def _l2_normalize_int(x: Tensor, frac_bits: int) -> Tensor:

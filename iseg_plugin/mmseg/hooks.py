@@ -15,9 +15,13 @@ def _unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
-def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_progress: bool = True) -> int:
+def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_progress: bool = True,
+              train_padding: bool = False) -> int:
     """Run ``num_samples`` images through ``model`` in eval mode with its range observers on (EMA
-    update ``momentum``), then freeze the ranges. Returns the number of images seen."""
+    update ``momentum``), then freeze the ranges. Returns the number of images seen.
+
+    ``train_padding`` pads batches as in training (to the crop size: for loaders with the train
+    pipeline's random crops); otherwise as in testing (e.g. to a multiple of the patch)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     model = _unwrap(model)
@@ -30,7 +34,7 @@ def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_
     try:
         with torch.no_grad():
             for data in dataloader:
-                data = model.data_preprocessor(data, True)  # pads the batch to the crop size
+                data = model.data_preprocessor(data, train_padding)
                 inputs = data["inputs"][: num_samples - seen]
                 model._forward(inputs)
                 seen += inputs.shape[0]
@@ -84,7 +88,7 @@ class CalibrationHook(Hook):
             raise ValueError(
                 f"calibration asks for {self.num_samples} images but the dataset has {len(loader.dataset)}"
             )
-        seen = calibrate(runner.model, loader, self.num_samples, self.momentum)
+        seen = calibrate(runner.model, loader, self.num_samples, self.momentum, train_padding=True)
         runner.logger.info(f"calibrated the quantized model on {seen} images (EMA update {self.momentum})")
 
     def before_train(self, runner) -> None:

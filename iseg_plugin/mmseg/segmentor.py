@@ -20,6 +20,8 @@ class ISegmenter(EncoderDecoder):
             backbone = self._quantized(backbone, quant)
             decode_head = self._quantized(decode_head, quant)
         super().__init__(backbone=backbone, decode_head=decode_head, **kwargs)
+        if quant is not None and getattr(self.data_preprocessor, "_enable_normalize", False):
+            self.backbone.input_quant.set_normalization(self.data_preprocessor.mean, self.data_preprocessor.std)
 
     @classmethod
     def _quantized(cls, cfg: dict, quant: dict) -> dict:

@@ -25,6 +25,11 @@ _BLOCK_RENAMES = [
 _VIT_RENAMES = _BLOCK_RENAMES + [(re.compile(r"^ln1\."), "norm.")]
 
 
+# buffers of the quantized model's range observers: a quantized checkpoint loads into the float
+# model by leaving them out
+_QUANT_STATE = {"min_val", "max_val", "calibrated", "observing", "poly_ab", "mean", "std"}
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose tensors do not fit the model (another architecture or size)."""
 
@@ -60,7 +65,9 @@ def _check_and_fit(module: nn.Module, state_dict: dict, prefix: str) -> None:
     problems = []
     grid = getattr(module, "grid", None)
     for local, key in found.items():
-        if local not in own:
+        if local not in own and local.rsplit(".", 1)[-1] in _QUANT_STATE:
+            del state_dict[key]
+        elif local not in own:
             problems.append(f"unexpected key '{key}'")
         elif state_dict[key].shape != own[local].shape:
             if local == "pos_embed" and grid is not None:

