@@ -66,7 +66,8 @@ def divide(num: Tensor, den: Tensor, out_frac_bits: int) -> Tensor:
     The result lies in [0, 2**out_frac_bits].
     """
     recip = torch.div(torch.full_like(den, 1 << DIV_BITS), den, rounding_mode="floor")
-    return round_shift(num * recip, DIV_BITS - out_frac_bits)
+    shift = DIV_BITS - out_frac_bits
+    return (num * recip).add_(1 << (shift - 1)).bitwise_right_shift_(shift)  # round half up, in place
 
 
 def run_integer(

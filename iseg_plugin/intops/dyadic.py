@@ -59,10 +59,14 @@ def dyadic_from_ratio(ratio: Tensor | float) -> Dyadic:
 
 
 def _requantize_int(x: Tensor, multiplier: Tensor, shift: Tensor, bits: int | None) -> Tensor:
-    out = round_shift(as_int64(x) * multiplier, shift)
+    out = as_int64(x) * multiplier  # a new tensor: the steps below work in place (fewer allocations)
+    if shift.dim() == 0:
+        out.add_((1 << int(shift)) >> 1).bitwise_right_shift_(int(shift))
+    else:
+        out = round_shift(out, shift)
     if bits is not None:
         lo, hi = int_range(bits)
-        out = out.clamp(lo, hi)
+        out.clamp_(lo, hi)
     return out
 
 

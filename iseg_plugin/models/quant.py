@@ -141,14 +141,7 @@ class IQuantVisionTransformer(IVisionTransformer):
         tokens = _tokens(x)
         x = self.cls_cat(tokens, self.cls_token.expand(tokens.value.shape[0], -1, -1))
         x = self.pos_add(x, self.pos_quant(self.pos_embed_for(grid_h, grid_w)))
-        outs = []
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i == len(self.layers) - 1:
-                x = self.norm(x)
-            if i in self.out_indices:
-                outs.append(QTensor(x.value[:, 1:].transpose(1, 2).unflatten(2, (grid_h, grid_w)), x.scale))
-        return tuple(outs)
+        return self.encode(x, lambda q: QTensor(q.value[:, 1:].transpose(1, 2).unflatten(2, (grid_h, grid_w)), q.scale))
 
 
 class IQuantSegmenterMaskHead(ISegmenterMaskHead):

@@ -216,11 +216,15 @@ class IVisionTransformer(BaseModule):
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = self.drop_after_pos(x + self.pos_embed_for(grid_h, grid_w))
+        return self.encode(x, lambda t: t[:, 1:].transpose(1, 2).unflatten(2, (grid_h, grid_w)))
+
+    def encode(self, x, to_map) -> tuple:
+        """The blocks and the final norm; ``to_map`` turns the tokens at each ``out_indices`` into an output."""
         outs = []
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i == len(self.layers) - 1:
                 x = self.norm(x)
             if i in self.out_indices:
-                outs.append(x[:, 1:].transpose(1, 2).unflatten(2, (grid_h, grid_w)))
+                outs.append(to_map(x))
         return tuple(outs)

@@ -44,6 +44,14 @@ class _IntWeightMixin:
     def int_bias(self, acc_scale: Tensor) -> Tensor | None:
         return None if self.bias is None else intops.quantize(self.bias, acc_scale, 32)
 
+    def accumulate(self, x: QTensor, op) -> QTensor:
+        """``op(x, w, b)`` on the integers (float64 in eval: exact); scale ``S_x * S_w`` per channel."""
+        w, w_scale = self.int_weight()
+        scale = x.scale * w_scale
+        b = self.int_bias(scale)
+        dtype = _gemm_dtype(self, x.value)
+        return QTensor(op(x.value.to(dtype), w.to(dtype), None if b is None else b.to(dtype)), scale)
+
 
 class QuantLinear(_IntWeightMixin, BrevitasQuantLinear):
     """Linear with INT8 per-channel weights and INT32 bias; returns the INT32 accumulator."""
@@ -58,12 +66,7 @@ class QuantLinear(_IntWeightMixin, BrevitasQuantLinear):
         return layer
 
     def forward(self, x: QTensor) -> QTensor:
-        w, w_scale = self.int_weight()
-        scale = x.scale * w_scale
-        b = self.int_bias(scale)
-        dtype = _gemm_dtype(self, x.value)
-        acc = F.linear(x.value.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
-        return QTensor(acc, scale)
+        return self.accumulate(x, F.linear)
 
 
 class QuantConv2d(_IntWeightMixin, BrevitasQuantConv2d):
@@ -80,12 +83,7 @@ class QuantConv2d(_IntWeightMixin, BrevitasQuantConv2d):
         return layer
 
     def forward(self, x: QTensor) -> QTensor:
-        w, w_scale = self.int_weight()
-        scale = x.scale * w_scale
-        b = self.int_bias(scale)
-        dtype = _gemm_dtype(self, x.value)
-        acc = F.conv2d(x.value.to(dtype), w.to(dtype), None if b is None else b.to(dtype), stride=self.stride)
-        return QTensor(acc, scale)
+        return self.accumulate(x, lambda v, w, b: F.conv2d(v, w, b, stride=self.stride))
 
 
 def int_matmul(module: nn.Module, a: QTensor, b_value: Tensor, b_scale: Tensor, extra_scale: float = 1.0) -> QTensor:
