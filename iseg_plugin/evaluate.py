@@ -85,7 +85,8 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
     report = dict(images=n, classes=list(val.metainfo["classes"]), forms={})
     for form in forms:
         result = metrics[form].compute_metrics(metrics[form].results)
-        report["forms"][form] = dict(mIoU=result["mIoU"], aAcc=result["aAcc"], per_class=_per_class_iou(metrics[form]).tolist(),
+        report["forms"][form] = dict(mIoU=float(result["mIoU"]), aAcc=float(result["aAcc"]),
+                                     per_class=_per_class_iou(metrics[form]).tolist(),
                                      seconds_per_image=seconds[form] / n)
     report["pixel_agreement"] = {k: 100.0 * a / t for k, (a, t) in agree.items() if t}
     if out_dir is not None:

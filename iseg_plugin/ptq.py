@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from .deploy import convert
 from .deploy.io import save_deployed
 from .mmseg import calibrate
+from .quant.fold import fold_layernorms
 
 DECODERS = {"paper": dict(l2_norm=False, upsample="nearest"), "bilinear-l2": dict(l2_norm=True, upsample="bilinear")}
 
@@ -52,8 +53,9 @@ def load_config(config: str, data_root: str | None = None, gelu: str | None = No
     return cfg
 
 
-def build_model(cfg: Config, checkpoint: str | None, quant: bool):
-    """The config's model, float or quantized, with its pretrained init and then the checkpoint."""
+def build_model(cfg: Config, checkpoint: str | None, quant: bool, fold_norms: bool = False):
+    """The config's model, float or quantized, with its pretrained init and then the checkpoint;
+    ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see ``quant.fold``)."""
     model_cfg = copy.deepcopy(cfg.model)
     if not quant:
         model_cfg.quant = None
@@ -63,6 +65,8 @@ def build_model(cfg: Config, checkpoint: str | None, quant: bool):
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"no checkpoint at {checkpoint}")
         load_checkpoint(model, checkpoint, map_location="cpu", logger="silent")
+    if fold_norms:
+        fold_layernorms(model)
     return model.eval()
 
 
@@ -86,13 +90,13 @@ def state_size(model) -> int:
 
 def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str | None = None,
             softmax: str | None = None, decoder: str | None = None, data_root: str | None = None,
-            batch_size: int = 8) -> dict:
+            batch_size: int = 8, fold_norms: bool = True) -> dict:
     """Calibrate on ``num_samples`` training images (EMA update 0.05), convert, save; return a report."""
     cfg = load_config(config, data_root, gelu, softmax, decoder)
     calib_set = dataset(cfg, "train")
     if num_samples > len(calib_set):
         raise ValueError(f"--calib-samples {num_samples} is more than the {len(calib_set)} training images")
-    model = build_model(cfg, checkpoint, quant=True)
+    model = build_model(cfg, checkpoint, quant=True, fold_norms=fold_norms)
     loader = DataLoader(calib_set, batch_size=min(batch_size, num_samples), shuffle=False, collate_fn=pseudo_collate)
     start = time.perf_counter()
     calibrate(model, loader, num_samples, momentum=0.05)
@@ -101,7 +105,8 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     deployed = convert(model, input_size)
     size = save_deployed(deployed, out)
     torch.save({"state_dict": model.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
-                                                               num_samples=num_samples)}, sidecar(out))
+                                                               num_samples=num_samples, fold_norms=fold_norms)},
+               sidecar(out))
     fp32 = state_size(build_model(cfg, checkpoint, quant=False))
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=fp32, calib_seconds=calib_seconds,
                 input_size=input_size, num_samples=num_samples)
