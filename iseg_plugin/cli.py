@@ -8,13 +8,15 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .fidelity import write_report
+    from .demo import format_report, run_demo
 
-    print("iseg demo: integer operator fidelity against the float operators (Gaussian and long-tailed inputs)")
-    table, ratio = write_report(Path(args.out_dir))
-    print(table)
-    print(f"\nlambda-ShiftGELU vs ShiftGELU on long-tailed rows: RMSE {ratio:.0f}x lower")
-    print(f"report and plots written to {args.out_dir}/")
+    print("iseg demo: one-shot PTQ (1 calibration image) of the CamVid Segmenter (DINOv2 ViT-S/14 encoder), "
+          "then FP32 vs the deployed integer-only model")
+    report = run_demo(args.out_dir, args.data_root)
+    print()
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 
@@ -22,7 +24,7 @@ def _ptq(args: argparse.Namespace) -> int:
     from .ptq import run_ptq
 
     report = run_ptq(args.config, args.checkpoint, args.calib_samples, args.out, args.gelu, args.softmax,
-                     args.decoder, args.data_root, fold_norms=args.fold_norms)
+                     args.decoder, args.data_root, fold_norms=args.fold_norms, paper_bits=args.paper_bits)
     mb = 2**20
     print(f"\ndeployed integer model: {report['out']} ({report['deployed_bytes'] / mb:.1f} MB); "
           f"FP32 weights: {report['fp32_bytes'] / mb:.1f} MB ({report['fp32_bytes'] / report['deployed_bytes']:.2f}x); "
@@ -52,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iseg", description="Integer-only Segmenter tools")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job on its embedded default")
-    demo.add_argument("--out-dir", default="work_dirs/demo", help="where the report and plots go")
+    demo.add_argument("--out-dir", default="work_dirs/demo", help="where the deployed model and the overlays go")
+    demo.add_argument("--data-root", help="CamVid (train/, val/ with labels); default: the config's, if present")
+    demo.add_argument("--json", help="also write the report as JSON")
     demo.set_defaults(func=_demo)
 
     ptq = sub.add_parser("ptq", help="calibrate a Segmenter and write the deployed integer-only model")
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--data-root")
     ptq.add_argument("--no-fold-norms", dest="fold_norms", action="store_false",
                      help="keep LayerNorm affines (default: fold them into the next Linear, exact)")
+    ptq.add_argument("--paper-bits", action="store_true",
+                     help="the paper's bit map: INT8 attention logits, symmetric INT8 GELU output "
+                          "(default: INT16 logits, asymmetric GELU output)")
     ptq.add_argument("--out", required=True)
     ptq.set_defaults(func=_ptq)
 

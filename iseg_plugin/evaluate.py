@@ -15,8 +15,8 @@ from .ptq import build_model, dataset, load_config, sidecar
 FORMS = ("fp32", "fake-quant", "deployed")
 
 
-def _metric(cfg, meta) -> IoUMetric:
-    metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=cfg.val_evaluator.get("ignore_index", 255))
+def _metric(ignore: int, meta) -> IoUMetric:
+    metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore)
     metric.dataset_meta = meta
     return metric
 
@@ -29,14 +29,14 @@ def _per_class_iou(metric: IoUMetric) -> np.ndarray:
 
 def evaluate(config: str, model_path: str, data_root: str | None = None, limit: int | None = None,
              out_dir: str | None = None, forms=FORMS) -> dict:
-    """mIoU and per-class IoU of each form, pixel agreement, latency; PNG plots into ``out_dir``."""
+    """mIoU and per-class IoU of each form on the validation set, pixel agreement, latency; PNG plots
+    into ``out_dir``."""
     calib_path = sidecar(model_path)
     if not calib_path.is_file():
         raise FileNotFoundError(f"{calib_path} is missing: it is written by `iseg ptq` next to the deployed model")
     calib = torch.load(calib_path, map_location="cpu", weights_only=True)
-    options = {k: v for k, v in calib["meta"].items() if k in ("gelu", "softmax", "decoder")}
+    options = {k: v for k, v in calib["meta"].items() if k in ("gelu", "softmax", "decoder", "paper_bits")}
     cfg = load_config(config, data_root, **options)
-    deployed = load_deployed(model_path)
     models = {}
     if "fp32" in forms:
         models["fp32"] = build_model(cfg, None, quant=False)
@@ -46,17 +46,24 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
         models["fake-quant"].load_state_dict(calib["state_dict"])
     val = dataset(cfg, "val")
     n = len(val) if limit is None else min(limit, len(val))
-    metrics = {form: _metric(cfg, val.metainfo) for form in forms}
+    deployed = load_deployed(model_path) if "deployed" in forms else None
+    return compare(models, deployed, [val[i] for i in range(n)], val.metainfo,
+                   cfg.val_evaluator.get("ignore_index", 255), out_dir)
+
+
+def compare(models: dict, deployed, items, meta: dict, ignore: int = 255, out_dir: str | None = None) -> dict:
+    """Run every form on ``items`` (mmseg test-pipeline outputs); mIoU where the items carry labels."""
+    forms = [*models, *(["deployed"] if deployed is not None else [])]
+    labelled = all("gt_sem_seg" in item["data_samples"] for item in items)
+    metrics = {form: _metric(ignore, meta) for form in forms}
     seconds = {form: 0.0 for form in forms}
     agree = {"deployed vs fake-quant": [0, 0], "deployed vs fp32": [0, 0]}
     samples = []
-    k = len(val.metainfo["classes"])
+    k = len(meta["classes"])
     confusion = torch.zeros(k, k, dtype=torch.int64)  # rows: ground truth, columns: deployed prediction
-    ignore = cfg.val_evaluator.get("ignore_index", 255)
-    bar = ProgressBar(n)
-    for i in range(n):
-        item = val[i]
-        gt = item["data_samples"].gt_sem_seg.data[0]
+    bar = ProgressBar(len(items))
+    for item in items:
+        gt = item["data_samples"].gt_sem_seg.data[0] if labelled else None
         preds = {}
         for form, model in models.items():
             data = model.data_preprocessor(dict(inputs=[item["inputs"]], data_samples=[item["data_samples"]]), False)
@@ -64,33 +71,37 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
             with torch.no_grad():
                 preds[form] = model.predict(data["inputs"], data["data_samples"])[0].pred_sem_seg.data[0]
             seconds[form] += time.perf_counter() - start
-        if "deployed" in forms:
+        if deployed is not None:
             rgb = item["inputs"].flip(0)[None].contiguous()  # mmseg loads BGR
             start = time.perf_counter()
             with torch.no_grad():
                 preds["deployed"] = deployed(rgb)[1][0]
             seconds["deployed"] += time.perf_counter() - start
-        if "deployed" in preds:
-            valid = gt != ignore
-            confusion += torch.bincount(gt[valid].long() * k + preds["deployed"][valid], minlength=k * k).reshape(k, k)
-        for form, pred in preds.items():
-            metrics[form].process({}, [dict(pred_sem_seg=dict(data=pred[None]), gt_sem_seg=dict(data=gt[None]))])
+        if labelled:
+            if "deployed" in preds:
+                valid = gt != ignore
+                confusion += torch.bincount(gt[valid].long() * k + preds["deployed"][valid],
+                                            minlength=k * k).reshape(k, k)
+            for form, pred in preds.items():
+                metrics[form].process({}, [dict(pred_sem_seg=dict(data=pred[None]), gt_sem_seg=dict(data=gt[None]))])
         for key, (a, b) in (("deployed vs fake-quant", ("deployed", "fake-quant")), ("deployed vs fp32", ("deployed", "fp32"))):
             if a in preds and b in preds:
                 agree[key][0] += int((preds[a] == preds[b]).sum())
                 agree[key][1] += preds[a].numel()
         if len(samples) < 4:
-            samples.append((item["inputs"].flip(0).permute(1, 2, 0).numpy(), gt.numpy(), {k: v.numpy() for k, v in preds.items()}))
+            samples.append((item["inputs"].flip(0).permute(1, 2, 0).numpy(), None if gt is None else gt.numpy(),
+                            {k: v.numpy() for k, v in preds.items()}))
         bar.update()
-    report = dict(images=n, classes=list(val.metainfo["classes"]), forms={})
+    report = dict(images=len(items), classes=list(meta["classes"]), forms={})
     for form in forms:
-        result = metrics[form].compute_metrics(metrics[form].results)
-        report["forms"][form] = dict(mIoU=float(result["mIoU"]), aAcc=float(result["aAcc"]),
-                                     per_class=_per_class_iou(metrics[form]).tolist(),
-                                     seconds_per_image=seconds[form] / n)
+        report["forms"][form] = dict(seconds_per_image=seconds[form] / len(items))
+        if labelled:
+            result = metrics[form].compute_metrics(metrics[form].results)
+            report["forms"][form].update(mIoU=float(result["mIoU"]), aAcc=float(result["aAcc"]),
+                                         per_class=_per_class_iou(metrics[form]).tolist())
     report["pixel_agreement"] = {k: 100.0 * a / t for k, (a, t) in agree.items() if t}
     if out_dir is not None:
-        report["plots"] = save_plots(Path(out_dir), confusion, samples, val.metainfo)
+        report["plots"] = save_plots(Path(out_dir), confusion, samples, meta)
     return report
 
 
@@ -104,10 +115,11 @@ def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta) -> list[st
     paths = []
     palette = np.array(meta["palette"] + [[0, 0, 0]] * 245, dtype=np.uint8)
     if samples:
-        cols = 2 + len(samples[0][2])
+        cols = 1 + (samples[0][1] is not None) + len(samples[0][2])
         fig, axes = plt.subplots(len(samples), cols, figsize=(3 * cols, 2.4 * len(samples)), squeeze=False)
         for row, (img, gt, preds) in enumerate(samples):
-            panels = [("image", img), ("ground truth", palette[gt])] + [(k, palette[v]) for k, v in preds.items()]
+            panels = [("image", img)] + ([] if gt is None else [("ground truth", palette[gt])])
+            panels += [(k, palette[v]) for k, v in preds.items()]
             for col, (title, panel) in enumerate(panels):
                 axes[row, col].imshow(panel)
                 axes[row, col].set_title(title, fontsize=8)

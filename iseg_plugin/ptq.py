@@ -28,7 +28,9 @@ def sidecar(model_path: str | Path) -> Path:
 
 
 def load_config(config: str, data_root: str | None = None, gelu: str | None = None, softmax: str | None = None,
-                decoder: str | None = None) -> Config:
+                decoder: str | None = None, paper_bits: bool = False, check_data: bool = True) -> Config:
+    """The config with the CLI's overrides; ``paper_bits``: INT8 attention logits and a symmetric
+    GELU output, as in the paper (the plugin's default is INT16 logits, asymmetric GELU output)."""
     cfg = Config.fromfile(config)
     init_default_scope(cfg.get("default_scope", "mmseg"))
     if data_root is not None:
@@ -42,12 +44,14 @@ def load_config(config: str, data_root: str | None = None, gelu: str | None = No
         cfg.model.quant.gelu = gelu
     if softmax is not None:
         cfg.model.quant.softmax = softmax
+    if paper_bits:
+        cfg.model.quant.update(scores_bits=8, gelu_out_asymmetric=False)
     if decoder is not None:
         if decoder not in DECODERS:
             raise ValueError(f"--decoder must be one of {sorted(DECODERS)}, got {decoder!r}")
         cfg.model.decode_head.update(DECODERS[decoder])
     root = Path(cfg.val_dataloader.dataset.data_root)
-    if not root.is_dir():
+    if check_data and not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist: pass --data-root DIR (the folder with "
                                 "train/, trainannot/, val/, valannot/)")
     return cfg
@@ -90,12 +94,16 @@ def state_size(model) -> int:
 
 def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str | None = None,
             softmax: str | None = None, decoder: str | None = None, data_root: str | None = None,
-            batch_size: int = 8, fold_norms: bool = True) -> dict:
-    """Calibrate on ``num_samples`` training images (EMA update 0.05), convert, save; return a report."""
-    cfg = load_config(config, data_root, gelu, softmax, decoder)
-    calib_set = dataset(cfg, "train")
+            batch_size: int = 8, fold_norms: bool = True, paper_bits: bool = False, calib_set=None) -> dict:
+    """Calibrate on ``num_samples`` images (EMA update 0.05), convert, save; return a report.
+
+    The images are the config's training set, or ``calib_set`` (test-pipeline outputs) if given.
+    """
+    cfg = load_config(config, data_root, gelu, softmax, decoder, paper_bits, check_data=calib_set is None)
+    if calib_set is None:
+        calib_set = dataset(cfg, "train")
     if num_samples > len(calib_set):
-        raise ValueError(f"--calib-samples {num_samples} is more than the {len(calib_set)} training images")
+        raise ValueError(f"--calib-samples {num_samples} is more than the {len(calib_set)} calibration images")
     model = build_model(cfg, checkpoint, quant=True, fold_norms=fold_norms)
     loader = DataLoader(calib_set, batch_size=min(batch_size, num_samples), shuffle=False, collate_fn=pseudo_collate)
     start = time.perf_counter()
@@ -105,7 +113,8 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     deployed = convert(model, input_size)
     size = save_deployed(deployed, out)
     torch.save({"state_dict": model.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
-                                                               num_samples=num_samples, fold_norms=fold_norms)},
+                                                               paper_bits=paper_bits, num_samples=num_samples,
+                                                               fold_norms=fold_norms)},
                sidecar(out))
     fp32 = state_size(build_model(cfg, checkpoint, quant=False))
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=fp32, calib_seconds=calib_seconds,

@@ -82,7 +82,7 @@ def test_ptq_bad_inputs(random_decoder, tmp_path):
     from iseg_plugin.models import CheckpointMismatchError
     from iseg_plugin.ptq import run_ptq
 
-    with pytest.raises(ValueError, match="more than the 367 training images"):
+    with pytest.raises(ValueError, match="more than the 367 calibration images"):
         run_ptq(str(CONFIG), str(random_decoder), 1000, str(tmp_path / "m.iseg"), data_root=str(CAMVID))
     with pytest.raises(FileNotFoundError, match="--data-root"):
         run_ptq(str(CONFIG), str(random_decoder), 1, str(tmp_path / "m.iseg"), data_root=str(tmp_path / "nope"))
@@ -97,3 +97,28 @@ def test_ptq_bad_inputs(random_decoder, tmp_path):
     torch.save({"state_dict": state}, other)
     with pytest.raises(CheckpointMismatchError, match="cls_emb"):
         run_ptq(str(CONFIG), str(other), 1, str(tmp_path / "m.iseg"), data_root=str(CAMVID))
+
+
+needs_photos = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
+                                  reason="scikit-image (the demo's photos) is not installed: pip install --no-deps "
+                                         "scikit-image==0.26.0")
+
+
+@needs_photos
+def test_demo_photos_become_camvid_sized_unlabelled_items():
+    from iseg_plugin.demo import CAMVID_SIZE, packaged_photos, photo_items
+
+    items = photo_items(packaged_photos()[:2])
+    for item in items:
+        assert item["inputs"].dtype == torch.uint8 and tuple(item["inputs"].shape) == (3, CAMVID_SIZE[1], CAMVID_SIZE[0])
+        meta = item["data_samples"].metainfo
+        assert meta["ori_shape"] == meta["img_shape"] == (CAMVID_SIZE[1], CAMVID_SIZE[0])
+        assert "gt_sem_seg" not in item["data_samples"]
+
+
+def test_demo_without_data_or_photos_says_what_to_do(monkeypatch):
+    from iseg_plugin import demo
+
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="--data-root"):
+        demo.packaged_photos()

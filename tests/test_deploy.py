@@ -11,7 +11,8 @@ from iseg_plugin.quant import NotCalibratedError
 from test_quant_model import build, images, trained_like
 
 VARIANTS = [
-    ({}, {}),  # the paper's model: lambda-ShiftGELU, Shiftmax, no L2, nearest
+    ({}, {}),  # the plugin's default: lambda-ShiftGELU, Shiftmax, no L2, nearest, INT16 logits, asymmetric GELU out
+    ({"scores_bits": 8, "gelu_out_asymmetric": False}, {}),  # the paper's bit map
     ({"gelu": "poly", "softmax": "bit-exp"}, {"l2_norm": True, "upsample": "bilinear"}),
     ({"gelu": "shift"}, {}),
 ]

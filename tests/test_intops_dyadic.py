@@ -57,6 +57,13 @@ def test_requantize_is_exact_beyond_float64():
     assert intops.requantize(x, d, None).tolist() == expected
 
 
+def test_requantize_to_asymmetric_bounds():
+    d = intops.Dyadic(torch.tensor(1), torch.tensor(1))  # x / 2, half up
+    x = torch.tensor([-20, -9, -1, 0, 3, 600])
+    assert intops.requantize(x, d, (-4, 251)).tolist() == [-4, -4, 0, 0, 2, 251]
+    assert intops.requantize(x.double(), d, (-4, 251)).tolist() == [-4, -4, 0, 0, 2, 251]  # QAT path
+
+
 def test_requantize_per_channel_broadcasts_on_last_dim():
     d = intops.dyadic_from_ratio(torch.tensor([0.5, 0.25]))
     assert intops.requantize(torch.tensor([[8, 8], [-8, 3]]), d, 8).tolist() == [[4, 2], [-4, 1]]

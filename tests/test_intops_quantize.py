@@ -28,6 +28,20 @@ def test_quantize_hand_case_and_clamp():
     assert intops.quantize(torch.tensor([-3.0]), torch.tensor(0.01), 8, narrow=True).item() == -127
 
 
+def test_asymmetric_grid_hand_case():
+    # GELU-like range [-0.17, 10.03]: 255 steps of 0.04, lo = round(-0.17 / 0.04) = round(-4.25) = -4
+    s = intops.asymmetric_scale(torch.tensor(-0.17), torch.tensor(10.03), 8)
+    assert s.item() == pytest.approx(0.04)
+    assert intops.asymmetric_bounds(torch.tensor(-0.17), s, 8) == (-4, 251)
+    q = intops.quantize(torch.tensor([-0.5, -0.17, 0.0, 0.06, 10.03, 11.0]), s, (-4, 251))
+    assert q.tolist() == [-4.0, -4.0, 0.0, 2.0, 251.0, 251.0]  # 0.06 / 0.04 = 1.5 -> 2 (half to even)
+    # a range that does not hold 0 is widened to hold it
+    s = intops.asymmetric_scale(torch.tensor(0.5), torch.tensor(2.55), 8)
+    assert s.item() == pytest.approx(0.01)
+    assert intops.asymmetric_bounds(torch.tensor(0.5), s, 8) == (0, 255)
+    assert intops.int_range((-4, 251)) == (-4, 251)
+
+
 def test_quantize_per_channel():
     w = torch.tensor([[1.0, -2.0], [0.1, 0.2]])
     scale = torch.tensor([2.0, 0.2]) / 127

@@ -7,7 +7,7 @@ from mmengine.structures import PixelData
 
 import iseg_plugin  # noqa: F401
 from iseg_plugin.mmseg import calibrate
-from iseg_plugin.quant import NotCalibratedError, QTensor, observers, set_observing
+from iseg_plugin.quant import NotCalibratedError, QTensor, QuantAct, observers, set_observing
 
 from test_models_mmseg_compat import HEAD, PREPROC, VIT
 
@@ -171,3 +171,14 @@ def test_calibration_with_empty_loader_is_refused():
         calibrate(model, [], num_samples=1, show_progress=False)
     with pytest.raises(ValueError, match="num_samples"):
         calibrate(model, [], num_samples=0, show_progress=False)
+
+
+def test_asymmetric_activation_grid_uses_all_256_levels():
+    act = QuantAct(8, asymmetric=True)
+    gelu_like = torch.tensor([-0.17, 0.0, 0.5, 10.03])
+    act(gelu_like)
+    assert act.scale().item() == pytest.approx(0.04) and act.bounds() == (-4, 251)
+    act.observing.fill_(False)
+    # integers of scale 0.02 requantized onto the grid (0.06 / 0.04 = 1.5 -> 2), clamped at its ends
+    out = act(QTensor(torch.tensor([-100.0, 0.0, 3.0, 1000.0]), torch.tensor(0.02)))
+    assert out.value.tolist() == [-4.0, 0.0, 2.0, 251.0]

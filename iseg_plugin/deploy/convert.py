@@ -41,14 +41,16 @@ class _Scales:
 
 
 def _requant(act: QuantAct, in_scale: Tensor) -> Requant:
-    return Requant(act.requant_params(in_scale), act.bits)
+    return Requant(act.requant_params(in_scale), act.bounds())
 
 
-def _linear(layer, in_scale: Tensor) -> IntLinear:
+def _linear(layer, in_scale: Tensor, input_act: QuantAct | None = None) -> IntLinear:
+    """The integer GEMM; ``input_act`` is the quantizer of its input when that may be asymmetric."""
     w, w_scale = layer.int_weight()
     bias = layer.int_bias(in_scale * w_scale)
+    offset = input_act.bounds()[0] + 128 if input_act is not None and input_act.asymmetric else 0
     return IntLinear(w.detach().reshape(w.shape[0], -1).to(torch.int64),
-                     None if bias is None else bias.detach().to(torch.int64))
+                     None if bias is None else bias.detach().to(torch.int64), offset)
 
 
 def _layernorm(norm: QuantLayerNorm, scales: _Scales) -> IntLayerNorm:
@@ -83,7 +85,7 @@ def _block(block: QuantBlock, scales: _Scales) -> IntBlock:
                         _requant(a.scores_act, scales(a.scores_act)), _softmax(a.softmax, scales(a.softmax)),
                         _requant(a.context_act, scales(a.context_act)), _linear(a.proj, scales(a.proj)))
     mlp = IntMlp(_linear(m.fc1, scales(m.fc1)), _requant(m.fc1_act, scales(m.fc1_act)), _gelu(m.act, scales(m.act)),
-                 _requant(m.act_out, scales(m.act_out)), _linear(m.fc2, scales(m.fc2)))
+                 _requant(m.act_out, scales(m.act_out)), _linear(m.fc2, scales(m.fc2), m.act_out))
 
     def add(q):
         return IntAdd(q.requant_params(scales(q, 0)), q.requant_params(scales(q, 1)), q.bits)

@@ -44,10 +44,11 @@ def uint16_matmul(p: Tensor, v: Tensor) -> Tensor:
 
 
 class Requant(nn.Module):
-    """Dyadic requantization to a signed ``bits``-wide integer (per tensor or per last-dim channel);
-    with ``bits=None`` it only stores a multiplier for an operator that takes one."""
+    """Dyadic requantization to a signed ``bits``-wide integer or to asymmetric ``(lo, hi)`` bounds
+    (per tensor or per last-dim channel); with ``bits=None`` it only stores a multiplier for an
+    operator that takes one."""
 
-    def __init__(self, dyadic: Dyadic, bits: int | None):
+    def __init__(self, dyadic: Dyadic, bits: int | tuple[int, int] | None):
         super().__init__()
         self.register_buffer("multiplier", dyadic.multiplier.to(INT64))
         self.register_buffer("shift", dyadic.shift.to(INT64))
@@ -61,14 +62,23 @@ class Requant(nn.Module):
 
 
 class IntLinear(nn.Module):
-    """INT8 x INT8 -> INT32 accumulator (+ INT32 bias), returned as int64 for requantization."""
+    """INT8 x INT8 -> INT32 accumulator (+ INT32 bias), returned as int64 for requantization.
 
-    def __init__(self, weight: Tensor, bias: Tensor | None):
+    An input on an asymmetric grid ``[lo, lo + 255]`` is shifted into int8 by ``input_offset``
+    (``lo + 128``); ``W (x - o) + (b + o W 1)`` equals ``W x + b``, so the bias takes the shift back.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, input_offset: int = 0):
         super().__init__()
+        if input_offset:
+            bias = (0 if bias is None else bias) + input_offset * weight.to(INT64).sum(1)
+        self.input_offset = int(input_offset)
         self.register_buffer("weight_t", weight.to(INT8).t().contiguous())  # (in, out)
         self.register_buffer("bias", None if bias is None else bias.to(torch.int32))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_offset:
+            x = x - self.input_offset
         flat = x.reshape(-1, x.shape[-1]).to(INT8)
         acc = torch._int_mm(flat, self.weight_t).to(INT64)
         if self.bias is not None:

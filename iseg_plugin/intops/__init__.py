@@ -22,7 +22,7 @@ from .gelu import (
     shift_gelu,
 )
 from .norm import LayerNormParams, i_layernorm, isqrt, l2_normalize, layernorm_eps, layernorm_params
-from .quantize import channel_minmax, ema_minmax, int_range, quantize, symmetric_scale
+from .quantize import asymmetric_bounds, asymmetric_scale, channel_minmax, ema_minmax, int_range, quantize, symmetric_scale
 from .resize import bilinear_table, upsample_bilinear, upsample_nearest
 
 __all__ = [
@@ -55,6 +55,8 @@ __all__ = [
     "channel_minmax",
     "ema_minmax",
     "quantize",
+    "asymmetric_scale",
+    "asymmetric_bounds",
     "bilinear_table",
     "upsample_nearest",
     "upsample_bilinear",

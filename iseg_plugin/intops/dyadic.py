@@ -58,7 +58,7 @@ def dyadic_from_ratio(ratio: Tensor | float) -> Dyadic:
     return Dyadic(torch.where(zero, 0, m), torch.where(zero, 0, e))
 
 
-def _requantize_int(x: Tensor, multiplier: Tensor, shift: Tensor, bits: int | None) -> Tensor:
+def _requantize_int(x: Tensor, multiplier: Tensor, shift: Tensor, bits: int | tuple[int, int] | None) -> Tensor:
     out = as_int64(x) * multiplier  # a new tensor: the steps below work in place (fewer allocations)
     if shift.dim() == 0:
         out.add_((1 << int(shift)) >> 1).bitwise_right_shift_(int(shift))
@@ -70,12 +70,13 @@ def _requantize_int(x: Tensor, multiplier: Tensor, shift: Tensor, bits: int | No
     return out
 
 
-def requantize(x: Tensor, dyadic: Dyadic, bits: int | None = 8) -> Tensor:
+def requantize(x: Tensor, dyadic: Dyadic, bits: int | tuple[int, int] | None = 8) -> Tensor:
     """I_out = clamp(round_half_up(I_in * m / 2**e)) in int64.
 
     * input: integers with ``|I_in| < 2**31`` (an INT32 accumulator at most);
     * ``dyadic``: scalar, or per channel broadcast against the last dimension;
-    * output: scale S_out; clamped to a signed ``bits``-wide integer (no clamp if ``bits`` is None);
+    * output: scale S_out; clamped to a signed ``bits``-wide integer, or to explicit ``(lo, hi)``
+      bounds (an asymmetric grid, see :mod:`.quantize`); no clamp if ``bits`` is None;
     * rounding: half up, exact (int64 product < 2**62).
     """
     m, e = dyadic

@@ -82,7 +82,7 @@ def _shiftmax_int(x: Tensor, i0: int, k_out: int, k_inter: int, dim: int) -> Ten
 def shiftmax(x: Tensor, i0: int, k_out: int = 16, k_inter: int = 15, dim: int = -1) -> Tensor:
     """Shiftmax (I-ViT): integer softmax of ``x * S`` along ``dim``, ``i0 = round(1/S)``.
 
-    * input: integers (INT8 attention logits in the encoder), any range; row max subtracted first;
+    * input: integers (INT16 attention logits in the plugin's model), any range; row max subtracted first;
     * output: ``[0, 2**(k_out-1)]``, scale ``2**-(k_out-1)``, unsigned k_out bits (module docstring);
     * method: ShiftExp with clamp ``k_inter`` (15 in I-ViT's PyTorch), then one integer division
       per row, ``round(e * floor(2**62 / sum) / 2**(62 - k_out + 1))`` (I-ViT divides 2**31 - 1,

