@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import torch
 import mmcv
+import torch
 from mmseg.datasets.transforms import PackSegInputs
 
 from .deploy.io import load_deployed

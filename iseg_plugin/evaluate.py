@@ -28,9 +28,9 @@ def _per_class_iou(metric: IoUMetric) -> np.ndarray:
 
 
 def evaluate(config: str, model_path: str, data_root: str | None = None, limit: int | None = None,
-             out_dir: str | None = None, forms=FORMS) -> dict:
+             out_dir: str | None = None, forms=FORMS, dataset_panels: bool = True) -> dict:
     """mIoU and per-class IoU of each form on the validation set, pixel agreement, latency; PNG plots
-    into ``out_dir``."""
+    into ``out_dir`` (``dataset_panels``: see :func:`save_plots`)."""
     calib_path = sidecar(model_path)
     if not calib_path.is_file():
         raise FileNotFoundError(f"{calib_path} is missing: it is written by `iseg ptq` next to the deployed model")
@@ -48,10 +48,11 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
     n = len(val) if limit is None else min(limit, len(val))
     deployed = load_deployed(model_path) if "deployed" in forms else None
     return compare(models, deployed, [val[i] for i in range(n)], val.metainfo,
-                   cfg.val_evaluator.get("ignore_index", 255), out_dir)
+                   cfg.val_evaluator.get("ignore_index", 255), out_dir, dataset_panels)
 
 
-def compare(models: dict, deployed, items, meta: dict, ignore: int = 255, out_dir: str | None = None) -> dict:
+def compare(models: dict, deployed, items, meta: dict, ignore: int = 255, out_dir: str | None = None,
+            dataset_panels: bool = True) -> dict:
     """Run every form on ``items`` (mmseg test-pipeline outputs); mIoU where the items carry labels."""
     forms = [*models, *(["deployed"] if deployed is not None else [])]
     labelled = all("gt_sem_seg" in item["data_samples"] for item in items)
@@ -101,11 +102,16 @@ def compare(models: dict, deployed, items, meta: dict, ignore: int = 255, out_di
                                          per_class=_per_class_iou(metrics[form]).tolist())
     report["pixel_agreement"] = {k: 100.0 * a / t for k, (a, t) in agree.items() if t}
     if out_dir is not None:
-        report["plots"] = save_plots(Path(out_dir), confusion, samples, meta)
+        report["plots"] = save_plots(Path(out_dir), confusion, samples, meta, dataset_panels)
     return report
 
 
-def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta) -> list[str]:
+def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta, dataset_panels: bool = True) -> list[str]:
+    """overlays.png (each form's class map per image) and confusion_matrix.png (deployed form).
+
+    ``dataset_panels`` adds the input image and its ground truth to the overlays; figures meant
+    for this repository leave them out (CamVid's licence keeps its images out of it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,11 +121,15 @@ def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta) -> list[st
     paths = []
     palette = np.array(meta["palette"] + [[0, 0, 0]] * 245, dtype=np.uint8)
     if samples:
-        cols = 1 + (samples[0][1] is not None) + len(samples[0][2])
-        fig, axes = plt.subplots(len(samples), cols, figsize=(3 * cols, 2.4 * len(samples)), squeeze=False)
-        for row, (img, gt, preds) in enumerate(samples):
-            panels = [("image", img)] + ([] if gt is None else [("ground truth", palette[gt])])
-            panels += [(k, palette[v]) for k, v in preds.items()]
+        rows = []
+        for img, gt, preds in samples:
+            panels = [(k, palette[v]) for k, v in preds.items()]
+            if dataset_panels:
+                panels = [("image", img)] + ([] if gt is None else [("ground truth", palette[gt])]) + panels
+            rows.append(panels)
+        cols = len(rows[0])
+        fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 2.4 * len(rows)), squeeze=False)
+        for row, panels in enumerate(rows):
             for col, (title, panel) in enumerate(panels):
                 axes[row, col].imshow(panel)
                 axes[row, col].set_title(title, fontsize=8)

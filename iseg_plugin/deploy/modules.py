@@ -21,12 +21,15 @@ def int_buffer(module: nn.Module, name: str, value) -> None:
 
 
 def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """Exact (..., M, K) @ (..., K, N) of int8 operands, int64 result, with int8 kernels."""
+    """Exact (..., M, K) @ (..., K, N) of int8 operands, int32 result, with int8 kernels (one 2-D
+    ``_int_mm`` per batch entry, written in place: no stacking copy)."""
     batch = a.shape[:-2]
     a2 = a.reshape(-1, a.shape[-2], a.shape[-1])
     b2 = b.reshape(-1, b.shape[-2], b.shape[-1])
-    out = torch.stack([torch._int_mm(a2[i].contiguous(), b2[i].contiguous()) for i in range(a2.shape[0])])
-    return out.reshape(*batch, out.shape[-2], out.shape[-1]).to(INT64)
+    out = torch.empty(a2.shape[0], a2.shape[1], b2.shape[2], dtype=torch.int32)
+    for i in range(a2.shape[0]):
+        torch._int_mm(a2[i].contiguous(), b2[i].contiguous(), out=out[i])
+    return out.reshape(*batch, out.shape[-2], out.shape[-1])
 
 
 def uint16_matmul(p: Tensor, v: Tensor) -> Tensor:
