@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
 CKPT = REPO / "checkpoints"
+FIGURES = "ptq_figures"  # under docs/; class maps only (CamVid's licence keeps its images out)
 RUNS = {
     # name: (decoder checkpoint, calibration images, gelu, softmax, decoder, paper bit map, forms)
     "main": ("bilinear-l2", 1, "poly", "bit-exp", "bilinear-l2", False, ("fp32", "fake-quant", "deployed")),
@@ -74,7 +75,7 @@ def main() -> None:
         run = ptq(name, work, args.data_root)
         print(f"   {run['summary']}\n== {name}: eval", flush=True)
         forms = RUNS[name][-1]
-        out_dir = Path(args.docs) / "camvid" if name == "main" else work / name
+        out_dir = Path(args.docs) / FIGURES if name == "main" else work / name
         # no CamVid image or label in the committed figures (its licence keeps them out of the repository)
         run["eval"] = evaluate(str(CONFIG), run["model"], args.data_root, args.limit, str(out_dir), forms,
                                dataset_panels=False)
@@ -135,8 +136,8 @@ def write_report(results: dict, docs: Path, limit: int | None) -> None:
             *[f"| {form} | " + " | ".join(f"{v:.1f}" for v in r["per_class"]) + " |"
               for form, r in main["eval"]["forms"].items()],
             "",
-            "![overlays](camvid/overlays.png)",
-            "![confusion matrix of the deployed model](camvid/confusion_matrix.png)",
+            f"![class maps of each form (no CamVid image or label)]({FIGURES}/overlays.png)",
+            f"![confusion matrix of the deployed model]({FIGURES}/confusion_matrix.png)",
         ]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.barh(range(len(bars)), [b[1] for b in bars])
