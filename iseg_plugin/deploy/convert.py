@@ -8,6 +8,8 @@ integers as the fake-quant model, by construction (tests check it to the bit).
 from __future__ import annotations
 
 import torch
+from typing import Callable
+
 from torch import Tensor, nn
 
 from .. import intops
@@ -15,20 +17,20 @@ from ..models.quant import IQuantSegmenterMaskHead, IQuantVisionTransformer, Qua
 from ..quant.act import NotCalibratedError, QTensor, QuantAct, observers, set_observing
 from ..quant.layers import QuantConv2d, QuantGELU, QuantLayerNorm, QuantLinear, QuantSoftmax
 from .modules import IntAdd, IntAttention, IntBlock, IntGELU, IntLayerNorm, IntLinear, IntMlp, IntSoftmax, Requant
-from .segmenter import DeployedDecoder, DeployedEncoder, DeployedSegmenter
+from .segmenter import DeployedDecoder, DeployedEncoder, DeployedSegmenter, patch_grid
 
 _RECORDED = (QuantAct, QuantLinear, QuantConv2d, QuantGELU, QuantSoftmax, QuantLayerNorm)
 
 
-class _Scales:
-    """The input scales every quant layer saw in one forward."""
+class Scales:
+    """The input scales every quant layer of ``model`` saw while ``run()`` ran (one forward)."""
 
-    def __init__(self, model: nn.Module, images: Tensor):
+    def __init__(self, model: nn.Module, run: Callable[[], object]):
         self.seen: dict[nn.Module, list[Tensor | None]] = {}
         hooks = [m.register_forward_pre_hook(self._hook) for m in model.modules() if isinstance(m, _RECORDED)]
         try:
             with torch.no_grad():
-                model._forward(images)
+                run()
         finally:
             for h in hooks:
                 h.remove()
@@ -40,11 +42,11 @@ class _Scales:
         return self.seen[module][i]
 
 
-def _requant(act: QuantAct, in_scale: Tensor) -> Requant:
+def requant_from(act: QuantAct, in_scale: Tensor) -> Requant:
     return Requant(act.requant_params(in_scale), act.bounds())
 
 
-def _linear(layer, in_scale: Tensor, input_act: QuantAct | None = None) -> IntLinear:
+def int_linear_from(layer, in_scale: Tensor, input_act: QuantAct | None = None) -> IntLinear:
     """The integer GEMM; ``input_act`` is the quantizer of its input when that may be asymmetric."""
     w, w_scale = layer.int_weight()
     bias = layer.int_bias(in_scale * w_scale)
@@ -53,7 +55,7 @@ def _linear(layer, in_scale: Tensor, input_act: QuantAct | None = None) -> IntLi
                      None if bias is None else bias.detach().to(torch.int64), offset)
 
 
-def _layernorm(norm: QuantLayerNorm, scales: _Scales) -> IntLayerNorm:
+def _layernorm(norm: QuantLayerNorm, scales: Scales) -> IntLayerNorm:
     params = intops.layernorm_params(norm.weight, norm.bias)
     eps = intops.layernorm_eps(norm.eps, float(scales(norm)))
     out = norm.out.requant_params(torch.tensor(params.out_scale, dtype=torch.float32))
@@ -79,13 +81,13 @@ def _softmax(softmax: QuantSoftmax, in_scale: Tensor) -> IntSoftmax:
     return IntSoftmax("bit-exp", softmax.bits, bit_exp=intops.bit_exp_params(s))
 
 
-def _block(block: QuantBlock, scales: _Scales) -> IntBlock:
+def _block(block: QuantBlock, scales: Scales) -> IntBlock:
     a, m = block.attn, block.mlp
-    attn = IntAttention(a.num_heads, _linear(a.qkv, scales(a.qkv)), _requant(a.qkv_act, scales(a.qkv_act)),
-                        _requant(a.scores_act, scales(a.scores_act)), _softmax(a.softmax, scales(a.softmax)),
-                        _requant(a.context_act, scales(a.context_act)), _linear(a.proj, scales(a.proj)))
-    mlp = IntMlp(_linear(m.fc1, scales(m.fc1)), _requant(m.fc1_act, scales(m.fc1_act)), _gelu(m.act, scales(m.act)),
-                 _requant(m.act_out, scales(m.act_out)), _linear(m.fc2, scales(m.fc2), m.act_out))
+    attn = IntAttention(a.num_heads, int_linear_from(a.qkv, scales(a.qkv)), requant_from(a.qkv_act, scales(a.qkv_act)),
+                        requant_from(a.scores_act, scales(a.scores_act)), _softmax(a.softmax, scales(a.softmax)),
+                        requant_from(a.context_act, scales(a.context_act)), int_linear_from(a.proj, scales(a.proj)))
+    mlp = IntMlp(int_linear_from(m.fc1, scales(m.fc1)), requant_from(m.fc1_act, scales(m.fc1_act)), _gelu(m.act, scales(m.act)),
+                 requant_from(m.act_out, scales(m.act_out)), int_linear_from(m.fc2, scales(m.fc2), m.act_out))
 
     def add(q):
         return IntAdd(q.requant_params(scales(q, 0)), q.requant_params(scales(q, 1)), q.bits)
@@ -94,7 +96,7 @@ def _block(block: QuantBlock, scales: _Scales) -> IntBlock:
                     add(block.add2))
 
 
-def _encoder(enc: IQuantVisionTransformer, scales: _Scales, grid: tuple[int, int]) -> DeployedEncoder:
+def deploy_encoder(enc: IQuantVisionTransformer, scales: Scales, grid: tuple[int, int]) -> DeployedEncoder:
     mean_fixed, pixel_scale = enc.input_quant.pixel_params()
     conv = enc.patch_embed.projection
     with torch.no_grad():
@@ -102,26 +104,35 @@ def _encoder(enc: IQuantVisionTransformer, scales: _Scales, grid: tuple[int, int
         pos = intops.quantize(enc.pos_embed_for(*grid), enc.pos_quant.scale(), 16)
     pad_pixel = torch.round(enc.input_quant.mean).to(torch.int64)  # what mmseg's zero padding means in pixels
     return DeployedEncoder(
-        enc.patch_size, mean_fixed, pad_pixel, pixel_scale, _linear(conv, scales(conv)), _requant(enc.cls_cat, scales(enc.cls_cat)),
+        enc.patch_size, mean_fixed, pad_pixel, pixel_scale, int_linear_from(conv, scales(conv)), requant_from(enc.cls_cat, scales(enc.cls_cat)),
         cls_token.to(torch.int64), pos.to(torch.int64),
         IntAdd(enc.pos_add.requant_params(scales(enc.pos_add, 0)), enc.pos_add.requant_params(scales(enc.pos_add, 1))),
         [_block(b, scales) for b in enc.layers], _layernorm(enc.norm, scales))
 
 
-def _decoder(head: IQuantSegmenterMaskHead, scales: _Scales) -> DeployedDecoder:
+def deploy_decoder(head: IQuantSegmenterMaskHead, scales: Scales) -> DeployedDecoder:
     with torch.no_grad():
         cls_emb = intops.quantize(head.cls_emb, head.cls_cat.scale(), 16)
     l2 = None
     if head.l2_norm:
-        l2 = (_requant(head.patch_l2_act, scales(head.patch_l2_act)),
-              _requant(head.classes_l2_act, scales(head.classes_l2_act)))
+        l2 = (requant_from(head.patch_l2_act, scales(head.patch_l2_act)),
+              requant_from(head.classes_l2_act, scales(head.classes_l2_act)))
     return DeployedDecoder(
-        head.num_classes, _linear(head.dec_proj, scales(head.dec_proj)), _requant(head.cls_cat, scales(head.cls_cat)),
+        head.num_classes, int_linear_from(head.dec_proj, scales(head.dec_proj)), requant_from(head.cls_cat, scales(head.cls_cat)),
         cls_emb.to(torch.int64), [_block(b, scales) for b in head.layers], _layernorm(head.decoder_norm, scales),
-        _linear(head.patch_proj, scales(head.patch_proj)), _requant(head.patch_act, scales(head.patch_act)),
-        _linear(head.classes_proj, scales(head.classes_proj)), _requant(head.classes_act, scales(head.classes_act)),
-        l2, _requant(head.masks_act, scales(head.masks_act)), _layernorm(head.mask_norm, scales), head.upsample,
+        int_linear_from(head.patch_proj, scales(head.patch_proj)), requant_from(head.patch_act, scales(head.patch_act)),
+        int_linear_from(head.classes_proj, scales(head.classes_proj)), requant_from(head.classes_act, scales(head.classes_act)),
+        l2, requant_from(head.masks_act, scales(head.masks_act)), _layernorm(head.mask_norm, scales), head.upsample,
         head.upsample_factor)
+
+
+def freeze_calibrated(model: nn.Module) -> None:
+    """Eval mode, ranges frozen; a model with an uncalibrated quantizer is refused."""
+    model.eval()
+    if not all(bool(m.calibrated) for m in observers(model)):
+        raise NotCalibratedError("converting needs a calibrated model: run calibration (iseg ptq / CalibrationHook, "
+                                 "or the prepared FX model on a few images) first")
+    set_observing(model, False)  # the probe forward must not move any range
 
 
 def convert(model: nn.Module, input_size: tuple[int, int]) -> DeployedSegmenter:
@@ -129,14 +140,10 @@ def convert(model: nn.Module, input_size: tuple[int, int]) -> DeployedSegmenter:
     enc, head = model.backbone, model.decode_head
     if not isinstance(enc, IQuantVisionTransformer) or not isinstance(head, IQuantSegmenterMaskHead):
         raise TypeError("convert() needs a quantized ISegmenter (built with quant=dict(...)) that was calibrated")
-    model.eval()
-    if not all(bool(m.calibrated) for m in observers(model)):
-        raise NotCalibratedError("convert() needs a calibrated model: run calibration (iseg ptq / CalibrationHook) first")
-    set_observing(model, False)  # the probe forward below must not move any range
-    p = enc.patch_size
-    grid = (-(-input_size[0] // p), -(-input_size[1] // p))
-    probe = torch.zeros(1, 3, grid[0] * p, grid[1] * p)  # one forward only to read the scales
-    scales = _Scales(model, probe)
-    arch = dict(num_classes=head.num_classes, patch_size=p, l2_norm=head.l2_norm, upsample=head.upsample,
+    freeze_calibrated(model)
+    grid = patch_grid(enc.patch_size, input_size)
+    probe = torch.zeros(1, 3, grid[0] * enc.patch_size, grid[1] * enc.patch_size)  # one forward only to read the scales
+    scales = Scales(model, lambda: model._forward(probe))
+    arch = dict(num_classes=head.num_classes, patch_size=enc.patch_size, l2_norm=head.l2_norm, upsample=head.upsample,
                 upsample_factor=head.upsample_factor, input_size=list(input_size))
-    return DeployedSegmenter(_encoder(enc, scales, grid), _decoder(head, scales), input_size, arch)
+    return DeployedSegmenter(deploy_encoder(enc, scales, grid), deploy_decoder(head, scales), input_size, arch)

@@ -10,6 +10,25 @@ from ..quant.act import pixels_to_int8
 from .modules import INT8, INT16, INT64, IntAdd, IntBlock, IntLayerNorm, IntLinear, Requant, int8_matmul
 
 
+def patch_grid(patch_size: int, input_size: tuple[int, int]) -> tuple[int, int]:
+    """The patch grid of an (H, W) input padded up to a multiple of the patch."""
+    return -(-input_size[0] // patch_size), -(-input_size[1] // patch_size)
+
+
+def check_pixels(images: Tensor, input_size: tuple[int, int]) -> None:
+    """A deployed model's input must be uint8 RGB pixels (B, 3, H, W) of the size it was built for."""
+    if images.dtype != torch.uint8:
+        raise TypeError(
+            f"the deployed model takes uint8 RGB pixels (B, 3, H, W), got {images.dtype}: pass the image "
+            "before any normalisation (mean and std are folded into the model)"
+        )
+    if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != tuple(input_size):
+        raise ValueError(
+            f"the deployed model was built for (B, 3, {input_size[0]}, {input_size[1]}) images, got "
+            f"{tuple(images.shape)}: resize or pad the image, or convert the model for this size"
+        )
+
+
 class DeployedEncoder(nn.Module):
     def __init__(self, patch_size: int, mean_fixed: Tensor, pad_pixel: Tensor, pixel_scale: Dyadic, patch: IntLinear,
                  tokens: Requant,
@@ -96,22 +115,9 @@ class DeployedSegmenter(nn.Module):
         self.input_size = tuple(input_size)
         self.arch = arch  # what rebuilds the module tree from a state dict (see .io)
 
-    def check_input(self, images: Tensor) -> None:
-        if images.dtype != torch.uint8:
-            raise TypeError(
-                f"the deployed model takes uint8 RGB pixels (B, 3, H, W), got {images.dtype}: pass the image "
-                "before any normalisation (mean and std are folded into the model)"
-            )
-        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.input_size:
-            raise ValueError(
-                f"the deployed model was built for (B, 3, {self.input_size[0]}, {self.input_size[1]}) images, got "
-                f"{tuple(images.shape)}: resize or pad the image, or convert the model for this size"
-            )
-
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        self.check_input(images)
-        p = self.encoder.patch_size
-        grid = (-(-self.input_size[0] // p), -(-self.input_size[1] // p))
+        check_pixels(images, self.input_size)
+        grid = patch_grid(self.encoder.patch_size, self.input_size)
         logits = self.decoder(self.encoder(images), grid)
         classes = logits[..., : self.input_size[0], : self.input_size[1]].argmax(1)
         return logits, classes

@@ -90,3 +90,19 @@ class ISegmenterMaskHead(BaseDecodeHead):
             classes = F.normalize(classes, dim=2, p=2)
         masks = self.mask_norm(torch.matmul(patches, classes.transpose(1, 2)))
         return self.resize_masks(masks.transpose(1, 2).unflatten(2, (grid_h, grid_w)))
+
+
+class PooledLinearHead(nn.Module):
+    """Classifier head on an encoder's feature maps: global max pooling, then a Linear.
+
+    Takes the encoder's tuple of (B, C, h, w) maps (uses the last) and returns (B, num_classes)
+    logits. Max pooling (not mean) keeps the integer form exact: the max of quantized features is
+    the quantized max, so pooling needs no rounding.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        return self.fc(inputs[-1].amax(dim=(-2, -1)))

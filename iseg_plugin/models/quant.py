@@ -16,6 +16,7 @@ the quantized model; the range observers are extra buffers that calibration fill
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,16 @@ class QuantBlock(nn.Module):
         return self.add2(x, self.mlp(self.norm2(x)))
 
 
+def _quantized_copy(cls, float_cls: type, module: nn.Module, quant: dict | None):
+    """A deep copy of the float ``module`` turned into its quantized subclass ``cls`` (same weights)."""
+    if not isinstance(module, float_cls) or any(isinstance(m, QuantAct) for m in module.modules()):
+        raise TypeError(f"{cls.__name__}.from_float needs a float {float_cls.__name__}, got {type(module).__name__}")
+    quantized = copy.deepcopy(module)
+    quantized.__class__ = cls
+    quantized._quantize(QuantConfig(**(quant or {})))
+    return quantized
+
+
 def _tokens(x: QTensor) -> QTensor:
     return QTensor(x.value.flatten(2).transpose(1, 2), x.scale)
 
@@ -131,9 +142,17 @@ class IQuantVisionTransformer(IVisionTransformer):
         super().__init__(**kwargs)
         _no_stochastic_layers("encoder", {k: kwargs.get(k, 0.0) for k in ("drop_rate", "attn_drop_rate",
                                                                           "drop_path_rate")})
+        self._quantize(QuantConfig(**(quant or {})))
+
+    @classmethod
+    def from_float(cls, encoder: IVisionTransformer, quant: dict | None = None) -> "IQuantVisionTransformer":
+        """The quantized copy of a built float encoder (its weights; dropout and drop-path left out);
+        the float module is left as it is. The torch.ao FX front end builds its observed encoder so."""
+        return _quantized_copy(cls, IVisionTransformer, encoder, quant)
+
+    def _quantize(self, cfg: QuantConfig) -> None:
         if not self.final_norm:
             raise ValueError("the integer encoder needs final_norm=True (its INT8 output comes from I-LayerNorm)")
-        cfg = QuantConfig(**(quant or {}))
         self.input_quant = QuantInput()
         self.patch_embed.projection = QuantConv2d.from_float(self.patch_embed.projection)
         self.cls_cat = QuantCat(16, embedding_first=True)
@@ -163,7 +182,14 @@ class IQuantSegmenterMaskHead(ISegmenterMaskHead):
         super().__init__(**kwargs)
         _no_stochastic_layers("decoder", {k: kwargs.get(k, 0.1 if k == "drop_path_rate" else 0.0)
                                           for k in ("drop_rate", "attn_drop_rate", "drop_path_rate")})
-        cfg = QuantConfig(**(quant or {}))
+        self._quantize(QuantConfig(**(quant or {})))
+
+    @classmethod
+    def from_float(cls, head: ISegmenterMaskHead, quant: dict | None = None) -> "IQuantSegmenterMaskHead":
+        """The quantized copy of a built float decoder (see :meth:`IQuantVisionTransformer.from_float`)."""
+        return _quantized_copy(cls, ISegmenterMaskHead, head, quant)
+
+    def _quantize(self, cfg: QuantConfig) -> None:
         self.dec_proj = QuantLinear.from_float(self.dec_proj)
         self.cls_cat = QuantCat(16, embedding_first=False)
         self.layers = ModuleList(QuantBlock(block, cfg) for block in self.layers)
