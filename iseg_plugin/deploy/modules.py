@@ -22,7 +22,14 @@ def int_buffer(module: nn.Module, name: str, value) -> None:
 
 def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
     """Exact (..., M, K) @ (..., K, N) of int8 operands, int32 result, with int8 kernels (one 2-D
-    ``_int_mm`` per batch entry, written in place: no stacking copy)."""
+    ``_int_mm`` per batch entry, written in place: no stacking copy). Traced for ONNX export, it
+    is one batched ``MatMulInteger`` (see :class:`_Int8MatMul`)."""
+    if torch.jit.is_tracing():
+        return _Int8MatMul.apply(a, b)
+    return _int8_matmul_eager(a, b)
+
+
+def _int8_matmul_eager(a: Tensor, b: Tensor) -> Tensor:
     batch = a.shape[:-2]
     a2 = a.reshape(-1, a.shape[-2], a.shape[-1])
     b2 = b.reshape(-1, b.shape[-2], b.shape[-1])
@@ -30,6 +37,30 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
     for i in range(a2.shape[0]):
         torch._int_mm(a2[i].contiguous(), b2[i].contiguous(), out=out[i])
     return out.reshape(*batch, out.shape[-2], out.shape[-1])
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """The int8 GEMM as one traceable op: ONNX ``MatMulInteger`` on uint8 x uint8. Both operands
+    enter shifted by 128 with zero point 128, which MatMulInteger subtracts exactly (weights are
+    shifted once, by constant folding). Not uint8 x int8: that kernel is faster on CPUs with
+    AVX512-VNNI, but on AVX2 alone onnxruntime computes it with VPMADDUBSW, whose int16 pair sums
+    saturate (measured here: off by up to 80291 on a 64x192x96 product); uint8 x uint8 is exact."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        return _int8_matmul_eager(a, b)
+
+    @staticmethod
+    def symbolic(g, a, b):
+        from onnx import TensorProto
+
+        def shifted(x):
+            wide = g.op("Cast", x, to_i=TensorProto.INT32)
+            offset = g.op("Constant", value_t=torch.tensor(128, dtype=torch.int32))
+            return g.op("Cast", g.op("Add", wide, offset), to_i=TensorProto.UINT8)
+
+        zero_point = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
+        return g.op("MatMulInteger", shifted(a), shifted(b), zero_point, zero_point)
 
 
 def uint16_matmul(p: Tensor, v: Tensor) -> Tensor:
@@ -83,7 +114,7 @@ class IntLinear(nn.Module):
         if self.input_offset:
             x = x - self.input_offset
         flat = x.reshape(-1, x.shape[-1]).to(INT8)
-        acc = torch._int_mm(flat, self.weight_t).to(INT64)
+        acc = (_Int8MatMul.apply(flat, self.weight_t) if torch.jit.is_tracing() else torch._int_mm(flat, self.weight_t)).to(INT64)
         if self.bias is not None:
             acc = acc + self.bias
         return acc.reshape(*x.shape[:-1], acc.shape[-1])

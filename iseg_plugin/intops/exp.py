@@ -47,6 +47,8 @@ TABLE_MAX = 1 << 13
 def shift_exp_lookup(x: Tensor, i0: int, k_inter: int) -> Tensor:
     """``_shift_exp_int`` of ``x <= 0`` through a lookup table when its range is small, else directly."""
     x = as_int64(x)
+    if torch.jit.is_tracing():  # a table sized by the data would be frozen into the traced graph
+        return _shift_exp_int(x, i0, k_inter)
     low = int(x.min()) if x.numel() else 0
     if -low >= TABLE_MAX:
         return _shift_exp_int(x, i0, k_inter)

@@ -138,8 +138,8 @@ def pixels_to_int8(pixels: Tensor, mean_fixed: Tensor, multiplier: intops.Dyadic
         mean_fixed = mean_fixed.to(pixels.dtype)
     else:
         pixels = pixels.to(torch.int64)
-    shifted = pixels.movedim(1, -1) * (1 << QuantInput.MEAN_FRAC_BITS) - mean_fixed  # channels last
-    return intops.requantize(shifted, multiplier, 8).movedim(-1, 1)
+    shifted = pixels.permute(0, 2, 3, 1) * (1 << QuantInput.MEAN_FRAC_BITS) - mean_fixed  # channels last
+    return intops.requantize(shifted, multiplier, 8).permute(0, 3, 1, 2)
 
 
 class QuantAdd(QuantAct):
