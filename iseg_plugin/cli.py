@@ -1,4 +1,4 @@
-"""The ``iseg`` command: ``demo``, ``ptq``, ``eval``."""
+"""The ``iseg`` command: ``demo``, ``ptq``, ``eval``, ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .deploy.io import load_deployed
+    from .export import export_onnx_int
+
+    out = Path(args.out or Path(args.model).with_suffix(".int.onnx"))
+    proto = export_onnx_int(load_deployed(args.model), out)
+    ops = sorted({node.op_type for node in proto.graph.node})
+    print(f"integer-only ONNX graph: {out} ({out.stat().st_size / 2**20:.1f} MB, {len(proto.graph.node)} nodes, "
+          f"every tensor integer-typed); ops: {', '.join(ops)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iseg", description="Integer-only Segmenter tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out-dir", default="work_dirs/eval", help="confusion matrix and overlay PNGs")
     ev.add_argument("--json", help="also write the report as JSON")
     ev.set_defaults(func=_eval)
+
+    export = sub.add_parser("export", help="export a deployed model to an integer-only ONNX graph")
+    export.add_argument("model", help="deployed model written by `iseg ptq`")
+    export.add_argument("--format", choices=("onnx-int",), default="onnx-int",
+                        help="onnx-int: MatMulInteger and integer element-wise ops only (onnxruntime, TVM)")
+    export.add_argument("--out", help="output file (default: MODEL with .int.onnx)")
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -27,6 +27,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
+from ..deploy.convert import convert
 from ..deploy.segmenter import DeployedSegmenter
 
 OPSET = 18
@@ -105,7 +106,12 @@ def _div(g, x, y, *args):
         return _floor_div(g, x, y)
     if mode == "trunc":
         return g.op("Div", x, _cast_like(g, y, x))
-    raise NotIntegerOnlyError("a true division (rounding_mode=None) has no integer lowering")
+    raise NotIntegerOnlyError(f"{_where(g)}: a true division (rounding_mode=None) has no integer lowering")
+
+
+def _where(g) -> str:
+    """The module a symbolic is lowering an op of (its scope in the traced graph)."""
+    return g.original_node.scopeName() or "the model"
 
 
 def _remainder(g, x, y):
@@ -182,11 +188,18 @@ def integer_symbolics():
             torch.onnx.unregister_custom_op_symbolic(name, OPSET)
 
 
-def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None) -> onnx.ModelProto:
-    """Trace ``model`` into an integer-only ONNX graph (uint8 pixels in; INT16 logits and the class
-    map out); checked with :func:`check_integer_only`; written to ``path`` if given."""
+def export_onnx_int(model, path: str | Path | None = None, input_size: tuple[int, int] | None = None) -> onnx.ModelProto:
+    """Trace a deployed model into an integer-only ONNX graph (batch 1 of uint8 RGB pixels in; INT16
+    logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given.
+
+    ``model`` is a :class:`DeployedSegmenter`, or a calibrated quantized ``ISegmenter``, deployed
+    here for ``input_size`` (an uncalibrated one is refused by the conversion).
+    """
     if not isinstance(model, DeployedSegmenter):
-        raise TypeError(f"export_onnx_int takes a DeployedSegmenter (iseg ptq's output), got {type(model).__name__}")
+        if input_size is None:
+            raise TypeError(f"export_onnx_int takes a DeployedSegmenter (iseg ptq's output), or a quantized "
+                            f"ISegmenter with input_size=(H, W); got {type(model).__name__}")
+        model = convert(model, input_size)
     pixels = torch.zeros(1, 3, *model.input_size, dtype=torch.uint8)
     buffer = io.BytesIO()
     with integer_symbolics(), warnings.catch_warnings():
@@ -210,6 +223,7 @@ def check_integer_only(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]}
     types.update({t.name: t.data_type for t in graph.initializer})
+    # tensor names carry the exporting module's scope (e.g. /decoder/mask_norm/Sqrt_output_0)
     bad = [f"{name} ({TensorProto.DataType.Name(t)})" for name, t in types.items() if t not in INTEGER_TYPES]
     for node in graph.node:
         for out in node.output:

@@ -1,0 +1,94 @@
+"""Integer-only ONNX export: every tensor integer-typed, onnxruntime bit-exact with the PyTorch model."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from iseg_plugin.cli import main
+from iseg_plugin.deploy.io import save_deployed
+from iseg_plugin.export import NotIntegerOnlyError, check_integer_only, export_onnx_int
+from iseg_plugin.quant import NotCalibratedError
+
+from test_deploy import deployed_pair, pixels
+from test_quant_model import build
+
+ort.set_default_logger_severity(3)
+
+
+def session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def adversarial_images():
+    yield pixels(1, 5).flip(1).contiguous()
+    yield torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    yield torch.full((1, 3, 64, 64), 255, dtype=torch.uint8)
+    board = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    board[..., ::2, ::2] = 255
+    board[..., 1::2, 1::2] = 255
+    yield board
+
+
+@pytest.mark.parametrize("quant,head_extra", [
+    ({}, {}),  # lambda-ShiftGELU, Shiftmax, nearest, no L2
+    ({"gelu": "poly", "softmax": "bit-exp"}, {"l2_norm": True, "upsample": "bilinear"}),
+    ({"gelu": "shift", "scores_bits": 8, "gelu_out_asymmetric": False}, {}),
+])
+def test_onnxruntime_is_bit_exact_with_the_deployed_model(quant, head_extra):
+    _, deployed = deployed_pair(quant, head_extra)
+    proto = export_onnx_int(deployed)
+    assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
+    sess = session(proto)
+    for image in adversarial_images():
+        logits, classes = sess.run(None, {"pixels": image.numpy()})
+        ref_logits, ref_classes = deployed(image)
+        assert logits.dtype == np.int16
+        assert np.array_equal(logits, ref_logits.numpy())
+        assert np.array_equal(classes, ref_classes.numpy())
+
+
+def float_graph() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT, name="/decoder/mask_norm/Cast"),
+         helper.make_node("Sqrt", ["xf"], ["/decoder/mask_norm/Sqrt_output_0"]),
+         helper.make_node("Cast", ["/decoder/mask_norm/Sqrt_output_0"], ["y"], to=TensorProto.INT32)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.INT32, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_checker_names_the_float_tensors():
+    with pytest.raises(NotIntegerOnlyError, match=r"/decoder/mask_norm/Sqrt_output_0 \(FLOAT\)"):
+        check_integer_only(float_graph())
+
+
+def test_a_module_without_integer_lowering_is_named():
+    _, deployed = deployed_pair({}, {})
+
+    class FloatNorm(nn.Module):  # a true division: no integer lowering exists
+        def forward(self, x):
+            return x / 3
+
+    deployed.decoder.mask_norm = FloatNorm()
+    with pytest.raises(NotIntegerOnlyError, match="mask_norm.*no integer lowering"):
+        export_onnx_int(deployed)
+
+
+def test_exporting_an_uncalibrated_model_is_refused():
+    with pytest.raises(NotCalibratedError):
+        export_onnx_int(build({}), input_size=(64, 64))
+    with pytest.raises(TypeError, match="DeployedSegmenter"):
+        export_onnx_int(build({}))
+
+
+def test_cli_export(tmp_path, capsys):
+    _, deployed = deployed_pair({}, {})
+    save_deployed(deployed, tmp_path / "m.iseg")
+    assert main(["export", str(tmp_path / "m.iseg"), "--format", "onnx-int", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "every tensor integer-typed" in capsys.readouterr().out
+    image = pixels(1, 3).flip(1).contiguous()
+    logits, _ = session(onnx.load(str(tmp_path / "m.onnx"))).run(None, {"pixels": image.numpy()})
+    assert np.array_equal(logits, deployed(image)[0].numpy())
