@@ -1,0 +1,233 @@
+"""Batch-1 latency, model sizes and GEMM memory traffic of FP32 vs integer-only Segmenters at 512x512.
+
+    .venv/bin/python benchmarks/latency.py [--models vit-t,vit-s,vit-b] [--runs 5]
+
+For each size (mmseg's Segmenter ViT-T/S/B ADE20K configs, 150 classes, the plugin's decoder) it
+builds the float and the quantized model with random weights (latency does not depend on their
+values), calibrates the quantized one on one random image, deploys and exports it, then times,
+in one process on this CPU: FP32 PyTorch, FP32 onnxruntime (TorchScript export of the float
+model), the deployed integer model in PyTorch and the integer-only ONNX graph in onnxruntime
+(and TVM where apache-tvm is installed). Each time is the median of ``--runs`` runs after one
+warm-up. It profiles the integer onnxruntime graph by op type, computes the memory traffic of its
+Linear / Conv / MatMul nodes in bits (I-Segmenter's Table 7) from the graph, and writes
+docs/performance.md and docs/performance.png.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+from onnx import TensorProto
+
+import iseg_plugin  # noqa: F401  (registers the plugin's models)
+from fx_patterns import SegmentorLogits
+from iseg_plugin.deploy import convert
+from iseg_plugin.deploy.io import save_deployed
+from iseg_plugin.deploy.modules import INT8_KERNEL
+from iseg_plugin.export import export_onnx_int
+from iseg_plugin.mmseg import calibrate
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = (512, 512)
+BITS = {TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, TensorProto.INT32: 32,
+        TensorProto.INT64: 64, TensorProto.INT16: 16}
+GEMMS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger")
+
+
+def build(name: str, quant: bool):
+    cfg = Config.fromfile(str(REPO / "mmseg_configs" / f"isegmenter_{name}_ade20k.py"))
+    init_default_scope("mmseg")
+    model_cfg = copy.deepcopy(cfg.model)
+    if not quant:
+        model_cfg.quant = None
+    model = MODELS.build(model_cfg)
+    torch.manual_seed(0)
+    model.init_weights()
+    return model.eval()
+
+
+def median_seconds(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ort_session(path: Path, profile: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def profile_by_op(sess: ort.InferenceSession, feed: dict) -> dict[str, float]:
+    """Share of the run time per op type, from onnxruntime's profiler (one run)."""
+    sess.run(None, feed)
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+    per_op = defaultdict(float)
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(per_op.values())
+    return {op: 100 * t / total for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])}
+
+
+def gemm_traffic_bits(path: Path) -> int:
+    """Bits read and written by the graph's Linear / Conv / MatMul nodes: every input and output
+    tensor of each such node, at its element width (I-Segmenter's Table 7 measure)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    graph = model.graph
+    info = {v.name: v.type.tensor_type for v in [*graph.input, *graph.output, *graph.value_info]}
+    for t in graph.initializer:
+        info[t.name] = onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)).tensor_type
+    total = 0
+    for node in graph.node:
+        if node.op_type not in GEMMS:
+            continue
+        for name in [*node.input[:2], *node.output]:  # data operands and result; zero points are scalars
+            t = info.get(name)
+            if t is None or not t.shape.dim:
+                continue
+            total += int(np.prod([d.dim_value for d in t.shape.dim])) * BITS.get(t.elem_type, 32)
+    return total
+
+
+def run(name: str, runs: int, work: Path) -> dict:
+    print(f"== {name}", flush=True)
+    float_model = build(name, quant=False)
+    image = torch.randint(0, 256, (1, 3, *SIZE), dtype=torch.uint8)
+    quant_model = build(name, quant=True)
+    quant_model.load_state_dict(float_model.state_dict(), strict=False)
+    batch = dict(inputs=[image[0].flip(0)], data_samples=[SegDataSample()])
+    calibrate(quant_model, [batch], num_samples=1, show_progress=False)
+    deployed = convert(quant_model, SIZE)
+    x = quant_model.data_preprocessor(batch, False)["inputs"]
+
+    paths = {"fp32_ckpt": work / f"{name}_fp32.pth", "deployed": work / f"{name}.iseg",
+             "fp32_onnx": work / f"{name}_fp32.onnx", "int_onnx": work / f"{name}_int.onnx"}
+    torch.save(float_model.state_dict(), paths["fp32_ckpt"])
+    save_deployed(deployed, paths["deployed"])
+    with torch.no_grad():
+        torch.onnx.export(SegmentorLogits(float_model), (x,), str(paths["fp32_onnx"]), dynamo=False, opset_version=18,
+                          input_names=["image"], output_names=["logits"])
+    proto = onnx.load(str(paths["fp32_onnx"]))
+    proto.ir_version = 10
+    onnx.save(proto, str(paths["fp32_onnx"]))
+    start = time.perf_counter()
+    export_onnx_int(deployed, paths["int_onnx"])
+    export_seconds = time.perf_counter() - start
+
+    fp32_sess, int_sess = ort_session(paths["fp32_onnx"]), ort_session(paths["int_onnx"])
+    fp32_feed, int_feed = {"image": x.numpy()}, {"pixels": image.numpy()}
+    result = dict(model=name, export_seconds=export_seconds,
+                  sizes_mb={k: p.stat().st_size / 2**20 for k, p in paths.items()})
+    seconds = {}
+    with torch.no_grad():
+        print("   FP32 PyTorch", flush=True)
+        seconds["FP32 PyTorch"] = median_seconds(lambda: float_model._forward(x), runs)
+        print("   FP32 onnxruntime", flush=True)
+        seconds["FP32 onnxruntime"] = median_seconds(lambda: fp32_sess.run(None, fp32_feed), runs)
+        print("   integer onnxruntime", flush=True)
+        seconds["integer onnxruntime"] = median_seconds(lambda: int_sess.run(None, int_feed), runs)
+        print("   integer PyTorch (deployed)", flush=True)
+        seconds["integer PyTorch"] = median_seconds(lambda: deployed(image), max(1, runs // 2))
+    result["seconds"] = seconds
+    result["profile_int"] = profile_by_op(ort_session(paths["int_onnx"], str(work / f"{name}_int")), int_feed)
+    result["profile_fp32"] = profile_by_op(ort_session(paths["fp32_onnx"], str(work / f"{name}_fp32")), fp32_feed)
+    result["traffic_bits"] = {"fp32": gemm_traffic_bits(paths["fp32_onnx"]), "int": gemm_traffic_bits(paths["int_onnx"])}
+    print(f"   {seconds}", flush=True)
+    return result
+
+
+def write_report(results: list[dict], runs: int, docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in ("avx2", "avx512f", "avx512_vnni",
+                                                                                   "avx_vnni", "amx_int8")})
+    forms = list(results[0]["seconds"])
+    lines = [
+        "# Latency, size and memory traffic: FP32 vs integer-only Segmenter (512x512, batch 1)",
+        "",
+        f"Generated by `benchmarks/latency.py` (do not edit by hand): median of {runs} runs after one warm-up, one",
+        f"process, {torch.get_num_threads()} threads, on `{platform.processor() or platform.machine()}` with "
+        f"{', '.join(flags)}; onnxruntime {ort.__version__}, torch {torch.__version__}. Random weights (time does not",
+        "depend on their values); mmseg's Segmenter ADE20K configs (150 classes) with the plugin's decoder.",
+        f"PyTorch's integer GEMM here: {'torch._int_mm (VNNI)' if INT8_KERNEL else 'int32 matmul (no VNNI: _int_mm is ~50x slower)'};",
+        "onnxruntime's: MatMulInteger uint8 x uint8 (its uint8 x int8 kernel saturates without VNNI).",
+        "",
+        "| model | " + " | ".join(f"{f} (s)" for f in forms) + " | int / FP32 onnxruntime speed-up |",
+        "|---" * (len(forms) + 2) + "|",
+    ]
+    for r in results:
+        s = r["seconds"]
+        lines.append(f"| {r['model']} | " + " | ".join(f"{s[f]:.3f}" for f in forms)
+                     + f" | {s['FP32 onnxruntime'] / s['integer onnxruntime']:.2f}x |")
+    lines += ["", "| model | FP32 checkpoint (MB) | deployed integer file (MB) | size ratio | FP32 ONNX (MB) | "
+              "integer ONNX (MB) | GEMM traffic FP32 (Gbit) | GEMM traffic integer (Gbit) | traffic ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        z, t = r["sizes_mb"], r["traffic_bits"]
+        lines.append(f"| {r['model']} | {z['fp32_ckpt']:.1f} | {z['deployed']:.1f} | {z['fp32_ckpt'] / z['deployed']:.2f}x | "
+                     f"{z['fp32_onnx']:.1f} | {z['int_onnx']:.1f} | {t['fp32'] / 1e9:.2f} | {t['int'] / 1e9:.2f} | "
+                     f"{t['fp32'] / t['int']:.2f}x |")
+    lines += ["", "Where the integer onnxruntime graph spends its time (share of kernel time by op type, one profiled run):", ""]
+    for r in results:
+        top = list(r["profile_int"].items())[:8]
+        lines.append(f"* {r['model']}: " + ", ".join(f"{op} {pct:.1f} %" for op, pct in top))
+    lines += ["", "The FP32 onnxruntime graph, for comparison:", ""]
+    for r in results:
+        top = list(r["profile_fp32"].items())[:5]
+        lines.append(f"* {r['model']}: " + ", ".join(f"{op} {pct:.1f} %" for op, pct in top))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(forms)
+    for i, form in enumerate(forms):
+        ax.bar(np.arange(len(results)) + i * width, [r["seconds"][form] for r in results], width, label=form)
+    ax.set_xticks(np.arange(len(results)) + 0.4 - width / 2, [r["model"] for r in results])
+    ax.set_ylabel("seconds per 512x512 image")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(docs / "performance.png", dpi=110)
+    plt.close(fig)
+    lines += ["", "![latency per form](performance.png)", ""]
+    (docs / "performance.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="vit-t,vit-s,vit-b")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--docs", default=str(REPO / "docs"))
+    args = parser.parse_args()
+    ort.set_default_logger_severity(3)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [run(name, args.runs, Path(tmp)) for name in args.models.split(",")]
+    write_report(results, args.runs, Path(args.docs))
+
+
+if __name__ == "__main__":
+    main()
