@@ -80,9 +80,15 @@ class _InputQuantizer(nn.Module):
             raise RuntimeError("the observed head has seen no input: run the prepared model on calibration images")
         return QTensor(torch.zeros(self.shape.tolist()), self.scale.clone())
 
-    def drop_if_unused(self) -> None:
+    def freeze_and_probe(self, head: nn.Module, in_index: int = -1) -> tuple[Scales, float]:
+        """Drop this quantizer if unused, freeze ``head``'s ranges and record the scale every quant
+        layer sees in one probe forward; returns them and the input scale."""
         if not bool(self.quantizes):
             del self.act
+        freeze_calibrated(head)
+        example = self.example()
+        probe = [example] * (in_index + 1 if in_index >= 0 else -in_index)
+        return Scales(head, lambda: head.forward_quant(probe)), float(example.scale)
 
 
 class ObservedEncoder(IQuantVisionTransformer):
@@ -181,12 +187,8 @@ class IntMaskHead(nn.Module):
 
     @classmethod
     def from_observed(cls, observed: ObservedMaskHead) -> "IntMaskHead":
-        observed.input_quantizer.drop_if_unused()
-        freeze_calibrated(observed)
-        example = observed.input_quantizer.example()
-        probe = [example] * (observed.in_index + 1 if observed.in_index >= 0 else -observed.in_index)
-        scales = Scales(observed, lambda: observed.forward_quant(probe))
-        return cls(deploy_decoder(observed, scales), observed.in_index, float(example.scale))
+        scales, input_scale = observed.input_quantizer.freeze_and_probe(observed, observed.in_index)
+        return cls(deploy_decoder(observed, scales), observed.in_index, input_scale)
 
     def forward(self, inputs) -> Tensor:
         x = inputs[self.in_index]
@@ -203,11 +205,8 @@ class IntPooledLinearHead(nn.Module):
 
     @classmethod
     def from_observed(cls, observed: ObservedPooledHead) -> "IntPooledLinearHead":
-        observed.input_quantizer.drop_if_unused()
-        freeze_calibrated(observed)
-        example = observed.input_quantizer.example()
-        scales = Scales(observed, lambda: observed.forward_quant([example]))
-        return cls(int_linear_from(observed.fc, scales(observed.fc)), float(example.scale))
+        scales, input_scale = observed.input_quantizer.freeze_and_probe(observed)
+        return cls(int_linear_from(observed.fc, scales(observed.fc)), input_scale)
 
     def forward(self, inputs) -> Tensor:
         return self.fc(inputs[-1].amax(dim=(-2, -1)))

@@ -7,9 +7,9 @@ integers as the fake-quant model, by construction (tests check it to the bit).
 """
 from __future__ import annotations
 
-import torch
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from .. import intops
