@@ -2,8 +2,9 @@
 
 Every GEMM is an exact int8 x int8 -> int32 product (:func:`int8_matmul`: ``torch._int_mm`` where the
 CPU has VNNI, an int32 matmul elsewhere; int64 matmul is ~50x slower); everything else calls
-:mod:`iseg_plugin.intops` on integer tensors. The modules are built by :mod:`.convert` from a calibrated quantized model and hold their constants as integer
-buffers, so a deployed file is a state dict of integer tensors plus a small architecture record.
+:mod:`iseg_plugin.intops` on integer tensors. The modules are built by :mod:`.convert` from a
+calibrated quantized model and hold their constants as integer buffers, so a deployed file is a
+state dict of integer tensors plus a small architecture record.
 """
 from __future__ import annotations
 
