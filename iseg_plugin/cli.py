@@ -52,13 +52,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .deploy.io import load_deployed
-    from .export import export_onnx_int
+    from .export import export_onnx_int, export_qonnx
 
-    out = Path(args.out or Path(args.model).with_suffix(".int.onnx"))
-    proto = export_onnx_int(load_deployed(args.model), out)
-    ops = sorted({node.op_type for node in proto.graph.node})
-    print(f"integer-only ONNX graph: {out} ({out.stat().st_size / 2**20:.1f} MB, {len(proto.graph.node)} nodes, "
-          f"every tensor integer-typed); ops: {', '.join(ops)}")
+    suffix = ".int.onnx" if args.format == "onnx-int" else ".qonnx.onnx"
+    out = Path(args.out or Path(args.model).with_suffix(suffix))
+    model = load_deployed(args.model)
+    proto = export_onnx_int(model, out) if args.format == "onnx-int" else export_qonnx(model, out)
+    ops = sorted({(f"{node.domain}::" if node.domain else "") + node.op_type for node in proto.graph.node})
+    what = "integer-only ONNX graph (every tensor integer-typed)" if args.format == "onnx-int" else "QONNX graph"
+    print(f"{what}: {out} ({out.stat().st_size / 2**20:.1f} MB, {len(proto.graph.node)} nodes); ops: {', '.join(ops)}")
     return 0
 
 
@@ -96,11 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the report as JSON")
     ev.set_defaults(func=_eval)
 
-    export = sub.add_parser("export", help="export a deployed model to an integer-only ONNX graph")
+    export = sub.add_parser("export", help="export a deployed model to integer-only ONNX or QONNX")
     export.add_argument("model", help="deployed model written by `iseg ptq`")
-    export.add_argument("--format", choices=("onnx-int",), default="onnx-int",
-                        help="onnx-int: MatMulInteger and integer element-wise ops only (onnxruntime, TVM)")
-    export.add_argument("--out", help="output file (default: MODEL with .int.onnx)")
+    export.add_argument("--format", choices=("onnx-int", "qonnx"), default="onnx-int",
+                        help="onnx-int: MatMulInteger and integer element-wise ops only (onnxruntime); "
+                             "qonnx: the integer operators as qonnx custom ops (qonnx executes it)")
+    export.add_argument("--out", help="output file (default: MODEL with .int.onnx / .qonnx.onnx)")
     export.set_defaults(func=_export)
     return parser
 

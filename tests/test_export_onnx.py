@@ -1,4 +1,4 @@
-"""Integer-only ONNX export: every tensor integer-typed, onnxruntime bit-exact with the PyTorch model."""
+"""ONNX exports: integer-only ONNX (every tensor integer-typed, onnxruntime bit-exact) and QONNX (qonnx bit-exact)."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,7 +9,7 @@ from torch import nn
 
 from iseg_plugin.cli import main
 from iseg_plugin.deploy.io import save_deployed
-from iseg_plugin.export import NotIntegerOnlyError, check_integer_only, export_onnx_int
+from iseg_plugin.export import NotIntegerOnlyError, check_integer_only, execute_qonnx, export_onnx_int, export_qonnx
 from iseg_plugin.quant import NotCalibratedError
 
 from test_deploy import deployed_pair, pixels
@@ -92,3 +92,20 @@ def test_cli_export(tmp_path, capsys):
     image = pixels(1, 3).flip(1).contiguous()
     logits, _ = session(onnx.load(str(tmp_path / "m.onnx"))).run(None, {"pixels": image.numpy()})
     assert np.array_equal(logits, deployed(image)[0].numpy())
+
+
+def test_qonnx_executes_bit_exact_with_qonnx(tmp_path):
+    _, deployed = deployed_pair({"gelu": "poly", "softmax": "bit-exp"}, {"l2_norm": True, "upsample": "bilinear"})
+    proto = export_qonnx(deployed, tmp_path / "m.qonnx.onnx")
+    custom = {n.op_type for n in proto.graph.node if n.domain == "iseg_plugin.export.qonnx_ops"}
+    assert custom == {"Requant", "IntAdd", "IntLayerNorm", "IntGELU", "IntSoftmax"}
+    image = pixels(1, 5).flip(1).contiguous()
+    out = execute_qonnx(tmp_path / "m.qonnx.onnx", image.numpy())
+    logits, classes = deployed(image)
+    assert np.array_equal(out["logits"], logits.numpy())
+    assert np.array_equal(out["classes"], classes.numpy())
+
+
+def test_qonnx_export_refuses_a_non_deployed_model(tmp_path):
+    with pytest.raises(TypeError, match="DeployedSegmenter"):
+        export_qonnx(build({}), tmp_path / "m.onnx")

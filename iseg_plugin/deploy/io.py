@@ -55,6 +55,16 @@ def _build(spec: dict, state: dict, prefix: str) -> nn.Module:
     return module
 
 
+def module_spec(module: nn.Module) -> dict:
+    """The plain-data record of a deployed module (class name, attributes, buffer names, children)."""
+    return _spec(module)
+
+
+def module_from_spec(spec: dict, state: dict) -> nn.Module:
+    """Rebuild a deployed module from :func:`module_spec` and its integer state dict (allowlisted classes only)."""
+    return _build(spec, state, "")
+
+
 def save_deployed(model: segmenter.DeployedSegmenter, path: str | Path) -> int:
     """Write the model; returns the file size in bytes."""
     state = model.state_dict()

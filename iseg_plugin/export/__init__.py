@@ -1,4 +1,5 @@
-"""Exporters of the deployed model: integer-only ONNX (onnxruntime, TVM)."""
+"""Exporters of the deployed model: integer-only ONNX (onnxruntime) and QONNX (qonnx)."""
 from .onnx_int import NotIntegerOnlyError, check_integer_only, export_onnx_int
+from .qonnx import execute_qonnx, export_qonnx
 
-__all__ = ["NotIntegerOnlyError", "check_integer_only", "export_onnx_int"]
+__all__ = ["NotIntegerOnlyError", "check_integer_only", "export_onnx_int", "execute_qonnx", "export_qonnx"]
