@@ -10,9 +10,8 @@
 
 Between two pattern modules the activations travel as the plugin's ``QTensor`` (prepared model)
 or plain int8 tensors (converted model), not as torch.ao quantized tensors: those have no INT16
-(the residual stream) and torch.ao's custom-module boundary would insert float quantize /
-dequantize ops. So torch.ao sees these patterns as weight-quantized modules whose activations it
-leaves to them (``QuantType.WEIGHT_ONLY``), and each module's activation ranges are observed inside it.
+(the residual stream). Each module observes its activation ranges inside itself; the observers
+torch.ao inserts at its boundaries pass tensors through and leave no op behind (see :mod:`.qconfig`).
 """
 from __future__ import annotations
 
