@@ -159,7 +159,7 @@ def run(name: str, runs: int, work: Path) -> dict:
     return result
 
 
-def write_report(results: list[dict], runs: int, docs: Path) -> None:
+def write_report(results: list[dict], runs: int, docs: Path, note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,6 +177,7 @@ def write_report(results: list[dict], runs: int, docs: Path) -> None:
         "depend on their values); mmseg's Segmenter ADE20K configs (150 classes) with the plugin's decoder.",
         f"PyTorch's integer GEMM here: {'torch._int_mm (VNNI)' if INT8_KERNEL else 'int32 matmul (no VNNI: _int_mm is ~50x slower)'};",
         "onnxruntime's: MatMulInteger uint8 x uint8 (its uint8 x int8 kernel saturates without VNNI).",
+        *([note] if note else []),
         "",
         "| model | " + " | ".join(f"{f} (s)" for f in forms) + " | int / FP32 onnxruntime speed-up |",
         "|---" * (len(forms) + 2) + "|",
@@ -222,11 +223,12 @@ def main() -> None:
     parser.add_argument("--models", default="vit-t,vit-s,vit-b")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--docs", default=str(REPO / "docs"))
+    parser.add_argument("--note", default="", help="a sentence for the report about the run's conditions")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     with tempfile.TemporaryDirectory() as tmp:
         results = [run(name, args.runs, Path(tmp)) for name in args.models.split(",")]
-    write_report(results, args.runs, Path(args.docs))
+    write_report(results, args.runs, Path(args.docs), args.note)
 
 
 if __name__ == "__main__":
