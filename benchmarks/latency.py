@@ -8,9 +8,9 @@ builds the float and the quantized model with random weights (latency does not d
 values), calibrates the quantized one on one random image, deploys and exports it, then times,
 in one process on this CPU: FP32 PyTorch, FP32 onnxruntime (TorchScript export of the float
 model), the integer-only ONNX graph in onnxruntime and the deployed integer model in PyTorch
-(TVM: not yet). Each time is the median of ``--runs`` runs after one warm-up. It profiles the integer onnxruntime graph by op type, computes the memory traffic of its
-Linear / Conv / MatMul nodes in bits (I-Segmenter's Table 7) from the graph, and writes
-docs/performance.md and docs/performance.png.
+(TVM: not yet). Each time is the median of ``--runs`` runs after one warm-up. It profiles the
+integer onnxruntime graph by op type, computes the memory traffic of its Linear / Conv / MatMul
+nodes in bits (I-Segmenter's Table 7) from the graph, and writes docs/performance.md and .png.
 """
 from __future__ import annotations
 
