@@ -126,7 +126,7 @@ def classifier_inputs(n, size, seed):
 
 
 def check_classifier(model, size):
-    calib_rgb, calib = classifier_inputs(4, size, 0)
+    _, calib = classifier_inputs(4, size, 0)
     prepared = fxp.prepare(model.eval(), (calib,), **NORM)
     with torch.no_grad():
         prepared(calib)
