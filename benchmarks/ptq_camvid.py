@@ -129,7 +129,7 @@ def write_report(results: dict, docs: Path) -> None:
             f"{agree['deployed vs fp32']:.2f} %.",
             f"* Integer-only PTQ S=1 (bilinear + L2 decoder) vs FP32: {dep - fp32:+.2f} mIoU points "
             "(goal: within 1.0).",
-            f"* {main['summary']}; calibration subprocess wall time {main['ptq_seconds']:.0f} s, peak RSS "
+            f"* {main['summary'].replace(str(REPO) + '/', '')}; calibration subprocess wall time {main['ptq_seconds']:.0f} s, peak RSS "
             f"{main['peak_rss_mb']:.0f} MB.",
             "",
             "Per-class IoU (main run):",
