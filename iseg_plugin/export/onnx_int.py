@@ -103,10 +103,6 @@ def _left_shift(g, x, shift):
     return g.op("Mul", x, _pow2(g, shift, x))
 
 
-def _floor_divide(g, x, y):
-    return _floor_div(g, x, y)
-
-
 def _div(g, x, y, *args):
     from torch.onnx import symbolic_helper
 
@@ -172,7 +168,7 @@ _SYMBOLICS = {
     "aten::__rshift_": _right_shift,  # (the exporter drops the last underscore of dunder names)
     "aten::bitwise_left_shift": _left_shift,
     "aten::__lshift_": _left_shift,
-    "aten::floor_divide": _floor_divide,
+    "aten::floor_divide": _floor_div,
     "aten::div": _div,
     "aten::remainder": _remainder,
     "aten::clamp": _clamp,
