@@ -1,4 +1,6 @@
 """ONNX exports: integer-only ONNX (every tensor integer-typed, onnxruntime bit-exact) and QONNX (qonnx bit-exact)."""
+import io
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,7 +11,9 @@ from torch import nn
 
 from iseg_plugin.cli import main
 from iseg_plugin.deploy.io import save_deployed
-from iseg_plugin.export import NotIntegerOnlyError, check_integer_only, execute_qonnx, export_onnx_int, export_qonnx
+from iseg_plugin.export import (NotIntegerOnlyError, check_integer_only, execute_qonnx,
+                                export_onnx_int, export_qonnx)
+from iseg_plugin.export.onnx_int import expand_shifts, integer_symbolics
 from iseg_plugin.quant import NotCalibratedError
 
 from test_deploy import deployed_pair, pixels
@@ -32,11 +36,14 @@ def adversarial_images():
     yield board
 
 
-@pytest.mark.parametrize("quant,head_extra", [
+EXPORT_VARIANTS = [
     ({}, {}),  # lambda-ShiftGELU, Shiftmax, nearest, no L2
     ({"gelu": "poly", "softmax": "bit-exp"}, {"l2_norm": True, "upsample": "bilinear"}),
     ({"gelu": "shift", "scores_bits": 8, "gelu_out_asymmetric": False}, {}),
-])
+]
+
+
+@pytest.mark.parametrize("quant,head_extra", EXPORT_VARIANTS)
 def test_onnxruntime_is_bit_exact_with_the_deployed_model(quant, head_extra):
     _, deployed = deployed_pair(quant, head_extra)
     proto = export_onnx_int(deployed)
@@ -48,6 +55,28 @@ def test_onnxruntime_is_bit_exact_with_the_deployed_model(quant, head_extra):
         assert logits.dtype == np.int16
         assert np.array_equal(logits, ref_logits.numpy())
         assert np.array_equal(classes, ref_classes.numpy())
+
+
+class Shifts(nn.Module):
+    def forward(self, x, shift, x32, small):
+        return x >> shift, x >> 7, small << shift, small << 3, torch.clamp(x32, -128, 127), torch.sign(x)
+
+
+def test_shift_clamp_and_sign_lowerings_are_exact_at_the_extremes():
+    x = torch.tensor([-2**63, -2**62 - 1, -2**40 + 3, -129, -1, 0, 1, 127, 2**40 + 5, 2**62, 2**63 - 1] * 6)
+    shift = torch.arange(x.numel()) % 63  # 0 .. 62, every one once
+    x32 = torch.tensor([-2**31, -2**31 + 1, -129, -128, 0, 127, 128, 2**31 - 1], dtype=torch.int32)
+    small = (x % 7) - 3  # shifted left by up to 62: wraps modulo 2**64 in both runtimes
+    inputs = (x, shift, x32, small)
+    buffer = io.BytesIO()
+    with integer_symbolics():
+        torch.onnx.export(Shifts(), inputs, buffer, dynamo=False, opset_version=18)
+    proto = expand_shifts(onnx.load_from_string(buffer.getvalue()))
+    ops = {n.op_type for n in proto.graph.node}
+    assert "BitShift" in ops and "Clip" in ops and not ops & {"Where", "Div", "Mod"}
+    out = session(proto).run(None, {i.name: t.numpy() for i, t in zip(proto.graph.input, inputs)})
+    for got, want in zip(out, Shifts()(*inputs), strict=True):
+        assert np.array_equal(got, want.numpy())
 
 
 def float_graph() -> onnx.ModelProto:

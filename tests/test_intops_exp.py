@@ -92,9 +92,26 @@ def test_softmax_error_against_float_on_attention_like_logits():
     assert (be - ref).pow(2).mean() < (sm - ref).pow(2).mean() / 10
 
 
-@given(int16_rows, st.integers(1, 300), st.integers(8, 23))
+@given(int16_rows, st.integers(1, 12000), st.integers(8, 23))  # tables and, past TABLE_MAX, direct
 def test_shift_exp_lookup_equals_direct(values, i0, k):
     from iseg_plugin.intops.exp import _shift_exp_int, shift_exp_lookup
 
     x = -torch.tensor(values).abs()
     assert torch.equal(shift_exp_lookup(x, i0, k), _shift_exp_int(x, i0, k))  # table or direct: same integers
+
+
+@given(int16_rows, st.floats(1e-4, 0.5))
+def test_softmaxes_of_int16_read_from_a_table_equal_the_direct_integers(values, scale):
+    from iseg_plugin.intops import exp
+    from iseg_plugin.intops._bridge import divide
+
+    def normalized(e):
+        return divide(e, e.sum(-1, keepdim=True), 15)
+
+    x = torch.tensor([values], dtype=torch.int16)
+    d = x.long() - x.long().amax(-1, keepdim=True)  # down to -65535: the int16 table's whole range
+    i0, params = intops.exp_i0(scale), intops.bit_exp_params(scale)
+    assert exp._shift_exp_table(i0, 15, 65535).values is not None  # the table path is the one tested
+    assert exp._bit_exp_table(int(params.multiplier), int(params.shift), 15, 65535).values is not None
+    assert torch.equal(intops.shiftmax(x, i0), normalized(_shift_exp_int(d, i0, 15)))
+    assert torch.equal(intops.bit_exp_softmax(x, params), normalized(exp._bit_exp_int(d, *params, 15)))

@@ -58,6 +58,19 @@ def _int8_matmul_eager(a: Tensor, b: Tensor) -> Tensor:
     return out.reshape(*batch, out.shape[-2], out.shape[-1])
 
 
+def _shifted_uint8(g, x):
+    """An int8 tensor as uint8 ``x + 128`` in an ONNX graph (zero point 128)."""
+    from onnx import TensorProto
+
+    wide = g.op("Cast", x, to_i=TensorProto.INT32)
+    offset = g.op("Constant", value_t=torch.tensor(128, dtype=torch.int32))
+    return g.op("Cast", g.op("Add", wide, offset), to_i=TensorProto.UINT8)
+
+
+def _uint8_constant(g, value: int):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=torch.uint8))
+
+
 class _Int8MatMul(torch.autograd.Function):
     """The int8 GEMM as one traceable op: ONNX ``MatMulInteger`` on uint8 x uint8. Both operands
     enter shifted by 128 with zero point 128, which MatMulInteger subtracts exactly (weights are
@@ -71,29 +84,56 @@ class _Int8MatMul(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, a, b):
-        from onnx import TensorProto
-
-        def shifted(x):
-            wide = g.op("Cast", x, to_i=TensorProto.INT32)
-            offset = g.op("Constant", value_t=torch.tensor(128, dtype=torch.int32))
-            return g.op("Cast", g.op("Add", wide, offset), to_i=TensorProto.UINT8)
-
-        zero_point = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
-        return g.op("MatMulInteger", shifted(a), shifted(b), zero_point, zero_point)
+        zero_point = _uint8_constant(g, 128)
+        return g.op("MatMulInteger", _shifted_uint8(g, a), _shifted_uint8(g, b), zero_point, zero_point)
 
 
 def uint16_matmul(p: Tensor, v: Tensor) -> Tensor:
     """Exact ``p @ v`` for p in [0, 2**15] (probabilities) and int8 v, through int8 kernels.
 
     p = 256 h + l with h in [0, 128], l in [0, 255]; both halves are shifted into int8
-    (h - 64, l - 128) and the shifts added back with the column sums of v.
+    (h - 64, l - 128) and the shifts added back with the column sums of v. Traced for ONNX, the
+    halves are uint8 operands of two ``MatMulInteger`` as they are (see :class:`_Uint16MatMul`).
     """
+    if torch.jit.is_tracing():
+        return _Uint16MatMul.apply(p, v)
+    return _uint16_matmul_eager(p, v)
+
+
+def _uint16_matmul_eager(p: Tensor, v: Tensor) -> Tensor:
     high = torch.bitwise_right_shift(p, 8)
     low = torch.bitwise_and(p, 255)
     colsum = v.to(INT64).sum(-2, keepdim=True)
     hi = int8_matmul((high - 64).to(INT8), v) + 64 * colsum
     lo = int8_matmul((low - 128).to(INT8), v) + 128 * colsum
     return hi * 256 + lo
+
+
+class _Uint16MatMul(torch.autograd.Function):
+    """``uint16_matmul`` as one traceable op: the halves of p, in int32 (p < 2**16), become uint8
+    operands of two ``MatMulInteger`` with zero point 0 (no shift, no column sums)."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, v: Tensor) -> Tensor:
+        return _uint16_matmul_eager(p, v)
+
+    @staticmethod
+    def symbolic(g, p, v):
+        from onnx import TensorProto
+
+        def int32(value):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=torch.int32))
+
+        p = g.op("Cast", p, to_i=TensorProto.INT32)
+        high = g.op("Div", p, int32(256))  # p >= 0: Div's truncation floors
+        low = g.op("Sub", p, g.op("Mul", high, int32(256)))
+        v, zero, zero_point = _shifted_uint8(g, v), _uint8_constant(g, 0), _uint8_constant(g, 128)
+
+        def times_v(half):
+            return g.op("MatMulInteger", g.op("Cast", half, to_i=TensorProto.UINT8), v, zero, zero_point)
+
+        out = g.op("Add", g.op("Mul", times_v(high), int32(256)), times_v(low))
+        return g.op("Cast", out, to_i=TensorProto.INT64)
 
 
 class Requant(nn.Module):
@@ -204,6 +244,8 @@ class IntAttention(nn.Module):
     def __init__(self, num_heads: int, qkv: IntLinear, qkv_act: Requant, scores_act: Requant, softmax: IntSoftmax,
                  context_act: Requant, proj: IntLinear):
         super().__init__()
+        if not isinstance(scores_act.bits, int) or scores_act.bits > 16:
+            raise ValueError(f"attention scores must be signed integers of at most 16 bits, got {scores_act.bits}")
         self.num_heads = num_heads
         self.qkv, self.qkv_act, self.scores_act = qkv, qkv_act, scores_act
         self.softmax, self.context_act, self.proj = softmax, context_act, proj
@@ -212,7 +254,8 @@ class IntAttention(nn.Module):
         qkv = self.qkv_act(self.qkv(x)).to(INT8)
         heads = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q, k, v = heads[0], heads[1], heads[2]
-        scores = self.scores_act(int8_matmul(q, k.transpose(-2, -1)))
+        # INT16 as declared (checked above): the softmax reads its exponentials from a table over that range
+        scores = self.scores_act(int8_matmul(q, k.transpose(-2, -1))).to(INT16)
         context = uint16_matmul(self.softmax(scores), v)
         context = self.context_act(context.transpose(1, 2).flatten(2))
         return self.proj(context)

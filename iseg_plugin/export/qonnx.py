@@ -20,7 +20,7 @@ from torch import nn
 
 from ..deploy.io import module_spec
 from ..deploy.segmenter import DeployedSegmenter
-from .onnx_int import IR_VERSION, OPSET, integer_symbolics
+from .onnx_int import IR_VERSION, OPSET, expand_shifts, integer_symbolics
 from .qonnx_ops import __all__ as NODE_TYPES
 from .qonnx_ops import run_module
 
@@ -98,7 +98,7 @@ def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.transformation.infer_shapes import InferShapes
 
-    wrapper = ModelWrapper(str(path)).transform(InferShapes())  # shapes of every tensor: qonnx needs them
+    wrapper = ModelWrapper(expand_shifts(onnx.load(str(path)))).transform(InferShapes())  # qonnx needs every shape
     wrapper.model.ir_version = IR_VERSION
     wrapper.save(str(path))
     return wrapper.model

@@ -65,7 +65,8 @@ def divide(num: Tensor, den: Tensor, out_frac_bits: int) -> Tensor:
     2**31 - 1, but with DIV_BITS = 62 so the reciprocal keeps >= 20 bits even for large sums.
     The result lies in [0, 2**out_frac_bits].
     """
-    recip = torch.div(torch.full_like(den, 1 << DIV_BITS), den, rounding_mode="floor")
+    # a scalar numerator, broadcast (a full-size one would be folded into a graph constant on export)
+    recip = torch.div(torch.tensor(1 << DIV_BITS, dtype=INT64), den, rounding_mode="floor")
     shift = DIV_BITS - out_frac_bits
     return (num * recip).add_(1 << (shift - 1)).bitwise_right_shift_(shift)  # round half up, in place
 

@@ -66,6 +66,9 @@ def _requantize_int(x: Tensor, multiplier: Tensor, shift: Tensor, bits: int | tu
         out = round_shift(out, shift)
     if bits is not None:
         lo, hi = int_range(bits)
+        if int(shift.min()) >= MULT_BITS:
+            # |I_in * m| < 2**62, so |out| < 2**31: clamped in int32 (same integers; exact and fast in ONNX Runtime)
+            return out.to(torch.int32).clamp_(lo, hi).to(INT64)
         out.clamp_(lo, hi)
     return out
 

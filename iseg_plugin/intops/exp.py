@@ -8,7 +8,10 @@ onnxruntime's fast u8 x s8 integer GEMM for attn @ V.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,22 +41,79 @@ def _shift_exp_int(x: Tensor, i0: int, k_inter: int) -> Tensor:
     return torch.bitwise_left_shift(b, k_inter - q)
 
 
-# Inputs spanning at most this many integers are evaluated through a table of _shift_exp_int over
-# their range (one gather instead of ~10 element-wise passes); the table is built by the same
-# function, so the integers are identical (tested).
-TABLE_MAX = 1 << 13
+# Both exponentials clamp their exponent, so below a saturation point their output is constant:
+# inputs are clamped there and read from a table of the integer function over [saturation, 0] (one
+# gather instead of ~20 element-wise passes, in PyTorch and in the exported ONNX graph). The table is
+# built by the same function, so the integers are identical (tested). It depends on the operator's
+# constants only, never on the data: it is built once, outside any trace, and a traced graph holds it
+# as a constant. Wider ranges are computed directly.
+TABLE_MAX = 1 << 17
 
 
-def shift_exp_lookup(x: Tensor, i0: int, k_inter: int) -> Tensor:
-    """``_shift_exp_int`` of ``x <= 0`` through a lookup table when its range is small, else directly."""
-    x = as_int64(x)
-    if torch.jit.is_tracing():  # a table sized by the data would be frozen into the traced graph
-        return _shift_exp_int(x, i0, k_inter)
-    low = int(x.min()) if x.numel() else 0
-    if -low >= TABLE_MAX:
-        return _shift_exp_int(x, i0, k_inter)
-    table = _shift_exp_int(torch.arange(low, 1, dtype=torch.int64), i0, k_inter)
-    return table[x - low]
+@contextlib.contextmanager
+def _untraced():
+    """Build a table eagerly even while a model is being traced (it is a constant of the graph).
+    torch has no public switch for this; its tracer reads this state at every op."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def _saturation(exponent: Callable[[Tensor], Tensor], clamp: int) -> int:
+    """The largest x in [-2**31, 0] with ``exponent(x) <= clamp`` (``exponent`` non-decreasing), by
+    bisection: the exponential is the same for every input at or below it. -2**31 if none is above."""
+    lo, hi = -(1 << 31), 0
+    if int(exponent(torch.tensor(hi))) <= clamp:
+        return hi
+    if int(exponent(torch.tensor(lo))) > clamp:
+        return lo
+    while hi - lo > 1:  # exponent(lo) <= clamp < exponent(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if int(exponent(torch.tensor(mid))) <= clamp else (lo, mid)
+    return lo
+
+
+class _Table(NamedTuple):
+    low: int  # the saturation point, or -span if the inputs cannot go below it (see row_span)
+    values: Tensor | None  # int_fn over [low, 0]; None if that range is too wide
+    saturates: bool  # whether inputs below low can occur (and must be clamped to it)
+
+
+def _table(int_fn: Callable[[Tensor], Tensor], exponent: Callable[[Tensor], Tensor], clamp: int,
+           span: int | None) -> _Table:
+    with _untraced():
+        saturation = _saturation(exponent, clamp)
+        low = saturation if span is None else max(saturation, -span)
+        values = None if -low >= TABLE_MAX else int_fn(torch.arange(low, 1, dtype=torch.int64))
+        return _Table(low, values, low == saturation)
+
+
+def row_span(x: Tensor) -> int | None:
+    """How far below its row max an input of ``x``'s dtype can lie (None: unknown, e.g. a float
+    holding integers in QAT, or int64)."""
+    if x.dtype in (torch.int8, torch.int16, torch.int32):
+        return (1 << torch.iinfo(x.dtype).bits) - 1
+    return None
+
+
+def _through_table(table: _Table, int_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``int_fn(x)`` for ``x <= 0``, read from the table where there is one."""
+    if table.values is None:
+        return int_fn(x)
+    return table.values[(x.clamp_min(table.low) if table.saturates else x) - table.low]
+
+
+@functools.lru_cache(maxsize=None)
+def _shift_exp_table(i0: int, k_inter: int, span: int | None) -> _Table:
+    return _table(lambda t: _shift_exp_int(t, i0, k_inter), mul_log2e, -k_inter * i0, span)
+
+
+def shift_exp_lookup(x: Tensor, i0: int, k_inter: int, span: int | None = None) -> Tensor:
+    """``_shift_exp_int`` of ``x <= 0`` (and ``x >= -span`` if given), through a table (see above)."""
+    return _through_table(_shift_exp_table(i0, k_inter, span), lambda t: _shift_exp_int(t, i0, k_inter), as_int64(x))
 
 
 def shift_exp(x: Tensor, i0: int, k_inter: int) -> Tensor:
@@ -75,16 +135,17 @@ def shift_exp(x: Tensor, i0: int, k_inter: int) -> Tensor:
     )
 
 
-def _shiftmax_int(x: Tensor, i0: int, k_out: int, k_inter: int, dim: int) -> Tensor:
+def _shiftmax_int(x: Tensor, i0: int, k_out: int, k_inter: int, dim: int, span: int | None) -> Tensor:
     x = as_int64(x)
-    e = shift_exp_lookup(x - x.amax(dim, keepdim=True), i0, k_inter)
+    e = shift_exp_lookup(x - x.amax(dim, keepdim=True), i0, k_inter, span)
     return divide(e, e.sum(dim, keepdim=True), k_out - 1)
 
 
 def shiftmax(x: Tensor, i0: int, k_out: int = 16, k_inter: int = 15, dim: int = -1) -> Tensor:
     """Shiftmax (I-ViT): integer softmax of ``x * S`` along ``dim``, ``i0 = round(1/S)``.
 
-    * input: integers (INT16 attention logits in the plugin's model), any range; row max subtracted first;
+    * input: integers (INT16 attention logits in the plugin's model), any range; row max subtracted first
+      (an int8 / int16 tensor's exponentials are read from a table over its range, see ``row_span``);
     * output: ``[0, 2**(k_out-1)]``, scale ``2**-(k_out-1)``, unsigned k_out bits (module docstring);
     * method: ShiftExp with clamp ``k_inter`` (15 in I-ViT's PyTorch), then one integer division
       per row, ``round(e * floor(2**62 / sum) / 2**(62 - k_out + 1))`` (I-ViT divides 2**31 - 1,
@@ -102,6 +163,7 @@ def shiftmax(x: Tensor, i0: int, k_out: int = 16, k_inter: int = 15, dim: int = 
         k_out,
         k_inter,
         dim,
+        row_span(x),
     )
 
 
@@ -118,15 +180,28 @@ def bit_exp_params(scale: float) -> Dyadic:
     return dyadic_from_ratio(float(scale) * LOG2E * 2**BITEXP_FRAC)
 
 
-def _bit_exp_softmax_int(x: Tensor, m: Tensor, e: Tensor, k_out: int, k_inter: int, dim: int) -> Tensor:
-    x = as_int64(x)
-    p = requantize(x - x.amax(dim, keepdim=True), Dyadic(m, e), bits=None)  # exponent * 2**FRAC, <= 0
+def _bit_exp_int(d: Tensor, m: Tensor, e: Tensor, k_inter: int) -> Tensor:
+    p = requantize(d, Dyadic(m, e), bits=None)  # exponent * 2**FRAC, <= 0
     p = p.clamp_min(-k_inter << BITEXP_FRAC)
     q = -torch.bitwise_right_shift(p, BITEXP_FRAC)  # 0 <= q <= k_inter
     r = torch.bitwise_and(p, (1 << BITEXP_FRAC) - 1)  # fraction u = r / 2**FRAC in [0, 1)
     frac = round_shift(r * (_BITEXP_C1 + round_shift(_BITEXP_C2 * r, BITEXP_FRAC)), BITEXP_FRAC)
     mant = (1 << BITEXP_FRAC) + frac  # 2**u in [2**FRAC, 2**(FRAC+1)]
-    ex = torch.bitwise_right_shift(torch.bitwise_left_shift(mant, k_inter), q)  # no bits lost: q <= k_inter
+    return torch.bitwise_right_shift(torch.bitwise_left_shift(mant, k_inter), q)  # no bits lost: q <= k_inter
+
+
+@functools.lru_cache(maxsize=None)
+def _bit_exp_table(m: int, e: int, k_inter: int, span: int | None) -> _Table:
+    dyadic = Dyadic(torch.tensor(m), torch.tensor(e))
+    return _table(lambda d: _bit_exp_int(d, *dyadic, k_inter), lambda d: requantize(d, dyadic, bits=None),
+                  -k_inter << BITEXP_FRAC, span)
+
+
+def _bit_exp_softmax_int(x: Tensor, m: Tensor, e: Tensor, k_out: int, k_inter: int, dim: int,
+                         span: int | None) -> Tensor:
+    x = as_int64(x)
+    table = _bit_exp_table(int(m), int(e), k_inter, span)
+    ex = _through_table(table, lambda d: _bit_exp_int(d, m, e, k_inter), x - x.amax(dim, keepdim=True))
     return divide(ex, ex.sum(dim, keepdim=True), k_out - 1)
 
 
@@ -156,4 +231,5 @@ def bit_exp_softmax(x: Tensor, params: Dyadic, k_out: int = 16, k_inter: int = 1
         k_out,
         k_inter,
         dim,
+        row_span(x),
     )
