@@ -1,5 +1,6 @@
-"""ONNX exports: integer-only ONNX (every tensor integer-typed, onnxruntime bit-exact) and QONNX (qonnx bit-exact)."""
+"""ONNX exports: integer-only ONNX (every tensor integer-typed, onnxruntime and TVM bit-exact) and QONNX (qonnx bit-exact)."""
 import io
+import sys
 
 import numpy as np
 import onnx
@@ -11,7 +12,7 @@ from torch import nn
 
 from iseg_plugin.cli import main
 from iseg_plugin.deploy.io import save_deployed
-from iseg_plugin.export import (NotIntegerOnlyError, check_integer_only, execute_qonnx,
+from iseg_plugin.export import (NotIntegerOnlyError, TvmMissingError, TvmModel, check_integer_only, execute_qonnx,
                                 export_onnx_int, export_qonnx)
 from iseg_plugin.export.onnx_int import expand_shifts, integer_symbolics
 from iseg_plugin.quant import NotCalibratedError
@@ -55,6 +56,27 @@ def test_onnxruntime_is_bit_exact_with_the_deployed_model(quant, head_extra):
         assert logits.dtype == np.int16
         assert np.array_equal(logits, ref_logits.numpy())
         assert np.array_equal(classes, ref_classes.numpy())
+
+
+@pytest.mark.parametrize("quant,head_extra", EXPORT_VARIANTS[:2])
+def test_tvm_is_bit_exact_with_the_deployed_model(quant, head_extra):
+    pytest.importorskip("tvm", reason="apache-tvm is not installed (the optional extra: pip install -e '.[tvm]')")
+    _, deployed = deployed_pair(quant, head_extra)
+    model = TvmModel(export_onnx_int(deployed))
+    for image in adversarial_images():
+        logits, classes = model(image.numpy())
+        ref_logits, ref_classes = deployed(image)
+        assert logits.dtype == np.int16
+        assert np.array_equal(logits, ref_logits.numpy())
+        assert np.array_equal(classes, ref_classes.numpy())
+    with pytest.raises(ValueError, match="uint8 pixels of shape"):
+        model(image.numpy().astype(np.float32))
+
+
+def test_tvm_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tvm", None)  # import tvm now raises ImportError
+    with pytest.raises(TvmMissingError, match=r"pip install -e '.\[tvm\]'"):
+        TvmModel(float_graph())
 
 
 class Shifts(nn.Module):
