@@ -85,3 +85,18 @@ def test_requantize_error_bound_against_float():
     out = intops.requantize(x, intops.dyadic_from_ratio(r), None)
     assert (out.double() - x.double() * r).abs().max() <= 0.5 + 2**24 * r * 2.0**-31
     assert math.isfinite(float(out.abs().max()))
+
+
+@given(
+    st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=32),
+    st.floats(min_value=0.5, max_value=2.0**29),  # shifts below 31 (int32 inputs are clamped first)
+    st.sampled_from([8, 16, (-4, 251), (0, 255)]),
+)
+def test_requantize_of_int32_equals_python_integers(values, ratio, bits):
+    d = intops.dyadic_from_ratio(ratio)
+    m, e = int(d.multiplier), int(d.shift)
+    lo, hi = intops.int_range(bits)
+    want = [min(max((v * m + ((1 << e) >> 1)) >> e, lo), hi) for v in values]
+    got = intops.requantize(torch.tensor(values, dtype=torch.int32), d, bits)
+    assert got.dtype == torch.int64
+    assert got.tolist() == want

@@ -58,7 +58,8 @@ def dyadic_from_ratio(ratio: Tensor | float) -> Dyadic:
     return Dyadic(torch.where(zero, 0, m), torch.where(zero, 0, e))
 
 
-def _requantize_int(x: Tensor, multiplier: Tensor, shift: Tensor, bits: int | tuple[int, int] | None) -> Tensor:
+def _requantize_int(x: Tensor, multiplier: Tensor, shift: Tensor, bits: int | tuple[int, int] | None,
+                    fits_int32: bool = False) -> Tensor:
     out = as_int64(x) * multiplier  # a new tensor: the steps below work in place (fewer allocations)
     if shift.dim() == 0:
         out.add_((1 << int(shift)) >> 1).bitwise_right_shift_(int(shift))
@@ -66,11 +67,31 @@ def _requantize_int(x: Tensor, multiplier: Tensor, shift: Tensor, bits: int | tu
         out = round_shift(out, shift)
     if bits is not None:
         lo, hi = int_range(bits)
-        if int(shift.min()) >= MULT_BITS:
-            # |I_in * m| < 2**62, so |out| < 2**31: clamped in int32 (same integers; exact and fast in ONNX Runtime)
+        if fits_int32 or int(shift.min()) >= MULT_BITS:  # (with |I_in * m| < 2**62, |out| < 2**31)
+            # clamped in int32: the same integers, and an exact, fast Clip in onnxruntime (its int64 one is not exact)
             return out.to(torch.int32).clamp_(lo, hi).to(INT64)
         out.clamp_(lo, hi)
     return out
+
+
+def _int32_input_bounds(x: Tensor, dyadic: Dyadic, bits: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """For an int32 input and a scalar dyadic with a small shift (a ratio >= 1, where the output need
+    not fit 32 bits): the input range ``[x_lo, x_hi]`` outside of which the clamped output no longer
+    changes. x_hi is the smallest input whose output reaches ``hi``, x_lo the largest whose output is
+    at most ``lo`` (the output is non-decreasing in the input), so clamping the input there first gives
+    the same integers, and outputs that fit 32 bits. None where this does not apply."""
+    m, e = dyadic
+    if bits is None or x.dtype != torch.int32 or m.dim() != 0 or int(m) <= 0 or not 1 <= int(e) < MULT_BITS:
+        return None
+    m, e = int(m), int(e)
+    lo, hi = int_range(bits)
+    if max(-lo, hi) >= 1 << 29:  # outputs up to a ratio (< 2**30) past the bounds must still fit 32 bits
+        return None
+    half = 1 << (e - 1)
+    x_hi = -((half - (hi << e)) // m)  # ceil((hi * 2**e - half) / m)
+    x_lo = (((lo + 1) << e) - half - 1) // m
+    info = torch.iinfo(torch.int32)
+    return max(x_lo, info.min), min(x_hi, info.max)
 
 
 def requantize(x: Tensor, dyadic: Dyadic, bits: int | tuple[int, int] | None = 8) -> Tensor:
@@ -80,11 +101,16 @@ def requantize(x: Tensor, dyadic: Dyadic, bits: int | tuple[int, int] | None = 8
     * ``dyadic``: scalar, or per channel broadcast against the last dimension;
     * output: scale S_out; clamped to a signed ``bits``-wide integer, or to explicit ``(lo, hi)``
       bounds (an asymmetric grid, see :mod:`.quantize`); no clamp if ``bits`` is None;
-    * rounding: half up, exact (int64 product < 2**62).
+    * rounding: half up, exact (int64 product < 2**62);
+    * an int32 input may first be clamped to where the clamped output stops changing (same integers,
+      see :func:`_int32_input_bounds`), so that every step after the product fits 32 bits.
     """
     m, e = dyadic
+    bounds = _int32_input_bounds(x, dyadic, bits)
+    if bounds is not None:
+        x = x.clamp(*bounds)
     return run_integer(
-        _requantize_int, (x,), lambda xf: xf * dyadic.ratio().to(xf.dtype), m, e, bits
+        _requantize_int, (x,), lambda xf: xf * dyadic.ratio().to(xf.dtype), m, e, bits, bounds is not None
     )
 
 
