@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -86,6 +87,11 @@ def main() -> None:
     write_report(results, Path(args.docs))
 
 
+def calibration_seconds(summary: str) -> str:
+    """The calibration time `iseg ptq` printed in its summary line."""
+    return re.search(r"calibration on \d+ images: ([0-9.]+) s", summary)[1]
+
+
 def write_report(results: dict, docs: Path) -> None:
     import matplotlib
 
@@ -118,6 +124,14 @@ def write_report(results: dict, docs: Path) -> None:
         "| decoder | model | images | mIoU | aAcc | s/image |",
         "|---|---|---|---|---|---|",
         *rows,
+        "",
+        "Calibration (`iseg ptq` in a subprocess; the CPU was shared, so times are upper bounds):",
+        "",
+        "| run | calibration images | calibration (s) | subprocess wall time (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {RUNS[name][1]} | {calibration_seconds(run['summary'])} | "
+          f"{run['ptq_seconds']:.0f} | {run['peak_rss_mb']:.0f} |"
+          for name, run in sorted(results.items(), key=lambda kv: list(RUNS).index(kv[0]))],
         "",
     ]
     if main:
