@@ -1,14 +1,16 @@
 """Batch-1 latency, model sizes and GEMM memory traffic of FP32 vs integer-only Segmenters at 512x512.
 
-    .venv/bin/python benchmarks/latency.py [--models vit-t,vit-s,vit-b] [--runs 5] [--skip-torch-int]
+    .venv/bin/python benchmarks/latency.py [--models vit-t,vit-s,vit-b] [--runs 5] [--skip-torch-int] [--tvm-models vit-t]
     .venv/bin/python benchmarks/latency.py --report-only   # rewrite the report from the saved models
+    .venv/bin/python benchmarks/latency.py --traffic-only  # recompute only the GEMM traffic (no timing)
 
 For each size (mmseg's Segmenter ViT-T/S/B ADE20K configs, 150 classes, the plugin's decoder) it
 builds the float and the quantized model with random weights (latency does not depend on their
 values), calibrates the quantized one on one random image, deploys and exports it, then times,
 in one process on this CPU: FP32 PyTorch, FP32 onnxruntime (TorchScript export of the float
-model), the integer-only ONNX graph in onnxruntime and the deployed integer model in PyTorch
-(TVM: not yet). Each time is the median of ``--runs`` runs after one warm-up. It profiles the
+model), the integer-only ONNX graph in onnxruntime and in TVM (Relax, untuned ``llvm`` build; where
+apache-tvm is installed: the extra ``.[tvm]``) and the deployed integer model in PyTorch. Each time is
+the median of ``--runs`` runs after one warm-up. It profiles the
 integer onnxruntime graph by op type, computes the memory traffic of its Linear / Conv / MatMul
 nodes in bits (I-Segmenter's Table 7) from the graph, and writes docs/performance.md and .png.
 """
@@ -39,7 +41,7 @@ from fx_patterns import SegmentorLogits
 from iseg_plugin.deploy import convert
 from iseg_plugin.deploy.io import save_deployed
 from iseg_plugin.deploy.modules import INT8_KERNEL
-from iseg_plugin.export import export_onnx_int
+from iseg_plugin.export import TvmMissingError, TvmModel, export_onnx_int
 from iseg_plugin.mmseg import calibrate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,27 +94,50 @@ def profile_by_op(sess: ort.InferenceSession, feed: dict) -> dict[str, float]:
     return {op: 100 * t / total for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
-def gemm_traffic_bits(path: Path) -> int:
-    """Bits read and written by the graph's Linear / Conv / MatMul nodes: every input and output
-    tensor of each such node, at its element width (I-Segmenter's Table 7 measure)."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    graph = model.graph
-    info = {v.name: v.type.tensor_type for v in [*graph.input, *graph.output, *graph.value_info]}
-    for t in graph.initializer:
-        info[t.name] = onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)).tensor_type
+def gemm_kernel_speedup(runs: int, m: int = 1024, k: int = 768, n: int = 3072) -> dict:
+    """onnxruntime's exact integer GEMM (MatMulInteger uint8 x uint8, the one the integer graph uses)
+    against its FP32 MatMul on one ViT-B MLP-sized product: the most any integer graph can gain here."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    times = {}
+    for name, elem, dtype in (("fp32", TensorProto.FLOAT, np.float32), ("u8u8", TensorProto.UINT8, np.uint8)):
+        nodes = [helper.make_node("MatMul" if name == "fp32" else "MatMulInteger", ["a", "b"], ["y"])]
+        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("a", elem, [m, k]),
+                                                helper.make_tensor_value_info("b", elem, [k, n])],
+                                  [helper.make_empty_tensor_value_info("y")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 10
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx.save(model, f"{tmp}/gemm.onnx")
+            sess = ort_session(Path(f"{tmp}/gemm.onnx"))
+        feed = {"a": rng.integers(0, 256, (m, k)).astype(dtype), "b": rng.integers(0, 256, (k, n)).astype(dtype)}
+        times[name] = median_seconds(lambda: sess.run(None, feed), max(runs, 10))
+    return dict(shape=[m, k, n], seconds=times, speedup=times["fp32"] / times["u8u8"])
+
+
+def gemm_traffic_bits(path: Path, feed: dict) -> int:
+    """Bits read and written by the graph's Linear / Conv / MatMul nodes: every data operand and
+    result of each such node, at its element width (I-Segmenter's Table 7 measure). Shapes come from
+    one onnxruntime run with those tensors as extra outputs (shape inference alone loses them)."""
+    model = onnx.load(str(path))
+    weights = {t.name: int(np.prod(t.dims)) * BITS.get(t.data_type, 32) for t in model.graph.initializer}
+    names = list(dict.fromkeys(name for node in model.graph.node if node.op_type in GEMMS
+                               for name in [*node.input[:2], *node.output] if name and name not in weights))
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, f"{tmp}/traffic.onnx")
+        values = dict(zip(names, ort_session(Path(f"{tmp}/traffic.onnx")).run(names, feed)))
     total = 0
-    for node in graph.node:
-        if node.op_type not in GEMMS:
-            continue
-        for name in [*node.input[:2], *node.output]:  # data operands and result; zero points are scalars
-            t = info.get(name)
-            if t is None or not t.shape.dim:
-                continue
-            total += int(np.prod([d.dim_value for d in t.shape.dim])) * BITS.get(t.elem_type, 32)
+    for node in model.graph.node:
+        if node.op_type in GEMMS:  # zero points (inputs 3-4) are scalars
+            for name in [*node.input[:2], *node.output]:
+                total += weights[name] if name in weights else values[name].size * values[name].itemsize * 8
     return total
 
 
-def run(name: str, runs: int, work: Path, torch_int: bool = True) -> dict:
+def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = True, timing: bool = True) -> dict:
     print(f"== {name}", flush=True)
     float_model = build(name, quant=False)
     image = torch.randint(0, 256, (1, 3, *SIZE), dtype=torch.uint8)
@@ -137,10 +162,14 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True) -> dict:
     export_onnx_int(deployed, paths["int_onnx"])
     export_seconds = time.perf_counter() - start
 
-    fp32_sess, int_sess = ort_session(paths["fp32_onnx"]), ort_session(paths["int_onnx"])
     fp32_feed, int_feed = {"image": x.numpy()}, {"pixels": image.numpy()}
     result = dict(model=name, runs=runs, export_seconds=export_seconds,
                   sizes_mb={k: p.stat().st_size / 2**20 for k, p in paths.items()})
+    result["traffic_bits"] = {"fp32": gemm_traffic_bits(paths["fp32_onnx"], fp32_feed),
+                              "int": gemm_traffic_bits(paths["int_onnx"], int_feed)}
+    if not timing:
+        return result
+    fp32_sess, int_sess = ort_session(paths["fp32_onnx"]), ort_session(paths["int_onnx"])
     seconds = {}
     with torch.no_grad():
         print("   FP32 PyTorch", flush=True)
@@ -149,13 +178,22 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True) -> dict:
         seconds["FP32 onnxruntime"] = median_seconds(lambda: fp32_sess.run(None, fp32_feed), runs)
         print("   integer onnxruntime", flush=True)
         seconds["integer onnxruntime"] = median_seconds(lambda: int_sess.run(None, int_feed), runs)
+        if tvm:  # untuned: ~90 s per ViT-S run here, so by default only ViT-T is timed
+            try:
+                start = time.perf_counter()
+                tvm_model = TvmModel(paths["int_onnx"])
+                result["tvm_compile_seconds"] = time.perf_counter() - start
+                print("   integer TVM", flush=True)
+                seconds["integer TVM"] = median_seconds(lambda: tvm_model(int_feed["pixels"]), runs)
+            except TvmMissingError as err:
+                print(f"   integer TVM: skipped ({err})", flush=True)
         if torch_int:  # not a form the goal compares; slow for the larger models (median of fewer runs)
             print("   integer PyTorch (deployed)", flush=True)
             seconds["integer PyTorch"] = median_seconds(lambda: deployed(image), max(1, runs // 2))
     result["seconds"] = seconds
     result["profile_int"] = profile_by_op(ort_session(paths["int_onnx"], str(work / f"{name}_int")), int_feed)
     result["profile_fp32"] = profile_by_op(ort_session(paths["fp32_onnx"], str(work / f"{name}_fp32")), fp32_feed)
-    result["traffic_bits"] = {"fp32": gemm_traffic_bits(paths["fp32_onnx"]), "int": gemm_traffic_bits(paths["int_onnx"])}
+    result["gemm_kernel"] = gemm_kernel_speedup(runs)
     print(f"   {seconds}", flush=True)
     return result
 
@@ -179,7 +217,9 @@ def write_report(results: list[dict], docs: Path) -> None:
         f"PyTorch's integer GEMM here: {'torch._int_mm (VNNI)' if INT8_KERNEL else 'int32 matmul (no VNNI: _int_mm is ~50x slower)'};",
         "onnxruntime's: MatMulInteger uint8 x uint8 (its uint8 x int8 kernel saturates without VNNI).",
         *sorted({f"{r['model']}: {r['note']}" for r in results if r.get("note")}),
-        "A missing time: that form was not timed for that model (`--skip-torch-int`).",
+        "A missing time: that form was not timed for that model (`--skip-torch-int`; TVM: not in `--tvm-models`,",
+        "as its untuned build takes ~90 s per ViT-S run here, or apache-tvm absent).",
+        *[f"TVM compile time ({r['model']}): {r['tvm_compile_seconds']:.0f} s." for r in results if "tvm_compile_seconds" in r],
         "",
         "| model | " + " | ".join(f"{f} (s)" for f in forms) + " | int / FP32 onnxruntime speed-up |",
         "|---" * (len(forms) + 2) + "|",
@@ -196,6 +236,9 @@ def write_report(results: list[dict], docs: Path) -> None:
         lines.append(f"| {r['model']} | {z['fp32_ckpt']:.1f} | {z['deployed']:.1f} | {z['fp32_ckpt'] / z['deployed']:.2f}x | "
                      f"{z['fp32_onnx']:.1f} | {z['int_onnx']:.1f} | {t['fp32'] / 1e9:.2f} | {t['int'] / 1e9:.2f} | "
                      f"{t['fp32'] / t['int']:.2f}x |")
+    lines += ["", "GEMM traffic: every data operand and result of each Linear / Conv / MatMul node, with shapes from one",
+              "onnxruntime run: integer operands are 8-bit, but results are int32 accumulators, as wide as FP32's.",
+              "(Before 2026-11-29 shape inference had lost the activations, so only weights were counted: 4.00x.)"]
     lines += ["", "Where the integer onnxruntime graph spends its time (share of kernel time by op type, one profiled run):", ""]
     for r in results:
         top = list(r["profile_int"].items())[:8]
@@ -204,6 +247,16 @@ def write_report(results: list[dict], docs: Path) -> None:
     for r in results:
         top = list(r["profile_fp32"].items())[:5]
         lines.append(f"* {r['model']}: " + ", ".join(f"{op} {pct:.1f} %" for op, pct in top))
+    lines += ["", "The most an integer graph can gain in onnxruntime on this CPU: even if every non-GEMM op cost",
+              "nothing, its GEMMs run on the exact uint8 x uint8 kernel, at most `r` times faster than FP32 (measured",
+              "on one 1024x768 @ 768x3072 product), so the speed-up is at most `r / g`, `g` the GEMMs' share of the",
+              "FP32 graph's time:", ""]
+    for r in results:
+        share = sum(r["profile_fp32"].get(op, 0.0) for op in ("Gemm", "MatMul", "FusedMatMul", "Conv")) / 100
+        kernel = r["gemm_kernel"]
+        lines.append(f"* {r['model']}: r = {kernel['speedup']:.2f} ({1e3 * kernel['seconds']['fp32']:.0f} ms FP32 vs "
+                     f"{1e3 * kernel['seconds']['u8u8']:.0f} ms u8 x u8), g = {100 * share:.1f} %: "
+                     f"at most **{kernel['speedup'] / share:.2f}x**")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(forms)
     for i, form in enumerate(forms):
@@ -225,10 +278,12 @@ def main() -> None:
     parser.add_argument("--models", default="vit-t,vit-s,vit-b")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--skip-torch-int", action="store_true", help="do not time the deployed PyTorch model")
+    parser.add_argument("--tvm-models", default="vit-t", help="models to compile and time with TVM (untuned: slow)")
     parser.add_argument("--docs", default=str(REPO / "docs"))
     parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "latency"))
     parser.add_argument("--note", default="", help="a sentence for the report about the run's conditions")
     parser.add_argument("--report-only", action="store_true", help="no run: rewrite the report from results.json")
+    parser.add_argument("--traffic-only", action="store_true", help="recompute only the GEMM traffic of --models")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     work = Path(args.work_dir)
@@ -237,8 +292,11 @@ def main() -> None:
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in [] if args.report_only else args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            results[name] = run(name, args.runs, Path(tmp), not args.skip_torch_int)
-        results[name]["note"] = args.note
+            if args.traffic_only:
+                results[name]["traffic_bits"] = run(name, args.runs, Path(tmp), timing=False)["traffic_bits"]
+            else:
+                results[name] = run(name, args.runs, Path(tmp), not args.skip_torch_int, name in args.tvm_models.split(","))
+                results[name]["note"] = args.note
         saved.write_text(json.dumps(results, indent=1))
     write_report([results[k] for k in sorted(results)], Path(args.docs))
 
