@@ -258,7 +258,7 @@ def expand_shifts(proto: onnx.ModelProto) -> onnx.ModelProto:
         if node.domain != SHIFT_DOMAIN:
             nodes.append(node)
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         name, right = node.output[0], attrs["direction"] == b"RIGHT"
 
         def op(op_type, inputs, suffix, **kw):
@@ -269,18 +269,16 @@ def expand_shifts(proto: onnx.ModelProto) -> onnx.ModelProto:
             return op("Constant", [], suffix, value=helper.make_tensor(suffix, u64, [], [value]))
 
         x = op("Cast", [node.input[0]], "as_u64", to=u64)
-        if "amount" in attrs:
-            amount = const(attrs["amount"], "amount")
-        else:
-            amount = op("Cast", [node.input[1]], "amount", to=u64)
+        constant = attrs.get("amount")  # a constant shift, or None: the node's second input
+        amount = const(constant, "amount") if constant is not None else op("Cast", [node.input[1]], "amount", to=u64)
         if right:
             top = const(_TOP_BIT, "top_bit")
-            if "amount" in attrs:
-                offset = const(_TOP_BIT >> attrs["amount"], "offset")
+            if constant is not None:
+                offset = const(_TOP_BIT >> constant, "offset")
             else:
                 offset = op("BitShift", [top, amount], "offset", direction="RIGHT")
-            x = op("Sub", [op("BitShift", [op("BitwiseXor", [x, top], "biased"), amount], "shifted", direction="RIGHT"),
-                           offset], "unbiased")
+            shifted = op("BitShift", [op("BitwiseXor", [x, top], "biased"), amount], "shifted", direction="RIGHT")
+            x = op("Sub", [shifted, offset], "unbiased")
         else:
             x = op("BitShift", [x, amount], "shifted", direction="LEFT")
         nodes.append(helper.make_node("Cast", [x], [name], to=attrs["to"]))

@@ -77,6 +77,7 @@ def _saturation(exponent: Callable[[Tensor], Tensor], clamp: int) -> int:
 
 
 class _Table(NamedTuple):
+    int_fn: Callable[[Tensor], Tensor]  # the integer function the table holds
     low: int  # the saturation point, or -span if the inputs cannot go below it (see row_span)
     values: Tensor | None  # int_fn over [low, 0]; None if that range is too wide
     saturates: bool  # whether inputs below low can occur (and must be clamped to it)
@@ -88,7 +89,7 @@ def _table(int_fn: Callable[[Tensor], Tensor], exponent: Callable[[Tensor], Tens
         saturation = _saturation(exponent, clamp)
         low = saturation if span is None else max(saturation, -span)
         values = None if -low >= TABLE_MAX else int_fn(torch.arange(low, 1, dtype=torch.int64))
-        return _Table(low, values, low == saturation)
+        return _Table(int_fn, low, values, low == saturation)
 
 
 def row_span(x: Tensor) -> int | None:
@@ -99,10 +100,10 @@ def row_span(x: Tensor) -> int | None:
     return None
 
 
-def _through_table(table: _Table, int_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``int_fn(x)`` for ``x <= 0``, read from the table where there is one."""
+def _through_table(table: _Table, x: Tensor) -> Tensor:
+    """``table.int_fn(x)`` for ``x <= 0``, read from the table where there is one."""
     if table.values is None:
-        return int_fn(x)
+        return table.int_fn(x)
     return table.values[(x.clamp_min(table.low) if table.saturates else x) - table.low]
 
 
@@ -113,7 +114,7 @@ def _shift_exp_table(i0: int, k_inter: int, span: int | None) -> _Table:
 
 def shift_exp_lookup(x: Tensor, i0: int, k_inter: int, span: int | None = None) -> Tensor:
     """``_shift_exp_int`` of ``x <= 0`` (and ``x >= -span`` if given), through a table (see above)."""
-    return _through_table(_shift_exp_table(i0, k_inter, span), lambda t: _shift_exp_int(t, i0, k_inter), as_int64(x))
+    return _through_table(_shift_exp_table(i0, k_inter, span), as_int64(x))
 
 
 def shift_exp(x: Tensor, i0: int, k_inter: int) -> Tensor:
@@ -200,8 +201,7 @@ def _bit_exp_table(m: int, e: int, k_inter: int, span: int | None) -> _Table:
 def _bit_exp_softmax_int(x: Tensor, m: Tensor, e: Tensor, k_out: int, k_inter: int, dim: int,
                          span: int | None) -> Tensor:
     x = as_int64(x)
-    table = _bit_exp_table(int(m), int(e), k_inter, span)
-    ex = _through_table(table, lambda d: _bit_exp_int(d, m, e, k_inter), x - x.amax(dim, keepdim=True))
+    ex = _through_table(_bit_exp_table(int(m), int(e), k_inter, span), x - x.amax(dim, keepdim=True))
     return divide(ex, ex.sum(dim, keepdim=True), k_out - 1)
 
 

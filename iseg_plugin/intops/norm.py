@@ -49,7 +49,7 @@ def _divide_by_root(y: Tensor, sumsq: Tensor, frac_bits: int) -> Tensor:
     """
     s = (ISQRT_MAX_BITS - 1 - bit_length(sumsq)) // 2  # 0 <= s <= 30
     root = isqrt(torch.bitwise_left_shift(sumsq, 2 * s)).clamp_min(1)
-    recip = torch.div(torch.full_like(root, 1 << 61), root, rounding_mode="floor")
+    recip = torch.div(torch.tensor(1 << 61, dtype=root.dtype), root, rounding_mode="floor")  # as in divide
     return round_shift(y * recip, 61 - frac_bits - s)
 
 
