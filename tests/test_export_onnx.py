@@ -63,6 +63,9 @@ def test_tvm_is_bit_exact_with_the_deployed_model(quant, head_extra):
     pytest.importorskip("tvm", reason="apache-tvm is not installed (the optional extra: pip install -e '.[tvm]')")
     _, deployed = deployed_pair(quant, head_extra)
     model = TvmModel(export_onnx_int(deployed))
+    matmuls = [f.script() for var, f in model.module.functions_items() if "matmul" in var.name_hint]
+    assert matmuls and all("T.parallel" in m for m in matmuls)  # the schedule rules applied
+    assert any("T.vectorized" in m for m in matmuls)
     for image in adversarial_images():
         logits, classes = model(image.numpy())
         ref_logits, ref_classes = deployed(image)
