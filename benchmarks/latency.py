@@ -1,15 +1,15 @@
 """Batch-1 latency, model sizes and GEMM memory traffic of FP32 vs integer-only Segmenters at 512x512.
 
-    .venv/bin/python benchmarks/latency.py [--models vit-t,vit-s,vit-b] [--runs 5] [--skip-torch-int] [--tvm-models vit-t]
+    .venv/bin/python benchmarks/latency.py [--models vit-t,vit-s,vit-b] [--runs 5] [--skip-torch-int] [--tvm-models vit-t,vit-s,vit-b]
     .venv/bin/python benchmarks/latency.py --report-only   # rewrite the report from the saved models
-    .venv/bin/python benchmarks/latency.py --traffic-only  # recompute only the GEMM traffic (no timing)
+    .venv/bin/python benchmarks/latency.py --graph-only    # recompute only GEMM traffic and op profiles (no timing)
 
 For each size (mmseg's Segmenter ViT-T/S/B ADE20K configs, 150 classes, the plugin's decoder) it
 builds the float and the quantized model with random weights (latency does not depend on their
 values), calibrates the quantized one on one random image, deploys and exports it, then times,
 in one process on this CPU: FP32 PyTorch, FP32 onnxruntime (TorchScript export of the float
-model), the integer-only ONNX graph in onnxruntime and in TVM (Relax, untuned ``llvm`` build; where
-apache-tvm is installed: the extra ``.[tvm]``) and the deployed integer model in PyTorch. Each time is
+model), the integer-only ONNX graph in onnxruntime and in TVM (Relax with the plugin's CPU schedules,
+no tuning; where apache-tvm is installed: the extra ``.[tvm]``) and the deployed integer model in PyTorch. Each time is
 the median of ``--runs`` runs after one warm-up. It profiles the
 integer onnxruntime graph by op type, computes the memory traffic of its Linear / Conv / MatMul
 nodes in bits (I-Segmenter's Table 7) from the graph, and writes docs/performance.md and .png.
@@ -83,12 +83,15 @@ def ort_session(path: Path, profile: str | None = None) -> ort.InferenceSession:
 
 
 def profile_by_op(sess: ort.InferenceSession, feed: dict) -> dict[str, float]:
-    """Share of the run time per op type, from onnxruntime's profiler (one run)."""
+    """Share of the run time per op type, from onnxruntime's profiler: the run after one warm-up (the
+    first run of a session also times its memory arena growing, inflating e.g. FP32's Resize 3x)."""
+    sess.run(None, feed)
     sess.run(None, feed)
     trace = json.loads(Path(sess.end_profiling()).read_text())
+    last_run = max(event["ts"] for event in trace if event["name"] == "model_run")
     per_op = defaultdict(float)
     for event in trace:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= last_run:
             per_op[event["args"]["op_name"]] += event["dur"]
     total = sum(per_op.values())
     return {op: 100 * t / total for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])}
@@ -167,6 +170,8 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
                   sizes_mb={k: p.stat().st_size / 2**20 for k, p in paths.items()})
     result["traffic_bits"] = {"fp32": gemm_traffic_bits(paths["fp32_onnx"], fp32_feed),
                               "int": gemm_traffic_bits(paths["int_onnx"], int_feed)}
+    result["profile_int"] = profile_by_op(ort_session(paths["int_onnx"], str(work / f"{name}_int")), int_feed)
+    result["profile_fp32"] = profile_by_op(ort_session(paths["fp32_onnx"], str(work / f"{name}_fp32")), fp32_feed)
     if not timing:
         return result
     fp32_sess, int_sess = ort_session(paths["fp32_onnx"]), ort_session(paths["int_onnx"])
@@ -178,7 +183,7 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
         seconds["FP32 onnxruntime"] = median_seconds(lambda: fp32_sess.run(None, fp32_feed), runs)
         print("   integer onnxruntime", flush=True)
         seconds["integer onnxruntime"] = median_seconds(lambda: int_sess.run(None, int_feed), runs)
-        if tvm:  # untuned: ~90 s per ViT-S run here, so by default only ViT-T is timed
+        if tvm:
             try:
                 start = time.perf_counter()
                 tvm_model = TvmModel(paths["int_onnx"])
@@ -191,8 +196,6 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
             print("   integer PyTorch (deployed)", flush=True)
             seconds["integer PyTorch"] = median_seconds(lambda: deployed(image), max(1, runs // 2))
     result["seconds"] = seconds
-    result["profile_int"] = profile_by_op(ort_session(paths["int_onnx"], str(work / f"{name}_int")), int_feed)
-    result["profile_fp32"] = profile_by_op(ort_session(paths["fp32_onnx"], str(work / f"{name}_fp32")), fp32_feed)
     result["gemm_kernel"] = gemm_kernel_speedup(runs)
     print(f"   {seconds}", flush=True)
     return result
@@ -218,7 +221,8 @@ def write_report(results: list[dict], docs: Path) -> None:
         "onnxruntime's: MatMulInteger uint8 x uint8 (its uint8 x int8 kernel saturates without VNNI).",
         *sorted({f"{r['model']}: {r['note']}" for r in results if r.get("note")}),
         "A missing time: that form was not timed for that model (`--skip-torch-int`; TVM: not in `--tvm-models`,",
-        "as its untuned build takes ~90 s per ViT-S run here, or apache-tvm absent).",
+        "or apache-tvm absent). TVM: Relax with the plugin's CPU schedules (tiled, vectorised, parallel int32",
+        "matmuls; other kernels' outer loops in parallel), no tuning; it has no uint8 GEMM kernel like onnxruntime's.",
         *[f"TVM compile time ({r['model']}): {r['tvm_compile_seconds']:.0f} s." for r in results if "tvm_compile_seconds" in r],
         "",
         "| model | " + " | ".join(f"{f} (s)" for f in forms) + " | int / FP32 onnxruntime speed-up |",
@@ -239,7 +243,7 @@ def write_report(results: list[dict], docs: Path) -> None:
     lines += ["", "GEMM traffic: every data operand and result of each Linear / Conv / MatMul node, with shapes from one",
               "onnxruntime run: integer operands are 8-bit, but results are int32 accumulators, as wide as FP32's.",
               "(Before 2026-11-29 shape inference had lost the activations, so only weights were counted: 4.00x.)"]
-    lines += ["", "Where the integer onnxruntime graph spends its time (share of kernel time by op type, one profiled run):", ""]
+    lines += ["", "Where the integer onnxruntime graph spends its time (share of kernel time by op type, one profiled run after a warm-up):", ""]
     for r in results:
         top = list(r["profile_int"].items())[:8]
         lines.append(f"* {r['model']}: " + ", ".join(f"{op} {pct:.1f} %" for op, pct in top))
@@ -257,6 +261,15 @@ def write_report(results: list[dict], docs: Path) -> None:
         lines.append(f"* {r['model']}: r = {kernel['speedup']:.2f} ({1e3 * kernel['seconds']['fp32']:.0f} ms FP32 vs "
                      f"{1e3 * kernel['seconds']['u8u8']:.0f} ms u8 x u8), g = {100 * share:.1f} %: "
                      f"at most **{kernel['speedup'] / share:.2f}x**")
+    lines += ["", "What keeps the integer graph from that bound: its non-GEMM ops (requantization, softmax, GELU,",
+              "LayerNorm, upsampling: each integer step one onnxruntime pass over memory, where FP32 has fused",
+              "kernels) against the whole FP32 graph:", ""]
+    for r in results:
+        gemm = sum(r["profile_int"].get(op, 0.0) for op in ("MatMulInteger", "ConvInteger")) / 100
+        rest = r["seconds"]["integer onnxruntime"] * (1 - gemm)
+        lines.append(f"* {r['model']}: {rest:.2f} s of non-GEMM integer ops ({100 * (1 - gemm):.0f} %) vs "
+                     f"{r['seconds']['FP32 onnxruntime']:.2f} s for all of FP32: "
+                     f"{rest / r['seconds']['FP32 onnxruntime']:.1f}x")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(forms)
     for i, form in enumerate(forms):
@@ -278,12 +291,13 @@ def main() -> None:
     parser.add_argument("--models", default="vit-t,vit-s,vit-b")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--skip-torch-int", action="store_true", help="do not time the deployed PyTorch model")
-    parser.add_argument("--tvm-models", default="vit-t", help="models to compile and time with TVM (untuned: slow)")
+    parser.add_argument("--tvm-models", default="vit-t,vit-s,vit-b", help="models to compile and time with TVM")
     parser.add_argument("--docs", default=str(REPO / "docs"))
     parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "latency"))
     parser.add_argument("--note", default="", help="a sentence for the report about the run's conditions")
     parser.add_argument("--report-only", action="store_true", help="no run: rewrite the report from results.json")
-    parser.add_argument("--traffic-only", action="store_true", help="recompute only the GEMM traffic of --models")
+    parser.add_argument("--graph-only", action="store_true",
+                        help="recompute only the GEMM traffic and op profiles of --models (no end-to-end timing)")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     work = Path(args.work_dir)
@@ -292,8 +306,9 @@ def main() -> None:
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in [] if args.report_only else args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            if args.traffic_only:
-                results[name]["traffic_bits"] = run(name, args.runs, Path(tmp), timing=False)["traffic_bits"]
+            if args.graph_only:
+                graph = run(name, args.runs, Path(tmp), timing=False)
+                results[name].update({key: graph[key] for key in ("traffic_bits", "profile_int", "profile_fp32")})
             else:
                 results[name] = run(name, args.runs, Path(tmp), not args.skip_torch_int, name in args.tvm_models.split(","))
                 results[name]["note"] = args.note
