@@ -97,6 +97,11 @@ def profile_by_op(sess: ort.InferenceSession, feed: dict) -> dict[str, float]:
     return {op: 100 * t / total for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
+def gemm_share(profile: dict[str, float]) -> float:
+    """The GEMM nodes' share of a profile (onnxruntime fuses some FP32 MatMuls into FusedMatMul)."""
+    return sum(profile.get(op, 0.0) for op in (*GEMMS, "FusedMatMul")) / 100
+
+
 def gemm_kernel_speedup(runs: int, m: int = 1024, k: int = 768, n: int = 3072) -> dict:
     """onnxruntime's exact integer GEMM (MatMulInteger uint8 x uint8, the one the integer graph uses)
     against its FP32 MatMul on one ViT-B MLP-sized product: the most any integer graph can gain here."""
@@ -256,7 +261,7 @@ def write_report(results: list[dict], docs: Path) -> None:
               "on one 1024x768 @ 768x3072 product), so the speed-up is at most `r / g`, `g` the GEMMs' share of the",
               "FP32 graph's time:", ""]
     for r in results:
-        share = sum(r["profile_fp32"].get(op, 0.0) for op in ("Gemm", "MatMul", "FusedMatMul", "Conv")) / 100
+        share = gemm_share(r["profile_fp32"])
         kernel = r["gemm_kernel"]
         lines.append(f"* {r['model']}: r = {kernel['speedup']:.2f} ({1e3 * kernel['seconds']['fp32']:.0f} ms FP32 vs "
                      f"{1e3 * kernel['seconds']['u8u8']:.0f} ms u8 x u8), g = {100 * share:.1f} %: "
@@ -265,7 +270,7 @@ def write_report(results: list[dict], docs: Path) -> None:
               "LayerNorm, upsampling: each integer step one onnxruntime pass over memory, where FP32 has fused",
               "kernels) against the whole FP32 graph:", ""]
     for r in results:
-        gemm = sum(r["profile_int"].get(op, 0.0) for op in ("MatMulInteger", "ConvInteger")) / 100
+        gemm = gemm_share(r["profile_int"])
         rest = r["seconds"]["integer onnxruntime"] * (1 - gemm)
         lines.append(f"* {r['model']}: {rest:.2f} s of non-GEMM integer ops ({100 * (1 - gemm):.0f} %) vs "
                      f"{r['seconds']['FP32 onnxruntime']:.2f} s for all of FP32: "
