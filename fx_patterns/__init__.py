@@ -1,51 +1,32 @@
-"""torch.ao FX quantization to the integer-only Segmenter: BackendConfig, QConfigMapping, custom configs.
+"""torch.ao FX quantization, op by op, to an integer-only model (any float ViT, not only the plugin's).
 
-    from torch.ao.quantization.quantize_fx import prepare_fx, convert_fx
+    from torch.ao.quantization.quantize_fx import prepare_fx
     import fx_patterns as fxp
 
-    prepared = prepare_fx(model, fxp.get_iseg_qconfig_mapping(mean=..., std=...), example_inputs,
-                          prepare_custom_config=fxp.get_iseg_prepare_custom_config(),
+    prepared = prepare_fx(model, fxp.get_iseg_qconfig_mapping(gelu="poly", softmax="bit-exp"), example_inputs,
                           backend_config=fxp.get_iseg_backend_config())
-    for images in calibration_images:  # normalised float images, as the float model takes
-        prepared(images)
-    int_model = convert_fx(prepared, convert_custom_config=fxp.get_iseg_convert_custom_config(),
-                           backend_config=fxp.get_iseg_backend_config())
-    logits = int_model(uint8_rgb_pixels)  # integer-only
+    for batch in calibration_batches:
+        prepared(batch)
+    int_model = fxp.convert(prepared, example_inputs)   # integer-only; refuses what it cannot lower
+    logits = int_model(*fxp.quantize_inputs(int_model, x))
 
-``fxp.prepare`` / ``fxp.convert`` do the same in one call each, with checks and clearer errors.
+``fxp.prepare`` / ``fxp.convert`` wrap the same calls (``qat=True`` for ``prepare_qat_fx``), name a
+module FX cannot trace, and silence torch.ao's deprecation warning around their own calls only.
 """
-from .api import FxTraceError, SegmentorLogits, convert, prepare, traceable
-from .modules import IntEncoder, IntMaskHead, IntPooledLinearHead, ObservedEncoder, ObservedMaskHead, ObservedPooledHead
-from .patterns import (
-    PATTERNS,
-    UnsupportedQConfigError,
-    check_qconfig_mapping,
-    get_iseg_backend_config,
-    get_iseg_convert_custom_config,
-    get_iseg_prepare_custom_config,
-    get_iseg_qconfig_mapping,
-)
-from .qconfig import IsegActivationObserver, get_iseg_qconfig
+from iseg_plugin.lowering import LoweringError, quantize_inputs
+
+from .api import FxTraceError, IntegerModel, SegmentorLogits, convert, prepare, traceable
+from .config import get_iseg_backend_config, get_iseg_qconfig_mapping
 
 __all__ = [
     "FxTraceError",
+    "IntegerModel",
+    "LoweringError",
     "SegmentorLogits",
     "convert",
     "prepare",
+    "quantize_inputs",
     "traceable",
-    "IntEncoder",
-    "IntMaskHead",
-    "IntPooledLinearHead",
-    "ObservedEncoder",
-    "ObservedMaskHead",
-    "ObservedPooledHead",
-    "PATTERNS",
-    "UnsupportedQConfigError",
-    "check_qconfig_mapping",
     "get_iseg_backend_config",
-    "get_iseg_convert_custom_config",
-    "get_iseg_prepare_custom_config",
     "get_iseg_qconfig_mapping",
-    "IsegActivationObserver",
-    "get_iseg_qconfig",
 ]

@@ -1,26 +1,22 @@
-"""One-call wrappers around torch.ao's ``prepare_fx`` / ``prepare_qat_fx`` / ``convert_fx``.
+"""One-call wrappers: ``prepare`` (torch.ao's ``prepare_fx`` / ``prepare_qat_fx`` with the plugin's configs)
+and ``convert`` (the registry's lowering of the prepared graph to an integer-only model).
 
-They pass the plugin's configs, check the qconfig mapping first, make mmseg segmentors and lone
-pattern modules traceable, turn tracing failures into an error that names the module, and silence
-torch.ao's deprecation warning around their own calls only.
+They make mmseg segmentors traceable, turn tracing failures into an error that names the module,
+and silence torch.ao's deprecation warning around their own calls only.
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
 
-from torch import fx, nn
+import torch
+from torch import Tensor, fx, nn
 from torch.ao.quantization import QConfigMapping
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
-from .patterns import (
-    FLOAT_MODULES,
-    check_qconfig_mapping,
-    get_iseg_backend_config,
-    get_iseg_convert_custom_config,
-    get_iseg_prepare_custom_config,
-    get_iseg_qconfig_mapping,
-)
+from iseg_plugin.lowering import lower
+
+from .config import get_iseg_backend_config, get_iseg_qconfig_mapping
 
 
 @contextlib.contextmanager
@@ -52,15 +48,9 @@ class SegmentorLogits(nn.Module):
 
 
 def traceable(model: nn.Module) -> nn.Module:
-    """What FX traces for ``model``: an mmseg segmentor's logits forward, a lone pattern module
-    inside a container (the root of a trace is never swapped), or the model itself."""
-    from mmseg.models.segmentors import BaseSegmentor
-
-    if isinstance(model, BaseSegmentor):
-        return SegmentorLogits(model)
-    if isinstance(model, FLOAT_MODULES):
-        return nn.Sequential(model)
-    return model
+    """What FX traces for ``model``: an mmseg segmentor's logits forward, or the model itself."""
+    is_segmentor = hasattr(model, "decode_head") and hasattr(model, "backbone") and hasattr(model, "extract_feat")
+    return SegmentorLogits(model) if is_segmentor else model
 
 
 class FxTraceError(RuntimeError):
@@ -68,14 +58,11 @@ class FxTraceError(RuntimeError):
 
 
 class _LocatingTracer(fx.Tracer):
-    """Traces like torch.ao (pattern modules are leaves) and remembers which module it is inside."""
+    """Traces like torch.ao and remembers which module it is inside."""
 
     def __init__(self):
         super().__init__()
         self.stack: list[tuple[str, nn.Module]] = []
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, FLOAT_MODULES) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append((self.path_of_module(m), m))
@@ -93,10 +80,10 @@ def _locate_trace_failure(model: nn.Module, err: Exception) -> FxTraceError | No
         cls = type(module).__name__
         return FxTraceError(
             f"torch.fx cannot trace module '{name or '(root)'}' ({cls}): {type(err).__name__}: {err}\n"
-            f"Mark it a leaf so FX calls it without tracing into it (it then stays float): "
+            f"Remove the data-dependent control flow from its forward, or mark it a leaf (FX then calls it without "
+            f"tracing into it, and fxp.convert refuses it unless a registry entry lowers it): "
             f"PrepareCustomConfig().set_non_traceable_module_classes([{cls}]) or "
-            f".set_non_traceable_module_names(['{name}']) and pass it as prepare_custom_config; or remove the "
-            f"data-dependent control flow from its forward"
+            f".set_non_traceable_module_names(['{name}']) as prepare_custom_config"
         )
     return None
 
@@ -105,17 +92,15 @@ def prepare(model: nn.Module, example_inputs: tuple, qconfig_mapping: QConfigMap
             qat: bool = False, prepare_custom_config=None, **options) -> fx.GraphModule:
     """``prepare_fx`` (or ``prepare_qat_fx`` with ``qat=True``) with the plugin's configs.
 
-    ``options`` go to :func:`get_iseg_qconfig_mapping` when no mapping is given. Run the result on
-    calibration images (or train it), then :func:`convert`.
+    ``options`` (``gelu``, ``softmax``, ``momentum``) go to :func:`get_iseg_qconfig_mapping` when no
+    mapping is given. Run the result on calibration inputs (or train it), then :func:`convert`.
     """
     model = traceable(model)
-    mapping = qconfig_mapping if qconfig_mapping is not None else get_iseg_qconfig_mapping(**options)
-    check_qconfig_mapping(model, mapping)
-    custom = prepare_custom_config if prepare_custom_config is not None else get_iseg_prepare_custom_config()
+    mapping = qconfig_mapping if qconfig_mapping is not None else get_iseg_qconfig_mapping(qat=qat, **options)
     fn = prepare_qat_fx if qat else prepare_fx
     with _torch_ao_quietly():
         try:
-            return fn(model, mapping, example_inputs, prepare_custom_config=custom,
+            return fn(model, mapping, example_inputs, prepare_custom_config=prepare_custom_config,
                       backend_config=get_iseg_backend_config())
         except Exception as err:
             located = _locate_trace_failure(model, err)
@@ -124,8 +109,38 @@ def prepare(model: nn.Module, example_inputs: tuple, qconfig_mapping: QConfigMap
             raise located from err
 
 
-def convert(prepared: fx.GraphModule) -> fx.GraphModule:
-    """``convert_fx`` with the plugin's configs: the integer-only model (uint8 pixels in)."""
-    with _torch_ao_quietly():
-        return convert_fx(prepared, convert_custom_config=get_iseg_convert_custom_config(),
-                          backend_config=get_iseg_backend_config())
+class IntegerModel(nn.Module):
+    """The integer-only model: checks its inputs (dtype, shape), then runs the lowered graph.
+
+    ``input_formats``: (scale, integer bounds) of each input; ``output_scales``: the real scale of
+    each integer output, in the order of the float model's outputs.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, pixels: bool):
+        super().__init__()
+        self.graph_module = graph_module
+        self.input_shapes = [tuple(s) for s in graph_module.input_shapes]
+        self.input_formats = list(graph_module.input_formats)
+        self.output_scales = list(graph_module.output_scales)
+        self.pixels = pixels
+
+    def forward(self, *inputs: Tensor):
+        for i, (x, shape) in enumerate(zip(inputs, self.input_shapes)):
+            if not isinstance(x, Tensor) or x.dtype.is_floating_point or x.dtype.is_complex:
+                what = x.dtype if isinstance(x, Tensor) else type(x).__name__
+                need = "uint8 RGB pixels" if self.pixels else "integers (fx_patterns.quantize_inputs(model, x))"
+                raise TypeError(f"input {i} of the integer model must be {need}, got {what}")
+            if tuple(x.shape) != shape:
+                raise ValueError(f"input {i} has shape {tuple(x.shape)}; this integer model was converted for "
+                                 f"{shape}: convert it again with example inputs of that shape")
+        return self.graph_module(*inputs)
+
+
+def convert(prepared: fx.GraphModule, example_inputs: tuple, pixels: dict | None = None) -> IntegerModel:
+    """Lower a prepared, calibrated model to an integer-only one, for ``example_inputs``' shapes.
+
+    ``pixels=dict(mean=..., std=...)``: the model takes an image normalised with them; the integer
+    model then takes uint8 RGB pixels (the normalisation folded into its first requantization).
+    """
+    with torch.no_grad():
+        return IntegerModel(lower(prepared, tuple(example_inputs), pixels), pixels is not None)

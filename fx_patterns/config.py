@@ -1,0 +1,73 @@
+"""torch.ao configs built from the operator registry: one BackendPatternConfig per float op.
+
+* :func:`get_iseg_backend_config`: every module, function and tensor method of every registry entry
+  is a pattern. Arithmetic ops get their own output observer; shape ops share their input's.
+  ``add`` / ``mul`` / ``div`` observe only their tensor arguments (a Python number is no tensor).
+* :func:`get_iseg_qconfig_mapping`: :class:`~iseg_plugin.ops.IsegObserver` for every activation
+  (EMA ranges; the integer widths are decided at lowering) and torch.ao's per-channel INT8 observer
+  for weights; the GELU and softmax qconfigs name the registry variant, so
+  ``.set_module_name(...)`` / ``.set_object_type(...)`` choose it per layer or per op type.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.ao.quantization import FakeQuantize, PerChannelMinMaxObserver, QConfig, QConfigMapping
+from torch.ao.quantization.backend_config import BackendConfig, BackendPatternConfig, DTypeConfig, ObservationType
+
+import torch.ao.quantization.backend_config.utils  # noqa: F401 - torch 2.13's lazy import (ecosystem B4)
+import torch.ao.nn.qat as nnqat
+import torch.ao.nn.quantized.reference as nnqr
+from iseg_plugin.ops import REGISTRY, IsegObserver
+
+_DTYPES = DTypeConfig(input_dtype=torch.qint8, output_dtype=torch.qint8, weight_dtype=torch.qint8,
+                      bias_dtype=torch.float)
+_WEIGHTED = {nn.Linear: (nnqat.Linear, nnqr.Linear), nn.Conv2d: (nnqat.Conv2d, nnqr.Conv2d)}
+_SCALAR_OPS = ("add", "mul", "div")  # x + c, x * c: only the tensor argument is observed
+
+
+def get_iseg_backend_config() -> BackendConfig:
+    config = BackendConfig("iseg")
+    for entry in REGISTRY:
+        if entry.observation == "none":
+            continue
+        observation = (ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT if entry.observation == "share"
+                       else ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT)
+        for target in entry.targets():
+            pattern = BackendPatternConfig(target).add_dtype_config(_DTYPES).set_observation_type(observation)
+            if target in _WEIGHTED:
+                qat, reference = _WEIGHTED[target]
+                pattern.set_root_module(target).set_qat_module(qat).set_reference_quantized_module(reference)
+                # prepare_qat_fx matches patterns after swapping in the QAT module: that one too
+                config.set_backend_pattern_config(
+                    BackendPatternConfig(qat).add_dtype_config(_DTYPES).set_observation_type(observation)
+                    .set_root_module(target).set_reference_quantized_module(reference))
+            if target is torch.nn.functional.linear:
+                pattern._set_input_type_to_index({"weight": 1, "bias": 2})
+            if entry.name in _SCALAR_OPS:
+                pattern._set_num_tensor_args_to_observation_type({n: observation for n in (0, 1, 2)})
+            config.set_backend_pattern_config(pattern)
+    return config
+
+
+WEIGHT_OBSERVER = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+
+
+def _activation(momentum: float, variant: str | None, qat: bool):
+    if qat:
+        return FakeQuantize.with_args(observer=IsegObserver, momentum=momentum, variant=variant, quant_min=-128,
+                                      quant_max=127, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    return IsegObserver.with_args(momentum=momentum, variant=variant)
+
+
+def get_iseg_qconfig_mapping(gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05,
+                             qat: bool = False) -> QConfigMapping:
+    """The plugin's qconfig for every supported op; ``gelu`` / ``softmax`` name registry variants
+    (an unknown name is an error listing the known ones)."""
+    variants = {"gelu": REGISTRY["gelu"].variant(gelu).name, "softmax": REGISTRY["softmax"].variant(softmax).name}
+    mapping = QConfigMapping().set_global(QConfig(activation=_activation(momentum, None, qat), weight=WEIGHT_OBSERVER))
+    for name, variant in variants.items():
+        qconfig = QConfig(activation=_activation(momentum, variant, qat), weight=WEIGHT_OBSERVER)
+        for target in REGISTRY[name].targets():
+            mapping.set_object_type(target, qconfig)
+    return mapping

@@ -1,0 +1,385 @@
+"""The lowering pass: a prepared (observed, calibrated) FX graph -> an integer-only GraphModule.
+
+Input: the GraphModule that torch.ao's ``prepare_fx`` / ``prepare_qat_fx`` (or torchao's
+``prepare_pt2e``) made with the plugin's configs, after calibration or training: float ops, each
+followed by an :class:`~iseg_plugin.ops.observer.IsegObserver`. Output: a new graph in which every
+value is an integer tensor with a known scale, and every float op is the deployed module of its
+registry entry, built from the observed ranges (the reference conversion of torch.ao, with integer
+modules instead of ``dequantize -> op -> quantize``).
+
+* Values that do not depend on the input's values (parameters, position embeddings resized for the
+  input's grid, shapes) are evaluated once, on the example inputs, and become integer constants or
+  literals: the integer model is built for the example inputs' shapes, like the deployed Segmenter.
+* Bit widths: each value is produced at the width its consumers need (INT8 into a GEMM or GELU,
+  INT16 otherwise: the residual stream, I-LayerNorm and softmax inputs), from its observed range.
+* What cannot be lowered (an op with no registry entry, an op with no output observer, a float
+  value reaching an integer op) is refused with the node, the op and where it came from: a model is
+  never returned float or partly float.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.ao.quantization.observer import ObserverBase
+
+from .. import intops
+from ..ops.modules import PixelsToInt8, Requant, storage_dtype
+from ..ops.observer import IsegObserver
+from ..ops.registry import REGISTRY, OpEntry
+
+
+class LoweringError(RuntimeError):
+    """A node of the model has no integer lowering."""
+
+
+@dataclass(frozen=True)
+class Operand:
+    """An integer tensor of the new graph (or a tuple of them, before getitem) and its real scale."""
+
+    node: fx.Node
+    scale: float
+    bounds: tuple[int, int]
+    observer: IsegObserver | None
+
+
+@dataclass(frozen=True)
+class Const:
+    """A value that does not depend on the input's values: a tensor (parameters) or a Python value."""
+
+    value: Any
+    observer: IsegObserver | None = None
+
+
+@dataclass
+class Pending:
+    """A registry op whose output observer has not been reached yet."""
+
+    node: fx.Node
+    entry: OpEntry
+
+
+def describe(node: fx.Node) -> str:
+    """The node, its op and the source line it was traced from (where FX recorded it)."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    trace = (node.meta.get("stack_trace") or node.stack_trace or "").strip().splitlines()
+    files = [i for i, line in enumerate(trace) if line.strip().startswith("File ") and "/torch/" not in line]
+    where = ""
+    if files:
+        i = files[-1]
+        where = " at " + trace[i].strip() + (": " + trace[i + 1].strip() if i + 1 < len(trace) else "")
+    return f"node '{node.name}' ({node.op} {target}){where}"
+
+
+def observer_of(module: nn.Module) -> IsegObserver | None:
+    if isinstance(module, FakeQuantizeBase):
+        module = module.activation_post_process
+    if isinstance(module, IsegObserver):
+        return module
+    if isinstance(module, ObserverBase):
+        raise LoweringError(
+            f"{type(module).__name__} is not the plugin's observer: prepare the model with "
+            "fx_patterns.get_iseg_qconfig_mapping() (or its observer, IsegObserver)")
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the prepared graph on the example inputs with the observers bypassed (no range moves),
+    keeping the value of every static node and the shape of every tensor."""
+
+    def __init__(self, gm: fx.GraphModule, static: set[fx.Node]):
+        super().__init__(gm)
+        self.static, self.values, self.shapes = static, {}, {}
+
+    def run_node(self, n: fx.Node):
+        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), (ObserverBase, FakeQuantizeBase)):
+            out = self.env[n.args[0]]
+        else:
+            out = super().run_node(n)
+        if n in self.static:
+            self.values[n] = out
+        if isinstance(out, Tensor):
+            self.shapes[n] = tuple(out.shape)
+        return out
+
+
+def _static_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value does not depend on the input's values (only, at most, on its shape)."""
+    static: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        shape_query = (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")) or (
+            n.op == "call_method" and n.target in ("size", "dim"))
+        if shape_query or n.op == "get_attr" or all(a in static for a in n.all_input_nodes):
+            static.add(n)
+    return static
+
+
+class Lowering:
+    """One lowering of one prepared GraphModule (see the module docstring)."""
+
+    def __init__(self, prepared: fx.GraphModule, example_inputs: tuple, pixels: dict | None = None):
+        self.src = prepared
+        self.static = _static_nodes(prepared.graph)
+        recorder = _Recorder(prepared, self.static)
+        with torch.no_grad():
+            recorder.run(*example_inputs)
+        self.values, self.shapes = recorder.values, recorder.shapes
+        self.input_shapes = [tuple(x.shape) for x in example_inputs]
+        self.pixels = pixels
+        self.output_scales: list[float] = []
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}
+        self.input_formats: list[tuple[float, tuple[int, int]]] = []
+        self._names: set[str] = set()
+
+    # -- what entries use ------------------------------------------------------------------------
+
+    def emit(self, name: str, module: nn.Module, *inputs) -> fx.Node:
+        """Add ``module`` to the integer model and call it on ``inputs`` (nodes of the new graph)."""
+        name = self._unique(name)
+        self.root.add_module(name, module)
+        return self.graph.call_module(name, tuple(inputs))
+
+    def constant(self, name: str, value: Tensor) -> fx.Node:
+        name = self._unique(name)
+        self.root.register_buffer(name, value)
+        return self.graph.get_attr(name)
+
+    def demand(self, node: fx.Node) -> int:
+        """The width a value must have for every consumer: 8 if all of them are INT8 ops, else 16."""
+        widths = set()
+        for user in node.users:
+            if user in self.static:  # a shape query
+                continue
+            if user.op == "output":
+                widths.add(16)
+            elif self._is_observer(user):
+                widths.add(self.demand(user))
+            else:
+                entry = REGISTRY.entry_for(user, self.src)
+                if entry is not None and entry.observation in ("share", "none"):
+                    widths.add(self.demand(user))
+                elif entry is not None and entry.input_bits is not None:
+                    widths.add(entry.input_bits)
+                else:
+                    widths.add(16)
+        return max(widths) if widths else 16
+
+    def output_format(self, observer: IsegObserver, node: fx.Node) -> tuple[float, tuple[int, int]]:
+        """Scale and integer bounds of an op's output from its observer, at the width its consumers need."""
+        bits = self.demand(node)
+        return observer.scale(bits), intops.int_range(bits)
+
+    def need(self, operand: Operand | Const, bits: int, name: str) -> Operand:
+        """``operand`` as integers of at most ``bits`` (a requantization is added where it is wider)."""
+        lo, hi = intops.int_range(bits)
+        if isinstance(operand, Const):
+            return self.quantized_constant(operand, bits, name)
+        if lo <= operand.bounds[0] and operand.bounds[1] <= hi:
+            return operand
+        if operand.observer is None:
+            raise LoweringError(f"{name}: a {operand.bounds} value has no observed range to narrow it to {bits} bits")
+        scale = operand.observer.scale(bits)
+        node = self.emit(f"{name}_to{bits}", Requant.between(operand.scale, scale, (lo, hi)), operand.node)
+        return Operand(node, scale, (lo, hi), operand.observer)
+
+    def quantized_constant(self, const: Const, bits: int, name: str, scale: float | None = None) -> Operand:
+        """A float constant (parameter, embedding) as a ``bits``-wide integer buffer."""
+        value = const.value.detach().float()
+        if scale is None:
+            scale = const.observer.scale(bits) if const.observer is not None else float(
+                intops.symmetric_scale(value.amin(), value.amax(), bits))
+        bounds = intops.int_range(bits)
+        ints = intops.quantize(value, torch.tensor(scale), bits).to(storage_dtype(bounds))
+        return Operand(self.constant(name, ints), scale, bounds, const.observer)
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        return self.shapes[node]
+
+    # -- the pass --------------------------------------------------------------------------------
+
+    def run(self) -> fx.GraphModule:
+        for node in self.src.graph.nodes:
+            self.env[node] = self._lower_node(node)
+        gm = fx.GraphModule(self.root, self.graph, class_name="IntegerModel")
+        gm.input_formats, gm.output_scales = self.input_formats, self.output_scales
+        gm.input_shapes = self.input_shapes
+        return gm
+
+    def _unique(self, name: str) -> str:
+        base, i = name.replace(".", "_"), 1
+        while name in self._names or hasattr(self.root, name):
+            name, i = f"{base}_{i}", i + 1
+        name = name.replace(".", "_")
+        self._names.add(name)
+        return name
+
+    def _is_observer(self, node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(self.src.get_submodule(node.target), (ObserverBase, FakeQuantizeBase))
+
+    def _lower_node(self, node: fx.Node):
+        if node.op == "placeholder":
+            return self._input(node)
+        if node.op == "output":
+            return self._output(node)
+        if node in self.static:  # (a weight's torch.ao observer is not the plugin's: the entry quantizes it)
+            module = self.src.get_submodule(node.target) if self._is_observer(node) else None
+            observer = module if isinstance(module, IsegObserver) else None
+            return Const(self.values[node], observer)
+        if self._is_observer(node):
+            return self._observed(node, observer_of(self.src.get_submodule(node.target)))
+        entry = REGISTRY.entry_for(node, self.src)
+        if entry is None:
+            raise LoweringError(f"{describe(node)} has no integer lowering: add a registry entry for it "
+                                "(iseg_plugin.ops) or keep it out of the quantized model")
+        if entry.observation in ("share", "none"):
+            return entry.variant(None).lower(Site(self, node, entry, None))
+        return Pending(node, entry)
+
+    def _input(self, node: fx.Node) -> Pending:
+        return Pending(self.graph.placeholder(node.name), None)  # quantized at its observer
+
+    def _observed(self, node: fx.Node, observer: IsegObserver) -> Operand:
+        if not observer.calibrated():
+            raise LoweringError(f"{describe(node)}: its observer saw no data; calibrate the prepared model "
+                                "(run it on a few inputs) before converting")
+        source = self.env[node.args[0]]
+        if isinstance(source, Operand):
+            return source  # a second observer of a value already lowered (after a shape op)
+        if source.entry is None:  # a model input: quantized before the integer model, or uint8 pixels
+            return self._quantized_input(node, source.node, observer)
+        return source.entry.variant(observer.variant).lower(Site(self, source.node, source.entry, observer, node))
+
+    def _quantized_input(self, node: fx.Node, placeholder: fx.Node, observer: IsegObserver) -> Operand:
+        if self.pixels is not None:
+            from ..quant.act import QuantInput
+
+            unit = 1 << QuantInput.MEAN_FRAC_BITS
+            mean = torch.as_tensor(self.pixels["mean"], dtype=torch.float64).flatten()
+            std = torch.as_tensor(self.pixels["std"], dtype=torch.float64).flatten()
+            scale = observer.scale(8)
+            module = PixelsToInt8(torch.round(mean * unit).to(torch.int64),
+                                  intops.dyadic_from_ratio(1.0 / (unit * std * scale)))
+            self.input_formats.append((scale, (0, 255)))
+            return Operand(self.emit("pixels_to_int8", module, placeholder), scale, (-128, 127), observer)
+        bits = self.demand(node)
+        scale = observer.scale(bits)
+        self.input_formats.append((scale, intops.int_range(bits)))
+        return Operand(placeholder, scale, intops.int_range(bits), observer)
+
+    def _output(self, node: fx.Node):
+        scales = []
+
+        def to_new(arg):
+            value = self.env[arg]
+            if isinstance(value, Operand):
+                scales.append(value.scale)
+                return value.node
+            if isinstance(value, Const) and not isinstance(value.value, Tensor):
+                return value.value
+            raise LoweringError(f"the model's output {describe(arg)} is not quantized: it would leave the "
+                                "integer model as a float (is an observer missing after it?)")
+
+        self.graph.output(fx.map_arg(node.args[0], to_new))
+        self.output_scales = scales
+        return None
+
+
+class Site:
+    """One float op being lowered: its arguments as Operands / Consts, its module, its output observer."""
+
+    def __init__(self, lowering: Lowering, node: fx.Node, entry: OpEntry, observer: IsegObserver | None,
+                 observer_node: fx.Node | None = None):
+        self.lowering, self.node, self.entry, self.observer = lowering, node, entry, observer
+        self.observer_node = observer_node
+        self.name = node.name
+        self.module = lowering.src.get_submodule(node.target) if node.op == "call_module" else None
+        self.args = [self.resolve(a) for a in node.args]
+        self.kwargs = {k: self.resolve(v) for k, v in node.kwargs.items()}
+
+    def resolve(self, arg):
+        if isinstance(arg, fx.Node):
+            value = self.lowering.env[arg]
+            if isinstance(value, Pending):
+                raise LoweringError(f"{describe(arg)} feeds {describe(self.node)} without an observer in "
+                                    "between: its output would stay float (is the op in the backend config?)")
+            return value
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.resolve(a) for a in arg)
+        return arg
+
+    def arg(self, i: int, name: str | None = None, default=None):
+        """Positional argument ``i`` or keyword ``name``, Consts unwrapped to their value."""
+        value = self.args[i] if i < len(self.args) else self.kwargs.get(name, default)
+
+        def unwrap(v):
+            if isinstance(v, (list, tuple)):
+                return type(v)(unwrap(u) for u in v)
+            return v.value if isinstance(v, Const) else v
+
+        return unwrap(value)
+
+    def input(self, i: int = 0, bits: int | None = None) -> Operand:
+        value = self.args[i]
+        if not isinstance(value, (Operand, Const)):
+            raise LoweringError(f"{describe(self.node)}: argument {i} is {type(value).__name__}, not a tensor")
+        if bits is None:
+            bits = self.entry.input_bits or 16
+        return self.lowering.need(value, bits, f"{self.name}_in{i}")
+
+    def output_format(self) -> tuple[float, tuple[int, int]]:
+        return self.lowering.output_format(self.observer, self.observer_node)
+
+    def requant_to_output(self, in_scale) -> tuple[Requant, float, tuple[int, int]]:
+        scale, bounds = self.output_format()
+        return Requant.between(in_scale, scale, bounds), scale, bounds
+
+    def emit(self, module: nn.Module, *inputs: fx.Node) -> fx.Node:
+        return self.lowering.emit(self.name, module, *inputs)
+
+    def out(self, node: fx.Node, scale: float, bounds: tuple[int, int]) -> Operand:
+        return Operand(node, scale, bounds, self.observer)
+
+    def refuse(self, why: str) -> LoweringError:
+        return LoweringError(f"{describe(self.node)}: {why}")
+
+    def shape(self) -> tuple[int, ...]:
+        return self.lowering.shape(self.node)
+
+    def map_to_new(self, value):
+        """An argument for a node of the new graph: Operands by their node, Consts by their value."""
+        if isinstance(value, Operand):
+            return value.node
+        if isinstance(value, Const):
+            if isinstance(value.value, Tensor):
+                raise self.refuse("a float constant tensor would enter an integer op; quantize it through an "
+                                  "observed op (add, cat, mul) instead")
+            return value.value
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.map_to_new(v) for v in value)
+        return value
+
+
+def lower(prepared: fx.GraphModule, example_inputs: tuple, pixels: dict | None = None) -> fx.GraphModule:
+    """Lower a prepared, calibrated GraphModule to an integer-only one (see the module docstring).
+
+    ``pixels=dict(mean=..., std=...)``: the model's (first) input is an image normalised with them; the
+    integer model then takes uint8 RGB pixels and folds the normalisation into its first requantization.
+    Otherwise it takes each input as integers at ``input_formats`` (``quantize_inputs`` makes them).
+    """
+    return Lowering(prepared, example_inputs, pixels).run()
+
+
+def quantize_inputs(model: fx.GraphModule, *inputs: Tensor) -> tuple[Tensor, ...]:
+    """Float inputs -> the integers an integer model takes (preprocessing, outside the model)."""
+    return tuple(intops.quantize(x.float(), torch.tensor(scale), bounds).to(storage_dtype(bounds))
+                 for x, (scale, bounds) in zip(inputs, model.input_formats))
+
+
+from ..ops import entries as _entries  # noqa: E402,F401 - the operators (they import this module)

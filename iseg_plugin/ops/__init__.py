@@ -1,0 +1,7 @@
+"""The operator registry (:mod:`.registry`), its entries (:mod:`.entries`), their deployed modules
+(:mod:`.modules`) and the observer of the per-op front ends (:mod:`.observer`)."""
+from .observer import IsegObserver
+from .registry import REGISTRY, OpEntry, OpRegistry, UnknownVariantError, Variant
+
+__all__ = ["IsegObserver", "REGISTRY", "OpEntry", "OpRegistry", "UnknownVariantError", "Variant"]
+from ..lowering import lower as _lowering  # noqa: E402,F401 - loads the registry entries

@@ -1,0 +1,313 @@
+"""The registry's entries: every integer operator, its float ops, its constants, its deployed module.
+
+Each ``_lower_*`` function is a variant's conversion step: it reads the observed scales of the op's
+inputs and output (a :class:`~iseg_plugin.lowering.lower.Site`), computes the integer constants once
+and emits the deployed module of :mod:`.modules`. Adding an operator or a variant is one ``register``
+call here.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import intops
+from ..lowering.lower import Const, Operand, Site
+from . import modules as M
+from .registry import REGISTRY, OpEntry, Variant
+
+WEIGHT_BITS = 8
+SOFTMAX_BITS = 16  # probabilities in [0, 2**15], read by the next GEMM as two int8 halves
+
+
+def _quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric INT8 (round half to even, as Brevitas and torch.ao)."""
+    w = weight.detach().float().flatten(1)
+    lo, hi = intops.channel_minmax(w, 0)
+    scale = intops.symmetric_scale(lo, hi, WEIGHT_BITS)
+    return intops.quantize(w, scale, WEIGHT_BITS, channel_dim=0).to(torch.int8), scale.double()
+
+
+def _linear_module(site: Site, x: Operand, weight, bias) -> tuple[M.Linear, float, tuple[int, int]]:
+    w_int, w_scale = _quantize_weight(weight)
+    acc_scale = x.scale * w_scale
+    b_int = None
+    if bias is not None:
+        b_int = torch.round(bias.detach().double() / acc_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+    out, scale, bounds = site.requant_to_output(acc_scale)
+    return M.Linear(w_int, b_int, out), scale, bounds
+
+
+def _lower_linear(site: Site) -> Operand:
+    x = site.input(0)
+    if site.module is not None:
+        weight, bias = site.module.weight, site.module.bias
+    else:
+        weight, bias = site.arg(1, "weight"), site.arg(2, "bias")
+    module, scale, bounds = _linear_module(site, x, weight, bias)
+    return site.out(site.emit(module, x.node), scale, bounds)
+
+
+def _lower_patch_conv(site: Site) -> Operand:
+    conv = site.module
+    if (conv.kernel_size != conv.stride or conv.padding not in (0, (0, 0)) or conv.groups != 1
+            or conv.dilation not in (1, (1, 1))):
+        raise site.refuse("only patchifying Conv2d (kernel == stride, no padding, groups 1) has an integer "
+                          f"lowering; got kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}")
+    _, _, h, w = site.lowering.shape(site.node.args[0])
+    if h % conv.kernel_size[0] or w % conv.kernel_size[1]:
+        raise site.refuse(f"input {h}x{w} is not a multiple of the patch {conv.kernel_size}: pad it first")
+    x = site.input(0)
+    module, scale, bounds = _linear_module(site, x, conv.weight, conv.bias)  # patches flatten as (in, kh, kw)
+    return site.out(site.emit(M.PatchConv(module, tuple(conv.kernel_size)), x.node), scale, bounds)
+
+
+def _lower_matmul(site: Site) -> Operand:
+    a = site.args[0]
+    probabilities = isinstance(a, Operand) and a.bounds == (0, 1 << (SOFTMAX_BITS - 1))
+    a = a if probabilities else site.input(0, 8)
+    b = site.input(1, 8)
+    out, scale, bounds = site.requant_to_output(a.scale * b.scale)
+    return site.out(site.emit(M.MatMul(probabilities, out), a.node, b.node), scale, bounds)
+
+
+def _lower_add(site: Site) -> Operand:
+    if site.node.kwargs.get("alpha", 1) != 1:
+        raise site.refuse("add with alpha != 1 has no integer lowering")
+    scale, bounds = site.output_format()
+    bits = 16 if bounds[1] > 127 else 8
+    parts = [site.args[0], site.args[1]]
+    if not all(isinstance(p, (Operand, Const)) for p in parts):
+        raise site.refuse("adding a Python number to a quantized tensor has no integer lowering")
+    a, b = (p if isinstance(p, Operand) else site.lowering.quantized_constant(p, 16, f"{site.name}_const")
+            for p in parts)
+    module = M.Add(intops.dyadic_from_ratio(a.scale / scale), intops.dyadic_from_ratio(b.scale / scale), bits)
+    return site.out(site.emit(module, a.node, b.node), scale, bounds)
+
+
+def _lower_mul(site: Site, divide: bool = False) -> Operand:
+    a, b = site.args[0], site.args[1]
+    if not isinstance(a, Operand):
+        a, b = b, a
+    if isinstance(b, Const) and not isinstance(b.value, torch.Tensor):
+        b = Const(torch.tensor(float(b.value)))
+    if not isinstance(b, (Operand, Const)):
+        b = Const(torch.tensor(float(b)))
+    if isinstance(b, Const):
+        c = b.value.detach().double()
+        if divide:
+            c = 1.0 / c
+        if c.numel() == 1 and float(c) > 0:  # a positive scalar only changes the scale: no op at all
+            return Operand(a.node, a.scale * float(c), a.bounds, site.observer)
+        if c.numel() == 1 or (c.dim() >= 1 and c.numel() == c.shape[-1]):  # per channel of the last dim
+            out, scale, bounds = site.requant_to_output(a.scale * c.flatten())
+            return site.out(site.emit(out, a.node), scale, bounds)
+        raise site.refuse("multiplying by a constant that is not a scalar or per-channel has no integer lowering")
+    if divide:
+        raise site.refuse("dividing by a quantized tensor has no integer lowering")
+    a, b = site.input(0), site.input(1)
+    out, scale, bounds = site.requant_to_output(a.scale * b.scale)
+    return site.out(site.emit(M.Mul(out), a.node, b.node), scale, bounds)
+
+
+def _layer_norm_args(site: Site):
+    if site.module is not None:
+        m = site.module
+        return m.normalized_shape, m.weight, m.bias, m.eps
+    return site.arg(1, "normalized_shape"), site.arg(2, "weight"), site.arg(3, "bias"), site.arg(4, "eps", 1e-5)
+
+
+def _lower_layer_norm(site: Site) -> Operand:
+    shape, weight, bias, eps = _layer_norm_args(site)
+    channels = site.lowering.shape(site.node.args[0])[-1]
+    if tuple(shape) != (channels,):
+        raise site.refuse(f"I-LayerNorm normalises the last dimension only; got normalized_shape {tuple(shape)}")
+    weight = torch.ones(channels) if weight is None else weight
+    bias = torch.zeros(channels) if bias is None else bias
+    x = site.input(0)
+    params = intops.layernorm_params(weight.detach().float(), bias.detach().float())
+    out, scale, bounds = site.requant_to_output(params.out_scale)
+    module = M.LayerNorm(params, intops.layernorm_eps(eps, x.scale), out)
+    return site.out(site.emit(module, x.node), scale, bounds)
+
+
+def _gelu_lowering(build):
+    def lower(site: Site) -> Operand:
+        x = site.input(0)
+        out, scale, bounds = site.requant_to_output(x.scale * 2.0**-7)  # the GELUs' output: S * 2**-(k_out-1)
+        return site.out(site.emit(build(site, x, out), x.node), scale, bounds)
+
+    return lower
+
+
+def _poly_gelu(site: Site, x: Operand, out: M.Requant) -> M.PolyGELU:
+    if x.observer is None or x.observer.samples.numel() == 0:
+        raise site.refuse("Poly-GELU is fitted to calibration samples of its input, and none were observed")
+    a, b = intops.fit_poly_gelu(x.observer.samples)
+    return M.PolyGELU(intops.poly_gelu_params(a, b, x.scale), out)
+
+
+def _softmax_dim(site: Site) -> int:
+    dim = site.module.dim if site.module is not None else site.arg(1, "dim")
+    if dim is None:
+        raise site.refuse("softmax needs an explicit dim")
+    return dim
+
+
+def _softmax_lowering(build):
+    def lower(site: Site) -> Operand:
+        x = site.input(0)
+        module = build(x.scale, SOFTMAX_BITS, _softmax_dim(site))
+        return site.out(site.emit(module, x.node), 2.0 ** -(SOFTMAX_BITS - 1), (0, 1 << (SOFTMAX_BITS - 1)))
+
+    return lower
+
+
+def _lower_normalize(site: Site) -> Operand:
+    p, dim = site.arg(1, "p", 2.0), site.arg(2, "dim", 1)
+    rank = len(site.lowering.shape(site.node.args[0]))
+    if p != 2 or dim not in (-1, rank - 1):
+        raise site.refuse(f"integer L2 normalisation is over the last dimension with p=2; got p={p}, dim={dim}")
+    x = site.input(0)
+    out, scale, bounds = site.requant_to_output(2.0**-15)
+    return site.out(site.emit(M.L2Norm(15, out), x.node), scale, bounds)
+
+
+def _lower_interpolate(site: Site) -> Operand:
+    mode = site.module.mode if site.module is not None else site.arg(3, "mode", "nearest")
+    align = site.module.align_corners if site.module is not None else site.arg(4, "align_corners", None)
+    if mode not in ("nearest", "bilinear") or (mode == "bilinear" and align):
+        raise site.refuse(f"integer upsampling is nearest or bilinear (align_corners=False); got mode={mode!r}, "
+                          f"align_corners={align}")
+    x = site.input(0, 16)
+    size = site.shape()[-2:]
+    return site.out(site.emit(M.Upsample(mode, size, None), x.node), x.scale, x.bounds)
+
+
+def _lower_mean(site: Site) -> Operand:
+    dim, keepdim = site.arg(1, "dim"), bool(site.arg(2, "keepdim", False))
+    if dim is None:
+        raise site.refuse("mean over all dimensions: give dim")
+    in_shape = site.lowering.shape(site.node.args[0])
+    dims = dim if isinstance(dim, (list, tuple)) else (dim,)
+    count = math.prod(in_shape[d] for d in dims)
+    x = site.input(0)
+    out, scale, bounds = site.requant_to_output(x.scale / count)
+    return site.out(site.emit(M.Mean(dim, keepdim, out), x.node), scale, bounds)
+
+
+def _lower_cat(site: Site) -> Operand:
+    parts = site.args[0] if site.args else site.kwargs["tensors"]  # Operands and Consts, not unwrapped
+    dim = site.arg(1, "dim", 0)
+    scale, bounds = site.output_format()
+    bits = 16 if bounds[1] > 127 else 8
+    nodes, requants = [], []
+    for i, part in enumerate(parts):
+        if isinstance(part, Const):
+            part = site.lowering.quantized_constant(part, bits, f"{site.name}_const{i}", scale=scale)
+        same = part.scale == scale and bounds[0] <= part.bounds[0] and part.bounds[1] <= bounds[1]
+        requants.append(None if same else M.Requant.between(part.scale, scale, bounds))
+        nodes.append(part.node)
+    module = M.Cat(dim, requants, M.storage_dtype(bounds))
+    return site.out(site.emit(module, *nodes), scale, bounds)
+
+
+def _lower_shape_op(site: Site) -> Operand | Const:
+    """Shape ops move integers without changing them: the same call on the integer tensor."""
+    source = next(a for a in site.args + list(site.kwargs.values()) if isinstance(a, Operand))
+    node = site.node
+    if node.op == "call_module":  # Dropout / Identity in eval: nothing
+        return source
+    if node.target is F.pad and site.arg(3, "value", 0) not in (0, 0.0, None):
+        raise site.refuse("padding with a value other than 0 has no integer lowering")
+    if node.op == "call_method" and node.target in _IDENTITY_METHODS:
+        return source
+    graph = site.lowering.graph
+    args = site.map_to_new(tuple(site.args))
+    kwargs = {k: site.map_to_new(v) for k, v in site.kwargs.items()}
+    new = graph.call_method(node.target, args, kwargs) if node.op == "call_method" else graph.call_function(
+        node.target, args, kwargs)
+    return Operand(new, source.scale, source.bounds, source.observer)
+
+
+def _single(lower, doc: str) -> dict[str, Variant]:
+    return {"default": Variant("default", lower, doc)}
+
+
+_IDENTITY_METHODS = ("contiguous", "float", "to", "type_as", "clone", "detach")
+SHAPE_METHODS = ("reshape", "view", "permute", "transpose", "t", "flatten", "unflatten", "expand", "squeeze",
+                 "unsqueeze") + _IDENTITY_METHODS
+
+REGISTRY.register(OpEntry(
+    "linear", "INT8 x INT8 -> INT32 (+ INT32 bias), per-channel dyadic requantization to the output",
+    modules=(nn.Linear,), functions=(F.linear,), input_bits=8,
+    variants=_single(_lower_linear, "int8 GEMM, requantization fused in the module")))
+REGISTRY.register(OpEntry(
+    "conv2d", "patchifying Conv2d (kernel == stride) as one INT8 GEMM over patches",
+    modules=(nn.Conv2d,), input_bits=8, variants=_single(_lower_patch_conv, "patches @ W^T")))
+REGISTRY.register(OpEntry(
+    "matmul", "activation @ activation: INT8 x INT8, or UINT16 probabilities x INT8 (two int8 halves)",
+    functions=(torch.matmul, operator.matmul, torch.bmm), methods=("matmul", "bmm"), input_bits=8,
+    variants=_single(_lower_matmul, "int32 accumulator, requantized")))
+REGISTRY.register(OpEntry(
+    "add", "residual / embedding add: both operands requantized to the output scale (INT16 stream)",
+    functions=(operator.add, torch.add, operator.iadd), methods=("add",), input_bits=None,
+    variants=_single(_lower_add, "requantize_add")))
+REGISTRY.register(OpEntry(
+    "mul", "x * c (scalar: a scale change, no op; per channel: one requantization) or x * y, and x / c",
+    functions=(operator.mul, torch.mul), methods=("mul",), input_bits=None,
+    variants=_single(_lower_mul, "dyadic rescale")))
+REGISTRY.register(OpEntry(
+    "div", "x / c for a constant c: a scale change",
+    functions=(operator.truediv, torch.div), methods=("div",), input_bits=None,
+    variants=_single(lambda site: _lower_mul(site, divide=True), "dyadic rescale")))
+REGISTRY.register(OpEntry(
+    "layer_norm", "I-LayerNorm over the last dimension, fused with its output requantization",
+    modules=(nn.LayerNorm,), functions=(F.layer_norm,), input_bits=16,
+    variants=_single(_lower_layer_norm, "exact isqrt, INT16 gamma, int64 sums")))
+REGISTRY.register(OpEntry(
+    "gelu", "integer GELU of INT8 input, output S * 2**-7 requantized",
+    modules=(nn.GELU,), functions=(F.gelu,), input_bits=8,
+    variants={
+        "poly": Variant("poly", _gelu_lowering(_poly_gelu), "Poly-GELU (IPTQ-ViT): quartic erf fitted on calibration data"),
+        "lambda-shift": Variant("lambda-shift", _gelu_lowering(
+            lambda site, x, out: M.LambdaShiftGELU(intops.lambda_shift_gelu_params(x.scale), out)),
+            "lambda-ShiftGELU (I-Segmenter): sigmoid reference capped at lambda = 6"),
+        "shift": Variant("shift", _gelu_lowering(lambda site, x, out: M.ShiftGELU(intops.exp_i0(x.scale), out)),
+                         "ShiftGELU (I-ViT): x * sigmoid(1.6875 x) by ShiftExp"),
+    }))
+REGISTRY.register(OpEntry(
+    "softmax", "integer softmax of INT16 logits; probabilities UINT16-range [0, 2**15], scale 2**-15",
+    modules=(nn.Softmax,), functions=(F.softmax, torch.softmax), methods=("softmax",), input_bits=16,
+    variants={
+        "bit-exp": Variant("bit-exp", _softmax_lowering(
+            lambda scale, bits, dim: M.BitExpSoftmax(intops.bit_exp_params(scale), bits, dim)),
+            "bit-exp softmax (IPTQ-ViT, our reading): exact log2 e, quadratic 2**u"),
+        "shift": Variant("shift", _softmax_lowering(
+            lambda scale, bits, dim: M.Shiftmax(intops.exp_i0(scale), bits, dim)), "Shiftmax (I-ViT)"),
+    }))
+REGISTRY.register(OpEntry(
+    "l2_normalize", "integer L2 normalisation over the last dimension (F.normalize, p=2)",
+    functions=(F.normalize,), input_bits=16, variants=_single(_lower_normalize, "exact isqrt, 15 fraction bits")))
+REGISTRY.register(OpEntry(
+    "interpolate", "nearest, or integer bilinear with exact rational weights (align_corners=False)",
+    modules=(nn.Upsample,), functions=(F.interpolate,), input_bits=16,
+    variants=_single(_lower_interpolate, "same scale as the input")))
+REGISTRY.register(OpEntry(
+    "mean", "mean over dims: int64 sum, one requantization by S_in / (n S_out)",
+    functions=(torch.mean,), methods=("mean",), input_bits=16, variants=_single(_lower_mean, "sum + requant")))
+REGISTRY.register(OpEntry(
+    "cat", "concatenation at the output scale (constants such as cls tokens quantized to it)",
+    functions=(torch.cat, torch.concat), input_bits=None, variants=_single(_lower_cat, "requantize, then cat")))
+REGISTRY.register(OpEntry(
+    "shape", "reshape / permute / index / pad(0) / dropout in eval: the same call on the integers",
+    modules=(nn.Dropout, nn.Identity), functions=(operator.getitem, torch.flatten, torch.transpose, torch.permute,
+                                                   torch.reshape, torch.squeeze, torch.unsqueeze, F.pad, F.dropout),
+    methods=SHAPE_METHODS, observation="share", input_bits=None, variants=_single(_lower_shape_op, "no arithmetic")))
+REGISTRY.register(OpEntry(
+    "split", "chunk / split / unbind: tuples of integer tensors (not observed: torch.ao observes tensors only)",
+    functions=(torch.chunk, torch.split, torch.unbind), methods=("chunk", "split", "unbind"), observation="none",
+    input_bits=None, variants=_single(_lower_shape_op, "no arithmetic")))

@@ -1,0 +1,287 @@
+"""Deployed modules of the operator registry: integer buffers in, integer tensors through.
+
+Each module runs one registry operator with the constants its entry computed at conversion. The same
+module also runs on float tensors holding integers (the fake-quant form, for checking and for
+straight-through training): GEMMs then accumulate in float64, exact for INT32 results, and every other
+step is an :mod:`iseg_plugin.intops` function, which serves both kinds of tensor (one arithmetic).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import intops
+from ..deploy.modules import INT8, INT64, int8_matmul, uint16_matmul
+from ..intops import Dyadic
+
+INT32 = torch.int32
+
+
+def narrow(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Store integers in ``dtype`` (deployment); a float tensor holding integers stays as it is."""
+    return x if x.dtype.is_floating_point else x.to(dtype)
+
+
+def storage_dtype(bounds: tuple[int, int]) -> torch.dtype:
+    """The narrowest integer dtype holding ``[lo, hi]``."""
+    lo, hi = bounds
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    return INT64
+
+
+def gemm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact product of int8 operands: the int8 kernel (int32 accumulator, as int64), or float64 on floats."""
+    if a.dtype.is_floating_point:
+        return torch.matmul(a.double(), b.double())
+    return int8_matmul(a.to(INT8), b.to(INT8)).to(INT64)
+
+
+class Requant(nn.Module):
+    """Dyadic requantization to ``bounds`` (per tensor, or per channel of the last dimension)."""
+
+    def __init__(self, dyadic: Dyadic, bounds: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("multiplier", dyadic.multiplier.to(INT64))
+        self.register_buffer("shift", dyadic.shift.to(INT64))
+        self.bounds = (int(bounds[0]), int(bounds[1]))
+
+    @classmethod
+    def between(cls, in_scale: Tensor | float, out_scale: float, bounds: tuple[int, int]) -> "Requant":
+        ratio = torch.as_tensor(in_scale, dtype=torch.float64) / out_scale
+        return cls(intops.dyadic_from_ratio(ratio), bounds)
+
+    def dyadic(self) -> Dyadic:
+        return Dyadic(self.multiplier, self.shift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return narrow(intops.requantize(x, self.dyadic(), self.bounds), storage_dtype(self.bounds))
+
+
+class Multiplier(nn.Module):
+    """A dyadic multiplier that an operator takes as a constant (no clamp of its own)."""
+
+    def __init__(self, dyadic: Dyadic):
+        super().__init__()
+        self.register_buffer("multiplier", dyadic.multiplier.to(INT64))
+        self.register_buffer("shift", dyadic.shift.to(INT64))
+
+    def dyadic(self) -> Dyadic:
+        return Dyadic(self.multiplier, self.shift)
+
+
+class Linear(nn.Module):
+    """INT8 x INT8 -> INT32 (+ INT32 bias) over the last dimension, requantized to its output."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, out: Requant):
+        super().__init__()
+        self.register_buffer("weight_t", weight.to(INT8).t().contiguous())  # (in, out)
+        self.register_buffer("bias", None if bias is None else bias.to(INT32))
+        self.out = out
+
+    def forward(self, x: Tensor) -> Tensor:
+        acc = gemm(x.reshape(-1, x.shape[-1]), self.weight_t)
+        if self.bias is not None:
+            acc = acc + self.bias.to(acc.dtype)
+        return self.out(acc.reshape(*x.shape[:-1], acc.shape[-1]))
+
+
+class PatchConv(nn.Module):
+    """A Conv2d whose kernel equals its stride (ViT patch embedding): patches @ weight, one GEMM."""
+
+    def __init__(self, linear: Linear, patch: tuple[int, int]):
+        super().__init__()
+        self.linear = linear
+        self.patch = patch
+
+    def forward(self, x: Tensor) -> Tensor:
+        (ph, pw), (b, c, h, w) = self.patch, x.shape
+        patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5).flatten(3)
+        return self.linear(patches).permute(0, 3, 1, 2)
+
+
+class MatMul(nn.Module):
+    """a @ b of two quantized activations; an unsigned 16-bit left operand (softmax probabilities)
+    is split into two int8 halves (:func:`uint16_matmul`)."""
+
+    def __init__(self, probabilities: bool, out: Requant):
+        super().__init__()
+        self.probabilities = probabilities
+        self.out = out
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.dtype.is_floating_point:
+            return self.out(torch.matmul(a.double(), b.double()))
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])  # the int8 kernels take equal batches
+        a, b = a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:])
+        if self.probabilities:
+            return self.out(uint16_matmul(a.to(INT64), b.to(INT8)))
+        return self.out(int8_matmul(a.to(INT8), b.to(INT8)).to(INT64))
+
+
+class Add(nn.Module):
+    """Residual add: each operand requantized to the output scale, summed, clamped (I-ViT's QuantAct)."""
+
+    def __init__(self, a: Dyadic, b: Dyadic, bits: int):
+        super().__init__()
+        self.a, self.b = Multiplier(a), Multiplier(b)
+        self.bits = bits
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        out = intops.requantize_add(a, self.a.dyadic(), b, self.b.dyadic(), self.bits)
+        return narrow(out, storage_dtype(intops.int_range(self.bits)))
+
+
+class Mul(nn.Module):
+    """Product of two quantized tensors (or a tensor and an integer constant), requantized."""
+
+    def __init__(self, out: Requant):
+        super().__init__()
+        self.out = out
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        wide = (lambda t: t) if a.dtype.is_floating_point else (lambda t: t.to(INT64))
+        return self.out(wide(a) * wide(b))
+
+
+class LayerNorm(nn.Module):
+    """I-LayerNorm over the last dimension, fused with its output requantization."""
+
+    def __init__(self, params: intops.LayerNormParams, eps: int, out: Requant):
+        super().__init__()
+        self.register_buffer("weight", params.weight.detach().to(INT64))
+        self.register_buffer("bias", params.bias.detach().to(INT64))
+        self.eps = int(eps)
+        self.out = out
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = intops.i_layernorm(x, self.weight, self.bias, eps=self.eps, out=self.out.dyadic(), out_bits=self.out.bounds)
+        return narrow(y, storage_dtype(self.out.bounds))
+
+
+class ShiftGELU(nn.Module):
+    """ShiftGELU (I-ViT): output at the input scale times 2**-7, then requantized."""
+
+    def __init__(self, i0: int, out: Requant):
+        super().__init__()
+        self.i0, self.out = int(i0), out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(intops.shift_gelu(x, self.i0))
+
+
+class LambdaShiftGELU(nn.Module):
+    """λ-ShiftGELU (I-Segmenter): ShiftGELU with its sigmoid reference capped at λ."""
+
+    def __init__(self, params: intops.LambdaGeluParams, out: Requant):
+        super().__init__()
+        self.i0, self.cap, self.frac_bits = int(params.i0), int(params.cap), int(params.frac_bits)
+        self.out = out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(intops.lambda_shift_gelu(x, intops.LambdaGeluParams(self.i0, self.cap, self.frac_bits)))
+
+
+class PolyGELU(nn.Module):
+    """Poly-GELU (IPTQ-ViT): the quartic erf fitted on the calibration data."""
+
+    def __init__(self, params: intops.PolyGeluParams, out: Requant):
+        super().__init__()
+        self.clip, self.pre_shift, self.i0 = int(params.clip), int(params.pre_shift), int(params.i0)
+        self.poly = Multiplier(params.poly)
+        self.out = out
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = intops.PolyGeluParams(self.clip, self.pre_shift, self.poly.dyadic(), self.i0)
+        return self.out(intops.poly_gelu(x, params))
+
+
+class Shiftmax(nn.Module):
+    """Shiftmax (I-ViT): probabilities in [0, 2**(bits-1)] at scale 2**-(bits-1)."""
+
+    def __init__(self, i0: int, bits: int, dim: int):
+        super().__init__()
+        self.i0, self.bits, self.dim = int(i0), int(bits), int(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return narrow(intops.shiftmax(x, self.i0, k_out=self.bits, dim=self.dim), INT32)
+
+
+class BitExpSoftmax(nn.Module):
+    """Bit-exp softmax (IPTQ-ViT, our reading): probabilities as Shiftmax's."""
+
+    def __init__(self, params: Dyadic, bits: int, dim: int):
+        super().__init__()
+        self.exponent = Multiplier(params)
+        self.bits, self.dim = int(bits), int(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return narrow(intops.bit_exp_softmax(x, self.exponent.dyadic(), k_out=self.bits, dim=self.dim), INT32)
+
+
+class L2Norm(nn.Module):
+    """Integer L2 normalisation over the last dimension: scale 2**-frac_bits, then requantized."""
+
+    def __init__(self, frac_bits: int, out: Requant):
+        super().__init__()
+        self.frac_bits, self.out = int(frac_bits), out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(intops.l2_normalize(x, self.frac_bits))
+
+
+class Upsample(nn.Module):
+    """Nearest or integer bilinear resize of (B, C, H, W) integers to ``size`` (scale unchanged)."""
+
+    def __init__(self, mode: str, size: tuple[int, int], out: Requant | None):
+        super().__init__()
+        self.mode, self.size, self.out = mode, (int(size[0]), int(size[1])), out
+
+    def forward(self, x: Tensor) -> Tensor:
+        resize = intops.upsample_nearest if self.mode == "nearest" else intops.upsample_bilinear
+        y = resize(x, self.size)
+        return y if self.out is None else self.out(y)
+
+
+class Mean(nn.Module):
+    """Mean over ``dim``: an int64 sum, then one requantization by S_in / (n S_out)."""
+
+    def __init__(self, dim, keepdim: bool, out: Requant):
+        super().__init__()
+        self.dim, self.keepdim, self.out = dim, keepdim, out
+
+    def forward(self, x: Tensor) -> Tensor:
+        wide = x if x.dtype.is_floating_point else x.to(INT64)
+        return self.out(wide.sum(self.dim, keepdim=self.keepdim))
+
+
+class Cat(nn.Module):
+    """Concatenation at one scale: each input requantized to it first (None: already there)."""
+
+    def __init__(self, dim: int, requants: list[Requant | None], dtype: torch.dtype):
+        super().__init__()
+        self.dim = dim
+        self.requants = nn.ModuleList([nn.Identity() if r is None else r for r in requants])
+        self.dtype = dtype
+
+    def forward(self, *parts: Tensor) -> Tensor:
+        return torch.cat([narrow(r(p), self.dtype) for r, p in zip(self.requants, parts)], self.dim)
+
+
+class PixelsToInt8(nn.Module):
+    """uint8 RGB pixels (B, 3, H, W) -> INT8 input integers, mean and std folded into one dyadic
+    multiplier per channel (:func:`iseg_plugin.quant.act.pixels_to_int8`)."""
+
+    def __init__(self, mean_fixed: Tensor, multiplier: Dyadic):
+        super().__init__()
+        self.register_buffer("mean_fixed", mean_fixed.to(INT64))
+        self.pixel = Requant(multiplier, (-128, 127))
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        from ..quant.act import pixels_to_int8
+
+        if not pixels.dtype.is_floating_point and pixels.dtype != torch.uint8:
+            raise TypeError(f"this integer model takes uint8 RGB pixels, got {pixels.dtype}")
+        return narrow(pixels_to_int8(pixels, self.mean_fixed, self.pixel.dyadic()), INT8)

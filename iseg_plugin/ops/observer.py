@@ -1,0 +1,66 @@
+"""The one activation observer of the per-op front ends: a torch.ao observer that records ranges.
+
+It is a ``MinMaxObserver`` (so ``prepare_fx`` / ``prepare_qat_fx`` / torchao's ``prepare_pt2e`` accept
+it) with three additions the integer lowering needs:
+
+* the range is an EMA with the paper's update weight ``momentum`` (0.05 for PTQ, 0.01 for QAT; the
+  first batch is taken as it is), through :func:`iseg_plugin.intops.ema_minmax`;
+* ``variant`` names the registry variant of the op whose output it observes (GELU, softmax), so a
+  qconfig chooses the integer operator per op type or per module, as torch.ao's qconfigs do;
+* a bounded sample of the values it saw, for operators whose constants are fitted to the data
+  (Poly-GELU's quartic).
+
+Its torch.ao dtype is nominal (``qint8``): the bit width of each value is decided at lowering by the
+operator that consumes it (INT8 into a GEMM, INT16 along the residual stream), from this range.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.ao.quantization.observer import MinMaxObserver
+
+from .. import intops
+
+SAMPLES_PER_BATCH = 4096
+MAX_SAMPLES = 65536
+
+
+class IsegObserver(MinMaxObserver):
+    def __init__(self, momentum: float = 0.05, variant: str | None = None, **kwargs):
+        kwargs.setdefault("dtype", torch.qint8)
+        kwargs.setdefault("qscheme", torch.per_tensor_symmetric)
+        super().__init__(**kwargs)
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+        self.variant = variant
+        self.register_buffer("samples", torch.zeros(0))
+        self.register_buffer("batches", torch.tensor(0))
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, variant={self.variant}, batches={int(self.batches)}"
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.numel() == 0:  # torch.ao also observes tuples (chunk): not values
+            return x
+        real = x.detach().float()
+        running = (self.min_val, self.max_val) if int(self.batches) else None
+        lo, hi = intops.ema_minmax(running, real, self.momentum)
+        self.min_val.resize_(lo.shape).copy_(lo)
+        self.max_val.resize_(hi.shape).copy_(hi)
+        flat = real.flatten()
+        step = max(1, flat.numel() // SAMPLES_PER_BATCH)
+        self.samples = torch.cat([self.samples, flat[::step]])[-MAX_SAMPLES:]
+        self.batches += 1
+        return x
+
+    def calibrated(self) -> bool:
+        return int(self.batches) > 0
+
+    def real_range(self) -> tuple[float, float]:
+        return float(self.min_val), float(self.max_val)
+
+    def scale(self, bits: int) -> float:
+        """The symmetric scale of a signed ``bits``-wide grid over the observed range."""
+        return float(intops.symmetric_scale(self.min_val, self.max_val, bits))
