@@ -29,6 +29,7 @@ from torch.ao.quantization.observer import ObserverBase
 from .. import intops
 from ..ops.modules import PixelsToInt8, Requant, storage_dtype
 from ..ops.observer import IsegObserver
+from ..quant.act import pixel_params
 from ..ops.registry import REGISTRY, OpEntry
 
 
@@ -213,10 +214,10 @@ class Lowering:
         return gm
 
     def _unique(self, name: str) -> str:
-        base, i = name.replace(".", "_"), 1
-        while name in self._names or hasattr(self.root, name):
+        base = name = name.replace(".", "_")
+        i = 1
+        while name in self._names:
             name, i = f"{base}_{i}", i + 1
-        name = name.replace(".", "_")
         self._names.add(name)
         return name
 
@@ -258,14 +259,8 @@ class Lowering:
 
     def _quantized_input(self, node: fx.Node, placeholder: fx.Node, observer: IsegObserver) -> Operand:
         if self.pixels is not None:
-            from ..quant.act import QuantInput
-
-            unit = 1 << QuantInput.MEAN_FRAC_BITS
-            mean = torch.as_tensor(self.pixels["mean"], dtype=torch.float64).flatten()
-            std = torch.as_tensor(self.pixels["std"], dtype=torch.float64).flatten()
             scale = observer.scale(8)
-            module = PixelsToInt8(torch.round(mean * unit).to(torch.int64),
-                                  intops.dyadic_from_ratio(1.0 / (unit * std * scale)))
+            module = PixelsToInt8(*pixel_params(self.pixels["mean"], self.pixels["std"], scale))
             self.input_formats.append((scale, (0, 255)))
             return Operand(self.emit("pixels_to_int8", module, placeholder), scale, (-128, 127), observer)
         bits = self.demand(node)

@@ -92,12 +92,8 @@ def _lower_mul(site: Site, divide: bool = False) -> Operand:
     a, b = site.args[0], site.args[1]
     if not isinstance(a, Operand):
         a, b = b, a
-    if isinstance(b, Const) and not isinstance(b.value, torch.Tensor):
-        b = Const(torch.tensor(float(b.value)))
-    if not isinstance(b, (Operand, Const)):
-        b = Const(torch.tensor(float(b)))
-    if isinstance(b, Const):
-        c = b.value.detach().double()
+    if not isinstance(b, Operand):  # a constant: a Python number or a tensor that does not depend on the input
+        c = torch.as_tensor(b.value if isinstance(b, Const) else b).detach().double()
         if divide:
             c = 1.0 / c
         if c.numel() == 1 and float(c) > 0:  # a positive scalar only changes the scale: no op at all

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .. import intops
 from ..deploy.modules import INT8, INT64, int8_matmul, uint16_matmul
 from ..intops import Dyadic
+from ..quant.act import pixels_to_int8
 
 INT32 = torch.int32
 
@@ -280,8 +281,6 @@ class PixelsToInt8(nn.Module):
         self.pixel = Requant(multiplier, (-128, 127))
 
     def forward(self, pixels: Tensor) -> Tensor:
-        from ..quant.act import pixels_to_int8
-
         if not pixels.dtype.is_floating_point and pixels.dtype != torch.uint8:
             raise TypeError(f"this integer model takes uint8 RGB pixels, got {pixels.dtype}")
         return narrow(pixels_to_int8(pixels, self.mean_fixed, self.pixel.dyadic()), INT8)

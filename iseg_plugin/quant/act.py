@@ -122,14 +122,22 @@ class QuantInput(QuantAct):
 
     def pixel_params(self) -> tuple[Tensor, intops.Dyadic]:
         """Integer constants: the mean with 8 fraction bits, and per-channel multipliers."""
-        unit = 1 << self.MEAN_FRAC_BITS
-        mean_fixed = torch.round(self.mean.double() * unit).to(torch.int64)
-        return mean_fixed, intops.dyadic_from_ratio(1.0 / (unit * self.std.double() * self.scale().double()))
+        return pixel_params(self.mean, self.std, self.scale())
 
     def forward(self, x: Tensor) -> QTensor:
         self.observe(x)
         pixels = torch.round(x.detach() * self.std[:, None, None] + self.mean[:, None, None])
         return QTensor(pixels_to_int8(pixels, *self.pixel_params()), self.scale())
+
+
+def pixel_params(mean, std, scale) -> tuple[Tensor, intops.Dyadic]:
+    """:class:`QuantInput`'s integer constants for a normalisation ``(p - mean) / std`` and an INT8 input
+    scale: the mean with 8 fraction bits, and one multiplier ``1 / (256 std S)`` per channel."""
+    unit = 1 << QuantInput.MEAN_FRAC_BITS
+    mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+    std = torch.as_tensor(std, dtype=torch.float64).flatten()
+    mean_fixed = torch.round(mean * unit).to(torch.int64)
+    return mean_fixed, intops.dyadic_from_ratio(1.0 / (unit * std * torch.as_tensor(scale, dtype=torch.float64)))
 
 
 def pixels_to_int8(pixels: Tensor, mean_fixed: Tensor, multiplier: intops.Dyadic) -> Tensor:
