@@ -10,6 +10,9 @@
     int_model = fxp.convert(prepared, example_inputs)   # integer-only; refuses what it cannot lower
     logits = int_model(*fxp.quantize_inputs(int_model, x))
 
+The same through torchao PT2E: ``prepare_pt2e(torch.export.export(model, example_inputs).module(),
+fxp.ISegQuantizer())`` (or ``fxp.prepare_pt2e(model, example_inputs)``), calibrate, ``fxp.convert``.
+
 ``fxp.prepare`` / ``fxp.convert`` wrap the same calls (``qat=True`` for ``prepare_qat_fx``), name a
 module FX cannot trace, and silence torch.ao's deprecation warning around their own calls only.
 """
@@ -20,13 +23,24 @@ from .config import get_iseg_backend_config, get_iseg_qconfig_mapping
 
 __all__ = [
     "FxTraceError",
+    "ISegQuantizer",
     "IntegerModel",
     "LoweringError",
     "SegmentorLogits",
     "convert",
     "prepare",
+    "prepare_pt2e",
     "quantize_inputs",
     "traceable",
     "get_iseg_backend_config",
     "get_iseg_qconfig_mapping",
 ]
+
+
+def __getattr__(name: str):
+    """The PT2E front end imports torchao: loaded on first use only."""
+    if name in ("ISegQuantizer", "prepare_pt2e"):
+        from . import pt2e
+
+        return getattr(pt2e, name)
+    raise AttributeError(f"module 'fx_patterns' has no attribute {name!r}")

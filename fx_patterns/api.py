@@ -83,7 +83,8 @@ def _locate_trace_failure(model: nn.Module, err: Exception) -> FxTraceError | No
             f"Remove the data-dependent control flow from its forward, or mark it a leaf (FX then calls it without "
             f"tracing into it, and fxp.convert refuses it unless a registry entry lowers it): "
             f"PrepareCustomConfig().set_non_traceable_module_classes([{cls}]) or "
-            f".set_non_traceable_module_names(['{name}']) as prepare_custom_config"
+            f".set_non_traceable_module_names(['{name}']) as prepare_custom_config. Or quantize through torch.export, "
+            f"which traces such code: fx_patterns.prepare_pt2e(model, example_inputs)"
         )
     return None
 

@@ -1,7 +1,7 @@
 """torch.ao configs built from the operator registry: one BackendPatternConfig per float op.
 
 * :func:`get_iseg_backend_config`: every module, function and tensor method of every registry entry
-  is a pattern. Arithmetic ops get their own output observer; shape ops share their input's.
+  with its own output observer is a pattern (shape ops are not: see below).
   ``add`` / ``mul`` / ``div`` observe only their tensor arguments (a Python number is no tensor).
 * :func:`get_iseg_qconfig_mapping`: :class:`~iseg_plugin.ops.IsegObserver` for every activation
   (EMA ranges; the integer widths are decided at lowering) and torch.ao's per-channel INT8 observer
@@ -29,10 +29,12 @@ _SCALAR_OPS = ("add", "mul", "div")  # x + c, x * c: only the tensor argument is
 def get_iseg_backend_config() -> BackendConfig:
     config = BackendConfig("iseg")
     for entry in REGISTRY:
-        if entry.observation == "none":
+        # Shape ops get no pattern: a shared observer would be called once per shape op and move its EMA
+        # range several times per batch. The lowering carries scales through them; an op after one gets
+        # an input observer from prepare_fx (the same values, observed once).
+        if entry.observation != "output":
             continue
-        observation = (ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT if entry.observation == "share"
-                       else ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT)
+        observation = ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT
         for target in entry.targets():
             pattern = BackendPatternConfig(target).add_dtype_config(_DTYPES).set_observation_type(observation)
             if target in _WEIGHTED:

@@ -97,10 +97,10 @@ class FunctionalViT(nn.Module):
         return F.interpolate(masks, scale_factor=2, mode="bilinear", align_corners=False), t.mean(1)
 
 
-def calibrated(model, shape, seed=0, batches=3, **options):
+def calibrated(model, shape, seed=0, batches=3, prepare=fxp.prepare, **options):
     g = torch.Generator().manual_seed(seed)
     example = torch.randn(*shape, generator=g)
-    prepared = fxp.prepare(model.eval(), (example,), **options)
+    prepared = prepare(model.eval(), (example,), **options)
     with torch.no_grad():
         for _ in range(batches):
             prepared(torch.randn(*shape, generator=g))

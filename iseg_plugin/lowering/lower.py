@@ -57,10 +57,13 @@ class Const:
 
 @dataclass
 class Pending:
-    """A registry op whose output observer has not been reached yet."""
+    """A registry op whose output observer has not been reached yet, or (``entry`` None) a model input
+    not quantized yet: its placeholder in the new graph and the shape ops applied to it before its
+    observer, replayed on the integers (they commute with quantization; zero pads to zero)."""
 
     node: fx.Node
-    entry: OpEntry
+    entry: OpEntry | None
+    shape_ops: tuple[fx.Node, ...] = ()
 
 
 def describe(node: fx.Node) -> str:
@@ -107,6 +110,19 @@ class _Recorder(fx.Interpreter):
         return out
 
 
+_ASSERTIONS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+               torch.ops.aten._assert_async.msg)
+
+
+def _is_export_guard(node: fx.Node) -> bool:
+    """torch.export's checks of the float model's inputs and dtypes (``_guards_fn``, ``_assert_*``):
+    not part of the model, and wrong for its integers."""
+    if node.users:
+        return False
+    return (node.op == "call_module" and node.target == "_guards_fn") or (
+        node.op == "call_function" and node.target in _ASSERTIONS)
+
+
 def _static_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose value does not depend on the input's values (only, at most, on its shape)."""
     static: set[fx.Node] = set()
@@ -135,6 +151,7 @@ class Lowering:
         self.output_scales: list[float] = []
         self.root = nn.Module()
         self.graph = fx.Graph()
+        self.graph.set_codegen(prepared.graph._codegen)  # torch.export's pytree in / out
         self.env: dict[fx.Node, Any] = {}
         self.input_formats: list[tuple[float, tuple[int, int]]] = []
         self._names: set[str] = set()
@@ -156,7 +173,7 @@ class Lowering:
         """The width a value must have for every consumer: 8 if all of them are INT8 ops, else 16."""
         widths = set()
         for user in node.users:
-            if user in self.static:  # a shape query
+            if user in self.static or _is_export_guard(user):  # a shape query, torch.export's input check
                 continue
             if user.op == "output":
                 widths.add(16)
@@ -225,6 +242,8 @@ class Lowering:
         return node.op == "call_module" and isinstance(self.src.get_submodule(node.target), (ObserverBase, FakeQuantizeBase))
 
     def _lower_node(self, node: fx.Node):
+        if _is_export_guard(node):
+            return None
         if node.op == "placeholder":
             return self._input(node)
         if node.op == "output":
@@ -240,6 +259,9 @@ class Lowering:
             raise LoweringError(f"{describe(node)} has no integer lowering: add a registry entry for it "
                                 "(iseg_plugin.ops) or keep it out of the quantized model")
         if entry.observation in ("share", "none"):
+            source = next((self.env[a] for a in node.all_input_nodes if isinstance(self.env.get(a), Pending)), None)
+            if source is not None and source.entry is None:  # a shape op on an input: after its quantization
+                return Pending(source.node, None, source.shape_ops + (node,))
             return entry.variant(None).lower(Site(self, node, entry, None))
         return Pending(node, entry)
 
@@ -254,7 +276,11 @@ class Lowering:
         if isinstance(source, Operand):
             return source  # a second observer of a value already lowered (after a shape op)
         if source.entry is None:  # a model input: quantized before the integer model, or uint8 pixels
-            return self._quantized_input(node, source.node, observer)
+            value = self._quantized_input(node, source.node, observer)
+            for shape_op in source.shape_ops:
+                self.env[shape_op.all_input_nodes[0]] = value
+                value = REGISTRY.entry_for(shape_op, self.src).variant(None).lower(Site(self, shape_op, None, None))
+            return value
         return source.entry.variant(observer.variant).lower(Site(self, source.node, source.entry, observer, node))
 
     def _quantized_input(self, node: fx.Node, placeholder: fx.Node, observer: IsegObserver) -> Operand:

@@ -19,6 +19,7 @@ from ..lowering.lower import Const, Operand, Site
 from . import modules as M
 from .registry import REGISTRY, OpEntry, Variant
 
+aten = torch.ops.aten
 WEIGHT_BITS = 8
 SOFTMAX_BITS = 16  # probabilities in [0, 2**15], read by the next GEMM as two int8 halves
 
@@ -51,18 +52,26 @@ def _lower_linear(site: Site) -> Operand:
     return site.out(site.emit(module, x.node), scale, bounds)
 
 
+def _conv_args(site: Site):
+    if site.module is not None:
+        c = site.module
+        return c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups
+    return (site.arg(1, "weight"), site.arg(2, "bias"), site.arg(3, "stride", 1), site.arg(4, "padding", 0),
+            site.arg(5, "dilation", 1), site.arg(6, "groups", 1))
+
+
 def _lower_patch_conv(site: Site) -> Operand:
-    conv = site.module
-    if (conv.kernel_size != conv.stride or conv.padding not in (0, (0, 0)) or conv.groups != 1
-            or conv.dilation not in (1, (1, 1))):
+    weight, bias, stride, padding, dilation, groups = _conv_args(site)
+    kernel, pair = tuple(weight.shape[-2:]), (lambda v: tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) else (v, v))
+    if pair(stride) != kernel or pair(padding) != (0, 0) or groups != 1 or pair(dilation) != (1, 1):
         raise site.refuse("only patchifying Conv2d (kernel == stride, no padding, groups 1) has an integer "
-                          f"lowering; got kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}")
+                          f"lowering; got kernel {kernel}, stride {stride}, padding {padding}")
     _, _, h, w = site.lowering.shape(site.node.args[0])
-    if h % conv.kernel_size[0] or w % conv.kernel_size[1]:
-        raise site.refuse(f"input {h}x{w} is not a multiple of the patch {conv.kernel_size}: pad it first")
+    if h % kernel[0] or w % kernel[1]:
+        raise site.refuse(f"input {h}x{w} is not a multiple of the patch {kernel}: pad it first")
     x = site.input(0)
-    module, scale, bounds = _linear_module(site, x, conv.weight, conv.bias)  # patches flatten as (in, kh, kw)
-    return site.out(site.emit(M.PatchConv(module, tuple(conv.kernel_size)), x.node), scale, bounds)
+    module, scale, bounds = _linear_module(site, x, weight, bias)  # patches flatten as (in, kh, kw)
+    return site.out(site.emit(M.PatchConv(module, kernel), x.node), scale, bounds)
 
 
 def _lower_matmul(site: Site) -> Operand:
@@ -172,9 +181,18 @@ def _lower_normalize(site: Site) -> Operand:
     return site.out(site.emit(M.L2Norm(15, out), x.node), scale, bounds)
 
 
+def _interpolate_mode(site: Site) -> tuple[str, bool | None]:
+    if site.module is not None:
+        return site.module.mode, site.module.align_corners
+    if site.node.target == aten.upsample_nearest2d.vec:
+        return "nearest", None
+    if site.node.target == aten.upsample_bilinear2d.vec:
+        return "bilinear", site.arg(2, "align_corners")
+    return site.arg(3, "mode", "nearest"), site.arg(4, "align_corners", None)
+
+
 def _lower_interpolate(site: Site) -> Operand:
-    mode = site.module.mode if site.module is not None else site.arg(3, "mode", "nearest")
-    align = site.module.align_corners if site.module is not None else site.arg(4, "align_corners", None)
+    mode, align = _interpolate_mode(site)
     if mode not in ("nearest", "bilinear") or (mode == "bilinear" and align):
         raise site.refuse(f"integer upsampling is nearest or bilinear (align_corners=False); got mode={mode!r}, "
                           f"align_corners={align}")
@@ -217,9 +235,13 @@ def _lower_shape_op(site: Site) -> Operand | Const:
     node = site.node
     if node.op == "call_module":  # Dropout / Identity in eval: nothing
         return source
-    if node.target is F.pad and site.arg(3, "value", 0) not in (0, 0.0, None):
-        raise site.refuse("padding with a value other than 0 has no integer lowering")
-    if node.op == "call_method" and node.target in _IDENTITY_METHODS:
+    if node.target in (F.pad, aten.pad.default, aten.constant_pad_nd.default):
+        constant = node.target is aten.constant_pad_nd.default
+        mode, value = ("constant", site.arg(2, "value", 0)) if constant else (site.arg(2, "mode", "constant"),
+                                                                               site.arg(3, "value", 0))
+        if mode != "constant" or value not in (0, 0.0, None):
+            raise site.refuse(f"only zero padding has an integer lowering; got mode={mode!r}, value={value}")
+    if node.target in _IDENTITY_METHODS + _IDENTITY_ATEN:
         return source
     graph = site.lowering.graph
     args = site.map_to_new(tuple(site.args))
@@ -234,39 +256,48 @@ def _single(lower, doc: str) -> dict[str, Variant]:
 
 
 _IDENTITY_METHODS = ("contiguous", "float", "to", "type_as", "clone", "detach")
+# (dtype casts too: the float model casts float32 to float32, the integer model must keep its integers)
+_IDENTITY_ATEN = (aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
+                  aten.to.dtype, aten._to_copy.default, aten.dropout.default)
 SHAPE_METHODS = ("reshape", "view", "permute", "transpose", "t", "flatten", "unflatten", "expand", "squeeze",
                  "unsqueeze") + _IDENTITY_METHODS
+SHAPE_ATEN = (aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default,
+              aten.flatten.using_ints, aten.unflatten.int, aten.expand.default, aten.squeeze.dim, aten.squeeze.dims,
+              aten.unsqueeze.default, aten.slice.Tensor, aten.select.int, aten.pad.default,
+              aten.constant_pad_nd.default)
 
 REGISTRY.register(OpEntry(
     "linear", "INT8 x INT8 -> INT32 (+ INT32 bias), per-channel dyadic requantization to the output",
-    modules=(nn.Linear,), functions=(F.linear,), input_bits=8,
+    modules=(nn.Linear,), functions=(F.linear,), aten=(aten.linear.default,), input_bits=8,
     variants=_single(_lower_linear, "int8 GEMM, requantization fused in the module")))
 REGISTRY.register(OpEntry(
     "conv2d", "patchifying Conv2d (kernel == stride) as one INT8 GEMM over patches",
-    modules=(nn.Conv2d,), input_bits=8, variants=_single(_lower_patch_conv, "patches @ W^T")))
+    modules=(nn.Conv2d,), aten=(aten.conv2d.default,), input_bits=8,
+    variants=_single(_lower_patch_conv, "patches @ W^T")))
 REGISTRY.register(OpEntry(
     "matmul", "activation @ activation: INT8 x INT8, or UINT16 probabilities x INT8 (two int8 halves)",
-    functions=(torch.matmul, operator.matmul, torch.bmm), methods=("matmul", "bmm"), input_bits=8,
+    functions=(torch.matmul, operator.matmul, torch.bmm), methods=("matmul", "bmm"),
+    aten=(aten.matmul.default, aten.bmm.default), input_bits=8,
     variants=_single(_lower_matmul, "int32 accumulator, requantized")))
 REGISTRY.register(OpEntry(
     "add", "residual / embedding add: both operands requantized to the output scale (INT16 stream)",
-    functions=(operator.add, torch.add, operator.iadd), methods=("add",), input_bits=None,
+    functions=(operator.add, torch.add, operator.iadd), methods=("add",), aten=(aten.add.Tensor,), input_bits=None,
     variants=_single(_lower_add, "requantize_add")))
 REGISTRY.register(OpEntry(
     "mul", "x * c (scalar: a scale change, no op; per channel: one requantization) or x * y, and x / c",
-    functions=(operator.mul, torch.mul), methods=("mul",), input_bits=None,
+    functions=(operator.mul, torch.mul), methods=("mul",), aten=(aten.mul.Tensor,), input_bits=None,
     variants=_single(_lower_mul, "dyadic rescale")))
 REGISTRY.register(OpEntry(
     "div", "x / c for a constant c: a scale change",
-    functions=(operator.truediv, torch.div), methods=("div",), input_bits=None,
+    functions=(operator.truediv, torch.div), methods=("div",), aten=(aten.div.Tensor,), input_bits=None,
     variants=_single(lambda site: _lower_mul(site, divide=True), "dyadic rescale")))
 REGISTRY.register(OpEntry(
     "layer_norm", "I-LayerNorm over the last dimension, fused with its output requantization",
-    modules=(nn.LayerNorm,), functions=(F.layer_norm,), input_bits=16,
+    modules=(nn.LayerNorm,), functions=(F.layer_norm,), aten=(aten.layer_norm.default,), input_bits=16,
     variants=_single(_lower_layer_norm, "exact isqrt, INT16 gamma, int64 sums")))
 REGISTRY.register(OpEntry(
     "gelu", "integer GELU of INT8 input, output S * 2**-7 requantized",
-    modules=(nn.GELU,), functions=(F.gelu,), input_bits=8,
+    modules=(nn.GELU,), functions=(F.gelu,), aten=(aten.gelu.default,), input_bits=8,
     variants={
         "poly": Variant("poly", _gelu_lowering(_poly_gelu), "Poly-GELU (IPTQ-ViT): quartic erf fitted on calibration data"),
         "lambda-shift": Variant("lambda-shift", _gelu_lowering(
@@ -277,7 +308,8 @@ REGISTRY.register(OpEntry(
     }))
 REGISTRY.register(OpEntry(
     "softmax", "integer softmax of INT16 logits; probabilities UINT16-range [0, 2**15], scale 2**-15",
-    modules=(nn.Softmax,), functions=(F.softmax, torch.softmax), methods=("softmax",), input_bits=16,
+    modules=(nn.Softmax,), functions=(F.softmax, torch.softmax), methods=("softmax",),
+    aten=(aten.softmax.int, aten._softmax.default), input_bits=16,
     variants={
         "bit-exp": Variant("bit-exp", _softmax_lowering(
             lambda scale, bits, dim: M.BitExpSoftmax(intops.bit_exp_params(scale), bits, dim)),
@@ -290,20 +322,22 @@ REGISTRY.register(OpEntry(
     functions=(F.normalize,), input_bits=16, variants=_single(_lower_normalize, "exact isqrt, 15 fraction bits")))
 REGISTRY.register(OpEntry(
     "interpolate", "nearest, or integer bilinear with exact rational weights (align_corners=False)",
-    modules=(nn.Upsample,), functions=(F.interpolate,), input_bits=16,
+    modules=(nn.Upsample,), functions=(F.interpolate,),
+    aten=(aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec), input_bits=16,
     variants=_single(_lower_interpolate, "same scale as the input")))
 REGISTRY.register(OpEntry(
     "mean", "mean over dims: int64 sum, one requantization by S_in / (n S_out)",
-    functions=(torch.mean,), methods=("mean",), input_bits=16, variants=_single(_lower_mean, "sum + requant")))
+    functions=(torch.mean,), methods=("mean",), aten=(aten.mean.dim,), input_bits=16, variants=_single(_lower_mean, "sum + requant")))
 REGISTRY.register(OpEntry(
     "cat", "concatenation at the output scale (constants such as cls tokens quantized to it)",
-    functions=(torch.cat, torch.concat), input_bits=None, variants=_single(_lower_cat, "requantize, then cat")))
+    functions=(torch.cat, torch.concat), aten=(aten.cat.default,), input_bits=None, variants=_single(_lower_cat, "requantize, then cat")))
 REGISTRY.register(OpEntry(
     "shape", "reshape / permute / index / pad(0) / dropout in eval: the same call on the integers",
     modules=(nn.Dropout, nn.Identity), functions=(operator.getitem, torch.flatten, torch.transpose, torch.permute,
                                                    torch.reshape, torch.squeeze, torch.unsqueeze, F.pad, F.dropout),
-    methods=SHAPE_METHODS, observation="share", input_bits=None, variants=_single(_lower_shape_op, "no arithmetic")))
+    methods=SHAPE_METHODS, aten=SHAPE_ATEN + _IDENTITY_ATEN, observation="share", input_bits=None, variants=_single(_lower_shape_op, "no arithmetic")))
 REGISTRY.register(OpEntry(
     "split", "chunk / split / unbind: tuples of integer tensors (not observed: torch.ao observes tensors only)",
-    functions=(torch.chunk, torch.split, torch.unbind), methods=("chunk", "split", "unbind"), observation="none",
+    functions=(torch.chunk, torch.split, torch.unbind), methods=("chunk", "split", "unbind"),
+    aten=(aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int), observation="none",
     input_bits=None, variants=_single(_lower_shape_op, "no arithmetic")))

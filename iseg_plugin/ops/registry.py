@@ -1,6 +1,7 @@
 """The operator registry: one entry per integer operator, the one place an operator is defined.
 
-An :class:`OpEntry` says which float ops it replaces (modules, functions, tensor methods), how its
+An :class:`OpEntry` says which float ops it replaces (modules, functions and tensor methods in a
+torch.ao FX graph; ATen operators in a ``torch.export`` / torchao PT2E graph), how its
 output is observed (its own observer, or the input's for shape ops), the bit width its quantized
 inputs must have, and its variants. A :class:`Variant` turns the observed scales into integer
 constants once, at conversion (``lower``: in the style of torch.ao's ``from_observed`` / TFLite's
@@ -34,6 +35,7 @@ class OpEntry:
     modules: tuple[type, ...] = ()
     functions: tuple = ()
     methods: tuple[str, ...] = ()
+    aten: tuple = ()  # the same ops as ``torch.export`` records them (torchao PT2E)
     observation: str = "output"  # "output": its own output observer; "share": the input's; "none": no observer
     input_bits: int | None = 16  # width its quantized inputs are brought to (None: any integers)
     variants: dict[str, Variant] = field(default_factory=dict)  # the first is the default
@@ -48,7 +50,15 @@ class OpEntry:
         return self.variants[name]
 
     def targets(self) -> tuple:
+        """The float ops of a torch.ao FX graph (the BackendConfig's patterns)."""
         return self.modules + self.functions + self.methods
+
+    def matches(self, node: fx.Node, module: nn.Module | None) -> bool:
+        if node.op == "call_module":
+            return isinstance(module, self.modules)
+        if node.op == "call_function":
+            return node.target in self.functions or node.target in self.aten
+        return node.op == "call_method" and node.target in self.methods
 
 
 class OpRegistry:
@@ -58,8 +68,8 @@ class OpRegistry:
     def register(self, entry: OpEntry) -> OpEntry:
         if entry.name in self._entries:
             raise ValueError(f"operator {entry.name!r} is already registered")
-        taken = {t for e in self._entries.values() for t in e.targets()}
-        clash = [t for t in entry.targets() if t in taken]
+        taken = {t for e in self._entries.values() for t in e.targets() + e.aten}
+        clash = [t for t in entry.targets() + entry.aten if t in taken]
         if clash:
             raise ValueError(f"{entry.name}: {clash} already lowered by another entry")
         self._entries[entry.name] = entry
@@ -74,16 +84,10 @@ class OpRegistry:
         return iter(self._entries.values())
 
     def entry_for(self, node: fx.Node, root: nn.Module) -> OpEntry | None:
-        """The entry that lowers ``node`` (a call of a module of ``root``, a function or a tensor method)."""
+        """The entry that lowers ``node`` (a call of a module of ``root``, a function, an ATen operator or a
+        tensor method)."""
         module = root.get_submodule(node.target) if node.op == "call_module" else None
-        for entry in self._entries.values():
-            if module is not None and isinstance(module, entry.modules):
-                return entry
-            if node.op == "call_function" and node.target in entry.functions:
-                return entry
-            if node.op == "call_method" and node.target in entry.methods:
-                return entry
-        return None
+        return next((entry for entry in self._entries.values() if entry.matches(node, module)), None)
 
 
 REGISTRY = OpRegistry()
