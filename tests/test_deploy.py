@@ -1,20 +1,19 @@
-"""The deployed model: integer-only (audited), bit-exact with the fake-quant model, safe to load."""
+"""The deployed Segmenter, derived from the float one op by op: integer-only (audited), bit-exact with
+its fake-quant form, close to the float model, and a file that is data (checked, safe to load)."""
 import pytest
 import torch
 from mmseg.structures import SegDataSample
 
-from iseg_plugin.deploy import OpAudit, convert
-from iseg_plugin.deploy.io import DeployedFileError, load_deployed, save_deployed
-from iseg_plugin.mmseg import calibrate
-from iseg_plugin.quant import NotCalibratedError
+from iseg_plugin.deploy import OpAudit, calibrate_prepared, convert, prepare_segmenter
+from iseg_plugin.deploy.io import FORMAT, DeployedFileError, load_deployed, save_deployed
+from iseg_plugin.lowering import LoweringError
 
 from test_quant_model import build, images, trained_like
 
-VARIANTS = [
-    ({}, {}),  # the plugin's default: lambda-ShiftGELU, Shiftmax, no L2, nearest, INT16 logits, asymmetric GELU out
-    ({"scores_bits": 8, "gelu_out_asymmetric": False}, {}),  # the paper's bit map
-    ({"gelu": "poly", "softmax": "bit-exp"}, {"l2_norm": True, "upsample": "bilinear"}),
-    ({"gelu": "shift"}, {}),
+VARIANTS = [  # (GELU, softmax), decoder options
+    (("poly", "bit-exp"), {"l2_norm": True, "upsample": "bilinear"}),  # the plugin's default
+    (("lambda-shift", "shift"), {}),  # I-Segmenter's operators, the paper's decoder (nearest, no L2)
+    (("shift", "shift"), {}),
 ]
 
 
@@ -22,29 +21,38 @@ def pixels(n, seed):
     return (images(n, seed=seed) * 127.5 + 127.5).round().byte()  # BGR, as mmseg loads images
 
 
-def deployed_pair(quant, head_extra):
-    float_model, model = build(None, **head_extra), build(quant, **head_extra)
-    trained_like(float_model)
-    model.load_state_dict(float_model.state_dict(), strict=False)
-    batch = dict(inputs=list(pixels(4, 1)), data_samples=[SegDataSample() for _ in range(4)])
-    calibrate(model, [batch], num_samples=4, show_progress=False)
-    return model, convert(model, (64, 64))
+def batch(images_bgr):
+    return dict(inputs=list(images_bgr), data_samples=[SegDataSample() for _ in range(len(images_bgr))])
 
 
-@pytest.mark.parametrize("quant,head_extra", VARIANTS)
-def test_deployed_is_integer_only_and_bit_exact(quant, head_extra):
-    model, deployed = deployed_pair(quant, head_extra)
+def deployed_pair(variants=("poly", "bit-exp"), head_extra=None, size=(64, 64)):
+    """A float Segmenter with trained-like weights and its deployed form (calibrated on 4 images)."""
+    model = trained_like(build(None, **(head_extra or {}))).eval()
+    calib = pixels(4, 1)
+    example = model.data_preprocessor(batch(calib[:1]), False)["inputs"][..., : size[0], : size[1]]
+    prepared = prepare_segmenter(model, example, *variants)
+    assert calibrate_prepared(prepared, model.data_preprocessor, [batch(calib)], 4, show_progress=False) == 4
+    preproc = model.data_preprocessor
+    return model, convert(prepared, example, preproc.mean.flatten().tolist(), preproc.std.flatten().tolist())
+
+
+@pytest.mark.parametrize("variants,head_extra", VARIANTS)
+def test_deployed_is_integer_only_bit_exact_and_close_to_float(variants, head_extra):
+    model, deployed = deployed_pair(variants, head_extra)
     assert all(not t.dtype.is_floating_point for t in deployed.state_dict().values())
     test = pixels(2, 5)
-    data = model.data_preprocessor(dict(inputs=list(test), data_samples=[SegDataSample() for _ in range(2)]), False)
+    rgb = test.flip(1).contiguous()  # the preprocessor turns BGR into RGB
     with torch.no_grad():
-        fake = model.decode_head.forward_quant(model.backbone(data["inputs"]))
         with OpAudit() as audit:
-            logits, classes = deployed(test.flip(1).contiguous())  # the preprocessor turns BGR into RGB
-    assert len(audit.records) > 100
-    assert audit.float_ops() == []  # no floating-point tensor created or consumed
-    assert torch.equal(logits.long(), fake.value.long())
-    assert torch.equal(classes, fake.value.argmax(1))
+            logits, classes = deployed(rgb)
+        fake_logits, fake_classes = deployed.fake_quant(rgb)
+        float_logits = model._forward(model.data_preprocessor(batch(test), False)["inputs"])
+    assert len(audit.records) > 100 and audit.float_ops() == []  # no float tensor created or consumed
+    assert fake_logits.dtype == torch.float64 and torch.equal(logits.long(), fake_logits.long())
+    assert torch.equal(classes, fake_classes)
+    real = logits.double() * deployed.logit_scale
+    cosine = torch.nn.functional.cosine_similarity(real.flatten(), float_logits.double().flatten(), 0)
+    assert cosine > 0.97, float(cosine)
 
 
 def test_audit_catches_a_float_op():
@@ -54,22 +62,26 @@ def test_audit_catches_a_float_op():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    _, deployed = deployed_pair({}, {})
+    _, deployed = deployed_pair()
     path = tmp_path / "model.iseg"
-    size = save_deployed(deployed, path)
-    assert size > 0
+    assert save_deployed(deployed, path) > 0
     again = load_deployed(path)
     x = pixels(1, 7).flip(1).contiguous()
     with torch.no_grad():
         assert torch.equal(again(x)[0], deployed(x)[0])
+    assert again.input_size == deployed.input_size and again.logit_scale == deployed.logit_scale
 
 
 def test_bad_inputs_and_files(tmp_path):
-    model, deployed = deployed_pair({}, {})
+    model, deployed = deployed_pair()
     with pytest.raises(TypeError, match="uint8"):
         deployed(torch.rand(1, 3, 64, 64))
+    with pytest.raises(TypeError, match="torch tensor"):
+        deployed(torch.zeros(1, 3, 64, 64, dtype=torch.uint8).numpy())
     with pytest.raises(ValueError, match="built for"):
         deployed(torch.zeros(1, 3, 48, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="built for"):
+        deployed(torch.zeros(0, 3, 64, 64, dtype=torch.uint8))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model")
     with pytest.raises(DeployedFileError, match="not a readable deployed model"):
@@ -77,12 +89,36 @@ def test_bad_inputs_and_files(tmp_path):
     torch.save({"state_dict": {}}, bad)
     with pytest.raises(DeployedFileError, match="not an iseg deployed model"):
         load_deployed(bad)
+    torch.save({"format": "iseg-deployed-v1", "tree": {}, "state_dict": {}}, bad)
+    with pytest.raises(DeployedFileError, match="v1 file.*iseg ptq"):
+        load_deployed(bad)
     with pytest.raises(FileNotFoundError):
         load_deployed(tmp_path / "missing.iseg")
-    uncalibrated = build({})
-    uncalibrated.eval()
-    from iseg_plugin.quant import set_observing
+    example = torch.zeros(1, 3, 64, 64)
+    with pytest.raises(LoweringError, match="saw no data"):
+        convert(prepare_segmenter(model, example), example, [0.0] * 3, [1.0] * 3)
 
-    set_observing(uncalibrated, False)
-    with pytest.raises(NotCalibratedError):
-        convert(uncalibrated, (64, 64))
+
+def test_a_damaged_file_is_refused_whole(tmp_path):
+    _, deployed = deployed_pair()
+    path = tmp_path / "model.iseg"
+    save_deployed(deployed, path)
+    blob = torch.load(path, weights_only=True)
+    name = next(k for k, v in blob["state_dict"].items() if v.numel() > 100)
+    blob["state_dict"][name].view(-1)[7] += 1  # one integer changed in one weight
+    torch.save(blob, path)
+    with pytest.raises(DeployedFileError, match="damaged"):
+        load_deployed(path)
+
+
+def test_a_file_names_only_allowed_ops(tmp_path):
+    _, deployed = deployed_pair()
+    path = tmp_path / "model.iseg"
+    save_deployed(deployed, path)
+    blob = torch.load(path, weights_only=True)
+    assert blob["format"] == FORMAT
+    node = next(n for n in blob["model"]["graph"]["nodes"] if n["op"] == "call_function")
+    node["target"] = "os.system"
+    torch.save(blob, path)
+    with pytest.raises(DeployedFileError, match="os.system.*not an allowed integer op"):
+        load_deployed(path)

@@ -15,7 +15,7 @@ from iseg_plugin.deploy.io import save_deployed
 from iseg_plugin.export import (NotIntegerOnlyError, TvmMissingError, TvmModel, check_integer_only, execute_qonnx,
                                 export_onnx_int, export_qonnx)
 from iseg_plugin.export.onnx_int import expand_shifts, integer_symbolics
-from iseg_plugin.quant import NotCalibratedError
+from iseg_plugin.ops import modules as M
 
 from test_deploy import deployed_pair, pixels
 from test_quant_model import build
@@ -38,15 +38,15 @@ def adversarial_images():
 
 
 EXPORT_VARIANTS = [
-    ({}, {}),  # lambda-ShiftGELU, Shiftmax, nearest, no L2
-    ({"gelu": "poly", "softmax": "bit-exp"}, {"l2_norm": True, "upsample": "bilinear"}),
-    ({"gelu": "shift", "scores_bits": 8, "gelu_out_asymmetric": False}, {}),
+    (("lambda-shift", "shift"), {}),  # nearest, no L2
+    (("poly", "bit-exp"), {"l2_norm": True, "upsample": "bilinear"}),
+    (("shift", "bit-exp"), {}),
 ]
 
 
-@pytest.mark.parametrize("quant,head_extra", EXPORT_VARIANTS)
-def test_onnxruntime_is_bit_exact_with_the_deployed_model(quant, head_extra):
-    _, deployed = deployed_pair(quant, head_extra)
+@pytest.mark.parametrize("variants,head_extra", EXPORT_VARIANTS)
+def test_onnxruntime_is_bit_exact_with_the_deployed_model(variants, head_extra):
+    _, deployed = deployed_pair(variants, head_extra)
     proto = export_onnx_int(deployed)
     assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
     sess = session(proto)
@@ -58,10 +58,10 @@ def test_onnxruntime_is_bit_exact_with_the_deployed_model(quant, head_extra):
         assert np.array_equal(classes, ref_classes.numpy())
 
 
-@pytest.mark.parametrize("quant,head_extra", EXPORT_VARIANTS[:2])
-def test_tvm_is_bit_exact_with_the_deployed_model(quant, head_extra):
+@pytest.mark.parametrize("variants,head_extra", EXPORT_VARIANTS[:2])
+def test_tvm_is_bit_exact_with_the_deployed_model(variants, head_extra):
     pytest.importorskip("tvm", reason="apache-tvm is not installed (the optional extra: pip install -e '.[tvm]')")
-    _, deployed = deployed_pair(quant, head_extra)
+    _, deployed = deployed_pair(variants, head_extra)
     model = TvmModel(export_onnx_int(deployed))
     matmuls = [f.script() for var, f in model.module.functions_items() if "matmul" in var.name_hint]
     assert matmuls and all("T.parallel" in m for m in matmuls)  # the schedule rules applied
@@ -120,26 +120,25 @@ def test_checker_names_the_float_tensors():
 
 
 def test_a_module_without_integer_lowering_is_named():
-    _, deployed = deployed_pair({}, {})
+    _, deployed = deployed_pair()
 
     class FloatNorm(nn.Module):  # a true division: no integer lowering exists
         def forward(self, x):
             return x / 3
 
-    deployed.decoder.mask_norm = FloatNorm()
-    with pytest.raises(NotIntegerOnlyError, match="mask_norm.*no integer lowering"):
+    name = [n for n, m in deployed.graph.named_children() if isinstance(m, M.LayerNorm)][-1]
+    setattr(deployed.graph, name, FloatNorm())
+    with pytest.raises(NotIntegerOnlyError, match=f"{name}.*no integer lowering"):
         export_onnx_int(deployed)
 
 
-def test_exporting_an_uncalibrated_model_is_refused():
-    with pytest.raises(NotCalibratedError):
-        export_onnx_int(build({}), input_size=(64, 64))
+def test_exporting_a_model_that_is_not_deployed_is_refused():
     with pytest.raises(TypeError, match="DeployedSegmenter"):
-        export_onnx_int(build({}))
+        export_onnx_int(build(None))
 
 
 def test_cli_export(tmp_path, capsys):
-    _, deployed = deployed_pair({}, {})
+    _, deployed = deployed_pair()
     save_deployed(deployed, tmp_path / "m.iseg")
     assert main(["export", str(tmp_path / "m.iseg"), "--format", "onnx-int", "--out", str(tmp_path / "m.onnx")]) == 0
     assert "every tensor integer-typed" in capsys.readouterr().out
@@ -149,10 +148,10 @@ def test_cli_export(tmp_path, capsys):
 
 
 def test_qonnx_executes_bit_exact_with_qonnx(tmp_path):
-    _, deployed = deployed_pair({"gelu": "poly", "softmax": "bit-exp"}, {"l2_norm": True, "upsample": "bilinear"})
+    _, deployed = deployed_pair(("poly", "bit-exp"), {"l2_norm": True, "upsample": "bilinear"})
     proto = export_qonnx(deployed, tmp_path / "m.qonnx.onnx")
     custom = {n.op_type for n in proto.graph.node if n.domain == "iseg_plugin.export.qonnx_ops"}
-    assert custom == {"Requant", "IntAdd", "IntLayerNorm", "IntGELU", "IntSoftmax"}
+    assert custom == {"Requant", "Add", "LayerNorm", "PolyGELU", "BitExpSoftmax", "L2Norm"}
     image = pixels(1, 5).flip(1).contiguous()
     out = execute_qonnx(tmp_path / "m.qonnx.onnx", image.numpy())
     logits, classes = deployed(image)
@@ -162,4 +161,4 @@ def test_qonnx_executes_bit_exact_with_qonnx(tmp_path):
 
 def test_qonnx_export_refuses_a_non_deployed_model(tmp_path):
     with pytest.raises(TypeError, match="DeployedSegmenter"):
-        export_qonnx(build({}), tmp_path / "m.onnx")
+        export_qonnx(build(None), tmp_path / "m.onnx")

@@ -1,6 +1,6 @@
-"""The deployed integer-only model: integer modules, the conversion step, the float-op audit."""
+"""The deployed integer-only model: the Segmenter's conversion, its file format, the float-op audit."""
 from .audit import OpAudit, OpRecord
-from .convert import convert
+from .convert import calibrate_prepared, convert, prepare_segmenter
 from .segmenter import DeployedSegmenter
 
-__all__ = ["OpAudit", "OpRecord", "convert", "DeployedSegmenter"]
+__all__ = ["OpAudit", "OpRecord", "calibrate_prepared", "convert", "prepare_segmenter", "DeployedSegmenter"]

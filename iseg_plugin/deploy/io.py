@@ -1,38 +1,109 @@
-"""Deployed model files: integer tensors plus a structural record, loaded without unpickling code.
+"""Deployed model files: integer tensors plus a plain-data record of the graph, loaded without code.
 
-A file is ``torch.save({'format': ..., 'tree': spec, 'state_dict': {...}})`` where ``spec`` is a
-nested dict of plain values (module class names from :mod:`.modules` / :mod:`.segmenter`, their
-int/str attributes). Loading uses ``torch.load(weights_only=True)`` and instantiates only the
-classes listed here, so a file is data, never code.
+A file is ``torch.save({'format': ..., 'model': record, 'state_dict': {...}, 'sha256': ...})``.
+The record lists the lowered graph's nodes (op, target by name, arguments as plain values and node
+references) and its modules (class names of :mod:`iseg_plugin.ops.modules`, their plain attributes,
+buffer names, children). Loading uses ``torch.load(weights_only=True)``, resolves targets and classes
+only from allowlists (the registry's modules and shape ops), and checks the tensors' checksum first:
+a file is data, never code, and a damaged file is refused whole.
 """
 from __future__ import annotations
 
+import hashlib
+import operator
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from . import modules, segmenter
+from ..ops import REGISTRY
+from ..ops import modules as M
+from .segmenter import DeployedSegmenter
 
-FORMAT = "iseg-deployed-v1"
+FORMAT = "iseg-deployed-v2"
 _CLASSES = {cls.__name__: cls for cls in (
-    modules.Requant, modules.IntLinear, modules.IntAdd, modules.IntLayerNorm, modules.IntGELU, modules.IntSoftmax,
-    modules.IntAttention, modules.IntMlp, modules.IntBlock, segmenter.DeployedEncoder, segmenter.DeployedDecoder,
-    segmenter.DeployedSegmenter, nn.ModuleList)}
-_PLAIN = (int, str, bool, type(None))
+    M.Requant, M.Multiplier, M.Linear, M.PatchConv, M.MatMul, M.Add, M.Mul, M.LayerNorm, M.ShiftGELU,
+    M.LambdaShiftGELU, M.PolyGELU, M.Shiftmax, M.BitExpSoftmax, M.L2Norm, M.Upsample, M.Mean, M.Cat,
+    M.PixelsToInt8, nn.ModuleList, nn.Identity)}
+_DTYPES = {str(d): d for d in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)}
+
+
+def _target_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)  # e.g. "aten.reshape.default"
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+def _functions() -> dict:
+    """The functions a lowered graph may call: the shape ops of the registry (and getitem)."""
+    allowed = [operator.getitem]
+    for name in ("shape", "split"):
+        allowed += [*REGISTRY[name].functions, *REGISTRY[name].aten]
+    return {_target_name(f): f for f in allowed}
+
+
+def _methods() -> set[str]:
+    return set(REGISTRY["shape"].methods) | set(REGISTRY["split"].methods)
 
 
 class DeployedFileError(ValueError):
     """A file that is not a deployed iseg model (or is damaged)."""
 
 
-def _spec(module: nn.Module) -> dict:
-    attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(module).items()
-             if not k.startswith("_") and k != "training" and isinstance(v, (*_PLAIN, tuple, list, dict))}
+def _encode(value):
+    """A plain, ``weights_only``-loadable form of an argument or attribute (tuples, slices and dtypes
+    tagged so they come back as themselves)."""
+    if isinstance(value, fx.Node):
+        return {"node": value.name}
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, slice):
+        return {"slice": [_encode(value.start), _encode(value.stop), _encode(value.step)]}
+    if value is Ellipsis:
+        return {"ellipsis": True}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value)}
+    if isinstance(value, dict):
+        return {"dict": {k: _encode(v) for k, v in value.items()}}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"a deployed model cannot store a {type(value).__name__} ({value!r})")
+
+
+def _decode(value, nodes: dict):
+    if isinstance(value, list):
+        return [_decode(v, nodes) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "node" in value:
+        if value["node"] not in nodes:
+            raise DeployedFileError(f"the graph uses node {value['node']!r} before defining it")
+        return nodes[value["node"]]
+    if "tuple" in value:
+        return tuple(_decode(v, nodes) for v in value["tuple"])
+    if "slice" in value:
+        return slice(*(_decode(v, nodes) for v in value["slice"]))
+    if "ellipsis" in value:
+        return Ellipsis
+    if "dtype" in value:
+        if value["dtype"] not in _DTYPES:
+            raise DeployedFileError(f"dtype {value['dtype']!r} is not an integer dtype")
+        return _DTYPES[value["dtype"]]
+    if "dict" in value:
+        return {k: _decode(v, nodes) for k, v in value["dict"].items()}
+    raise DeployedFileError(f"unknown value record {sorted(value)}")
+
+
+def module_spec(module: nn.Module) -> dict:
+    """The plain-data record of a deployed module (class name, attributes, buffer names, children)."""
+    attrs = {k: _encode(v) for k, v in vars(module).items()
+             if not k.startswith("_") and k != "training" and not isinstance(v, (nn.Module, torch.Tensor))}
     return {"type": type(module).__name__, "attrs": attrs,
             "buffers": sorted(k for k, v in module._buffers.items() if v is not None),
             "none_buffers": sorted(k for k, v in module._buffers.items() if v is None),
-            "children": {name: _spec(child) for name, child in module._modules.items()}}
+            "children": {name: module_spec(child) for name, child in module._modules.items()}}
 
 
 def _build(spec: dict, state: dict, prefix: str) -> nn.Module:
@@ -42,7 +113,7 @@ def _build(spec: dict, state: dict, prefix: str) -> nn.Module:
     module = cls.__new__(cls)
     nn.Module.__init__(module)
     for key, value in spec["attrs"].items():
-        setattr(module, key, tuple(value) if key == "input_size" else value)
+        setattr(module, key, _decode(value, {}))
     for name in spec["buffers"]:
         tensor = state.get(prefix + name)
         if not isinstance(tensor, torch.Tensor) or tensor.dtype.is_floating_point:
@@ -55,29 +126,80 @@ def _build(spec: dict, state: dict, prefix: str) -> nn.Module:
     return module
 
 
-def module_spec(module: nn.Module) -> dict:
-    """The plain-data record of a deployed module (class name, attributes, buffer names, children)."""
-    return _spec(module)
-
-
 def module_from_spec(spec: dict, state: dict) -> nn.Module:
     """Rebuild a deployed module from :func:`module_spec` and its integer state dict (allowlisted classes only)."""
     return _build(spec, state, "")
 
 
-def save_deployed(model: segmenter.DeployedSegmenter, path: str | Path) -> int:
+def _graph_record(gm: fx.GraphModule) -> dict:
+    functions = {f: name for name, f in _functions().items()}
+    nodes = []
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function":
+            if target not in functions:
+                raise ValueError(f"{node.name}: {target} is not an op a deployed file can hold")
+            target = functions[target]
+        nodes.append({"op": node.op, "name": node.name, "target": target,
+                      "args": _encode(node.args), "kwargs": _encode(dict(node.kwargs))})
+    modules = {name: module_spec(child) for name, child in gm.named_children()}
+    constants = sorted(name for name, _ in gm.named_buffers(recurse=False))
+    return {"nodes": nodes, "modules": modules, "constants": constants}
+
+
+def _graph_from_record(record: dict, state: dict) -> fx.GraphModule:
+    root = nn.Module()
+    for name, spec in record["modules"].items():
+        root.add_module(name, _build(spec, state, f"graph.{name}."))
+    for name in record["constants"]:
+        tensor = state.get(f"graph.{name}")
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype.is_floating_point:
+            raise DeployedFileError(f"missing or non-integer constant 'graph.{name}'")
+        root.register_buffer(name, tensor)
+    functions, methods = _functions(), _methods()
+    graph, nodes = fx.Graph(), {}
+    for n in record["nodes"]:
+        op, target = n["op"], n["target"]
+        args, kwargs = _decode(n["args"], nodes), _decode(n["kwargs"], nodes)
+        if op == "call_function":
+            if target not in functions:
+                raise DeployedFileError(f"node {n['name']!r} calls {target!r}, which is not an allowed integer op")
+            target = functions[target]
+        elif op == "call_method" and target not in methods:
+            raise DeployedFileError(f"node {n['name']!r} calls method {target!r}, which is not an allowed integer op")
+        elif op in ("call_module", "get_attr") and not hasattr(root, target):
+            raise DeployedFileError(f"node {n['name']!r} refers to {target!r}, which the file does not hold")
+        elif op not in ("placeholder", "output", "call_module", "get_attr", "call_method"):
+            raise DeployedFileError(f"node {n['name']!r} has an unknown kind {op!r}")
+        node = graph.create_node(op, target, tuple(args), kwargs, name=n["name"])
+        nodes[n["name"]] = node
+    return fx.GraphModule(root, graph, class_name="IntegerModel")
+
+
+def _checksum(state: dict) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].reshape(-1)
+        digest.update(f"{key}:{state[key].dtype}:{tuple(state[key].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_deployed(model: DeployedSegmenter, path: str | Path) -> int:
     """Write the model; returns the file size in bytes."""
     state = model.state_dict()
     floats = [k for k, v in state.items() if v.dtype.is_floating_point]
     if floats:
         raise ValueError(f"a deployed model holds integers only; float tensors found: {floats[:3]}")
+    record = {"input_size": list(model.input_size), "logit_scale": model.logit_scale,
+              "graph": _graph_record(model.graph)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "tree": _spec(model), "state_dict": state}, path)
+    torch.save({"format": FORMAT, "model": record, "state_dict": state, "sha256": _checksum(state)}, path)
     return path.stat().st_size
 
 
-def load_deployed(path: str | Path) -> segmenter.DeployedSegmenter:
+def load_deployed(path: str | Path) -> DeployedSegmenter:
     """Read a deployed model written by :func:`save_deployed` (safe loader; clear errors)."""
     path = Path(path)
     if not path.is_file():
@@ -85,10 +207,16 @@ def load_deployed(path: str | Path) -> segmenter.DeployedSegmenter:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling failure: say what the file is not
-        raise DeployedFileError(f"{path} is not a readable deployed model ({type(err).__name__}: {err})") from None
+        reason = str(err).splitlines()[0][:200]
+        raise DeployedFileError(f"{path} is not a readable deployed model ({type(err).__name__}: {reason})") from None
+    if isinstance(blob, dict) and str(blob.get("format", "")).startswith("iseg-deployed-") and blob["format"] != FORMAT:
+        raise DeployedFileError(f"{path} is a {blob['format']} file, which this version cannot read: write it "
+                                f"again with `iseg ptq` (this version writes {FORMAT})")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise DeployedFileError(f"{path} is not an iseg deployed model (format {FORMAT!r} expected)")
-    model = _build(blob["tree"], blob["state_dict"], "")
-    if not isinstance(model, segmenter.DeployedSegmenter):
-        raise DeployedFileError(f"{path} does not hold a DeployedSegmenter")
-    return model.eval()
+    state = blob.get("state_dict")
+    if not isinstance(state, dict) or blob.get("sha256") != _checksum(state):
+        raise DeployedFileError(f"{path} is damaged: its tensors do not match the checksum written with them")
+    record = blob["model"]
+    graph = _graph_from_record(record["graph"], state)
+    return DeployedSegmenter(graph, tuple(record["input_size"]), record["logit_scale"]).eval()

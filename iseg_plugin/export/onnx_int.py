@@ -5,7 +5,7 @@ exporter), so it computes the very ``intops`` arithmetic the PyTorch model runs;
 written a second time. What torch's standard ONNX symbolics would get wrong for integers is
 lowered here instead (registered only for the duration of the export):
 
-* int8 GEMMs become ``MatMulInteger`` (see :class:`~iseg_plugin.deploy.modules._Int8MatMul`);
+* int8 GEMMs become ``MatMulInteger`` (see :class:`~iseg_plugin.ops.gemm._Int8MatMul`);
 * arithmetic shifts become uint64 ``BitShift``s around an offset of 2**63 (``BitShift`` is unsigned
   only; see :func:`expand_shifts`), constant left shifts multiplications;
 * floor divisions become exact ``Div``s (``Div`` truncates toward zero; see :func:`_floor_div`);
@@ -27,7 +27,6 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from ..deploy.convert import convert
 from ..deploy.segmenter import DeployedSegmenter
 
 OPSET = 18
@@ -215,18 +214,12 @@ def integer_symbolics():
             torch.onnx.unregister_custom_op_symbolic(name, OPSET)
 
 
-def export_onnx_int(model, path: str | Path | None = None, input_size: tuple[int, int] | None = None) -> onnx.ModelProto:
-    """Trace a deployed model into an integer-only ONNX graph (batch 1 of uint8 RGB pixels in; INT16
-    logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given.
-
-    ``model`` is a :class:`DeployedSegmenter`, or a calibrated quantized ``ISegmenter``, deployed
-    here for ``input_size`` (an uncalibrated one is refused by the conversion).
-    """
+def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None) -> onnx.ModelProto:
+    """Trace a deployed model into an integer-only ONNX graph (batch 1 of uint8 RGB pixels in; integer
+    logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given."""
     if not isinstance(model, DeployedSegmenter):
-        if input_size is None:
-            raise TypeError(f"export_onnx_int takes a DeployedSegmenter (iseg ptq's output), or a quantized "
-                            f"ISegmenter with input_size=(H, W); got {type(model).__name__}")
-        model = convert(model, input_size)
+        raise TypeError(f"export_onnx_int takes a DeployedSegmenter (iseg ptq's output, or "
+                        f"iseg_plugin.deploy.convert's), got {type(model).__name__}")
     pixels = torch.zeros(1, 3, *model.input_size, dtype=torch.uint8)
     buffer = io.BytesIO()
     with integer_symbolics(), warnings.catch_warnings():

@@ -39,7 +39,7 @@ def _deployed_module_symbolic(g, data, state, spec):
     inputs, buffers = symbolic_helper._unpack_list(data), symbolic_helper._unpack_list(state)
     spec = symbolic_helper._maybe_get_const(spec, "s")
     out = g.op(f"{DOMAIN}::{json.loads(spec)['tree']['type']}", *inputs, *buffers, spec_s=spec, n_data_i=len(inputs))
-    out.setType(inputs[0].type().with_dtype(torch.int64))  # intops return int64, shape of the first input
+    out.setType(inputs[0].type().with_dtype(torch.int64))  # run_module returns int64, the first input's shape
     return out
 
 

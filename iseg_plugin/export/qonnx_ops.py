@@ -1,7 +1,7 @@
 """qonnx custom ops of the domain ``iseg_plugin.export.qonnx_ops``: the deployed model's integer operators.
 
 qonnx imports an ONNX node's domain as a Python module and runs the class named after its op type
-(ecosystem notes §1.5). Each class here rebuilds the deployed module its node stands for from the
+(ecosystem notes §1.5). Each class here (a shape-keeping registry module) rebuilds the deployed module its node stands for from the
 node's ``spec`` attribute (the plain-data record of :func:`iseg_plugin.deploy.io.module_spec`) and
 its integer inputs (``n_data`` data tensors, then the module's buffers), and runs that module's
 forward: qonnx executes the very arithmetic of the PyTorch deployed model, not a copy of it.
@@ -16,7 +16,8 @@ from qonnx.custom_op.base import CustomOp
 
 from ..deploy.io import module_from_spec
 
-__all__ = ["Requant", "IntAdd", "IntLayerNorm", "IntGELU", "IntSoftmax"]
+__all__ = ["Requant", "Add", "LayerNorm", "ShiftGELU", "LambdaShiftGELU", "PolyGELU", "Shiftmax", "BitExpSoftmax",
+           "L2Norm"]
 
 
 def run_module(spec_json: str, data: list[torch.Tensor], state: list[torch.Tensor]) -> torch.Tensor:
@@ -24,7 +25,7 @@ def run_module(spec_json: str, data: list[torch.Tensor], state: list[torch.Tenso
     spec = json.loads(spec_json)
     module = module_from_spec(spec["tree"], dict(zip(spec["buffers"], state)))
     with torch.no_grad():
-        return module(*data)
+        return module(*data).to(torch.int64)  # the node's declared type (modules store narrower integers)
 
 
 class _DeployedModuleOp(CustomOp):
@@ -50,20 +51,36 @@ class _DeployedModuleOp(CustomOp):
 
 
 class Requant(_DeployedModuleOp):
-    """Dyadic requantization (``iseg_plugin.deploy.modules.Requant``)."""
+    """Dyadic requantization (``iseg_plugin.ops.modules.Requant``)."""
 
 
-class IntAdd(_DeployedModuleOp):
+class Add(_DeployedModuleOp):
     """Residual add of two requantized operands."""
 
 
-class IntLayerNorm(_DeployedModuleOp):
+class LayerNorm(_DeployedModuleOp):
     """I-LayerNorm fused with its output requantization."""
 
 
-class IntGELU(_DeployedModuleOp):
-    """lambda-ShiftGELU / ShiftGELU / Poly-GELU."""
+class ShiftGELU(_DeployedModuleOp):
+    """ShiftGELU (I-ViT), requantized."""
 
 
-class IntSoftmax(_DeployedModuleOp):
-    """Shiftmax / bit-exp softmax."""
+class LambdaShiftGELU(_DeployedModuleOp):
+    """lambda-ShiftGELU (I-Segmenter), requantized."""
+
+
+class PolyGELU(_DeployedModuleOp):
+    """Poly-GELU (IPTQ-ViT), requantized."""
+
+
+class Shiftmax(_DeployedModuleOp):
+    """Shiftmax (I-ViT)."""
+
+
+class BitExpSoftmax(_DeployedModuleOp):
+    """Bit-exp softmax (IPTQ-ViT)."""
+
+
+class L2Norm(_DeployedModuleOp):
+    """Integer L2 normalisation over the last dimension, requantized."""

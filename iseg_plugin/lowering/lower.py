@@ -357,8 +357,17 @@ class Site:
     def output_format(self) -> tuple[float, tuple[int, int]]:
         return self.lowering.output_format(self.observer, self.observer_node)
 
-    def requant_to_output(self, in_scale) -> tuple[Requant, float, tuple[int, int]]:
-        scale, bounds = self.output_format()
+    def asymmetric_output_format(self) -> tuple[float, tuple[int, int]]:
+        """An INT8-consumed output on the 256 levels of ``[lo, lo + 255]`` over its observed range, where a
+        symmetric grid would waste a bit on a one-sided range (GELU >= -0.17); INT16 consumers as usual.
+        (A Linear consumer shifts it into int8 and takes the shift back in its bias.)"""
+        if self.lowering.demand(self.observer_node) != 8:
+            return self.output_format()
+        scale = intops.asymmetric_scale(self.observer.min_val, self.observer.max_val, 8)
+        return float(scale), intops.asymmetric_bounds(self.observer.min_val, scale, 8)
+
+    def requant_to_output(self, in_scale, asymmetric: bool = False) -> tuple[Requant, float, tuple[int, int]]:
+        scale, bounds = self.asymmetric_output_format() if asymmetric else self.output_format()
         return Requant.between(in_scale, scale, bounds), scale, bounds
 
     def emit(self, module: nn.Module, *inputs: fx.Node) -> fx.Node:

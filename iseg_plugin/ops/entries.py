@@ -32,23 +32,33 @@ def _quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return intops.quantize(w, scale, WEIGHT_BITS, channel_dim=0).to(torch.int8), scale.double()
 
 
-def _linear_module(site: Site, x: Operand, weight, bias) -> tuple[M.Linear, float, tuple[int, int]]:
+def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tuple[M.Linear, float, tuple[int, int]]:
+    """W x + b as ``W (x - offset) + (b + offset * sum(W))``: ``offset`` brings a 256-level input such as
+    an asymmetric GELU output into int8, and the bias takes it back (exact)."""
     w_int, w_scale = _quantize_weight(weight)
     acc_scale = x.scale * w_scale
-    b_int = None
-    if bias is not None:
-        b_int = torch.round(bias.detach().double() / acc_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+    b = torch.zeros(w_int.shape[0], dtype=torch.float64) if bias is None else torch.round(bias.detach().double() / acc_scale)
+    b = b + offset * w_int.double().sum(1)
+    b_int = None if bias is None and offset == 0 else b.clamp(-(2**31), 2**31 - 1).to(torch.int32)
     out, scale, bounds = site.requant_to_output(acc_scale)
-    return M.Linear(w_int, b_int, out), scale, bounds
+    return M.Linear(w_int, b_int, out, offset), scale, bounds
+
+
+def _int8_offset(x) -> int:
+    """The shift that brings a 256-level operand (asymmetric grid) into int8; 0 for other operands."""
+    if isinstance(x, Operand) and x.bounds[1] - x.bounds[0] == 255 and x.bounds != (-128, 127):
+        return x.bounds[0] + 128
+    return 0
 
 
 def _lower_linear(site: Site) -> Operand:
-    x = site.input(0)
+    offset = _int8_offset(site.args[0])
+    x = site.args[0] if offset else site.input(0)
     if site.module is not None:
         weight, bias = site.module.weight, site.module.bias
     else:
         weight, bias = site.arg(1, "weight"), site.arg(2, "bias")
-    module, scale, bounds = _linear_module(site, x, weight, bias)
+    module, scale, bounds = _linear_module(site, x, weight, bias, offset)
     return site.out(site.emit(module, x.node), scale, bounds)
 
 
@@ -142,7 +152,8 @@ def _lower_layer_norm(site: Site) -> Operand:
 def _gelu_lowering(build):
     def lower(site: Site) -> Operand:
         x = site.input(0)
-        out, scale, bounds = site.requant_to_output(x.scale * 2.0**-7)  # the GELUs' output: S * 2**-(k_out-1)
+        # the GELUs' output is at S * 2**-(k_out-1); INT8 on an asymmetric grid where only GEMMs read it
+        out, scale, bounds = site.requant_to_output(x.scale * 2.0**-7, asymmetric=True)
         return site.out(site.emit(build(site, x, out), x.node), scale, bounds)
 
     return lower

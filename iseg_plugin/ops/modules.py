@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import intops
-from ..deploy.modules import INT8, INT64, int8_matmul, uint16_matmul
+from .gemm import INT8, INT64, int8_matmul, uint16_matmul
 from ..intops import Dyadic
 from ..quant.act import pixels_to_int8
 
@@ -74,16 +74,21 @@ class Multiplier(nn.Module):
 
 
 class Linear(nn.Module):
-    """INT8 x INT8 -> INT32 (+ INT32 bias) over the last dimension, requantized to its output."""
+    """INT8 x INT8 -> INT32 (+ INT32 bias) over the last dimension, requantized to its output; an input
+    on a 256-level asymmetric grid is shifted into int8 by ``input_offset`` first."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, out: Requant):
+    def __init__(self, weight: Tensor, bias: Tensor | None, out: Requant, input_offset: int = 0):
         super().__init__()
         self.register_buffer("weight_t", weight.to(INT8).t().contiguous())  # (in, out)
         self.register_buffer("bias", None if bias is None else bias.to(INT32))
         self.out = out
+        self.input_offset = int(input_offset)  # subtracted from the input (its bias adds it back)
 
     def forward(self, x: Tensor) -> Tensor:
-        acc = gemm(x.reshape(-1, x.shape[-1]), self.weight_t)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.input_offset:
+            x2 = x2 - self.input_offset
+        acc = gemm(x2, self.weight_t)
         if self.bias is not None:
             acc = acc + self.bias.to(acc.dtype)
         return self.out(acc.reshape(*x.shape[:-1], acc.shape[-1]))
@@ -243,7 +248,7 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         resize = intops.upsample_nearest if self.mode == "nearest" else intops.upsample_bilinear
         y = resize(x, self.size)
-        return y if self.out is None else self.out(y)
+        return narrow(y, x.dtype) if self.out is None else self.out(y)  # (values stay within the input's range)
 
 
 class Mean(nn.Module):

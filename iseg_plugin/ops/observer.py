@@ -55,6 +55,12 @@ class IsegObserver(MinMaxObserver):
         self.batches += 1
         return x
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "samples"
+        if key in state_dict:  # the number of samples kept varies: take the saved one's size
+            self.samples = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def calibrated(self) -> bool:
         return int(self.batches) > 0
 

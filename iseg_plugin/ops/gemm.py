@@ -1,0 +1,127 @@
+"""Exact integer GEMM kernels of the deployed modules, with their ONNX lowerings.
+
+Every GEMM is an exact int8 x int8 -> int32 product (:func:`int8_matmul`: ``torch._int_mm`` where the
+CPU has VNNI, an int32 matmul elsewhere; int64 matmul is ~50x slower). Softmax probabilities (up to
+2**15) enter :func:`uint16_matmul` as two int8 halves.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+INT8, INT64 = torch.int8, torch.int64
+
+
+def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Exact (..., M, K) @ (..., K, N) of int8 operands, int32 result: with VNNI one 2-D ``_int_mm``
+    per batch entry, written in place (no stacking copy), else an int32 matmul (see INT8_KERNEL).
+    Traced for ONNX export, it is one batched ``MatMulInteger`` (see :class:`_Int8MatMul`)."""
+    if torch.jit.is_tracing():
+        return _Int8MatMul.apply(a, b)
+    return _int8_matmul_eager(a, b)
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+# torch._int_mm is as fast as an FP32 matmul on CPUs with VNNI; without it (AVX2 only) it falls back
+# to a kernel measured ~50x slower than FP32, while a matmul of the int8 values as int32 is exact
+# (|sum| <= 128 * 128 * K < 2**31 for K < 2**17) and ~6x slower than FP32. Both give the same integers.
+INT8_KERNEL = _cpu_has_vnni()
+
+
+def _int8_matmul_eager(a: Tensor, b: Tensor) -> Tensor:
+    if not INT8_KERNEL:
+        return torch.matmul(a.to(torch.int32), b.to(torch.int32))
+    batch = a.shape[:-2]
+    a2 = a.reshape(-1, a.shape[-2], a.shape[-1])
+    b2 = b.reshape(-1, b.shape[-2], b.shape[-1])
+    out = torch.empty(a2.shape[0], a2.shape[1], b2.shape[2], dtype=torch.int32)
+    for i in range(a2.shape[0]):
+        torch._int_mm(a2[i].contiguous(), b2[i].contiguous(), out=out[i])
+    return out.reshape(*batch, out.shape[-2], out.shape[-1])
+
+
+def _shifted_uint8(g, x):
+    """An int8 tensor as uint8 ``x + 128`` in an ONNX graph (zero point 128)."""
+    from onnx import TensorProto
+
+    wide = g.op("Cast", x, to_i=TensorProto.INT32)
+    offset = g.op("Constant", value_t=torch.tensor(128, dtype=torch.int32))
+    return g.op("Cast", g.op("Add", wide, offset), to_i=TensorProto.UINT8)
+
+
+def _uint8_constant(g, value: int):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=torch.uint8))
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """The int8 GEMM as one traceable op: ONNX ``MatMulInteger`` on uint8 x uint8. Both operands
+    enter shifted by 128 with zero point 128, which MatMulInteger subtracts exactly (weights are
+    shifted once, by constant folding). Not uint8 x int8: that kernel is faster on CPUs with
+    AVX512-VNNI, but on AVX2 alone onnxruntime computes it with VPMADDUBSW, whose int16 pair sums
+    saturate (measured here: off by up to 80291 on a 64x192x96 product); uint8 x uint8 is exact."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        return _int8_matmul_eager(a, b)
+
+    @staticmethod
+    def symbolic(g, a, b):
+        zero_point = _uint8_constant(g, 128)
+        return g.op("MatMulInteger", _shifted_uint8(g, a), _shifted_uint8(g, b), zero_point, zero_point)
+
+
+def uint16_matmul(p: Tensor, v: Tensor) -> Tensor:
+    """Exact ``p @ v`` for p in [0, 2**15] (probabilities) and int8 v, through int8 kernels.
+
+    p = 256 h + l with h in [0, 128], l in [0, 255]; both halves are shifted into int8
+    (h - 64, l - 128) and the shifts added back with the column sums of v. Traced for ONNX, the
+    halves are uint8 operands of two ``MatMulInteger`` as they are (see :class:`_Uint16MatMul`).
+    """
+    if torch.jit.is_tracing():
+        return _Uint16MatMul.apply(p, v)
+    return _uint16_matmul_eager(p, v)
+
+
+def _uint16_matmul_eager(p: Tensor, v: Tensor) -> Tensor:
+    high = torch.bitwise_right_shift(p, 8)
+    low = torch.bitwise_and(p, 255)
+    colsum = v.to(INT64).sum(-2, keepdim=True)
+    hi = int8_matmul((high - 64).to(INT8), v) + 64 * colsum
+    lo = int8_matmul((low - 128).to(INT8), v) + 128 * colsum
+    return hi * 256 + lo
+
+
+class _Uint16MatMul(torch.autograd.Function):
+    """``uint16_matmul`` as one traceable op: the halves of p, in int32 (p < 2**16), become uint8
+    operands of two ``MatMulInteger`` with zero point 0 (no shift, no column sums)."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, v: Tensor) -> Tensor:
+        return _uint16_matmul_eager(p, v)
+
+    @staticmethod
+    def symbolic(g, p, v):
+        from onnx import TensorProto
+
+        def int32(value):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=torch.int32))
+
+        p = g.op("Cast", p, to_i=TensorProto.INT32)
+        high = g.op("Div", p, int32(256))  # p >= 0: Div's truncation floors
+        low = g.op("Sub", p, g.op("Mul", high, int32(256)))
+        v, zero, zero_point = _shifted_uint8(g, v), _uint8_constant(g, 0), _uint8_constant(g, 128)
+
+        def times_v(half):
+            return g.op("MatMulInteger", g.op("Cast", half, to_i=TensorProto.UINT8), v, zero, zero_point)
+
+        out = g.op("Add", g.op("Mul", times_v(high), int32(256)), times_v(low))
+        return g.op("Cast", out, to_i=TensorProto.INT64)
