@@ -39,7 +39,7 @@ def ptq(name: str, out_dir: Path, data_root: str | None) -> dict:
     model = out_dir / f"{name}.iseg"
     cmd = [str(Path(sys.executable).with_name("iseg")), "ptq", str(CONFIG),
            str(CKPT / f"camvid_dinov2s14_decoder_{decoder_ckpt}.pth"), "--calib-samples", str(samples),
-           "--gelu", gelu, "--softmax", softmax, "--decoder", decoder, "--out", str(model)]
+           "--gelu", gelu, "--softmax", softmax, "--decoder", decoder, "--out", str(model), "--force"]
     if data_root:
         cmd += ["--data-root", data_root]
     start = time.perf_counter()

@@ -24,7 +24,7 @@ def _ptq(args: argparse.Namespace) -> int:
     from .ptq import run_ptq
 
     report = run_ptq(args.config, args.checkpoint, args.calib_samples, args.out, args.gelu, args.softmax,
-                     args.decoder, args.data_root, fold_norms=args.fold_norms)
+                     args.decoder, args.data_root, fold_norms=args.fold_norms, force=args.force)
     mb = 2**20
     print(f"\ndeployed integer model: {report['out']} ({report['deployed_bytes'] / mb:.1f} MB); "
           f"FP32 weights: {report['fp32_bytes'] / mb:.1f} MB ({report['fp32_bytes'] / report['deployed_bytes']:.2f}x); "
@@ -53,9 +53,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .deploy.io import load_deployed
     from .export import export_onnx_int, export_qonnx
+    from .files import check_output
 
     suffix = ".int.onnx" if args.format == "onnx-int" else ".qonnx.onnx"
-    out = Path(args.out or Path(args.model).with_suffix(suffix))
+    out = check_output(args.out or Path(args.model).with_suffix(suffix), [args.model], args.force)
     model = load_deployed(args.model)
     proto = export_onnx_int(model, out) if args.format == "onnx-int" else export_qonnx(model, out)
     ops = sorted({(f"{node.domain}::" if node.domain else "") + node.op_type for node in proto.graph.node})
@@ -64,8 +65,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iseg", description="Integer-only Segmenter tools")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job on its embedded default")
     demo.add_argument("--out-dir", default="work_dirs/demo", help="where the deployed model and the overlays go")
@@ -76,21 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     ptq = sub.add_parser("ptq", help="calibrate a Segmenter and write the deployed integer-only model")
     ptq.add_argument("config")
     ptq.add_argument("checkpoint", help="FP32 checkpoint (plugin or stock mmseg keys)")
-    ptq.add_argument("--calib-samples", type=int, default=1, help="calibration images (1 = one-shot PTQ)")
+    ptq.add_argument("--calib-samples", type=_positive_int, default=1, help="calibration images (1 = one-shot PTQ)")
     ptq.add_argument("--gelu", choices=("lambda-shift", "shift", "poly"))
     ptq.add_argument("--softmax", choices=("shift", "bit-exp"))
     ptq.add_argument("--decoder", choices=("paper", "bilinear-l2"))
     ptq.add_argument("--data-root")
     ptq.add_argument("--no-fold-norms", dest="fold_norms", action="store_false",
                      help="keep LayerNorm affines (default: fold them into the next Linear, exact)")
-    ptq.add_argument("--out", required=True)
+    ptq.add_argument("--out", required=True, help="the deployed model (and OUT.calib.pth beside it)")
+    ptq.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ptq.set_defaults(func=_ptq)
 
     ev = sub.add_parser("eval", help="mIoU of the FP32, fake-quant and deployed forms on the validation set")
     ev.add_argument("config")
     ev.add_argument("model", help="deployed model written by `iseg ptq`")
     ev.add_argument("--data-root")
-    ev.add_argument("--limit", type=int, help="evaluate only the first N images")
+    ev.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
     ev.add_argument("--out-dir", default="work_dirs/eval", help="confusion matrix and overlay PNGs")
     ev.add_argument("--json", help="also write the report as JSON")
     ev.set_defaults(func=_eval)
@@ -101,13 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnx-int: MatMulInteger and integer element-wise ops only (onnxruntime); "
                              "qonnx: the integer operators as qonnx custom ops (qonnx executes it)")
     export.add_argument("--out", help="output file (default: MODEL with .int.onnx / .qonnx.onnx)")
+    export.add_argument("--force", action="store_true", help="overwrite an existing output file")
     export.set_defaults(func=_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"iseg {args.command}: interrupted (no output file was left half-written)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends in a short message, unless --debug
+        if args.debug:
+            raise
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        print(f"iseg {args.command}: error: {lines[0]}", file=sys.stderr)
+        for line in lines[1:2]:
+            print(f"  {line}", file=sys.stderr)
+        print("  (iseg --debug ... shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -63,12 +63,12 @@ def run_demo(out_dir: str | Path, data_root: str | None = None) -> dict:
     model_path = out_dir / "camvid_int.iseg"
     labelled = (root / "val").is_dir() and (root / "train").is_dir()
     if labelled:
-        ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), data_root=data_root)
+        ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), data_root=data_root, force=True)
         report = evaluate(str(CONFIG), str(model_path), data_root, SHOWN, str(out_dir), forms=("fp32", "deployed"))
         report["source"] = f"CamVid at {root}: 1 training image for calibration, the first {SHOWN} val images"
     else:
         items = photo_items(packaged_photos())
-        ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), calib_set=items[:1])
+        ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), calib_set=items[:1], force=True)
         fp32 = build_model(cfg, None, quant=False)
         state = torch.load(sidecar(model_path), map_location="cpu", weights_only=True)["state_dict"]
         fp32.load_state_dict(state, strict=False)

@@ -1,14 +1,17 @@
 """Post-training quantization from an mmseg config: calibrate, convert, write the deployed model."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import logging
 import time
 from pathlib import Path
 
 import torch
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
+from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
 from mmseg.registry import DATASETS, MODELS
@@ -16,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from .deploy import calibrate_prepared, convert, prepare_segmenter
 from .deploy.io import save_deployed
+from .files import atomic_write, check_output
 from .quant.fold import fold_layernorms
 
 DECODERS = {"paper": dict(l2_norm=False, upsample="nearest"), "bilinear-l2": dict(l2_norm=True, upsample="bilinear")}
@@ -66,6 +70,19 @@ def example_input(model, item: dict) -> torch.Tensor:
     return inputs[..., :h, :w]
 
 
+@contextlib.contextmanager
+def quiet_init_logs():
+    """mmengine logs one INFO record per parameter in ``init_weights`` (hundreds of lines before any
+    result); the plugin's commands keep its warnings only."""
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_model(cfg: Config, checkpoint: str | None, quant: bool, fold_norms: bool = False):
     """The config's model, float or quantized, with its pretrained init and then the checkpoint;
     ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see ``quant.fold``)."""
@@ -73,7 +90,8 @@ def build_model(cfg: Config, checkpoint: str | None, quant: bool, fold_norms: bo
     if not quant:
         model_cfg.quant = None
     model = MODELS.build(model_cfg)
-    model.init_weights()
+    with quiet_init_logs():
+        model.init_weights()
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"no checkpoint at {checkpoint}")
@@ -103,13 +121,18 @@ def state_size(model) -> int:
 
 def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str | None = None,
             softmax: str | None = None, decoder: str | None = None, data_root: str | None = None,
-            batch_size: int = 8, fold_norms: bool = True, calib_set=None) -> dict:
+            batch_size: int = 8, fold_norms: bool = True, calib_set=None, force: bool = False) -> dict:
     """Calibrate on ``num_samples`` images (EMA update 0.05), convert, save; return a report.
 
     The float Segmenter is quantized op by op (:mod:`iseg_plugin.deploy.convert`). The images are the
     config's training set, or ``calib_set`` (test-pipeline outputs) if given; the deployed model is
-    built for the size of the first of them.
+    built for the size of the first of them. ``out`` (and its calibration record) must not exist unless
+    ``force``, nor be an input; both are checked first and written whole or not at all.
     """
+    if num_samples < 1:
+        raise ValueError(f"--calib-samples must be at least 1, got {num_samples}")
+    for path in (out, sidecar(out)):
+        check_output(path, [config, checkpoint], force)
     cfg = load_config(config, data_root, gelu, softmax, decoder, check_data=calib_set is None)
     if calib_set is None:
         calib_set = dataset(cfg, "train")
@@ -124,9 +147,9 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     calib_seconds = time.perf_counter() - start
     deployed = convert(prepared, example, cfg.model.data_preprocessor.mean, cfg.model.data_preprocessor.std)
     size = save_deployed(deployed, out)
-    torch.save({"state_dict": prepared.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
-                                                                  num_samples=num_samples, fold_norms=fold_norms)},
-               sidecar(out))
+    record = {"state_dict": prepared.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
+                                                                num_samples=num_samples, fold_norms=fold_norms)}
+    atomic_write(sidecar(out), lambda tmp: torch.save(record, tmp))
     fp32 = state_size(build_model(cfg, checkpoint, quant=False))
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=fp32, calib_seconds=calib_seconds,
                 input_size=deployed.input_size, num_samples=num_samples)

@@ -61,6 +61,15 @@ def test_audit_catches_a_float_op():
     assert audit.float_ops() and "mul" in audit.float_ops()[0].op
 
 
+def test_numpy_images_are_taken_as_read():
+    _, deployed = deployed_pair()
+    rgb = pixels(2, 7).flip(1).contiguous()
+    hwc = rgb.permute(0, 2, 3, 1).numpy()
+    with torch.no_grad():
+        assert torch.equal(deployed(hwc)[0], deployed(rgb)[0])
+        assert torch.equal(deployed(hwc[0])[1], deployed(rgb[:1])[1])
+
+
 def test_save_and_load_round_trip(tmp_path):
     _, deployed = deployed_pair()
     path = tmp_path / "model.iseg"
@@ -76,8 +85,10 @@ def test_bad_inputs_and_files(tmp_path):
     model, deployed = deployed_pair()
     with pytest.raises(TypeError, match="uint8"):
         deployed(torch.rand(1, 3, 64, 64))
-    with pytest.raises(TypeError, match="torch tensor"):
+    with pytest.raises(TypeError, match=r"must be uint8 RGB \(H, W, 3\).*got uint8 \(1, 3, 64, 64\)"):
         deployed(torch.zeros(1, 3, 64, 64, dtype=torch.uint8).numpy())
+    with pytest.raises(TypeError, match="got list"):
+        deployed([torch.zeros(3, 64, 64, dtype=torch.uint8)])
     with pytest.raises(ValueError, match="built for"):
         deployed(torch.zeros(1, 3, 48, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="built for"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from ..files import atomic_write
 from ..ops import REGISTRY
 from ..ops import modules as M
 from .segmenter import DeployedSegmenter
@@ -193,10 +194,8 @@ def save_deployed(model: DeployedSegmenter, path: str | Path) -> int:
         raise ValueError(f"a deployed model holds integers only; float tensors found: {floats[:3]}")
     record = {"input_size": list(model.input_size), "logit_scale": model.logit_scale,
               "graph": _graph_record(model.graph)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "model": record, "state_dict": state, "sha256": _checksum(state)}, path)
-    return path.stat().st_size
+    blob = {"format": FORMAT, "model": record, "state_dict": state, "sha256": _checksum(state)}
+    return atomic_write(path, lambda tmp: torch.save(blob, tmp)).stat().st_size
 
 
 def load_deployed(path: str | Path) -> DeployedSegmenter:

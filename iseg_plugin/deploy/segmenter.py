@@ -6,8 +6,21 @@ argmax. Nothing in it is written for the Segmenter: every operator is a registry
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, fx, nn
+
+
+def as_pixels(images) -> Tensor:
+    """A numpy uint8 RGB image (H, W, 3) or batch (N, H, W, 3), as images are read, as a (N, 3, H, W)
+    tensor; a tensor is returned as it is."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
+            raise TypeError(f"a numpy image for the deployed model must be uint8 RGB (H, W, 3) or (N, H, W, 3), "
+                            f"got {images.dtype} {images.shape}")
+        batch = torch.from_numpy(np.ascontiguousarray(images.reshape(-1, *images.shape[-3:])))
+        return batch.permute(0, 3, 1, 2).contiguous()
+    return images
 
 
 def check_pixels(images: Tensor, input_size: tuple[int, int]) -> None:
@@ -15,8 +28,8 @@ def check_pixels(images: Tensor, input_size: tuple[int, int]) -> None:
     if not isinstance(images, Tensor) or images.dtype != torch.uint8:
         got = images.dtype if isinstance(images, Tensor) else type(images).__name__
         raise TypeError(
-            f"the deployed model takes uint8 RGB pixels (B, 3, H, W) as a torch tensor, got {got}: pass the "
-            "image before any normalisation (mean and std are folded into the model)"
+            f"the deployed model takes uint8 RGB pixels, a (B, 3, H, W) tensor or a numpy (H, W, 3) array, got "
+            f"{got}: pass the image before any normalisation (mean and std are folded into the model)"
         )
     if images.dim() != 4 or images.shape[0] == 0 or images.shape[1] != 3 or tuple(images.shape[-2:]) != tuple(input_size):
         raise ValueError(
@@ -46,10 +59,12 @@ class DeployedSegmenter(nn.Module):
         logits = torch.cat([self.graph(image[None]) for image in images])
         return logits, logits[..., : self.input_size[0], : self.input_size[1]].argmax(1)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        images = as_pixels(images)
         check_pixels(images, self.input_size)
         return self._run(images)
 
-    def fake_quant(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def fake_quant(self, images: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        images = as_pixels(images)
         check_pixels(images, self.input_size)
         return self._run(images.double())

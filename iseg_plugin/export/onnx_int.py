@@ -28,6 +28,7 @@ import torch
 from onnx import TensorProto
 
 from ..deploy.segmenter import DeployedSegmenter
+from ..files import atomic_write
 
 OPSET = 18
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 (ecosystem notes B3)
@@ -230,8 +231,7 @@ def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None) ->
     proto.ir_version = IR_VERSION
     proto = check_integer_only(proto)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, str(path))
+        atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
     return proto
 
 

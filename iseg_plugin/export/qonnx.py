@@ -20,6 +20,7 @@ from torch import nn
 
 from ..deploy.io import module_spec
 from ..deploy.segmenter import DeployedSegmenter
+from ..files import atomic_write
 from .onnx_int import IR_VERSION, OPSET, expand_shifts, integer_symbolics
 from .qonnx_ops import __all__ as NODE_TYPES
 from .qonnx_ops import run_module
@@ -87,21 +88,27 @@ def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
     graph_model = copy.deepcopy(model).eval()
     pixels = torch.zeros(1, 3, *model.input_size, dtype=torch.uint8)
     _as_nodes(graph_model, _called_operators(graph_model, pixels))
-    torch.onnx.register_custom_op_symbolic("iseg::deployed_module", _deployed_module_symbolic, OPSET)
-    try:
-        with integer_symbolics(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            brevitas_export_qonnx(graph_model, (pixels,), export_path=str(path), dynamo=False, opset_version=OPSET,
-                                  input_names=["pixels"], output_names=["logits", "classes"])
-    finally:
-        torch.onnx.unregister_custom_op_symbolic("iseg::deployed_module", OPSET)
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.transformation.infer_shapes import InferShapes
 
-    wrapper = ModelWrapper(expand_shifts(onnx.load(str(path)))).transform(InferShapes())  # qonnx needs every shape
-    wrapper.model.ir_version = IR_VERSION
-    wrapper.save(str(path))
-    return wrapper.model
+    exported = []
+
+    def write(tmp: Path) -> None:
+        torch.onnx.register_custom_op_symbolic("iseg::deployed_module", _deployed_module_symbolic, OPSET)
+        try:
+            with integer_symbolics(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                brevitas_export_qonnx(graph_model, (pixels,), export_path=str(tmp), dynamo=False, opset_version=OPSET,
+                                      input_names=["pixels"], output_names=["logits", "classes"])
+        finally:
+            torch.onnx.unregister_custom_op_symbolic("iseg::deployed_module", OPSET)
+        wrapper = ModelWrapper(expand_shifts(onnx.load(str(tmp)))).transform(InferShapes())  # qonnx needs every shape
+        wrapper.model.ir_version = IR_VERSION
+        wrapper.save(str(tmp))
+        exported.append(wrapper.model)
+
+    atomic_write(path, write)
+    return exported[0]
 
 
 @contextlib.contextmanager

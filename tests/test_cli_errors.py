@@ -1,0 +1,100 @@
+"""Bad and careless use of the `iseg` command: short errors without a traceback, and no file lost."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from iseg_plugin.cli import main
+from iseg_plugin.deploy.io import save_deployed
+from iseg_plugin.files import OutputError, atomic_write, check_output
+from iseg_plugin.ptq import run_ptq
+
+from test_deploy import deployed_pair
+
+CONFIG = Path(__file__).resolve().parent.parent / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "m.iseg"
+    save_deployed(deployed_pair()[1], path)
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_an_existing_output_is_kept_unless_forced(model_file, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"precious")
+    code, err = run(capsys, "export", model_file, "--out", out)
+    assert code == 1 and "exists: pass --force" in err and "Traceback" not in err
+    assert out.read_bytes() == b"precious"
+    assert run(capsys, "export", model_file, "--out", out, "--force")[0] == 0
+    assert out.stat().st_size > 1000 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_output_that_is_an_input_is_refused(model_file, capsys):
+    before = model_file.read_bytes()
+    code, err = run(capsys, "export", model_file, "--out", model_file, "--force")
+    assert code == 1 and "is also an input" in err
+    assert model_file.read_bytes() == before
+
+
+def test_an_unwritable_output_is_refused_before_any_work(model_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, err = run(capsys, "export", model_file, "--out", blocker / "m.onnx")
+    assert code == 1 and "is a file, not a folder" in err
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output(tmp_path)
+
+
+def test_ptq_refuses_to_overwrite_its_checkpoint_before_building_anything(tmp_path):
+    checkpoint = tmp_path / "fp32.pth"
+    torch.save({"state_dict": {}}, checkpoint)
+    before = checkpoint.read_bytes()
+    with pytest.raises(OutputError, match="also an input"):
+        run_ptq(str(CONFIG), str(checkpoint), 1, str(checkpoint))
+    assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["ptq", CONFIG, "ckpt.pth", "--out", "x.iseg", "--calib-samples", "0"], "must be at least 1, got 0"),
+    (["ptq", CONFIG, "ckpt.pth", "--out", "x.iseg", "--calib-samples", "-1"], "must be at least 1, got -1"),
+    (["eval", CONFIG, "m.iseg", "--limit", "0"], "must be at least 1, got 0"),
+    (["eval", CONFIG, "m.iseg", "--limit", "two"], "'two' is not a whole number"),
+])
+def test_bad_numbers_are_refused_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_damaged_model_is_one_line_and_debug_shows_the_traceback(model_file, tmp_path, capsys):
+    damaged = tmp_path / "damaged.iseg"
+    blob = torch.load(model_file, weights_only=True)
+    name = next(k for k, v in blob["state_dict"].items() if v.numel() > 100)
+    blob["state_dict"][name].view(-1)[0] += 1
+    torch.save(blob, damaged)
+    code, err = run(capsys, "export", damaged, "--out", tmp_path / "d.onnx")
+    assert code == 1 and "is damaged" in err and "Traceback" not in err and len(err.splitlines()) <= 3
+    assert not (tmp_path / "d.onnx").exists()
+    with pytest.raises(ValueError, match="is damaged"):
+        main(["--debug", "export", str(damaged), "--out", str(tmp_path / "d.onnx")])
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+
+    def half_write(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half_write)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
