@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -119,8 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Third-party notices that every command would print and no user can act on (mmengine's import of
+# pkg_resources; mmseg's deprecated loss builder and loss default, which the plugin's configs do not use).
+_NOISE = ("pkg_resources is deprecated", "``build_loss`` would be deprecated", "Default ``avg_non_ignore`` is False")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for message in _NOISE:
+        warnings.filterwarnings("ignore", message=message)
     try:
         return args.func(args)
     except KeyboardInterrupt:

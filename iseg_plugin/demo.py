@@ -73,7 +73,10 @@ def run_demo(out_dir: str | Path, data_root: str | None = None) -> dict:
         state = torch.load(sidecar(model_path), map_location="cpu", weights_only=True)["state_dict"]
         fp32.load_state_dict(state, strict=False)
         meta = dict(classes=cfg.metainfo["classes"], palette=cfg.metainfo["palette"])
-        report = compare({"fp32": fp32}, {"deployed": load_deployed(model_path)}, items[1:], meta, out_dir=str(out_dir))
+        note = ("public-domain photos, not street scenes: CamVid's classes on them only show that the FP32 and "
+                "the integer model agree")
+        report = compare({"fp32": fp32}, {"deployed": load_deployed(model_path)}, items[1:], meta, out_dir=str(out_dir),
+                         note=note)
         report["source"] = (f"no CamVid at {root} (pass --data-root for mIoU): scikit-image photos "
                             f"{', '.join(PHOTOS[1:])} (unlabelled), calibration on {PHOTOS[0]}")
     report["sizes"] = dict(deployed=ptq["deployed_bytes"], fp32=state_size(build_model(cfg, None, quant=False)))

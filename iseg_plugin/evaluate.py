@@ -11,13 +11,13 @@ from mmseg.evaluation import IoUMetric
 
 from .deploy import convert, prepare_segmenter
 from .deploy.io import load_deployed
-from .ptq import build_model, dataset, example_input, load_config, sidecar, variants
+from .ptq import build_model, dataset, example_input, load_config, quiet_mmengine_info, sidecar, variants
 
 FORMS = ("fp32", "fake-quant", "deployed")
 
 
 def _metric(ignore: int, meta) -> IoUMetric:
-    metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore)
+    metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore, prefix="iseg")
     metric.dataset_meta = meta
     return metric
 
@@ -65,7 +65,7 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
 
 
 def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 255, out_dir: str | None = None,
-            dataset_panels: bool = True) -> dict:
+            dataset_panels: bool = True, note: str | None = None) -> dict:
     """Run every form on ``items`` (mmseg test-pipeline outputs); mIoU where the items carry labels.
 
     ``models``: mmseg segmentors (their ``predict``); ``integer_forms``: callables from uint8 RGB
@@ -113,21 +113,27 @@ def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 
     for form in forms:
         report["forms"][form] = dict(seconds_per_image=seconds[form] / len(items))
         if labelled:
-            result = metrics[form].compute_metrics(metrics[form].results)
+            with quiet_mmengine_info():  # (the report prints its own table)
+                result = metrics[form].compute_metrics(metrics[form].results)
             report["forms"][form].update(mIoU=float(result["mIoU"]), aAcc=float(result["aAcc"]),
                                          per_class=_per_class_iou(metrics[form]).tolist())
     report["pixel_agreement"] = {k: 100.0 * a / t for k, (a, t) in agree.items() if t}
     if out_dir is not None:
-        report["plots"] = save_plots(Path(out_dir), confusion, samples, meta, dataset_panels)
+        report["plots"] = save_plots(Path(out_dir), confusion, samples, meta, dataset_panels, note)
     return report
 
 
-def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta, dataset_panels: bool = True) -> list[str]:
-    """overlays.png (each form's class map per image) and confusion_matrix.png (deployed form).
+def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta, dataset_panels: bool = True,
+               note: str | None = None) -> list[str]:
+    """overlays.png (each form's class map per image, with a legend of the class colours) and
+    confusion_matrix.png (deployed form).
 
     ``dataset_panels`` adds the input image and its ground truth to the overlays; figures meant
-    for this repository leave them out (CamVid's licence keeps its images out of it).
+    for this repository leave them out (CamVid's licence keeps its images out of it). ``note`` is
+    printed above the overlays (what the images are).
     """
+    from matplotlib.patches import Patch
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +156,11 @@ def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta, dataset_pa
                 axes[row, col].imshow(panel)
                 axes[row, col].set_title(title, fontsize=8)
                 axes[row, col].axis("off")
-        fig.tight_layout()
+        legend = [Patch(color=np.array(c) / 255, label=name) for name, c in zip(meta["classes"], meta["palette"])]
+        fig.legend(handles=legend, loc="lower center", ncol=min(6, len(legend)), fontsize=7, frameon=False)
+        if note:
+            fig.suptitle(note, fontsize=9)
+        fig.tight_layout(rect=(0, 0.08, 1, 0.95 if note else 1))
         paths.append(str(out_dir / "overlays.png"))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)

@@ -13,13 +13,13 @@ from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
-from mmengine.runner import load_checkpoint
 from mmseg.registry import DATASETS, MODELS
 from torch.utils.data import DataLoader
 
 from .deploy import calibrate_prepared, convert, prepare_segmenter
 from .deploy.io import save_deployed
 from .files import atomic_write, check_output
+from .models import CheckpointMismatchError
 from .quant.fold import fold_layernorms
 
 DECODERS = {"paper": dict(l2_norm=False, upsample="nearest"), "bilinear-l2": dict(l2_norm=True, upsample="bilinear")}
@@ -71,9 +71,9 @@ def example_input(model, item: dict) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def quiet_init_logs():
-    """mmengine logs one INFO record per parameter in ``init_weights`` (hundreds of lines before any
-    result); the plugin's commands keep its warnings only."""
+def quiet_mmengine_info():
+    """mmengine logs one INFO record per parameter in ``init_weights`` and every IoU table it computes
+    (hundreds of lines before any result); the plugin's commands keep its warnings only."""
     logger = MMLogger.get_current_instance()
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -83,6 +83,34 @@ def quiet_init_logs():
         logger.setLevel(level)
 
 
+def load_fp32_checkpoint(model, checkpoint: str | Path) -> list[str]:
+    """Load a float checkpoint (mmengine's ``{'state_dict': ...}`` or a bare state dict; DDP's
+    ``module.`` prefixes dropped) with ``weights_only=True``; returns the model's keys it left as they
+    were (e.g. the encoder of a decoder-only checkpoint keeps its pretrained init).
+
+    Refused, naming what was found: a file that is no checkpoint, a deployed integer model, and a
+    checkpoint none of whose tensors belongs to the model. (mmengine's ``load_checkpoint`` only logs
+    mismatched keys, which leaves a randomly initialised model.)"""
+    try:
+        blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure: say what the file is not
+        reason = str(err).strip().splitlines()[0][:160]
+        raise CheckpointMismatchError(f"{checkpoint} is not a readable checkpoint ({type(err).__name__}: {reason})") \
+            from None
+    if isinstance(blob, dict) and str(blob.get("format", "")).startswith("iseg-deployed"):
+        raise CheckpointMismatchError(f"{checkpoint} is a deployed integer model ({blob['format']}), not an FP32 "
+                                      "checkpoint: pass the float checkpoint it was made from")
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    tensors = {k.removeprefix("module."): v for k, v in (state or {}).items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointMismatchError(f"{checkpoint} holds no tensors (expected {{'state_dict': {{name: tensor}}}})")
+    result = model.load_state_dict(tensors, strict=False)
+    if len(result.missing_keys) == len(model.state_dict()):
+        raise CheckpointMismatchError(f"none of the {len(tensors)} tensors of {checkpoint} belongs to this model "
+                                      f"(its keys start {sorted(tensors)[:3]}): is it a checkpoint of this config?")
+    return list(result.missing_keys)
+
+
 def build_model(cfg: Config, checkpoint: str | None, quant: bool, fold_norms: bool = False):
     """The config's model, float or quantized, with its pretrained init and then the checkpoint;
     ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see ``quant.fold``)."""
@@ -90,12 +118,12 @@ def build_model(cfg: Config, checkpoint: str | None, quant: bool, fold_norms: bo
     if not quant:
         model_cfg.quant = None
     model = MODELS.build(model_cfg)
-    with quiet_init_logs():
+    with quiet_mmengine_info():
         model.init_weights()
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"no checkpoint at {checkpoint}")
-        load_checkpoint(model, checkpoint, map_location="cpu", logger="silent")
+        load_fp32_checkpoint(model, checkpoint)
     if fold_norms:
         fold_layernorms(model)
     return model.eval()

@@ -98,3 +98,31 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, half_write)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_by_name(model_file, tmp_path):
+    from iseg_plugin.models import CheckpointMismatchError
+    from iseg_plugin.ptq import load_fp32_checkpoint
+
+    from test_quant_model import build
+
+    model = build(None)
+    with pytest.raises(CheckpointMismatchError, match="is a deployed integer model.*not an FP32 checkpoint"):
+        load_fp32_checkpoint(model, model_file)
+    empty = tmp_path / "empty.pth"
+    torch.save({"state_dict": {}}, empty)
+    with pytest.raises(CheckpointMismatchError, match="holds no tensors"):
+        load_fp32_checkpoint(model, empty)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(3)}}, foreign)
+    with pytest.raises(CheckpointMismatchError, match=r"none of the 1 tensors.*\['encoder.weight'\]"):
+        load_fp32_checkpoint(model, foreign)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match="not a readable checkpoint"):
+        load_fp32_checkpoint(model, text)
+    decoder_only = tmp_path / "decoder.pth"
+    torch.save({"state_dict": {f"module.decode_head.{k}": v for k, v in model.decode_head.state_dict().items()}},
+               decoder_only)
+    kept = load_fp32_checkpoint(model, decoder_only)
+    assert kept and all(k.startswith("backbone.") for k in kept)

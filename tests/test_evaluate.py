@@ -27,3 +27,12 @@ def test_overlays_hold_image_and_labels_only_when_asked(tmp_path):
     # unlabelled images (the demo's photos): no ground-truth panel, no confusion matrix
     paths = save_plots(tmp_path / "photos", torch.zeros(2, 2, dtype=torch.int64), samples(False), META)
     assert overlay_columns(paths[0]) == 3 and len(paths) == 1
+
+
+def test_overlays_carry_a_class_legend_and_the_note(tmp_path):
+    meta = dict(classes=("road", "sky"), palette=[[255, 0, 0], [0, 0, 255]])
+    only_road = [(np.zeros((8, 10, 3), dtype=np.uint8), None, {"deployed": np.zeros((8, 10), dtype=np.int64)})]
+    (path,) = save_plots(tmp_path, torch.zeros(2, 2, dtype=torch.int64), only_road, meta, note="photos, not streets")
+    rgb = (matplotlib.image.imread(path)[..., :3] * 255).round()
+    blue = (rgb[..., 2] > 200) & (rgb[..., 0] < 50) & (rgb[..., 1] < 50)
+    assert blue.sum() > 20  # no pixel is predicted "sky": blue appears only in the legend

