@@ -11,6 +11,7 @@ from mmseg.evaluation import IoUMetric
 
 from .deploy import convert, prepare_segmenter
 from .deploy.io import load_deployed
+from .files import unreadable
 from .ptq import build_model, dataset, example_input, load_config, quiet_mmengine_info, sidecar, variants
 
 FORMS = ("fp32", "fake-quant", "deployed")
@@ -39,7 +40,10 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
     calib_path = sidecar(model_path)
     if not calib_path.is_file():
         raise FileNotFoundError(f"{calib_path} is missing: it is written by `iseg ptq` next to the deployed model")
-    calib = torch.load(calib_path, map_location="cpu", weights_only=True)
+    try:
+        calib = torch.load(calib_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure: say what the file is not
+        raise ValueError(unreadable(calib_path, err, "calibration record of `iseg ptq`")) from None
     meta = calib["meta"]
     cfg = load_config(config, data_root, **{k: meta.get(k) for k in ("gelu", "softmax", "decoder")})
     val = dataset(cfg, "val")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -46,3 +47,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def unreadable(path: str | Path, err: Exception, what: str) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in one line. A pickle that holds more than
+    tensors and plain values is refused as such: loading it could run code (torch's own message
+    offers to load it unsafely, which this project never does)."""
+    if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+        return (f"{path} is not a {what}: it holds Python objects other than tensors and plain values, and "
+                "loading those could run code (refused)")
+    if isinstance(err, pickle.UnpicklingError):  # (torch's text here is advice to load it unsafely)
+        return f"{path} is not a readable {what}: not a file torch.save wrote, or damaged"
+    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return f"{path} is not a readable {what} ({type(err).__name__}: {reason})"

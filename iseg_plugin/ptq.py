@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .deploy import calibrate_prepared, convert, prepare_segmenter
 from .deploy.io import save_deployed
-from .files import atomic_write, check_output
+from .files import atomic_write, check_output, unreadable
 from .models import CheckpointMismatchError
 from .quant.fold import fold_layernorms
 
@@ -94,9 +94,7 @@ def load_fp32_checkpoint(model, checkpoint: str | Path) -> list[str]:
     try:
         blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling failure: say what the file is not
-        reason = str(err).strip().splitlines()[0][:160]
-        raise CheckpointMismatchError(f"{checkpoint} is not a readable checkpoint ({type(err).__name__}: {reason})") \
-            from None
+        raise CheckpointMismatchError(unreadable(checkpoint, err, "checkpoint")) from None
     if isinstance(blob, dict) and str(blob.get("format", "")).startswith("iseg-deployed"):
         raise CheckpointMismatchError(f"{checkpoint} is a deployed integer model ({blob['format']}), not an FP32 "
                                       "checkpoint: pass the float checkpoint it was made from")

@@ -126,3 +126,21 @@ def test_a_checkpoint_that_does_not_fit_is_refused_by_name(model_file, tmp_path)
                decoder_only)
     kept = load_fp32_checkpoint(model, decoder_only)
     assert kept and all(k.startswith("backbone.") for k in kept)
+
+
+class Payload:
+    """A pickled object whose loading would run code."""
+
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_a_pickle_with_code_is_refused_without_offering_to_load_it(tmp_path):
+    from iseg_plugin.deploy.io import DeployedFileError, load_deployed
+
+    path = tmp_path / "evil.iseg"
+    torch.save({"format": "iseg-deployed-v2", "payload": Payload()}, path)
+    with pytest.raises(DeployedFileError) as raised:
+        load_deployed(path)
+    message = str(raised.value)
+    assert "could run code (refused)" in message and "weights_only" not in message and "can still" not in message

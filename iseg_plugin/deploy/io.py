@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from ..files import atomic_write
+from ..files import atomic_write, unreadable
 from ..ops import REGISTRY
 from ..ops import modules as M
 from .segmenter import DeployedSegmenter
@@ -206,8 +206,7 @@ def load_deployed(path: str | Path) -> DeployedSegmenter:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling failure: say what the file is not
-        reason = str(err).splitlines()[0][:200]
-        raise DeployedFileError(f"{path} is not a readable deployed model ({type(err).__name__}: {reason})") from None
+        raise DeployedFileError(unreadable(path, err, "deployed model")) from None
     if isinstance(blob, dict) and str(blob.get("format", "")).startswith("iseg-deployed-") and blob["format"] != FORMAT:
         raise DeployedFileError(f"{path} is a {blob['format']} file, which this version cannot read: write it "
                                 f"again with `iseg ptq` (this version writes {FORMAT})")
