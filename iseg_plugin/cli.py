@@ -27,6 +27,9 @@ def _ptq(args: argparse.Namespace) -> int:
     report = run_ptq(args.config, args.checkpoint, args.calib_samples, args.out, args.gelu, args.softmax,
                      args.decoder, args.data_root, fold_norms=args.fold_norms, force=args.force)
     mb = 2**20
+    if report["kept_init_count"]:
+        print(f"\nthe checkpoint set every tensor of the model but {report['kept_init_count']}, which keep their "
+              f"initialisation (under {', '.join(report['kept_init'])})")
     print(f"\ndeployed integer model: {report['out']} ({report['deployed_bytes'] / mb:.1f} MB); "
           f"FP32 weights: {report['fp32_bytes'] / mb:.1f} MB ({report['fp32_bytes'] / report['deployed_bytes']:.2f}x); "
           f"calibration on {report['num_samples']} images: {report['calib_seconds']:.1f} s")

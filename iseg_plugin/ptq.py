@@ -118,10 +118,11 @@ def build_model(cfg: Config, checkpoint: str | None, quant: bool, fold_norms: bo
     model = MODELS.build(model_cfg)
     with quiet_mmengine_info():
         model.init_weights()
+    model.kept_init = []  # the model's tensors the checkpoint did not set (they keep their initialisation)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"no checkpoint at {checkpoint}")
-        load_fp32_checkpoint(model, checkpoint)
+        model.kept_init = load_fp32_checkpoint(model, checkpoint)
     if fold_norms:
         fold_layernorms(model)
     return model.eval()
@@ -178,4 +179,5 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     atomic_write(sidecar(out), lambda tmp: torch.save(record, tmp))
     fp32 = state_size(build_model(cfg, checkpoint, quant=False))
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=fp32, calib_seconds=calib_seconds,
+                kept_init=sorted({key.split(".")[0] for key in model.kept_init}), kept_init_count=len(model.kept_init),
                 input_size=deployed.input_size, num_samples=num_samples)
