@@ -18,7 +18,6 @@ the exact matmul -> scale -> softmax -> matmul it computes, and ``F.normalize``'
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -28,24 +27,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from iseg_plugin.ops import REGISTRY, IsegObserver
+from iseg_plugin.quiet import quiet
 
-
-@contextlib.contextmanager
-def _quiet_loggers(*names: str):
-    """torchao's CPU wheel logs a warning per CUDA library it cannot load, and torch's pytree one per
-    enum torchao registers: harmless here, so silenced during the import only."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-with _quiet_loggers("torchao", "torch.utils._pytree"):
+# torchao's CPU wheel logs a warning per CUDA library it cannot load, and torch's pytree one per enum
+# torchao registers: harmless here, so kept quiet during the import only.
+with quiet(logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree"), level=logging.ERROR):
     from torchao.quantization.pt2e.observer import PartialWrapper
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e as _prepare_pt2e
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer

@@ -1,10 +1,8 @@
 """Post-training quantization from an mmseg config: calibrate, convert, write the deployed model."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
-import logging
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from .deploy.io import save_deployed
 from .files import atomic_write, check_output, unreadable
 from .models import CheckpointMismatchError
 from .quant.fold import fold_layernorms
+from .quiet import quiet
 
 DECODERS = {"paper": dict(l2_norm=False, upsample="nearest"), "bilinear-l2": dict(l2_norm=True, upsample="bilinear")}
 
@@ -70,17 +69,10 @@ def example_input(model, item: dict) -> torch.Tensor:
     return inputs[..., :h, :w]
 
 
-@contextlib.contextmanager
 def quiet_mmengine_info():
     """mmengine logs one INFO record per parameter in ``init_weights`` and every IoU table it computes
     (hundreds of lines before any result); the plugin's commands keep its warnings only."""
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quiet(MMLogger.get_current_instance())
 
 
 def load_fp32_checkpoint(model, checkpoint: str | Path) -> list[str]:

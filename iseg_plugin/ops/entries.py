@@ -62,6 +62,11 @@ def _lower_linear(site: Site) -> Operand:
     return site.out(site.emit(module, x.node), scale, bounds)
 
 
+def _pair(value) -> tuple[int, int]:
+    """A Conv2d size argument (int, or a sequence of one or two) as (h, w)."""
+    return tuple(value) * (2 // len(value)) if isinstance(value, (list, tuple)) else (value, value)
+
+
 def _conv_args(site: Site):
     if site.module is not None:
         c = site.module
@@ -72,8 +77,8 @@ def _conv_args(site: Site):
 
 def _lower_patch_conv(site: Site) -> Operand:
     weight, bias, stride, padding, dilation, groups = _conv_args(site)
-    kernel, pair = tuple(weight.shape[-2:]), (lambda v: tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) else (v, v))
-    if pair(stride) != kernel or pair(padding) != (0, 0) or groups != 1 or pair(dilation) != (1, 1):
+    kernel = tuple(weight.shape[-2:])
+    if _pair(stride) != kernel or _pair(padding) != (0, 0) or groups != 1 or _pair(dilation) != (1, 1):
         raise site.refuse("only patchifying Conv2d (kernel == stride, no padding, groups 1) has an integer "
                           f"lowering; got kernel {kernel}, stride {stride}, padding {padding}")
     _, _, h, w = site.lowering.shape(site.node.args[0])
