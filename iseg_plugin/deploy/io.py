@@ -22,10 +22,10 @@ from ..ops import modules as M
 from .segmenter import DeployedSegmenter
 
 FORMAT = "iseg-deployed-v2"
-_CLASSES = {cls.__name__: cls for cls in (
-    M.Requant, M.Multiplier, M.Linear, M.PatchConv, M.MatMul, M.Add, M.Mul, M.LayerNorm, M.ShiftGELU,
-    M.LambdaShiftGELU, M.PolyGELU, M.Shiftmax, M.BitExpSoftmax, M.L2Norm, M.Upsample, M.Mean, M.Cat,
-    M.PixelsToInt8, nn.ModuleList, nn.Identity)}
+# the deployed modules of the registry (every nn.Module class defined in ops/modules.py) and two containers
+_CLASSES = {name: cls for name, cls in vars(M).items()
+            if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == M.__name__}
+_CLASSES.update(ModuleList=nn.ModuleList, Identity=nn.Identity)
 _DTYPES = {str(d): d for d in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)}
 
 
