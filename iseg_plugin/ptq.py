@@ -25,7 +25,8 @@ DECODERS = {"paper": dict(l2_norm=False, upsample="nearest"), "bilinear-l2": dic
 
 
 def sidecar(model_path: str | Path) -> Path:
-    """The calibrated fake-quant checkpoint written next to a deployed model (for `iseg eval`)."""
+    """The calibration record written next to a deployed model (float weights and observed ranges, from
+    which `iseg eval` rebuilds the FP32 and fake-quant forms)."""
     return Path(f"{model_path}.calib.pth")
 
 
@@ -101,12 +102,12 @@ def load_fp32_checkpoint(model, checkpoint: str | Path) -> list[str]:
     return list(result.missing_keys)
 
 
-def build_model(cfg: Config, checkpoint: str | None, quant: bool, fold_norms: bool = False):
-    """The config's model, float or quantized, with its pretrained init and then the checkpoint;
-    ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see ``quant.fold``)."""
+def build_model(cfg: Config, checkpoint: str | None, fold_norms: bool = False):
+    """The config's float model (its ``quant`` option, for mmseg QAT, ignored) with its pretrained init
+    and then the checkpoint; ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see
+    ``quant.fold``)."""
     model_cfg = copy.deepcopy(cfg.model)
-    if not quant:
-        model_cfg.quant = None
+    model_cfg.quant = None
     model = MODELS.build(model_cfg)
     with quiet_mmengine_info():
         model.init_weights()
@@ -157,7 +158,7 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
         calib_set = dataset(cfg, "train")
     if num_samples > len(calib_set):
         raise ValueError(f"--calib-samples {num_samples} is more than the {len(calib_set)} calibration images")
-    model = build_model(cfg, checkpoint, quant=False, fold_norms=fold_norms)
+    model = build_model(cfg, checkpoint, fold_norms=fold_norms)
     example = example_input(model, calib_set[0])
     prepared = prepare_segmenter(model, example, **variants(cfg))
     loader = DataLoader(calib_set, batch_size=min(batch_size, num_samples), shuffle=False, collate_fn=pseudo_collate)
@@ -169,7 +170,7 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     record = {"state_dict": prepared.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
                                                                 num_samples=num_samples, fold_norms=fold_norms)}
     atomic_write(sidecar(out), lambda tmp: torch.save(record, tmp))
-    fp32 = state_size(build_model(cfg, checkpoint, quant=False))
+    fp32 = state_size(build_model(cfg, checkpoint))
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=fp32, calib_seconds=calib_seconds,
                 kept_init=sorted({key.split(".")[0] for key in model.kept_init}), kept_init_count=len(model.kept_init),
                 input_size=deployed.input_size, num_samples=num_samples)
