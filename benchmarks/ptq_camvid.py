@@ -1,6 +1,6 @@
 """PTQ on CamVid val (the paper's Tables 2, 3 and 5 on real data): writes docs/results_camvid.md + PNG.
 
-    .venv/bin/python benchmarks/ptq_camvid.py [--runs main,lambda_bitexp,lambda,shift,s_all,paper] [--limit N]
+    .venv/bin/python benchmarks/ptq_camvid.py [--runs main,lambda_bitexp,lambda,shift,s_all,paper,paper_poly] [--limit N]
     .venv/bin/python benchmarks/ptq_camvid.py --report-only   # rewrite the report from the saved runs
 
 Each run calibrates with `iseg ptq` in a subprocess (wall time and peak memory measured), then
@@ -31,6 +31,7 @@ RUNS = {
     "shift": ("bilinear-l2", 1, "shift", "shift", "bilinear-l2", ("fp32", "deployed")),
     "s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", ("deployed",)),
     "paper": ("paper", 1, "lambda-shift", "shift", "paper", ("fp32", "deployed")),
+    "paper_poly": ("paper", 1, "poly", "bit-exp", "paper", ("deployed",)),
 }
 
 
