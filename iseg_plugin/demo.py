@@ -20,7 +20,7 @@ from mmseg.datasets.transforms import PackSegInputs
 
 from .deploy.io import load_deployed
 from .evaluate import compare, evaluate
-from .ptq import build_model, load_config, run_ptq, sidecar, state_size
+from .ptq import build_model, load_config, run_ptq, sidecar
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
@@ -69,7 +69,7 @@ def run_demo(out_dir: str | Path, data_root: str | None = None) -> dict:
     else:
         items = photo_items(packaged_photos())
         ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), calib_set=items[:1], force=True)
-        fp32 = build_model(cfg, None)
+        fp32 = build_model(cfg)
         state = torch.load(sidecar(model_path), map_location="cpu", weights_only=True)["state_dict"]
         fp32.load_state_dict(state, strict=False)
         meta = dict(classes=cfg.metainfo["classes"], palette=cfg.metainfo["palette"])
@@ -79,7 +79,7 @@ def run_demo(out_dir: str | Path, data_root: str | None = None) -> dict:
                          note=note)
         report["source"] = (f"no CamVid at {root} (pass --data-root for mIoU): scikit-image photos "
                             f"{', '.join(PHOTOS[1:])} (unlabelled), calibration on {PHOTOS[0]}")
-    report["sizes"] = dict(deployed=ptq["deployed_bytes"], fp32=state_size(build_model(cfg, None)))
+    report["sizes"] = dict(deployed=ptq["deployed_bytes"], fp32=ptq["fp32_bytes"])
     report["calib_seconds"] = ptq["calib_seconds"]
     return report
 

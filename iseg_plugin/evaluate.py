@@ -52,7 +52,7 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
     deployed = load_deployed(model_path) if "deployed" in forms else None
     models, integer_forms = {}, {}
     if "fp32" in forms or "fake-quant" in forms:
-        float_model = build_model(cfg, None, fold_norms=meta.get("fold_norms", False))
+        float_model = build_model(cfg, fold_norms=meta.get("fold_norms", False))
         float_model.load_state_dict(calib["state_dict"], strict=False)
         if "fake-quant" in forms:
             example = example_input(float_model, items[0])

@@ -84,6 +84,8 @@ def load_fp32_checkpoint(model, checkpoint: str | Path) -> list[str]:
     Refused, naming what was found: a file that is no checkpoint, a deployed integer model, and a
     checkpoint none of whose tensors belongs to the model. (mmengine's ``load_checkpoint`` only logs
     mismatched keys, which leaves a randomly initialised model.)"""
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
     try:
         blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling failure: say what the file is not
@@ -102,20 +104,14 @@ def load_fp32_checkpoint(model, checkpoint: str | Path) -> list[str]:
     return list(result.missing_keys)
 
 
-def build_model(cfg: Config, checkpoint: str | None, fold_norms: bool = False):
-    """The config's float model (its ``quant`` option, for mmseg QAT, ignored) with its pretrained init
-    and then the checkpoint; ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see
-    ``quant.fold``)."""
+def build_model(cfg: Config, fold_norms: bool = False):
+    """The config's float model (its ``quant`` option, for mmseg QAT, ignored) with its pretrained init;
+    ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see ``quant.fold``)."""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.quant = None
     model = MODELS.build(model_cfg)
     with quiet_mmengine_info():
         model.init_weights()
-    model.kept_init = []  # the model's tensors the checkpoint did not set (they keep their initialisation)
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"no checkpoint at {checkpoint}")
-        model.kept_init = load_fp32_checkpoint(model, checkpoint)
     if fold_norms:
         fold_layernorms(model)
     return model.eval()
@@ -158,7 +154,11 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
         calib_set = dataset(cfg, "train")
     if num_samples > len(calib_set):
         raise ValueError(f"--calib-samples {num_samples} is more than the {len(calib_set)} calibration images")
-    model = build_model(cfg, checkpoint, fold_norms=fold_norms)
+    model = build_model(cfg)
+    kept_init = load_fp32_checkpoint(model, checkpoint)
+    fp32 = state_size(model)
+    if fold_norms:
+        fold_layernorms(model)
     example = example_input(model, calib_set[0])
     prepared = prepare_segmenter(model, example, **variants(cfg))
     loader = DataLoader(calib_set, batch_size=min(batch_size, num_samples), shuffle=False, collate_fn=pseudo_collate)
@@ -170,7 +170,6 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     record = {"state_dict": prepared.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
                                                                 num_samples=num_samples, fold_norms=fold_norms)}
     atomic_write(sidecar(out), lambda tmp: torch.save(record, tmp))
-    fp32 = state_size(build_model(cfg, checkpoint))
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=fp32, calib_seconds=calib_seconds,
-                kept_init=sorted({key.split(".")[0] for key in model.kept_init}), kept_init_count=len(model.kept_init),
+                kept_init=sorted({key.split(".")[0] for key in kept_init}), kept_init_count=len(kept_init),
                 input_size=deployed.input_size, num_samples=num_samples)

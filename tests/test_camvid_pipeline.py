@@ -56,7 +56,7 @@ def random_decoder(tmp_path_factory):
     from iseg_plugin.ptq import build_model, load_config
 
     path = tmp_path_factory.mktemp("ckpt") / "decoder.pth"
-    model = build_model(load_config(str(CONFIG), str(CAMVID)), None)
+    model = build_model(load_config(str(CONFIG), str(CAMVID)))
     torch.save({"state_dict": {f"decode_head.{k}": v for k, v in model.decode_head.state_dict().items()}}, path)
     return path
 
