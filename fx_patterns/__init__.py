@@ -15,10 +15,12 @@ fxp.ISegQuantizer())`` (or ``fxp.prepare_pt2e(model, example_inputs)``), calibra
 
 ``fxp.prepare`` / ``fxp.convert`` wrap the same calls (``qat=True`` for ``prepare_qat_fx``), name a
 module FX cannot trace, and silence torch.ao's deprecation warning around their own calls only.
+QAT on the integer arithmetic itself: ``fxp.trainable(prepared, example_inputs)`` is the converted model
+in a form whose loss trains the float parameters (straight-through rounding); rebuild it every step.
 """
 from iseg_plugin.lowering import LoweringError, quantize_inputs
 
-from .api import FxTraceError, IntegerModel, SegmentorLogits, convert, prepare, traceable
+from .api import FxTraceError, IntegerModel, SegmentorLogits, convert, prepare, traceable, trainable
 from .config import get_iseg_backend_config, get_iseg_qconfig_mapping
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "prepare_pt2e",
     "quantize_inputs",
     "traceable",
+    "trainable",
     "get_iseg_backend_config",
     "get_iseg_qconfig_mapping",
 ]

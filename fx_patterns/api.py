@@ -1,5 +1,6 @@
-"""One-call wrappers: ``prepare`` (torch.ao's ``prepare_fx`` / ``prepare_qat_fx`` with the plugin's configs)
-and ``convert`` (the registry's lowering of the prepared graph to an integer-only model).
+"""One-call wrappers: ``prepare`` (torch.ao's ``prepare_fx`` / ``prepare_qat_fx`` with the plugin's configs),
+``convert`` (the registry's lowering of the prepared graph to an integer-only model) and ``trainable``
+(the same lowering as a model that trains: QAT on the integer arithmetic itself).
 
 They make mmseg segmentors traceable, turn tracing failures into an error that names the module,
 and silence torch.ao's deprecation warning around their own calls only.
@@ -145,3 +146,17 @@ def convert(prepared: fx.GraphModule, example_inputs: tuple, pixels: dict | None
     """
     with torch.no_grad():
         return IntegerModel(lower(prepared, tuple(example_inputs), pixels), pixels is not None)
+
+
+def trainable(prepared: fx.GraphModule, example_inputs: tuple, pixels: dict | None = None,
+              observe: bool = False) -> fx.GraphModule:
+    """The integer model of :func:`convert` in its trainable form, for ``example_inputs``' shapes.
+
+    It runs the deployed modules on float64 tensors holding the integers (``quantize_inputs(...)`` as
+    float64, or pixels 0..255 with ``pixels=``) and returns the same integers as the converted model;
+    its integer weights, biases, LayerNorm affines and embeddings are computed from the prepared model's
+    float parameters with straight-through rounding, so a loss on its output trains them. Scales are
+    frozen (the observed ranges; ``observe=True`` first updates them from ``example_inputs``). Build it
+    again after each optimizer step: it holds the integers of the parameters it was built from.
+    """
+    return lower(prepared, tuple(example_inputs), pixels, trainable=True, observe=observe)

@@ -18,7 +18,7 @@ from .deploy import calibrate_prepared, convert, prepare_segmenter
 from .deploy.io import save_deployed
 from .files import atomic_write, check_output, unreadable
 from .models import CheckpointMismatchError
-from .quant.fold import fold_layernorms
+from .models.fold import fold_layernorms
 from .quiet import quiet
 
 DECODERS = {"paper": dict(l2_norm=False, upsample="nearest"), "bilinear-l2": dict(l2_norm=True, upsample="bilinear")}
@@ -106,7 +106,7 @@ def load_fp32_checkpoint(model, checkpoint: str | Path) -> list[str]:
 
 def build_model(cfg: Config, fold_norms: bool = False):
     """The config's float model (its ``quant`` option, for mmseg QAT, ignored) with its pretrained init;
-    ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see ``quant.fold``)."""
+    ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see ``models.fold``)."""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.quant = None
     model = MODELS.build(model_cfg)

@@ -21,7 +21,7 @@ model = dict(
     pretrained=None,
     # the most accurate integer operators here (IPTQ-ViT's Poly-GELU and bit-exp softmax; see
     # docs/results_camvid.md for lambda-ShiftGELU and Shiftmax, the I-Segmenter ones)
-    quant=dict(gelu='poly', softmax='bit-exp', softmax_bits=16, scores_bits=16),
+    quant=dict(gelu='poly', softmax='bit-exp'),
     data_preprocessor=dict(
         mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], size=crop_size, seg_pad_val=void,
         test_cfg=dict(size_divisor=patch)),  # whole 360x480 images padded to 364x490 (26 x 35 patches)

@@ -1,6 +1,6 @@
 import torch
 
-from iseg_plugin.quant.fold import fold_layernorms
+from iseg_plugin.models.fold import fold_layernorms
 
 from test_quant_model import build, images, trained_like
 

@@ -240,6 +240,37 @@ def test_qat_trains_then_converts_to_integer_only():
     assert audit.float_ops() == []
 
 
+@pytest.mark.parametrize("front_end", ["fx", "pt2e"])
+def test_trainable_form_is_the_integer_model_and_trains(front_end):
+    """QAT on the integer arithmetic: fxp.trainable gives the converted model's integers, its loss reaches
+    every parameter, and training it lowers the loss of the integer model."""
+    torch.manual_seed(0)
+    model = HandViT().eval()
+    x = torch.randn(4, 3, 32, 32)
+    prepare = fxp.prepare if front_end == "fx" else fxp.prepare_pt2e
+    prepared = prepare(model, (x,))
+    with torch.no_grad():
+        prepared(x)
+    target = torch.randn(4, 10)
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.02)
+    losses = []
+    for step in range(4):
+        int_model = fxp.convert(prepared, (x,))
+        inputs = fxp.quantize_inputs(int_model, x)
+        qat = fxp.trainable(prepared, (x,))
+        out = qat(*(i.double() for i in inputs))
+        assert torch.equal(out.detach(), int_model(*inputs).double())  # the same integers
+        loss = (out * int_model.output_scales[0] - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            missing = [n for n, p in prepared.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+            assert missing == []
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+
+
 def test_trace_error_names_the_module():
     class Branchy(nn.Module):
         def forward(self, x):

@@ -1,11 +1,15 @@
 """Every registry entry and variant alone: its deployed module runs integer-only (audit), gives the
-integers of its fake-quant form (the same module on float64 tensors holding integers), and stays
-close to the float op it replaces."""
+integers of its fake-quant form (the same module on float64 tensors holding integers) and of its
+ONNX lowering in onnxruntime, and stays close to the float op it replaces."""
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iseg_plugin.export import export_integer_module
+from iseg_plugin.lowering import quantize_inputs
 from iseg_plugin.ops import REGISTRY
 from iseg_plugin.ops import modules as M
 
@@ -87,9 +91,16 @@ def test_entry_is_integer_only_exact_and_close(entry, variant):
     model = _model(entry).eval()
     _, shape, min_cosine = CASES[entry]
     prepared, x = calibrated(model, shape, **options)
-    int_model, _ = check_integer_model(model, prepared, x, min_cosine, min_ops=1)
+    int_model, out = check_integer_model(model, prepared, x, min_cosine, min_ops=1)
     emitted = {type(m) for m in int_model.modules()}
     assert EMITS[entry].get(variant, EMITS[entry].get(None, set())) <= emitted, emitted
+    # the entry's ONNX lowering: its deployed module traced, integer-only, the same integers in onnxruntime
+    inputs = quantize_inputs(int_model, x)
+    proto = export_integer_module(int_model, inputs, ["x"], [f"y{i}" for i in range(len(out))])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"x": inputs[0].numpy()})
+    for o, r in zip(out, onnx_out):
+        assert np.array_equal(o.numpy(), r), entry
 
 
 EMITS = {  # entry -> {variant: deployed modules it must emit}; div by a constant is a scale change, no module

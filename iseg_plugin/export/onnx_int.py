@@ -215,6 +215,21 @@ def integer_symbolics():
             torch.onnx.unregister_custom_op_symbolic(name, OPSET)
 
 
+def export_integer_module(module: torch.nn.Module, example_inputs: tuple, input_names: list[str],
+                          output_names: list[str]) -> onnx.ModelProto:
+    """Trace an integer model (the lowering's modules, integer inputs) into an integer-only ONNX graph, checked
+    with :func:`check_integer_only`. Every registry module exports so: its ``intops`` traced, with the
+    integer lowerings above."""
+    buffer = io.BytesIO()
+    with integer_symbolics(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings on the constant shapes and shifts, which are constants
+        torch.onnx.export(module.eval(), tuple(example_inputs), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=input_names, output_names=output_names, do_constant_folding=True)
+    proto = expand_shifts(onnx.load_from_string(buffer.getvalue()))
+    proto.ir_version = IR_VERSION
+    return check_integer_only(proto)
+
+
 def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None) -> onnx.ModelProto:
     """Trace a deployed model into an integer-only ONNX graph (batch 1 of uint8 RGB pixels in; integer
     logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given."""
@@ -222,14 +237,7 @@ def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None) ->
         raise TypeError(f"export_onnx_int takes a DeployedSegmenter (iseg ptq's output, or "
                         f"iseg_plugin.deploy.convert's), got {type(model).__name__}")
     pixels = torch.zeros(1, 3, *model.input_size, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    with integer_symbolics(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings on the constant shapes and shifts, which are constants
-        torch.onnx.export(model.eval(), (pixels,), buffer, dynamo=False, opset_version=OPSET,
-                          input_names=["pixels"], output_names=["logits", "classes"], do_constant_folding=True)
-    proto = expand_shifts(onnx.load_from_string(buffer.getvalue()))
-    proto.ir_version = IR_VERSION
-    proto = check_integer_only(proto)
+    proto = export_integer_module(model, (pixels,), ["pixels"], ["logits", "classes"])
     if path is not None:
         atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
     return proto

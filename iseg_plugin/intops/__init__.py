@@ -22,7 +22,8 @@ from .gelu import (
     shift_gelu,
 )
 from .norm import LayerNormParams, i_layernorm, isqrt, l2_normalize, layernorm_eps, layernorm_params
-from .quantize import asymmetric_bounds, asymmetric_scale, channel_minmax, ema_minmax, int_range, quantize, symmetric_scale
+from .quantize import asymmetric_bounds, asymmetric_scale, channel_minmax, ema_minmax, int_range, quantize, round_ste, symmetric_scale
+from .pixels import pixel_params, pixels_to_int8
 from .resize import bilinear_table, upsample_bilinear, upsample_nearest
 
 __all__ = [
@@ -57,6 +58,9 @@ __all__ = [
     "quantize",
     "asymmetric_scale",
     "asymmetric_bounds",
+    "round_ste",
+    "pixel_params",
+    "pixels_to_int8",
     "bilinear_table",
     "upsample_nearest",
     "upsample_bilinear",

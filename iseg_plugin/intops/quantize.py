@@ -84,6 +84,11 @@ def ema_minmax(
     return run_min + momentum * (cur_min - run_min), run_max + momentum * (cur_max - run_max)
 
 
+def round_ste(x: Tensor) -> Tensor:
+    """``torch.round`` (half to even) whose gradient is the identity (straight through)."""
+    return x + (torch.round(x) - x).detach()
+
+
 def quantize(x: Tensor, scale: Tensor, bits: int | tuple[int, int], narrow: bool = False, channel_dim: int | None = None) -> Tensor:
     """Fake-quantize to integers: clamp(round(x / S)) as a float tensor holding integers.
 
@@ -96,6 +101,4 @@ def quantize(x: Tensor, scale: Tensor, bits: int | tuple[int, int], narrow: bool
         shape[channel_dim] = -1
         scale = scale.reshape(shape)
     lo, hi = int_range(bits, narrow)
-    u = x / scale
-    q = u + (torch.round(u) - u).detach()
-    return torch.clamp(q, lo, hi)
+    return torch.clamp(round_ste(x / scale), lo, hi)

@@ -15,6 +15,11 @@ modules instead of ``dequantize -> op -> quantize``).
 * What cannot be lowered (an op with no registry entry, an op with no output observer, a float
   value reaching an integer op) is refused with the node, the op and where it came from: a model is
   never returned float or partly float.
+* ``trainable=True`` (quantization-aware training on the integer arithmetic itself): the same modules,
+  but every integer constant derived from a parameter (weights, biases, LayerNorm affines, embeddings)
+  is a float tensor holding the integers, computed from the parameter with straight-through rounding,
+  so the loss of the integer model reaches the float model's parameters. Run on float64 inputs holding
+  integers, it gives the deployed model's integers (tested). Lower it again after each optimizer step.
 """
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ from torch.ao.quantization.observer import ObserverBase
 from .. import intops
 from ..ops.modules import PixelsToInt8, Requant, storage_dtype
 from ..ops.observer import IsegObserver
-from ..quant.act import pixel_params
 from ..ops.registry import REGISTRY, OpEntry
 
 
@@ -91,18 +95,25 @@ def observer_of(module: nn.Module) -> IsegObserver | None:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the prepared graph on the example inputs with the observers bypassed (no range moves),
-    keeping the value of every static node and the shape of every tensor."""
+    """Runs the prepared graph on the example inputs, keeping the value of every static node and the
+    shape of every tensor. Observers are bypassed (no range moves) unless ``observe`` (they then update
+    their ranges from these inputs, as in calibration); static values keep their autograd history
+    when ``trainable`` (they are the constants the trainable integer model is built from)."""
 
-    def __init__(self, gm: fx.GraphModule, static: set[fx.Node]):
+    def __init__(self, gm: fx.GraphModule, static: set[fx.Node], trainable: bool = False, observe: bool = False):
         super().__init__(gm)
         self.static, self.values, self.shapes = static, {}, {}
+        self.trainable, self.observe = trainable, observe
 
     def run_node(self, n: fx.Node):
-        if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), (ObserverBase, FakeQuantizeBase)):
+        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(module, (ObserverBase, FakeQuantizeBase)):
             out = self.env[n.args[0]]
+            if self.observe and n not in self.static:  # (a weight's observer is the entry's business)
+                observer_of(module)(out)
         else:
-            out = super().run_node(n)
+            with torch.set_grad_enabled(self.trainable and n in self.static):
+                out = super().run_node(n)
         if n in self.static:
             self.values[n] = out
         if isinstance(out, Tensor):
@@ -139,12 +150,13 @@ def _static_nodes(graph: fx.Graph) -> set[fx.Node]:
 class Lowering:
     """One lowering of one prepared GraphModule (see the module docstring)."""
 
-    def __init__(self, prepared: fx.GraphModule, example_inputs: tuple, pixels: dict | None = None):
+    def __init__(self, prepared: fx.GraphModule, example_inputs: tuple, pixels: dict | None = None,
+                 trainable: bool = False, observe: bool = False):
         self.src = prepared
+        self.trainable = trainable
         self.static = _static_nodes(prepared.graph)
-        recorder = _Recorder(prepared, self.static)
-        with torch.no_grad():
-            recorder.run(*example_inputs)
+        recorder = _Recorder(prepared, self.static, trainable, observe)
+        recorder.run(*example_inputs)
         self.values, self.shapes = recorder.values, recorder.shapes
         self.input_shapes = [tuple(x.shape) for x in example_inputs]
         self.pixels = pixels
@@ -163,6 +175,11 @@ class Lowering:
         name = self._unique(name)
         self.root.add_module(name, module)
         return self.graph.call_module(name, tuple(inputs))
+
+    def integers(self, value: Tensor, dtype: torch.dtype) -> Tensor:
+        """A constant's integers in ``dtype`` (deployment), or kept as the float tensor holding them, with its
+        straight-through gradient (trainable)."""
+        return value if self.trainable else value.to(dtype)
 
     def constant(self, name: str, value: Tensor) -> fx.Node:
         name = self._unique(name)
@@ -209,12 +226,12 @@ class Lowering:
 
     def quantized_constant(self, const: Const, bits: int, name: str, scale: float | None = None) -> Operand:
         """A float constant (parameter, embedding) as a ``bits``-wide integer buffer."""
-        value = const.value.detach().float()
+        value = const.value.float()
         if scale is None:
             scale = const.observer.scale(bits) if const.observer is not None else float(
-                intops.symmetric_scale(value.amin(), value.amax(), bits))
+                intops.symmetric_scale(*intops.channel_minmax(value), bits))
         bounds = intops.int_range(bits)
-        ints = intops.quantize(value, torch.tensor(scale), bits).to(storage_dtype(bounds))
+        ints = self.integers(intops.quantize(value, torch.tensor(scale), bits), storage_dtype(bounds))
         return Operand(self.constant(name, ints), scale, bounds, const.observer)
 
     def shape(self, node: fx.Node) -> tuple[int, ...]:
@@ -223,8 +240,9 @@ class Lowering:
     # -- the pass --------------------------------------------------------------------------------
 
     def run(self) -> fx.GraphModule:
-        for node in self.src.graph.nodes:
-            self.env[node] = self._lower_node(node)
+        with torch.set_grad_enabled(self.trainable):
+            for node in self.src.graph.nodes:
+                self.env[node] = self._lower_node(node)
         gm = fx.GraphModule(self.root, self.graph, class_name="IntegerModel")
         gm.input_formats, gm.output_scales = self.input_formats, self.output_scales
         gm.input_shapes = self.input_shapes
@@ -286,7 +304,7 @@ class Lowering:
     def _quantized_input(self, node: fx.Node, placeholder: fx.Node, observer: IsegObserver) -> Operand:
         if self.pixels is not None:
             scale = observer.scale(8)
-            module = PixelsToInt8(*pixel_params(self.pixels["mean"], self.pixels["std"], scale))
+            module = PixelsToInt8(*intops.pixel_params(self.pixels["mean"], self.pixels["std"], scale))
             self.input_formats.append((scale, (0, 255)))
             return Operand(self.emit("pixels_to_int8", module, placeholder), scale, (-128, 127), observer)
         bits = self.demand(node)
@@ -396,14 +414,20 @@ class Site:
         return value
 
 
-def lower(prepared: fx.GraphModule, example_inputs: tuple, pixels: dict | None = None) -> fx.GraphModule:
+def lower(prepared: fx.GraphModule, example_inputs: tuple, pixels: dict | None = None, trainable: bool = False,
+          observe: bool = False) -> fx.GraphModule:
     """Lower a prepared, calibrated GraphModule to an integer-only one (see the module docstring).
 
     ``pixels=dict(mean=..., std=...)``: the model's (first) input is an image normalised with them; the
     integer model then takes uint8 RGB pixels and folds the normalisation into its first requantization.
     Otherwise it takes each input as integers at ``input_formats`` (``quantize_inputs`` makes them).
+    ``trainable``: the QAT form (float64 inputs holding those integers; see the module docstring);
+    ``observe``: the observers update their ranges from ``example_inputs`` first (QAT's warm-up).
     """
-    return Lowering(prepared, example_inputs, pixels).run()
+    if not trainable:
+        with torch.no_grad():
+            return Lowering(prepared, example_inputs, pixels, observe=observe).run()
+    return Lowering(prepared, example_inputs, pixels, trainable=True, observe=observe).run()
 
 
 def quantize_inputs(model: fx.GraphModule, *inputs: Tensor) -> tuple[Tensor, ...]:

@@ -2,12 +2,11 @@
 from mmseg.registry import HOOKS, MODELS
 
 from ..models import ISegmenterMaskHead, IVisionTransformer
-from ..models.quant import IQuantSegmenterMaskHead, IQuantVisionTransformer
 from .compat import allow_cpu_distributed
 from .hooks import CalibrationHook, PlainCheckpointHook, QATHook, calibrate
 from .segmentor import ISegmenter
 
-for _cls in (IVisionTransformer, ISegmenterMaskHead, IQuantVisionTransformer, IQuantSegmenterMaskHead, ISegmenter):
+for _cls in (IVisionTransformer, ISegmenterMaskHead, ISegmenter):
     MODELS.register_module(module=_cls)
 for _cls in (CalibrationHook, QATHook, PlainCheckpointHook):
     HOOKS.register_module(module=_cls)

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.model import is_model_wrapper
 from mmengine.utils import ProgressBar
 
-from ..quant.act import set_observing
 
 
 def _unwrap(model):
@@ -17,34 +15,30 @@ def _unwrap(model):
 
 def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_progress: bool = True,
               train_padding: bool = False) -> int:
-    """Run ``num_samples`` images through ``model`` in eval mode with its range observers on (EMA
-    update ``momentum``), then freeze the ranges. Returns the number of images seen.
+    """Run ``num_samples`` images through the observers of an ``ISegmenter(quant=...)`` (EMA update
+    ``momentum``), in eval mode. Returns the number of images seen.
 
     ``train_padding`` pads batches as in training (to the crop size: for loaders with the train
     pipeline's random crops); otherwise as in testing (e.g. to a multiple of the patch)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     model = _unwrap(model)
-    if set_observing(model, True, momentum) == 0:
-        raise ValueError("the model has no quantizers to calibrate: build it with quant=dict(...)")
+    if getattr(model, "quant", None) is None:
+        raise ValueError("the model has no quantizers to calibrate: build ISegmenter with quant=dict(...)")
     was_training = model.training
     model.eval()
     seen = 0
     bar = ProgressBar(num_samples) if show_progress else None
     try:
-        with torch.no_grad():
-            for data in dataloader:
-                data = model.data_preprocessor(data, train_padding)
-                inputs = data["inputs"][: num_samples - seen]
-                model._forward(inputs)
-                seen += inputs.shape[0]
-                if bar is not None:
-                    for _ in range(inputs.shape[0]):
-                        bar.update()
-                if seen >= num_samples:
-                    break
+        for data in dataloader:
+            inputs = model.data_preprocessor(data, train_padding)["inputs"][: num_samples - seen]
+            model.observe(inputs, momentum)
+            seen += inputs.shape[0]
+            for _ in range(inputs.shape[0] if bar is not None else 0):
+                bar.update()
+            if seen >= num_samples:
+                break
     finally:
-        set_observing(model, False)
         model.train(was_training)
     if seen == 0:
         raise ValueError("the calibration set is empty: check the dataset's data_root and split")
@@ -105,8 +99,11 @@ class CalibrationHook(Hook):
 
 
 class QATHook(Hook):
-    """I-Segmenter's QAT range schedule: ranges follow an EMA (update 0.01) during the warm-up,
-    then are frozen for the rest of training (the paper freezes after 10 warm-up epochs)."""
+    """I-Segmenter's QAT range schedule: ranges follow an EMA (update 0.01) of the activations during the
+    warm-up, then are frozen for the rest of training (the paper freezes after 10 warm-up epochs).
+
+    The ranges observed are the float model's activations on each training batch (the integer model is
+    built from them); under DDP every process takes rank 0's ranges (buffers are broadcast each step)."""
 
     priority = "HIGH"
 
@@ -115,12 +112,13 @@ class QATHook(Hook):
         self.freeze_iter = freeze_iter
 
     def before_train(self, runner) -> None:
-        frozen = runner.iter >= self.freeze_iter
-        set_observing(_unwrap(runner.model), not frozen, self.momentum)
+        model = _unwrap(runner.model)
+        model.set_momentum(self.momentum)
+        model.observe_in_training = runner.iter < self.freeze_iter
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if runner.iter + 1 == self.freeze_iter:
-            set_observing(_unwrap(runner.model), False)
+            _unwrap(runner.model).observe_in_training = False
             runner.logger.info(f"QAT: activation ranges frozen after {self.freeze_iter} iterations")
 
 

@@ -1,35 +1,159 @@
-"""``ISegmenter``: mmseg's ``EncoderDecoder`` that builds the integer model when ``quant`` is set."""
+"""``ISegmenter``: mmseg's ``EncoderDecoder`` whose forward is the integer-only Segmenter when ``quant`` is set.
+
+The integer model is not written here: it is the per-op lowering of this float segmentor
+(``fx_patterns.prepare`` over its logits forward, then :func:`iseg_plugin.lowering.lower`), the same
+as ``iseg ptq`` builds. With ``quant=dict(gelu=..., softmax=...)``:
+
+* ``__init__`` traces the float model and inserts the registry's observers (mmengine builds the
+  optimizer before any hook runs, so the parameters must not change later: the traced graph shares
+  the float modules, and the observers are a submodule, ``observers``, saved in checkpoints);
+* :meth:`observe` runs images through the observers (the ``CalibrationHook``'s PTQ calibration);
+* training (``mode='loss'``): each step lowers the graph in its trainable form, runs it on the batch's
+  pixels (float64 holding integers) and takes mmseg's losses of its logits; the straight-through
+  gradients reach the float parameters (QAT). Until the ``QATHook`` freezes them, the observers
+  follow the float model's activations on each batch (EMA);
+* evaluation (``predict`` / ``tensor``): the deployed integer-only model (uint8 pixels in, integer
+  logits out), lowered once per input size and kept until the model trains or loads a checkpoint.
+
+Both forms give the same integers (tested). mmseg's post-processing (resize to the image, argmax) and
+losses run on the logits' real values.
+"""
 from __future__ import annotations
 
+import torch
 from mmseg.models.segmentors import EncoderDecoder
+from mmseg.utils import add_prefix
+from torch import Tensor, nn
+
+import fx_patterns as fxp
+
+from ..deploy.convert import convert
+from ..deploy.segmenter import DeployedSegmenter
+from ..lowering import lower
+from ..ops import REGISTRY
+from ..ops.observer import IsegObserver
+
+QUANT_KEYS = ("gelu", "softmax")
+
+
+def _check_quant(quant: dict) -> dict:
+    unknown = sorted(set(quant) - set(QUANT_KEYS))
+    if unknown:
+        raise ValueError(f"ISegmenter(quant=...) takes {', '.join(QUANT_KEYS)}; got unknown key(s) {unknown} "
+                         "(widths are chosen per op by the lowering: INT8 into GEMMs, INT16 elsewhere)")
+    return dict(gelu=REGISTRY["gelu"].variant(quant.get("gelu", "poly")).name,
+                softmax=REGISTRY["softmax"].variant(quant.get("softmax", "bit-exp")).name)
+
+
+def _stochastic_layers(model: nn.Module) -> list[str]:
+    """Modules that drop activations in training: the integer model has none."""
+    return [name for name, m in model.named_modules()
+            if (isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "drop_prob", 0.0) > 0]
 
 
 class ISegmenter(EncoderDecoder):
-    """EncoderDecoder for the plugin's Segmenter.
-
-    With ``quant=None`` it is the float Segmenter (``IVisionTransformer`` + ``ISegmenterMaskHead``).
-    With ``quant=dict(gelu=..., softmax=...)`` the backbone and head are built as their quantized
-    versions in ``__init__`` (mmengine's runner builds the optimizer before any hook runs, so a
-    hook cannot swap modules; ecosystem notes §3). Checkpoints of either form load into either.
-    """
-
-    QUANT_TYPES = {"IVisionTransformer": "IQuantVisionTransformer", "ISegmenterMaskHead": "IQuantSegmenterMaskHead"}
+    """EncoderDecoder for the plugin's Segmenter; the integer-only Segmenter with ``quant=dict(...)``."""
 
     def __init__(self, backbone: dict, decode_head: dict, quant: dict | None = None, **kwargs):
-        if quant is not None:
-            backbone = self._quantized(backbone, quant)
-            decode_head = self._quantized(decode_head, quant)
         super().__init__(backbone=backbone, decode_head=decode_head, **kwargs)
-        if quant is not None and getattr(self.data_preprocessor, "_enable_normalize", False):
-            self.backbone.input_quant.set_normalization(self.data_preprocessor.mean, self.data_preprocessor.std)
+        self.quant = None if quant is None else _check_quant(quant)
+        self.observe_in_training = False  # the QATHook's warm-up switch
+        self._deployed: dict[tuple[int, ...], DeployedSegmenter] = {}
+        if self.quant is not None:
+            self._prepare()
 
-    @classmethod
-    def _quantized(cls, cfg: dict, quant: dict) -> dict:
-        kind = cfg.get("type")
-        target = cls.QUANT_TYPES.get(kind, kind if kind in cls.QUANT_TYPES.values() else None)
-        if target is None:
-            raise ValueError(
-                f"ISegmenter(quant=...) needs an IVisionTransformer backbone and an ISegmenterMaskHead head, "
-                f"got type={kind!r}"
-            )
-        return {**cfg, "type": target, "quant": quant}
+    def _prepare(self) -> None:
+        if self.with_auxiliary_head:
+            raise ValueError("ISegmenter(quant=...) has no integer auxiliary head: remove auxiliary_head")
+        dropping = _stochastic_layers(self)
+        if dropping:
+            raise ValueError(f"the integer-only Segmenter has no dropout or drop-path; set the rates to 0 "
+                             f"(drop_rate, attn_drop_rate, drop_path_rate): {dropping[:3]}")
+        example = torch.zeros(1, 3, *self.backbone.img_size)
+        was_training = self.training
+        self.eval()  # traced as evaluated: no dropout
+        prepared = fxp.prepare(self, (example,), **self.quant)
+        self.train(was_training)
+        # the traced graph shares the float modules: kept out of the module tree (no duplicate parameters)
+        object.__setattr__(self, "_prepared", prepared)
+        self.observers = nn.ModuleDict(
+            {name: m for name, m in prepared.named_children() if isinstance(m, IsegObserver)})
+
+    # -- what hooks and tools call ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def observe(self, inputs: Tensor, momentum: float | None = None) -> None:
+        """Update the activation ranges from a batch of normalised images (calibration)."""
+        self._require_quant()
+        if momentum is not None:
+            self.set_momentum(momentum)
+        self._prepared(inputs)
+        self._forget_deployed()
+
+    def set_momentum(self, momentum: float) -> None:
+        for observer in self.observers.values():
+            observer.momentum = momentum
+
+    def deploy(self, input_size: tuple[int, int]) -> DeployedSegmenter:
+        """The integer-only Segmenter for ``input_size`` (H, W) images: uint8 pixels in."""
+        self._require_quant()
+        return convert(self._prepared, torch.zeros(1, 3, *input_size), *self._normalisation())
+
+    # -- mmseg's forward modes -------------------------------------------------------------------
+
+    def loss(self, inputs: Tensor, data_samples) -> dict:
+        if self.quant is None:
+            return super().loss(inputs, data_samples)
+        return add_prefix(self.decode_head.loss_by_feat(self.integer_logits(inputs), data_samples), "decode")
+
+    def encode_decode(self, inputs: Tensor, batch_img_metas: list[dict]) -> Tensor:
+        if self.quant is None:
+            return super().encode_decode(inputs, batch_img_metas)
+        return self.decode_head.predict_by_feat(self.integer_logits(inputs), batch_img_metas)
+
+    def _forward(self, inputs: Tensor, data_samples=None) -> Tensor:
+        return super()._forward(inputs, data_samples) if self.quant is None else self.integer_logits(inputs)
+
+    def integer_logits(self, inputs: Tensor) -> Tensor:
+        """The integer model's logits (their real values) for normalised images, as mmseg passes them."""
+        pixels = self._pixels(inputs)
+        if self.training:
+            graph = lower(self._prepared, (inputs,), dict(zip(("mean", "std"), self._normalisation())),
+                          trainable=True, observe=self.observe_in_training)
+            (scale,) = graph.output_scales
+            return (graph(pixels) * scale).float()
+        size = tuple(inputs.shape[-2:])
+        if size not in self._deployed:
+            self._deployed[size] = self.deploy(size)
+        deployed = self._deployed[size]
+        with torch.no_grad():
+            logits, _ = deployed(pixels.to(torch.uint8))
+        return (logits.double() * deployed.logit_scale).float()
+
+    def train(self, mode: bool = True):
+        self._forget_deployed()  # the parameters or ranges may change
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget_deployed()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _forget_deployed(self) -> None:
+        getattr(self, "_deployed", {}).clear()
+
+    def _require_quant(self) -> None:
+        if self.quant is None:
+            raise ValueError("this ISegmenter is the float model: build it with quant=dict(gelu=..., softmax=...)")
+
+    def _normalisation(self) -> tuple[Tensor, Tensor]:
+        pre = self.data_preprocessor
+        if getattr(pre, "_enable_normalize", False):
+            return pre.mean.flatten().double(), pre.std.flatten().double()
+        return torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+
+    def _pixels(self, inputs: Tensor) -> Tensor:
+        """The RGB pixels (float64 holding 0..255) behind mmseg's normalised batch (padding: the mean pixel)."""
+        mean, std = self._normalisation()
+        return torch.round(inputs.double() * std[:, None, None] + mean[:, None, None]).clamp_(0, 255)

@@ -25,11 +25,12 @@ SOFTMAX_BITS = 16  # probabilities in [0, 2**15], read by the next GEMM as two i
 
 
 def _quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric INT8 (round half to even, as Brevitas and torch.ao)."""
-    w = weight.detach().float().flatten(1)
+    """Per-output-channel symmetric INT8 (round half to even, as Brevitas and torch.ao), as a float
+    tensor holding the integers (straight-through gradient to ``weight``), and the scales."""
+    w = weight.float().flatten(1)
     lo, hi = intops.channel_minmax(w, 0)
     scale = intops.symmetric_scale(lo, hi, WEIGHT_BITS)
-    return intops.quantize(w, scale, WEIGHT_BITS, channel_dim=0).to(torch.int8), scale.double()
+    return intops.quantize(w, scale, WEIGHT_BITS, channel_dim=0), scale.double()
 
 
 def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tuple[M.Linear, float, tuple[int, int]]:
@@ -37,11 +38,11 @@ def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tup
     an asymmetric GELU output into int8, and the bias takes it back (exact)."""
     w_int, w_scale = _quantize_weight(weight)
     acc_scale = x.scale * w_scale
-    b = torch.zeros(w_int.shape[0], dtype=torch.float64) if bias is None else torch.round(bias.detach().double() / acc_scale)
+    b = torch.zeros(w_int.shape[0], dtype=torch.float64) if bias is None else intops.round_ste(bias.double() / acc_scale)
     b = b + offset * w_int.double().sum(1)
-    b_int = None if bias is None and offset == 0 else b.clamp(-(2**31), 2**31 - 1).to(torch.int32)
+    b_int = None if bias is None and offset == 0 else site.lowering.integers(b.clamp(-(2**31), 2**31 - 1), torch.int32)
     out, scale, bounds = site.requant_to_output(acc_scale)
-    return M.Linear(w_int, b_int, out, offset), scale, bounds
+    return M.Linear(site.lowering.integers(w_int, torch.int8), b_int, out, offset), scale, bounds
 
 
 def _int8_offset(x) -> int:
@@ -148,7 +149,9 @@ def _lower_layer_norm(site: Site) -> Operand:
     weight = torch.ones(channels) if weight is None else weight
     bias = torch.zeros(channels) if bias is None else bias
     x = site.input(0)
-    params = intops.layernorm_params(weight.detach().float(), bias.detach().float())
+    params = intops.layernorm_params(weight.float(), bias.float())
+    params = params._replace(weight=site.lowering.integers(params.weight, torch.int64),
+                             bias=site.lowering.integers(params.bias, torch.int64))
     out, scale, bounds = site.requant_to_output(params.out_scale)
     module = M.LayerNorm(params, intops.layernorm_eps(eps, x.scale), out)
     return site.out(site.emit(module, x.node), scale, bounds)

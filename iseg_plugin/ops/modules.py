@@ -4,6 +4,8 @@ Each module runs one registry operator with the constants its entry computed at 
 module also runs on float tensors holding integers (the fake-quant form, for checking and for
 straight-through training): GEMMs then accumulate in float64, exact for INT32 results, and every other
 step is an :mod:`iseg_plugin.intops` function, which serves both kinds of tensor (one arithmetic).
+Built by the trainable lowering (QAT), a module holds its integer weights as float tensors that
+hold integers, with straight-through gradients to the float model's parameters (``narrow`` keeps them).
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from torch import Tensor, nn
 from .. import intops
 from .gemm import INT8, INT64, int8_matmul, uint16_matmul
 from ..intops import Dyadic
-from ..quant.act import pixels_to_int8
 
 INT32 = torch.int32
 
@@ -79,8 +80,8 @@ class Linear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None, out: Requant, input_offset: int = 0):
         super().__init__()
-        self.register_buffer("weight_t", weight.to(INT8).t().contiguous())  # (in, out)
-        self.register_buffer("bias", None if bias is None else bias.to(INT32))
+        self.register_buffer("weight_t", narrow(weight, INT8).t().contiguous())  # (in, out)
+        self.register_buffer("bias", None if bias is None else narrow(bias, INT32))
         self.out = out
         self.input_offset = int(input_offset)  # subtracted from the input (its bias adds it back)
 
@@ -157,8 +158,8 @@ class LayerNorm(nn.Module):
 
     def __init__(self, params: intops.LayerNormParams, eps: int, out: Requant):
         super().__init__()
-        self.register_buffer("weight", params.weight.detach().to(INT64))
-        self.register_buffer("bias", params.bias.detach().to(INT64))
+        self.register_buffer("weight", narrow(params.weight, INT64))
+        self.register_buffer("bias", narrow(params.bias, INT64))
         self.eps = int(eps)
         self.out = out
 
@@ -278,7 +279,7 @@ class Cat(nn.Module):
 
 class PixelsToInt8(nn.Module):
     """uint8 RGB pixels (B, 3, H, W) -> INT8 input integers, mean and std folded into one dyadic
-    multiplier per channel (:func:`iseg_plugin.quant.act.pixels_to_int8`)."""
+    multiplier per channel (:func:`iseg_plugin.intops.pixels_to_int8`)."""
 
     def __init__(self, mean_fixed: Tensor, multiplier: Dyadic):
         super().__init__()
@@ -288,4 +289,4 @@ class PixelsToInt8(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         if not pixels.dtype.is_floating_point and pixels.dtype != torch.uint8:
             raise TypeError(f"this integer model takes uint8 RGB pixels, got {pixels.dtype}")
-        return narrow(pixels_to_int8(pixels, self.mean_fixed, self.pixel.dyadic()), INT8)
+        return narrow(intops.pixels_to_int8(pixels, self.mean_fixed, self.pixel.dyadic()), INT8)

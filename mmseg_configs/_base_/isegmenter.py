@@ -3,10 +3,11 @@
 # {{_base_.iseg_*}} so that it states only what differs from its mmseg:: base.
 iseg_custom_imports = dict(imports=['iseg_plugin'], allow_failed_imports=False)
 
-# Integer-only model: INT8 weights/activations, INT16 residuals and embeddings, Shiftmax (16-bit),
-# lambda-ShiftGELU, I-LayerNorm, INT16 attention logits (scores_bits=8 is the paper's); paper
-# decoder (no L2 norm, nearest upsampling); no drop-path.
-iseg_quant = dict(gelu='lambda-shift', lam=6.0, softmax='shift', softmax_bits=16, scores_bits=16)
+# Integer-only model: the per-op lowering of the float Segmenter (INT8 weights and GEMM inputs, INT16
+# residual stream and softmax input, I-LayerNorm), with I-Segmenter's operators: lambda-ShiftGELU and
+# Shiftmax (gelu='poly' / softmax='bit-exp': IPTQ-ViT's); paper decoder (no L2 norm, nearest
+# upsampling); no dropout or drop-path.
+iseg_quant = dict(gelu='lambda-shift', softmax='shift')
 iseg_model = dict(
     type='ISegmenter',
     pretrained=None,  # weights come from load_from (an FP32 Segmenter), not an ImageNet ViT
