@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from .. import kernels
+
 
 def as_pixels(images) -> Tensor:
     """A numpy uint8 RGB image (H, W, 3) or batch (N, H, W, 3), as images are read, as a (N, 3, H, W)
@@ -57,6 +59,8 @@ class DeployedSegmenter(nn.Module):
     def _run(self, images: Tensor) -> tuple[Tensor, Tensor]:
         # the graph is lowered for one image (shapes are folded into it): a batch runs image by image
         logits = torch.cat([self.graph(image[None]) for image in images])
+        if logits.dtype in (torch.int8, torch.int16, torch.int32) and kernels.use(logits):
+            return logits, kernels.class_map(logits, self.input_size)
         return logits, logits[..., : self.input_size[0], : self.input_size[1]].argmax(1)
 
     def forward(self, images: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:

@@ -117,6 +117,12 @@ def shift_exp_lookup(x: Tensor, i0: int, k_inter: int, span: int | None = None) 
     return _through_table(_shift_exp_table(i0, k_inter, span), as_int64(x))
 
 
+def shiftmax_table(i0: int, span: int | None, k_inter: int = 15) -> _Table:
+    """Shiftmax's exponential over ``[table.low, 0]`` for inputs whose rows span at most ``span`` (the fused
+    kernel reads it; ``table.values`` is None where the range is too wide for a table)."""
+    return _shift_exp_table(i0, k_inter, span)
+
+
 def shift_exp(x: Tensor, i0: int, k_inter: int) -> Tensor:
     """ShiftExp (I-ViT): e**(x*S) for integers ``x <= 0`` with ``i0 = round(1/S)``.
 
@@ -196,6 +202,11 @@ def _bit_exp_table(m: int, e: int, k_inter: int, span: int | None) -> _Table:
     dyadic = Dyadic(torch.tensor(m), torch.tensor(e))
     return _table(lambda d: _bit_exp_int(d, *dyadic, k_inter), lambda d: requantize(d, dyadic, bits=None),
                   -k_inter << BITEXP_FRAC, span)
+
+
+def bit_exp_table(params: Dyadic, span: int | None, k_inter: int = 15) -> _Table:
+    """Bit-exp softmax's exponential over ``[table.low, 0]`` (see :func:`shiftmax_table`)."""
+    return _bit_exp_table(int(params.multiplier), int(params.shift), k_inter, span)
 
 
 def _bit_exp_softmax_int(x: Tensor, m: Tensor, e: Tensor, k_out: int, k_inter: int, dim: int,

@@ -6,6 +6,7 @@ CPU has VNNI, an int32 matmul elsewhere; int64 matmul is ~50x slower). Softmax p
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -23,12 +24,25 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
     return _int8_matmul_eager(a, b)
 
 
-def _cpu_has_vnni() -> bool:
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        return frozenset()
+
+
+def _cpu_has_vnni() -> bool:
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def cpu_isa() -> str:
+    """The widest integer SIMD of this CPU that the kernels care about (printed by benchmarks)."""
+    flags = _cpu_flags()
+    for isa in ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2"):
+        if isa in flags:
+            return isa
+    return "generic"
 
 
 # torch._int_mm is as fast as an FP32 matmul on CPUs with VNNI; without it (AVX2 only) it falls back

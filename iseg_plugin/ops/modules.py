@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import intops
+from .. import intops, kernels
 from .gemm import INT8, INT64, int8_matmul, uint16_matmul
 from ..intops import Dyadic
+from ..intops.exp import bit_exp_table, row_span, shiftmax_table
 
 INT32 = torch.int32
 
@@ -58,7 +59,12 @@ class Requant(nn.Module):
     def dyadic(self) -> Dyadic:
         return Dyadic(self.multiplier, self.shift)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x`` (+ ``bias``, one per channel of the last dimension) requantized, in one pass with the kernels."""
+        if kernels.use(x):
+            return kernels.requantize(x, bias, self.multiplier, self.shift, self.bounds, storage_dtype(self.bounds))
+        if bias is not None:
+            x = x.to(INT64) + bias.to(INT64)
         return narrow(intops.requantize(x, self.dyadic(), self.bounds), storage_dtype(self.bounds))
 
 
@@ -89,6 +95,9 @@ class Linear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if self.input_offset:
             x2 = x2 - self.input_offset
+        if kernels.use(x2):  # the int32 accumulator, its bias and the requantization in one pass
+            acc = int8_matmul(x2.to(INT8), self.weight_t).reshape(*x.shape[:-1], self.weight_t.shape[-1])
+            return self.out(acc) if self.bias is None else self.out(acc, self.bias)
         acc = gemm(x2, self.weight_t)
         if self.bias is not None:
             acc = acc + self.bias.to(acc.dtype)
@@ -124,8 +133,12 @@ class MatMul(nn.Module):
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])  # the int8 kernels take equal batches
         a, b = a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:])
         if self.probabilities:
+            dtype = storage_dtype(self.out.bounds)
+            if kernels.use(a) and self.out.multiplier.dim() == 0 and dtype != INT64:
+                return kernels.uint16_matmul_requantize(a, b, self.out.dyadic(), self.out.bounds, dtype)
             return self.out(uint16_matmul(a.to(INT64), b.to(INT8)))
-        return self.out(int8_matmul(a.to(INT8), b.to(INT8)).to(INT64))
+        acc = int8_matmul(a.to(INT8), b.to(INT8))
+        return self.out(acc if kernels.use(acc) else acc.to(INT64))
 
 
 class Add(nn.Module):
@@ -137,8 +150,11 @@ class Add(nn.Module):
         self.bits = bits
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        bounds = intops.int_range(self.bits)
+        if kernels.use(a) and a.shape == b.shape and self.a.multiplier.dim() == 0 and self.b.multiplier.dim() == 0:
+            return kernels.requantize_add(a, b, self.a.dyadic(), self.b.dyadic(), bounds, storage_dtype(bounds))
         out = intops.requantize_add(a, self.a.dyadic(), b, self.b.dyadic(), self.bits)
-        return narrow(out, storage_dtype(intops.int_range(self.bits)))
+        return narrow(out, storage_dtype(bounds))
 
 
 class Mul(nn.Module):
@@ -164,8 +180,11 @@ class LayerNorm(nn.Module):
         self.out = out
 
     def forward(self, x: Tensor) -> Tensor:
+        dtype = storage_dtype(self.out.bounds)
+        if kernels.takes(x, self.out.multiplier) and dtype in (torch.int8, torch.int16):
+            return kernels.layernorm(x, self.weight, self.bias, self.eps, self.out.dyadic(), self.out.bounds, dtype)
         y = intops.i_layernorm(x, self.weight, self.bias, eps=self.eps, out=self.out.dyadic(), out_bits=self.out.bounds)
-        return narrow(y, storage_dtype(self.out.bounds))
+        return narrow(y, dtype)
 
 
 class ShiftGELU(nn.Module):
@@ -202,7 +221,14 @@ class PolyGELU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         params = intops.PolyGeluParams(self.clip, self.pre_shift, self.poly.dyadic(), self.i0)
+        dtype = storage_dtype(self.out.bounds)
+        if kernels.takes(x, self.poly.multiplier, self.out.multiplier) and dtype in (torch.int8, torch.int16):
+            return kernels.poly_gelu(x, params, self.out.dyadic(), self.out.bounds, dtype)
         return self.out(intops.poly_gelu(x, params))
+
+
+def _last_dim(x: Tensor, dim: int) -> bool:
+    return dim in (-1, x.dim() - 1)
 
 
 class Shiftmax(nn.Module):
@@ -213,6 +239,10 @@ class Shiftmax(nn.Module):
         self.i0, self.bits, self.dim = int(i0), int(bits), int(dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _last_dim(x, self.dim) and kernels.use(x):
+            table = shiftmax_table(self.i0, row_span(x))
+            if table.values is not None:
+                return kernels.table_softmax(x, table.values, table.low, self.bits - 1)
         return narrow(intops.shiftmax(x, self.i0, k_out=self.bits, dim=self.dim), INT32)
 
 
@@ -225,6 +255,10 @@ class BitExpSoftmax(nn.Module):
         self.bits, self.dim = int(bits), int(dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _last_dim(x, self.dim) and kernels.use(x):
+            table = bit_exp_table(self.exponent.dyadic(), row_span(x))
+            if table.values is not None:
+                return kernels.table_softmax(x, table.values, table.low, self.bits - 1)
         return narrow(intops.bit_exp_softmax(x, self.exponent.dyadic(), k_out=self.bits, dim=self.dim), INT32)
 
 
@@ -247,6 +281,8 @@ class Upsample(nn.Module):
         self.mode, self.size, self.out = mode, (int(size[0]), int(size[1])), out
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.out is None and x.dtype in (torch.int8, torch.int16, torch.int32) and kernels.use(x):
+            return kernels.upsample(x, self.mode, self.size)
         resize = intops.upsample_nearest if self.mode == "nearest" else intops.upsample_bilinear
         y = resize(x, self.size)
         return narrow(y, x.dtype) if self.out is None else self.out(y)  # (values stay within the input's range)

@@ -1,0 +1,121 @@
+"""Fused integer kernels (C++, ``torch.library`` ops ``torch.ops.iseg_kernels.*``) for the deployed modules.
+
+The intops reference makes one int64 pass over memory per integer step; each kernel here does an
+operator's steps in one pass, in integer types only, and returns what the intops functions return
+(tests compare them to the bit). Built on first use with torch's C++ extension tooling (ninja, the
+system C++ compiler, torch's headers) for this CPU (``-march=native``; the build is cached per ISA),
+and used by the deployed modules on integer tensors (not on the fake-quant / QAT float path, and not
+while an ONNX export traces the model: the exported graph is the intops one).
+
+``ISEG_KERNELS=intops`` in the environment selects the intops reference path everywhere.
+If the build fails (no compiler), the reference path runs and :func:`describe` says why.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from ..ops.gemm import cpu_isa
+
+SOURCE = Path(__file__).with_name("fused.cpp")
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> str | None:
+    """Build and load the extension once per process; the reason it is unavailable otherwise."""
+    if os.environ.get("ISEG_KERNELS", "fused") == "intops":
+        return "ISEG_KERNELS=intops"
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + cpu_isa().encode() + torch.__version__.encode()).hexdigest()[:12]
+    try:
+        cpp_extension.load(name=f"iseg_kernels_{digest}", sources=[str(SOURCE)], is_python_module=False,
+                           extra_cflags=["-O3", "-march=native"], verbose=False)
+    except Exception as err:  # noqa: BLE001 - any build failure means: run the reference path, and say why
+        return f"the C++ kernels did not build ({type(err).__name__}: {str(err).strip().splitlines()[-1][:200]})"
+    return None
+
+
+def enabled() -> bool:
+    return _build() is None
+
+
+def use(x: torch.Tensor) -> bool:
+    """Whether a deployed module takes the fused kernel for ``x``: integers, eager, kernels built."""
+    return not x.dtype.is_floating_point and not torch.jit.is_tracing() and enabled()
+
+
+def describe() -> str:
+    """Which kernels run here (for benchmarks and the CLI)."""
+    why = _build()
+    return f"fused C++ kernels ({cpu_isa()})" if why is None else f"intops reference ({why})"
+
+
+def requantize(x, bias, multiplier, shift, bounds, out_dtype):
+    return torch.ops.iseg_kernels.requantize(x, bias, multiplier, shift, int(bounds[0]), int(bounds[1]), out_dtype)
+
+
+def requantize_add(a, b, da, db, bounds, out_dtype):
+    return torch.ops.iseg_kernels.requantize_add(a, b, int(da.multiplier), int(da.shift), int(db.multiplier),
+                                         int(db.shift), int(bounds[0]), int(bounds[1]), out_dtype)
+
+
+def table_softmax(x, table, low: int, out_frac_bits: int):
+    return torch.ops.iseg_kernels.table_softmax(x, table, int(low), int(out_frac_bits))
+
+
+def layernorm(x, weight, bias, eps: int, out_dyadic, bounds, out_dtype, norm_bits: int = 15):
+    return torch.ops.iseg_kernels.layernorm(x, weight, bias, int(eps), int(out_dyadic.multiplier), int(out_dyadic.shift),
+                                            int(bounds[0]), int(bounds[1]), int(norm_bits), out_dtype)
+
+
+def poly_gelu(x, params, out_dyadic, bounds, out_dtype, k_out: int = 8):
+    return torch.ops.iseg_kernels.poly_gelu(x, int(params.clip), int(params.pre_shift), int(params.poly.multiplier),
+                                            int(params.poly.shift), int(k_out), int(out_dyadic.multiplier),
+                                            int(out_dyadic.shift), int(bounds[0]), int(bounds[1]), out_dtype)
+
+
+def uint16_matmul_requantize(p, v, out_dyadic, bounds, out_dtype):
+    """``requantize(gemm.uint16_matmul(p, v))`` for probabilities ``p`` in [0, 2**15] and int8 ``v``: the halves
+    split in one pass, two int8 GEMMs, their products recombined and requantized in one pass."""
+    from ..ops.gemm import int8_matmul
+
+    batch = torch.broadcast_shapes(p.shape[:-2], v.shape[:-2])
+    p, v = p.expand(*batch, *p.shape[-2:]), v.expand(*batch, *v.shape[-2:]).to(torch.int8)
+    high, low = torch.ops.iseg_kernels.split_uint16(p)
+    colsum = v.sum(-2, dtype=torch.int64)
+    return torch.ops.iseg_kernels.combine_requantize(
+        int8_matmul(high, v), int8_matmul(low, v), colsum, int(out_dyadic.multiplier), int(out_dyadic.shift),
+        int(bounds[0]), int(bounds[1]), out_dtype)
+
+
+def _axis(mode: str, in_size: int, out_size: int) -> tuple[torch.Tensor, int]:
+    """One axis of :func:`upsample`: (lo, hi, w_lo, w_hi) rows and their denominator (nearest: (1, 0) / 1)."""
+    from ..intops.resize import bilinear_table, nearest_index
+
+    if mode == "nearest":
+        idx = nearest_index(in_size, out_size)
+        return torch.stack([idx, idx, torch.ones_like(idx), torch.zeros_like(idx)]), 1
+    t = bilinear_table(in_size, out_size)
+    return torch.stack([t.lo, t.hi, t.w_lo, t.w_hi]), t.denominator
+
+
+def upsample(x, mode: str, size: tuple[int, int]):
+    """``intops.upsample_nearest`` / ``upsample_bilinear`` of (..., H, W) integers, one pass, same dtype."""
+    rows, den_r = _axis(mode, x.shape[-2], size[0])
+    cols, den_c = _axis(mode, x.shape[-1], size[1])
+    return torch.ops.iseg_kernels.upsample(x, rows, cols, den_r * den_c)
+
+
+def class_map(logits, size: tuple[int, int]):
+    """``logits[..., :h, :w].argmax(1)`` of (N, C, H, W) integer logits, in one pass."""
+    return torch.ops.iseg_kernels.argmax_channels(logits, int(size[0]), int(size[1]))
+
+
+def takes(x: torch.Tensor, *dyadics) -> bool:
+    """Whether a row / element-wise kernel takes ``x``: :func:`use`, 8- or 16-bit integers, per-tensor dyadics."""
+    return x.dtype in (torch.int8, torch.int16) and all(d.dim() == 0 for d in dyadics) and use(x)

@@ -1,0 +1,402 @@
+// Fused integer kernels of the deployed modules: one memory pass where the intops reference makes one per
+// step. Integer types only. Each kernel computes exactly what its intops counterpart computes (tested).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// round_half_up(v * m / 2**e) in int64: the project's requantization (intops.dyadic); |v| < 2**31, |m| < 2**31.
+inline int64_t dyadic(int64_t v, int64_t m, int64_t e) {
+  const int64_t half = e > 0 ? (int64_t(1) << (e - 1)) : 0;
+  return (v * m + half) >> e;  // arithmetic shift: floor, as torch.bitwise_right_shift
+}
+
+template <typename In, typename Out>
+void requantize_rows(const In* x, const int32_t* bias, const int64_t* m, const int64_t* e, bool per_channel,
+                     int64_t lo, int64_t hi, Out* out, int64_t rows, int64_t channels) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const In* xr = x + r * channels;
+      Out* yr = out + r * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t v = int64_t(xr[c]) + (bias ? int64_t(bias[c]) : 0);
+        const int64_t k = per_channel ? c : 0;
+        yr[c] = Out(std::min(std::max(dyadic(v, m[k], e[k]), lo), hi));
+      }
+    }
+  });
+}
+
+template <typename In>
+void requantize_dispatch(const at::Tensor& x, const int32_t* b, const at::Tensor& m, const at::Tensor& e,
+                         bool per_channel, int64_t lo, int64_t hi, at::Tensor& out, int64_t rows, int64_t channels) {
+  AT_DISPATCH_SWITCH(out.scalar_type(), "requantize_out",
+    AT_DISPATCH_CASE(at::kChar, [&] { requantize_rows<In, scalar_t>(x.data_ptr<In>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>(), rows, channels); })
+    AT_DISPATCH_CASE(at::kShort, [&] { requantize_rows<In, scalar_t>(x.data_ptr<In>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>(), rows, channels); })
+    AT_DISPATCH_CASE(at::kInt, [&] { requantize_rows<In, scalar_t>(x.data_ptr<In>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>(), rows, channels); })
+    AT_DISPATCH_CASE(at::kLong, [&] { requantize_rows<In, scalar_t>(x.data_ptr<In>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>(), rows, channels); }));
+}
+
+at::Tensor requantize(const at::Tensor& x_, const std::optional<at::Tensor>& bias_, const at::Tensor& multiplier_,
+                      const at::Tensor& shift_, int64_t lo, int64_t hi, at::ScalarType out_dtype) {
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor m = multiplier_.to(at::kLong).contiguous().flatten();
+  const at::Tensor e = shift_.to(at::kLong).contiguous().flatten();
+  const int64_t channels = x.dim() ? x.size(-1) : 1;
+  const bool per_channel = m.numel() > 1;
+  TORCH_CHECK(!per_channel || m.numel() == channels, "requantize: one multiplier, or one per channel of the last dim");
+  at::Tensor bias;
+  if (bias_.has_value()) {
+    bias = bias_->to(at::kInt).contiguous();
+    TORCH_CHECK(bias.numel() == channels, "requantize: one bias per channel of the last dim");
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  const int64_t rows = channels ? x.numel() / channels : 0;
+  const int32_t* b = bias.defined() ? bias.data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_SWITCH(x.scalar_type(), "requantize_in",
+    AT_DISPATCH_CASE(at::kChar, [&] { requantize_dispatch<scalar_t>(x, b, m, e, per_channel, lo, hi, out, rows, channels); })
+    AT_DISPATCH_CASE(at::kShort, [&] { requantize_dispatch<scalar_t>(x, b, m, e, per_channel, lo, hi, out, rows, channels); })
+    AT_DISPATCH_CASE(at::kInt, [&] { requantize_dispatch<scalar_t>(x, b, m, e, per_channel, lo, hi, out, rows, channels); })
+    AT_DISPATCH_CASE(at::kLong, [&] { requantize_dispatch<scalar_t>(x, b, m, e, per_channel, lo, hi, out, rows, channels); }));
+  return out;
+}
+
+template <typename A, typename B, typename Out>
+void add_rows(const A* a, const B* b, int64_t ma, int64_t ea, int64_t mb, int64_t eb, int64_t lo, int64_t hi,
+              Out* out, int64_t n) {
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] = Out(std::min(std::max(dyadic(a[i], ma, ea) + dyadic(b[i], mb, eb), lo), hi));
+    }
+  });
+}
+
+template <typename In>
+void add_dispatch(const at::Tensor& a, const at::Tensor& b, int64_t ma, int64_t ea, int64_t mb, int64_t eb, int64_t lo,
+                  int64_t hi, at::Tensor& out) {
+  AT_DISPATCH_SWITCH(out.scalar_type(), "requantize_add_out",
+    AT_DISPATCH_CASE(at::kChar, [&] { add_rows(a.data_ptr<In>(), b.data_ptr<In>(), ma, ea, mb, eb, lo, hi, out.data_ptr<scalar_t>(), a.numel()); })
+    AT_DISPATCH_CASE(at::kShort, [&] { add_rows(a.data_ptr<In>(), b.data_ptr<In>(), ma, ea, mb, eb, lo, hi, out.data_ptr<scalar_t>(), a.numel()); })
+    AT_DISPATCH_CASE(at::kInt, [&] { add_rows(a.data_ptr<In>(), b.data_ptr<In>(), ma, ea, mb, eb, lo, hi, out.data_ptr<scalar_t>(), a.numel()); }));
+}
+
+// intops.requantize_add: each operand requantized to the output scale (no clamp), summed, clamped.
+at::Tensor requantize_add(const at::Tensor& a_, const at::Tensor& b_, int64_t ma, int64_t ea, int64_t mb, int64_t eb,
+                          int64_t lo, int64_t hi, at::ScalarType out_dtype) {
+  TORCH_CHECK(a_.sizes() == b_.sizes(), "requantize_add: operands of one shape");
+  const bool same = a_.scalar_type() == b_.scalar_type();
+  const at::Tensor a = (same ? a_ : a_.to(at::kLong)).contiguous(), b = (same ? b_ : b_.to(at::kLong)).contiguous();
+  at::Tensor out = at::empty(a.sizes(), a.options().dtype(out_dtype));
+  AT_DISPATCH_SWITCH(a.scalar_type(), "requantize_add_in",
+    AT_DISPATCH_CASE(at::kChar, [&] { add_dispatch<scalar_t>(a, b, ma, ea, mb, eb, lo, hi, out); })
+    AT_DISPATCH_CASE(at::kShort, [&] { add_dispatch<scalar_t>(a, b, ma, ea, mb, eb, lo, hi, out); })
+    AT_DISPATCH_CASE(at::kInt, [&] { add_dispatch<scalar_t>(a, b, ma, ea, mb, eb, lo, hi, out); })
+    AT_DISPATCH_CASE(at::kLong, [&] { add_dispatch<scalar_t>(a, b, ma, ea, mb, eb, lo, hi, out); }));
+  return out;
+}
+
+// intops' integer softmaxes (Shiftmax, bit-exp) over the last dim, their exponential read from its table:
+// e = table[max(x - rowmax, low) - low], then round(e * floor(2**62 / sum e) / 2**(62 - out_frac_bits)).
+template <typename In>
+void softmax_rows(const In* x, const int64_t* table, int64_t low, int64_t out_frac_bits, int32_t* out,
+                  int64_t rows, int64_t n) {
+  const int64_t shift = 62 - out_frac_bits;
+  const int64_t half = int64_t(1) << (shift - 1);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> e(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const In* xr = x + r * n;
+      int64_t top = xr[0];
+      for (int64_t i = 1; i < n; ++i) top = std::max<int64_t>(top, xr[i]);
+      int64_t sum = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        e[i] = table[std::max<int64_t>(int64_t(xr[i]) - top, low) - low];
+        sum += e[i];
+      }
+      const int64_t recip = (int64_t(1) << 62) / sum;  // sum >= 1: every table value is > 0
+      int32_t* yr = out + r * n;
+      for (int64_t i = 0; i < n; ++i) yr[i] = int32_t((e[i] * recip + half) >> shift);
+    }
+  });
+}
+
+at::Tensor table_softmax(const at::Tensor& x_, const at::Tensor& table_, int64_t low, int64_t out_frac_bits) {
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor table = table_.to(at::kLong).contiguous();
+  TORCH_CHECK(table.numel() == 1 - low, "table_softmax: the table spans [low, 0]");
+  const int64_t n = x.size(-1);
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  const int64_t rows = n ? x.numel() / n : 0;
+  AT_DISPATCH_SWITCH(x.scalar_type(), "table_softmax",
+    AT_DISPATCH_CASE(at::kChar, [&] { softmax_rows(x.data_ptr<scalar_t>(), table.data_ptr<int64_t>(), low, out_frac_bits, out.data_ptr<int32_t>(), rows, n); })
+    AT_DISPATCH_CASE(at::kShort, [&] { softmax_rows(x.data_ptr<scalar_t>(), table.data_ptr<int64_t>(), low, out_frac_bits, out.data_ptr<int32_t>(), rows, n); })
+    AT_DISPATCH_CASE(at::kInt, [&] { softmax_rows(x.data_ptr<scalar_t>(), table.data_ptr<int64_t>(), low, out_frac_bits, out.data_ptr<int32_t>(), rows, n); })
+    AT_DISPATCH_CASE(at::kLong, [&] { softmax_rows(x.data_ptr<scalar_t>(), table.data_ptr<int64_t>(), low, out_frac_bits, out.data_ptr<int32_t>(), rows, n); }));
+  return out;
+}
+
+inline int64_t floor_div(int64_t a, int64_t b) {  // b > 0: floor, as torch.div(rounding_mode="floor")
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+inline int64_t bit_length(int64_t x) { return x > 0 ? 64 - __builtin_clzll(uint64_t(x)) : 0; }
+
+// intops.isqrt: Newton's integer iteration from 2**ceil(bits/2), six steps, min-guarded; 0 for 0.
+inline int64_t isqrt(int64_t x) {
+  if (x == 0) return 0;
+  int64_t y = int64_t(1) << ((bit_length(x) + 1) / 2);
+  for (int i = 0; i < 6; ++i) y = std::max<int64_t>(std::min<int64_t>(y, floor_div(y + x / y, 2)), 1);
+  return y;
+}
+
+// intops.i_layernorm with its output requantization (a per-tensor dyadic), one row at a time.
+template <typename In, typename Out>
+void layernorm_rows(const In* x, const int64_t* w, const int64_t* b, int64_t eps, int64_t m, int64_t e, int64_t lo,
+                    int64_t hi, int64_t norm_bits, Out* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> y(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const In* xr = x + r * n;
+      int64_t sum = 0;
+      for (int64_t i = 0; i < n; ++i) sum += int64_t(xr[i]) << 4;  // MEAN_FRAC_BITS
+      const int64_t mean = floor_div(2 * sum + n, 2 * n);
+      int64_t sumsq = (n * eps) << 8;
+      for (int64_t i = 0; i < n; ++i) {
+        y[i] = (int64_t(xr[i]) << 4) - mean;
+        sumsq += y[i] * y[i];
+      }
+      const int64_t s = floor_div(61 - bit_length(sumsq), 2);  // ISQRT_MAX_BITS - 1
+      const int64_t root = std::max<int64_t>(isqrt(sumsq << (2 * s)), 1);
+      const int64_t recip = (int64_t(1) << 61) / root;
+      const int64_t shift = 61 - norm_bits - s;
+      const int64_t half = shift > 0 ? (int64_t(1) << (shift - 1)) : 0;
+      Out* yr = out + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t normed = (y[i] * recip + half) >> shift;
+        yr[i] = Out(std::min(std::max(dyadic(normed * w[i] + b[i], m, e), lo), hi));
+      }
+    }
+  });
+}
+
+at::Tensor layernorm(const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& bias_, int64_t eps,
+                     int64_t m, int64_t e, int64_t lo, int64_t hi, int64_t norm_bits, at::ScalarType out_dtype) {
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor w = weight_.to(at::kLong).contiguous(), b = bias_.to(at::kLong).contiguous();
+  const int64_t n = x.size(-1);
+  TORCH_CHECK(w.numel() == n && b.numel() == n, "layernorm: one weight and bias per channel");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  const int64_t rows = n ? x.numel() / n : 0;
+  AT_DISPATCH_SWITCH(x.scalar_type(), "layernorm_in",
+    AT_DISPATCH_CASE(at::kShort, [&] {
+      using In = scalar_t;
+      AT_DISPATCH_SWITCH(out_dtype, "layernorm_out",
+        AT_DISPATCH_CASE(at::kChar, [&] { layernorm_rows<In, scalar_t>(x.data_ptr<In>(), w.data_ptr<int64_t>(), b.data_ptr<int64_t>(), eps, m, e, lo, hi, norm_bits, out.data_ptr<scalar_t>(), rows, n); })
+        AT_DISPATCH_CASE(at::kShort, [&] { layernorm_rows<In, scalar_t>(x.data_ptr<In>(), w.data_ptr<int64_t>(), b.data_ptr<int64_t>(), eps, m, e, lo, hi, norm_bits, out.data_ptr<scalar_t>(), rows, n); }));
+    })
+    AT_DISPATCH_CASE(at::kChar, [&] {
+      using In = scalar_t;
+      AT_DISPATCH_SWITCH(out_dtype, "layernorm_out",
+        AT_DISPATCH_CASE(at::kChar, [&] { layernorm_rows<In, scalar_t>(x.data_ptr<In>(), w.data_ptr<int64_t>(), b.data_ptr<int64_t>(), eps, m, e, lo, hi, norm_bits, out.data_ptr<scalar_t>(), rows, n); })
+        AT_DISPATCH_CASE(at::kShort, [&] { layernorm_rows<In, scalar_t>(x.data_ptr<In>(), w.data_ptr<int64_t>(), b.data_ptr<int64_t>(), eps, m, e, lo, hi, norm_bits, out.data_ptr<scalar_t>(), rows, n); }));
+    }));
+  return out;
+}
+
+// intops.poly_gelu (k_out bits of phi) with its output requantization (a per-tensor dyadic), element-wise.
+template <typename In, typename Out>
+void poly_gelu_elems(const In* x, int64_t clip, int64_t pre_shift, int64_t pm, int64_t pe, int64_t k_out, int64_t m,
+                     int64_t e, int64_t lo, int64_t hi, Out* out, int64_t count) {
+  const int64_t one = int64_t(1) << (k_out - 2);
+  const int64_t half = pre_shift > 0 ? (int64_t(1) << (pre_shift - 1)) : 0;
+  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t v = x[i];
+      const int64_t c = std::min<int64_t>(v < 0 ? -v : v, clip) - clip;
+      const int64_t quartic = ((c * c) * (c * c) + half) >> pre_shift;
+      const int64_t erf_abs = std::min(std::max(dyadic(quartic, pm, pe) + one, int64_t(0)), one);
+      const int64_t sign = (v > 0) - (v < 0);
+      out[i] = Out(std::min(std::max(dyadic(v * (one + sign * erf_abs), m, e), lo), hi));
+    }
+  });
+}
+
+at::Tensor poly_gelu(const at::Tensor& x_, int64_t clip, int64_t pre_shift, int64_t pm, int64_t pe, int64_t k_out,
+                     int64_t m, int64_t e, int64_t lo, int64_t hi, at::ScalarType out_dtype) {
+  const at::Tensor x = x_.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "poly_gelu_in",
+    AT_DISPATCH_CASE(at::kChar, [&] {
+      using In = scalar_t;
+      AT_DISPATCH_SWITCH(out_dtype, "poly_gelu_out",
+        AT_DISPATCH_CASE(at::kChar, [&] { poly_gelu_elems<In, scalar_t>(x.data_ptr<In>(), clip, pre_shift, pm, pe, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), x.numel()); })
+        AT_DISPATCH_CASE(at::kShort, [&] { poly_gelu_elems<In, scalar_t>(x.data_ptr<In>(), clip, pre_shift, pm, pe, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), x.numel()); }));
+    })
+    AT_DISPATCH_CASE(at::kShort, [&] {
+      using In = scalar_t;
+      AT_DISPATCH_SWITCH(out_dtype, "poly_gelu_out",
+        AT_DISPATCH_CASE(at::kChar, [&] { poly_gelu_elems<In, scalar_t>(x.data_ptr<In>(), clip, pre_shift, pm, pe, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), x.numel()); })
+        AT_DISPATCH_CASE(at::kShort, [&] { poly_gelu_elems<In, scalar_t>(x.data_ptr<In>(), clip, pre_shift, pm, pe, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), x.numel()); }));
+    }));
+  return out;
+}
+
+// gemm.uint16_matmul's operands: p in [0, 2**15] as two int8 halves, high - 64 and low - 128, in one pass.
+template <typename In>
+void split_elems(const In* p, int8_t* high, int8_t* low, int64_t count) {
+  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t v = p[i];
+      high[i] = int8_t((v >> 8) - 64);
+      low[i] = int8_t((v & 255) - 128);
+    }
+  });
+}
+
+std::vector<at::Tensor> split_uint16(const at::Tensor& p_) {
+  const at::Tensor p = p_.contiguous();
+  at::Tensor high = at::empty(p.sizes(), p.options().dtype(at::kChar));
+  at::Tensor low = at::empty(p.sizes(), p.options().dtype(at::kChar));
+  AT_DISPATCH_SWITCH(p.scalar_type(), "split_uint16",
+    AT_DISPATCH_CASE(at::kInt, [&] { split_elems(p.data_ptr<scalar_t>(), high.data_ptr<int8_t>(), low.data_ptr<int8_t>(), p.numel()); })
+    AT_DISPATCH_CASE(at::kLong, [&] { split_elems(p.data_ptr<scalar_t>(), high.data_ptr<int8_t>(), low.data_ptr<int8_t>(), p.numel()); }));
+  return {high, low};
+}
+
+// The two halves' int32 products put back together, (hi + 64 colsum) * 256 + lo + 128 colsum (= p @ v), and
+// requantized (a per-tensor dyadic). hi, lo: (B, M, N); colsum: (B, N), the column sums of v.
+template <typename Out>
+void combine_rows(const int32_t* hi, const int32_t* lo, const int64_t* colsum, int64_t m, int64_t e, int64_t qlo,
+                  int64_t qhi, Out* out, int64_t batch, int64_t rows, int64_t n) {
+  at::parallel_for(0, batch * rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t* c = colsum + (r / rows) * n;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t acc = (int64_t(hi[r * n + j]) + 64 * c[j]) * 256 + int64_t(lo[r * n + j]) + 128 * c[j];
+        out[r * n + j] = Out(std::min(std::max(dyadic(acc, m, e), qlo), qhi));
+      }
+    }
+  });
+}
+
+at::Tensor combine_requantize(const at::Tensor& hi_, const at::Tensor& lo_, const at::Tensor& colsum_, int64_t m,
+                              int64_t e, int64_t qlo, int64_t qhi, at::ScalarType out_dtype) {
+  TORCH_CHECK(hi_.scalar_type() == at::kInt && lo_.scalar_type() == at::kInt, "combine_requantize: int32 products");
+  const at::Tensor hi = hi_.contiguous(), lo = lo_.contiguous(), colsum = colsum_.to(at::kLong).contiguous();
+  const int64_t n = hi.size(-1), rows = hi.size(-2), batch = rows * n ? hi.numel() / (rows * n) : 0;
+  TORCH_CHECK(colsum.numel() == batch * n, "combine_requantize: one column sum per batch entry and column");
+  at::Tensor out = at::empty(hi.sizes(), hi.options().dtype(out_dtype));
+  AT_DISPATCH_SWITCH(out_dtype, "combine_requantize",
+    AT_DISPATCH_CASE(at::kChar, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), colsum.data_ptr<int64_t>(), m, e, qlo, qhi, out.data_ptr<scalar_t>(), batch, rows, n); })
+    AT_DISPATCH_CASE(at::kShort, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), colsum.data_ptr<int64_t>(), m, e, qlo, qhi, out.data_ptr<scalar_t>(), batch, rows, n); })
+    AT_DISPATCH_CASE(at::kInt, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), colsum.data_ptr<int64_t>(), m, e, qlo, qhi, out.data_ptr<scalar_t>(), batch, rows, n); }));
+  return out;
+}
+
+// intops' integer upsampling (bilinear with exact integer weights, one rounding half up; nearest as weights
+// (1, 0) over 1), output row by output row: tables per axis, (lo, hi, w_lo, w_hi), the weights over den.
+template <typename T>
+void upsample_rows(const T* x, const int64_t* rlo, const int64_t* rhi, const int64_t* rwlo, const int64_t* rwhi,
+                   const int64_t* clo, const int64_t* chi, const int64_t* cwlo, const int64_t* cwhi, int64_t den,
+                   T* out, int64_t planes, int64_t h, int64_t w, int64_t ho, int64_t wo) {
+  at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t plane = r / ho, i = r % ho;
+      const T* top = x + (plane * h + rlo[i]) * w;
+      const T* bottom = x + (plane * h + rhi[i]) * w;
+      T* y = out + r * wo;
+      if (den == 1) {  // nearest: a copy (its weights are (1, 0))
+        for (int64_t j = 0; j < wo; ++j) y[j] = top[clo[j]];
+        continue;
+      }
+      for (int64_t j = 0; j < wo; ++j) {
+        const int64_t upper = int64_t(top[clo[j]]) * cwlo[j] + int64_t(top[chi[j]]) * cwhi[j];
+        const int64_t lower = int64_t(bottom[clo[j]]) * cwlo[j] + int64_t(bottom[chi[j]]) * cwhi[j];
+        const int64_t acc = upper * rwlo[i] + lower * rwhi[i];
+        y[j] = T(floor_div(2 * acc + den, 2 * den));
+      }
+    }
+  });
+}
+
+at::Tensor upsample(const at::Tensor& x_, const at::Tensor& rows, const at::Tensor& cols, int64_t den) {
+  // rows: (4, H_out) = lo, hi, w_lo, w_hi; cols: (4, W_out)
+  const at::Tensor x = x_.contiguous(), r = rows.to(at::kLong).contiguous(), c = cols.to(at::kLong).contiguous();
+  const int64_t h = x.size(-2), w = x.size(-1), ho = r.size(1), wo = c.size(1);
+  const int64_t planes = h * w ? x.numel() / (h * w) : 0;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[shape.size() - 2] = ho;
+  shape[shape.size() - 1] = wo;
+  at::Tensor out = at::empty(shape, x.options());
+  const int64_t* rp = r.data_ptr<int64_t>();
+  const int64_t* cp = c.data_ptr<int64_t>();
+  AT_DISPATCH_SWITCH(x.scalar_type(), "upsample",
+    AT_DISPATCH_CASE(at::kChar, [&] { upsample_rows(x.data_ptr<scalar_t>(), rp, rp + ho, rp + 2 * ho, rp + 3 * ho, cp, cp + wo, cp + 2 * wo, cp + 3 * wo, den, out.data_ptr<scalar_t>(), planes, h, w, ho, wo); })
+    AT_DISPATCH_CASE(at::kShort, [&] { upsample_rows(x.data_ptr<scalar_t>(), rp, rp + ho, rp + 2 * ho, rp + 3 * ho, cp, cp + wo, cp + 2 * wo, cp + 3 * wo, den, out.data_ptr<scalar_t>(), planes, h, w, ho, wo); })
+    AT_DISPATCH_CASE(at::kInt, [&] { upsample_rows(x.data_ptr<scalar_t>(), rp, rp + ho, rp + 2 * ho, rp + 3 * ho, cp, cp + wo, cp + 2 * wo, cp + 3 * wo, den, out.data_ptr<scalar_t>(), planes, h, w, ho, wo); }));
+  return out;
+}
+
+// The class map: argmax over the channels of (N, C, H, W) integers, cropped to (h, w), the first maximum on ties
+// (as torch.argmax); channel-outer loops over one output row keep the reads contiguous.
+template <typename T>
+void argmax_rows(const T* x, int64_t* out, int64_t n, int64_t c, int64_t h, int64_t w, int64_t ho, int64_t wo) {
+  at::parallel_for(0, n * ho, 8, [&](int64_t begin, int64_t end) {
+    std::vector<T> best(wo);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / ho, i = r % ho;
+      int64_t* y = out + r * wo;
+      const T* row = x + ((b * c) * h + i) * w;
+      for (int64_t j = 0; j < wo; ++j) { best[j] = row[j]; y[j] = 0; }
+      for (int64_t k = 1; k < c; ++k) {
+        const T* rk = row + k * h * w;
+        for (int64_t j = 0; j < wo; ++j) {
+          if (rk[j] > best[j]) { best[j] = rk[j]; y[j] = k; }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor argmax_channels(const at::Tensor& x_, int64_t ho, int64_t wo) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(x.dim() == 4 && x.size(1) > 0 && ho <= x.size(2) && wo <= x.size(3), "argmax_channels: (N, C, H, W), crop within");
+  at::Tensor out = at::empty({x.size(0), ho, wo}, x.options().dtype(at::kLong));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "argmax_channels",
+    AT_DISPATCH_CASE(at::kChar, [&] { argmax_rows(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0), x.size(1), x.size(2), x.size(3), ho, wo); })
+    AT_DISPATCH_CASE(at::kShort, [&] { argmax_rows(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0), x.size(1), x.size(2), x.size(3), ho, wo); })
+    AT_DISPATCH_CASE(at::kInt, [&] { argmax_rows(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0), x.size(1), x.size(2), x.size(3), ho, wo); }));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(iseg_kernels, m) {
+  m.def("requantize(Tensor x, Tensor? bias, Tensor multiplier, Tensor shift, int lo, int hi, ScalarType out_dtype) -> Tensor");
+  m.def("requantize_add(Tensor a, Tensor b, int ma, int ea, int mb, int eb, int lo, int hi, ScalarType out_dtype) -> Tensor");
+  m.def("table_softmax(Tensor x, Tensor table, int low, int out_frac_bits) -> Tensor");
+  m.def("layernorm(Tensor x, Tensor weight, Tensor bias, int eps, int m, int e, int lo, int hi, int norm_bits, ScalarType out_dtype) -> Tensor");
+  m.def("split_uint16(Tensor p) -> Tensor[]");
+  m.def("combine_requantize(Tensor hi, Tensor lo, Tensor colsum, int m, int e, int lo_bound, int hi_bound, ScalarType out_dtype) -> Tensor");
+  m.def("argmax_channels(Tensor x, int h, int w) -> Tensor");
+  m.def("upsample(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
+  m.def("poly_gelu(Tensor x, int clip, int pre_shift, int pm, int pe, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(iseg_kernels, CPU, m) {
+  m.impl("requantize", &requantize);
+  m.impl("requantize_add", &requantize_add);
+  m.impl("table_softmax", &table_softmax);
+  m.impl("layernorm", &layernorm);
+  m.impl("poly_gelu", &poly_gelu);
+  m.impl("upsample", &upsample);
+  m.impl("argmax_channels", &argmax_channels);
+  m.impl("split_uint16", &split_uint16);
+  m.impl("combine_requantize", &combine_requantize);
+}

@@ -1,0 +1,183 @@
+"""The fused C++ kernels give the intops reference's integers, to the bit, on random and adversarial
+inputs, alone and inside a whole converted model (on this CPU's ISA path)."""
+import pytest
+import torch
+
+import fx_patterns as fxp
+from iseg_plugin import intops, kernels
+from iseg_plugin.intops.exp import bit_exp_table, row_span, shiftmax_table
+from iseg_plugin.ops import modules as M
+
+from test_fx_per_op import HandViT, calibrated
+
+pytestmark = pytest.mark.skipif(not kernels.enabled() and "ISEG_KERNELS=intops" in kernels.describe(),
+                                reason="ISEG_KERNELS=intops: the reference path is selected")
+
+I32 = (-(2**31) + 1, 2**31 - 1)
+
+
+def test_kernels_are_built_here():
+    assert kernels.enabled(), kernels.describe()
+
+
+def adversarial_int32(g, shape):
+    x = torch.randint(*I32, shape, generator=g, dtype=torch.int64)
+    flat = x.view(-1)
+    flat[:8] = torch.tensor([I32[0], I32[1], 0, 1, -1, 2**30, -(2**30), 12345])
+    return x
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("in_dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("bounds", [(-128, 127), (-32768, 32767), (-4, 251), (-(2**31), 2**31 - 1)])
+def test_requantize_equals_intops(per_channel, in_dtype, bounds):
+    g = torch.Generator().manual_seed(hash((per_channel, in_dtype, bounds)) % 2**31)
+    channels = 24
+    for _ in range(20):
+        x = adversarial_int32(g, (5, 7, channels))
+        ratio = torch.rand(channels if per_channel else (), generator=g, dtype=torch.float64)
+        ratio = ratio * 10.0 ** torch.randint(-12, 1, ratio.shape, generator=g).double()
+        ratio = torch.where(torch.rand(ratio.shape, generator=g) < 0.2, -ratio, ratio)
+        dyadic = intops.dyadic_from_ratio(ratio)
+        bias = torch.randint(-(2**20), 2**20, (channels,), generator=g, dtype=torch.int32)
+        x = x.clamp(I32[0] + 2**20, I32[1] - 2**20)  # |x + bias| < 2**31, the contract
+        x = x.clamp(*intops.int_range(torch.iinfo(in_dtype).bits)).to(in_dtype)
+        dtype = M.storage_dtype(bounds)
+        ref = intops.requantize(x.long() + bias.long(), dyadic, bounds).to(dtype)
+        out = kernels.requantize(x, bias, dyadic.multiplier, dyadic.shift, bounds, dtype)
+        assert out.dtype == dtype and torch.equal(out, ref)
+        ref = intops.requantize(x, dyadic, bounds).to(dtype)  # (the int32 input takes intops' clamp-first path)
+        assert torch.equal(kernels.requantize(x, None, dyadic.multiplier, dyadic.shift, bounds, dtype), ref)
+
+
+def test_requantize_shift_zero_and_large_ratio():
+    x = torch.tensor([[-3, -1, 0, 1, 3, 100]], dtype=torch.int32)
+    for ratio in (1.0, 3.0, 1e-9, 0.5):
+        d = intops.dyadic_from_ratio(ratio)
+        ref = intops.requantize(x, d, 16).to(torch.int16)
+        assert torch.equal(kernels.requantize(x, None, d.multiplier, d.shift, (-32768, 32767), torch.int16), ref)
+
+
+def test_requantize_add_equals_intops():
+    g = torch.Generator().manual_seed(1)
+    for bits in (8, 16):
+        a = torch.randint(-32768, 32768, (4, 9, 33), generator=g, dtype=torch.int16)
+        b = torch.randint(-128, 128, (4, 9, 33), generator=g).to(torch.int8 if bits == 8 else torch.int16)
+        a[0, 0, :3] = torch.tensor([-32768, 32767, 0], dtype=torch.int16)
+        da, db = intops.dyadic_from_ratio(0.37), intops.dyadic_from_ratio(2.9)
+        dtype = M.storage_dtype(intops.int_range(bits))
+        ref = intops.requantize_add(a, da, b, db, bits).to(dtype)
+        out = kernels.requantize_add(a, b, da, db, intops.int_range(bits), dtype)
+        assert torch.equal(out, ref)
+
+
+def softmax_inputs(g):
+    x = torch.randint(-32768, 32768, (3, 5, 17), generator=g, dtype=torch.int16)
+    x[0, 0] = 7  # all equal
+    x[0, 1] = -32768
+    x[0, 1, 4] = 32767  # one huge value
+    x[0, 2] = torch.randint(-40, 40, (17,), generator=g, dtype=torch.int16)  # a near-uniform row
+    return x
+
+
+@pytest.mark.parametrize("scale", [1e-4, 0.003, 0.05, 0.9])
+def test_softmaxes_equal_intops(scale):
+    g = torch.Generator().manual_seed(int(scale * 1e4))
+    for dtype in (torch.int8, torch.int16):
+        x = softmax_inputs(g).clamp(*intops.int_range(8 if dtype == torch.int8 else 16)).to(dtype)
+        i0, params = intops.exp_i0(scale), intops.bit_exp_params(scale)
+        for table, ref in ((shiftmax_table(i0, row_span(x)), intops.shiftmax(x, i0, k_out=16)),
+                           (bit_exp_table(params, row_span(x)), intops.bit_exp_softmax(x, params, k_out=16))):
+            assert table.values is not None
+            out = kernels.table_softmax(x, table.values, table.low, 15)
+            assert out.dtype == torch.int32 and torch.equal(out.long(), ref)
+
+
+@pytest.mark.parametrize("in_bits,out_bits", [(16, 8), (16, 16), (8, 8)])
+def test_layernorm_equals_intops(in_bits, out_bits):
+    g = torch.Generator().manual_seed(in_bits * 100 + out_bits)
+    lo, hi = intops.int_range(in_bits)
+    in_dtype, out_dtype = M.storage_dtype((lo, hi)), M.storage_dtype(intops.int_range(out_bits))
+    for eps in (0, 3, 10**6):
+        x = torch.randint(lo, hi + 1, (6, 5, 48), generator=g).to(in_dtype)
+        x[0, 0] = 17  # a constant row (eps 0: the bias alone)
+        x[0, 1] = torch.tensor([lo, hi] * 24)  # the widest row
+        x[0, 2] = torch.randint(-2, 3, (48,), generator=g)  # a row of tiny variance
+        params = intops.layernorm_params(torch.randn(48, generator=g) * 2, torch.randn(48, generator=g))
+        w, b = params.weight.long(), params.bias.long()
+        out = intops.dyadic_from_ratio(params.out_scale / (10 ** -float(torch.rand((), generator=g) * 3)))
+        bounds = intops.int_range(out_bits)
+        ref = intops.i_layernorm(x, w, b, eps=eps, out=out, out_bits=bounds).to(out_dtype)
+        assert torch.equal(kernels.layernorm(x, w, b, eps, out, bounds, out_dtype), ref)
+
+
+@pytest.mark.parametrize("scale", [0.004, 0.03, 0.2])
+def test_poly_gelu_equals_intops(scale):
+    g = torch.Generator().manual_seed(int(scale * 1000))
+    a, b = intops.fit_poly_gelu(torch.randn(4096, generator=g) * 3)
+    params = intops.poly_gelu_params(a, b, scale)
+    for x in (torch.arange(-128, 128, dtype=torch.int8),
+              torch.randint(-32768, 32768, (4, 333), generator=g, dtype=torch.int16)):
+        for bounds, ratio in (((-128, 127), 0.9), ((-4, 251), 0.02), ((-32768, 32767), 1.0)):
+            out = intops.dyadic_from_ratio(ratio)
+            dtype = M.storage_dtype(bounds)
+            ref = intops.requantize(intops.poly_gelu(x, params), out, bounds).to(dtype)
+            assert torch.equal(kernels.poly_gelu(x, params, out, bounds, dtype), ref)
+
+
+@pytest.mark.parametrize("bounds", [(-128, 127), (-32768, 32767)])
+def test_probabilities_matmul_equals_intops(bounds):
+    from iseg_plugin.ops.gemm import uint16_matmul
+
+    g = torch.Generator().manual_seed(bounds[1])
+    p = torch.randint(0, 2**15 + 1, (2, 3, 20, 20), generator=g, dtype=torch.int32)
+    p[0, 0, 0] = 0
+    p[0, 0, 1] = 2**15  # one-hot row
+    v = torch.randint(-128, 128, (2, 3, 20, 16), generator=g, dtype=torch.int8)
+    v[0, 0, :, 0] = -128
+    for ratio in (2.0**-15, 1e-5, 3e-7):
+        out = intops.dyadic_from_ratio(ratio)
+        dtype = M.storage_dtype(bounds)
+        ref = intops.requantize(uint16_matmul(p.long(), v), out, bounds).to(dtype)
+        assert torch.equal(kernels.uint16_matmul_requantize(p, v, out, bounds, dtype), ref)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+def test_upsample_equals_intops(mode, dtype):
+    g = torch.Generator().manual_seed(7)
+    info = torch.iinfo(dtype)
+    bound = min(info.max, 2**26)  # (bilinear: max|x| D_h D_w < 2**61)
+    x = torch.randint(-bound, bound + 1, (2, 3, 5, 7), generator=g).to(dtype)
+    x[0, 0] = bound
+    x[0, 1, ::2] = -bound
+    resize = intops.upsample_nearest if mode == "nearest" else intops.upsample_bilinear
+    for size in ((80, 112), (5, 7), (13, 9)):
+        assert torch.equal(kernels.upsample(x, mode, size), resize(x, size).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+def test_class_map_equals_argmax(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (2, 5, 9, 11), generator=g).to(dtype)  # many ties: the first maximum wins
+    x[0, :, 0, 0] = torch.iinfo(dtype).min
+    assert torch.equal(kernels.class_map(x, (7, 10)), x[..., :7, :10].argmax(1))
+    assert torch.equal(kernels.class_map(x, (9, 11)), x.argmax(1))
+
+
+@pytest.mark.parametrize("gelu,softmax", [("poly", "bit-exp"), ("lambda-shift", "shift")])
+def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gelu, softmax):
+    torch.manual_seed(0)
+    model = HandViT().eval()
+    prepared, x = calibrated(model, (4, 3, 32, 32), gelu=gelu, softmax=softmax)
+    int_model = fxp.convert(prepared, (x,))
+    inputs = fxp.quantize_inputs(int_model, x)
+    calls = []
+    real = torch.ops.iseg_kernels.requantize
+    monkeypatch.setattr(kernels, "requantize", lambda *a: calls.append(1) or real(*a[:4], int(a[4][0]), int(a[4][1]), a[5]))
+    with torch.no_grad():
+        fast = int_model(*inputs)
+        assert calls  # the kernels ran
+        monkeypatch.setattr(kernels, "use", lambda t: False)
+        reference = int_model(*inputs)
+    assert fast.dtype == reference.dtype and torch.equal(fast, reference)
