@@ -41,7 +41,8 @@ from fx_patterns import SegmentorLogits
 from iseg_plugin.deploy import calibrate_prepared, convert, prepare_segmenter
 from iseg_plugin.deploy.io import save_deployed
 from iseg_plugin.export import TvmMissingError, TvmModel, export_onnx_int
-from iseg_plugin.ops.gemm import INT8_KERNEL
+from iseg_plugin import kernels
+from iseg_plugin.ops.gemm import INT8_KERNEL, cpu_isa
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = (512, 512)
@@ -195,10 +196,15 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
                 seconds["integer TVM"] = median_seconds(lambda: tvm_model(int_feed["pixels"]), runs)
             except TvmMissingError as err:
                 print(f"   integer TVM: skipped ({err})", flush=True)
-        if torch_int:  # not a form the goal compares; slow for the larger models (median of fewer runs)
-            print("   integer PyTorch (deployed)", flush=True)
-            seconds["integer PyTorch"] = median_seconds(lambda: deployed(image), max(1, runs // 2))
+        if torch_int:
+            print(f"   integer PyTorch (deployed, {kernels.describe()})", flush=True)
+            seconds["integer PyTorch"] = median_seconds(lambda: deployed(image), runs)
+            if kernels.enabled():  # the same model on the intops reference path (fewer runs: it is slow)
+                print("   integer PyTorch (intops reference)", flush=True)
+                with kernels.reference():
+                    seconds["integer PyTorch, intops"] = median_seconds(lambda: deployed(image), max(1, runs // 2))
     result["seconds"] = seconds
+    result["kernels"], result["isa"] = kernels.describe(), cpu_isa()
     result["gemm_kernel"] = gemm_kernel_speedup(runs)
     print(f"   {seconds}", flush=True)
     return result
@@ -222,19 +228,26 @@ def write_report(results: list[dict], docs: Path) -> None:
         "depend on their values); mmseg's Segmenter ADE20K configs (150 classes) with the plugin's decoder.",
         f"PyTorch's integer GEMM here: {'torch._int_mm (VNNI)' if INT8_KERNEL else 'int32 matmul (no VNNI: _int_mm is ~50x slower)'};",
         "onnxruntime's: MatMulInteger uint8 x uint8 (its uint8 x int8 kernel saturates without VNNI).",
+        f"Integer PyTorch: the deployed model with {results[0].get('kernels', 'the intops reference')} (ISA path "
+        f"{results[0].get('isa', cpu_isa())}); \"intops\": the same model on the intops reference path (same integers).",
         *sorted({f"{r['model']}: {r['note']}" for r in results if r.get("note")}),
         "A missing time: that form was not timed for that model (`--skip-torch-int`; TVM: not in `--tvm-models`,",
         "or apache-tvm absent). TVM: Relax with the plugin's CPU schedules (tiled, vectorised, parallel int32",
         "matmuls; other kernels' outer loops in parallel), no tuning; it has no uint8 GEMM kernel like onnxruntime's.",
         *[f"TVM compile time ({r['model']}): {r['tvm_compile_seconds']:.0f} s." for r in results if "tvm_compile_seconds" in r],
         "",
-        "| model | " + " | ".join(f"{f} (s)" for f in forms) + " | int / FP32 onnxruntime speed-up |",
-        "|---" * (len(forms) + 2) + "|",
+        "| model | " + " | ".join(f"{f} (s)" for f in forms)
+        + " | speed-up vs FP32 onnxruntime: integer onnxruntime | integer PyTorch |",
+        "|---" * (len(forms) + 3) + "|",
     ]
+
+    def speedup(s: dict, form: str) -> str:
+        return f"{s['FP32 onnxruntime'] / s[form]:.2f}x" if form in s else "-"
+
     for r in results:
         s = r["seconds"]
         lines.append(f"| {r['model']} | " + " | ".join(f"{s[f]:.3f}" if f in s else "-" for f in forms)
-                     + f" | {s['FP32 onnxruntime'] / s['integer onnxruntime']:.2f}x |")
+                     + f" | {speedup(s, 'integer onnxruntime')} | {speedup(s, 'integer PyTorch')} |")
     lines += ["", "| model | FP32 checkpoint (MB) | deployed integer file (MB) | size ratio | FP32 ONNX (MB) | "
               "integer ONNX (MB) | GEMM traffic FP32 (Gbit) | GEMM traffic integer (Gbit) | traffic ratio |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -165,6 +165,30 @@ def test_class_map_equals_argmax(dtype):
     assert torch.equal(kernels.class_map(x, (9, 11)), x.argmax(1))
 
 
+@pytest.mark.parametrize("softmax", ["bit-exp", "shift"])
+@pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
+def test_fused_attention_equals_its_three_operators(softmax, rows):
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(-128, 128, (2, 3, rows, 16), generator=g, dtype=torch.int8)
+    kt = torch.randint(-128, 128, (2, 3, 16, 70), generator=g, dtype=torch.int8)
+    v = torch.randint(-128, 128, (2, 3, 70, 16), generator=g, dtype=torch.int8)
+    q[0, 0, 0] = 127  # a row of huge scores: a one-hot softmax
+    kt[0, 0, :, 5] = 127
+    scores = M.MatMul(False, M.Requant.between(1e-3, 2e-2, (-32768, 32767)))
+    sm = M.BitExpSoftmax(intops.bit_exp_params(2e-2), 16, -1) if softmax == "bit-exp" else M.Shiftmax(
+        intops.exp_i0(2e-2), 16, -1)
+    context = M.MatMul(True, M.Requant.between(2.0**-15 * 0.05, 0.04, (-128, 127)))
+    attention = M.Attention(scores, sm, context)
+    calls = []
+    fuse = kernels.attention
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "attention", lambda *a, **k: calls.append(1) or fuse(*a, **k))
+        fused = attention(q, kt, v)
+        with kernels.reference():
+            reference = attention(q, kt, v)
+    assert calls and fused.dtype == reference.dtype == torch.int8 and torch.equal(fused, reference)
+
+
 @pytest.mark.parametrize("gelu,softmax", [("poly", "bit-exp"), ("lambda-shift", "shift")])
 def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gelu, softmax):
     torch.manual_seed(0)
@@ -178,6 +202,6 @@ def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gel
     with torch.no_grad():
         fast = int_model(*inputs)
         assert calls  # the kernels ran
-        monkeypatch.setattr(kernels, "use", lambda t: False)
-        reference = int_model(*inputs)
+        with kernels.reference():
+            reference = int_model(*inputs)
     assert fast.dtype == reference.dtype and torch.equal(fast, reference)

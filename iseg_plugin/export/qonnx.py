@@ -18,6 +18,7 @@ import onnx
 import torch
 from torch import nn
 
+from .. import kernels
 from ..deploy.io import module_spec
 from ..deploy.segmenter import DeployedSegmenter
 from ..files import atomic_write
@@ -62,7 +63,7 @@ def _called_operators(model: nn.Module, pixels: torch.Tensor) -> set[int]:
     candidates = [m for m in model.modules() if type(m).__name__ in NODE_TYPES]
     hooks = [m.register_forward_pre_hook(lambda m, args: called.add(id(m))) for m in candidates]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), kernels.reference():  # (a fused kernel would hide the operators it fuses)
             model(pixels)
     finally:
         for h in hooks:
@@ -96,7 +97,8 @@ def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
     def write(tmp: Path) -> None:
         torch.onnx.register_custom_op_symbolic("iseg::deployed_module", _deployed_module_symbolic, OPSET)
         try:
-            with integer_symbolics(), warnings.catch_warnings():
+            # (the reference path: a fused kernel would hide the operators it fuses, which are the nodes)
+            with integer_symbolics(), warnings.catch_warnings(), kernels.reference():
                 warnings.simplefilter("ignore")
                 brevitas_export_qonnx(graph_model, (pixels,), export_path=str(tmp), dynamo=False, opset_version=OPSET,
                                       input_names=["pixels"], output_names=["logits", "classes"])

@@ -12,6 +12,7 @@ If the build fails (no compiler), the reference path runs and :func:`describe` s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -31,10 +32,12 @@ def _build() -> str | None:
         return "ISEG_KERNELS=intops"
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + cpu_isa().encode() + torch.__version__.encode()).hexdigest()[:12]
+    # -fopenmp: at::parallel_for is compiled into the kernels, and runs on one thread without it
+    flags = ["-O3", "-march=native"]
+    key = SOURCE.read_bytes() + " ".join([cpu_isa(), torch.__version__, *flags]).encode()
     try:
-        cpp_extension.load(name=f"iseg_kernels_{digest}", sources=[str(SOURCE)], is_python_module=False,
-                           extra_cflags=["-O3", "-march=native"], verbose=False)
+        cpp_extension.load(name=f"iseg_kernels_{hashlib.sha256(key).hexdigest()[:12]}", sources=[str(SOURCE)],
+                           is_python_module=False, extra_cflags=flags, verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure means: run the reference path, and say why
         return f"the C++ kernels did not build ({type(err).__name__}: {str(err).strip().splitlines()[-1][:200]})"
     return None
@@ -44,9 +47,23 @@ def enabled() -> bool:
     return _build() is None
 
 
+_reference = False  # set by reference(): the intops path for a while (benchmarks, tests)
+
+
 def use(x: torch.Tensor) -> bool:
     """Whether a deployed module takes the fused kernel for ``x``: integers, eager, kernels built."""
-    return not x.dtype.is_floating_point and not torch.jit.is_tracing() and enabled()
+    return not x.dtype.is_floating_point and not torch.jit.is_tracing() and not _reference and enabled()
+
+
+@contextlib.contextmanager
+def reference():
+    """Run the intops reference path inside this block (to compare or time the two)."""
+    global _reference
+    before, _reference = _reference, True
+    try:
+        yield
+    finally:
+        _reference = before
 
 
 def describe() -> str:
@@ -116,6 +133,21 @@ def class_map(logits, size: tuple[int, int]):
     return torch.ops.iseg_kernels.argmax_channels(logits, int(size[0]), int(size[1]))
 
 
-def takes(x: torch.Tensor, *dyadics) -> bool:
+ATTENTION_BLOCK = 64  # query rows per task: their scores and probabilities stay in cache
+
+
+def attention(q, kt, v, scores_out, table, context_out, out_dtype, frac_bits: int = 15):
+    """``context_out(uint16 p @ v)`` of ``p = softmax(scores_out(q @ kt))`` (the softmax's ``table``), fused by
+    blocks of query rows; q, kt, v: int8 (..., M, D), (..., D, N), (..., N, Dv) of one batch shape."""
+    batch = q.shape[:-2]
+    out = torch.ops.iseg_kernels.attention(
+        q.reshape(-1, *q.shape[-2:]), kt.reshape(-1, *kt.shape[-2:]), v.reshape(-1, *v.shape[-2:]),
+        int(scores_out.multiplier), int(scores_out.shift), int(scores_out.bounds[0]), int(scores_out.bounds[1]),
+        table.values, int(table.low), int(frac_bits), int(context_out.multiplier), int(context_out.shift),
+        int(context_out.bounds[0]), int(context_out.bounds[1]), out_dtype, ATTENTION_BLOCK)
+    return out.reshape(*batch, *out.shape[-2:])
+
+
+def takes(x: torch.Tensor, *multipliers) -> bool:
     """Whether a row / element-wise kernel takes ``x``: :func:`use`, 8- or 16-bit integers, per-tensor dyadics."""
-    return x.dtype in (torch.int8, torch.int16) and all(d.dim() == 0 for d in dyadics) and use(x)
+    return use(x) and x.dtype in (torch.int8, torch.int16) and all(m.dim() == 0 for m in multipliers)

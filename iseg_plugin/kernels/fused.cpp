@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -16,17 +17,40 @@ inline int64_t dyadic(int64_t v, int64_t m, int64_t e) {
   return (v * m + half) >> e;  // arithmetic shift: floor, as torch.bitwise_right_shift
 }
 
+// |m| < 2**31 and |v| < 2**31 (the contract of intops.requantize): the product is one widening 32 x 32 -> 64
+// multiply, which vectorises (vpmuldq); the shift is uniform per tensor, or one per channel.
 template <typename In, typename Out>
 void requantize_rows(const In* x, const int32_t* bias, const int64_t* m, const int64_t* e, bool per_channel,
                      int64_t lo, int64_t hi, Out* out, int64_t rows, int64_t channels) {
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+  std::vector<int32_t> mult(channels), add(channels, 0);
+  std::vector<int64_t> half(channels), shift(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t k = per_channel ? c : 0;
+    mult[c] = int32_t(m[k]);
+    shift[c] = e[k];
+    half[c] = e[k] > 0 ? (int64_t(1) << (e[k] - 1)) : 0;
+    if (bias) add[c] = bias[c];
+  }
+  const int32_t* mp = mult.data();
+  const int32_t* ap = add.data();
+  const int64_t* hp = half.data();
+  const int64_t* sp = shift.data();
+  const int64_t m0 = mult[0], h0 = half[0], s0 = shift[0];
+  const bool uniform = !per_channel;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(channels, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const In* xr = x + r * channels;
       Out* yr = out + r * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        const int64_t v = int64_t(xr[c]) + (bias ? int64_t(bias[c]) : 0);
-        const int64_t k = per_channel ? c : 0;
-        yr[c] = Out(std::min(std::max(dyadic(v, m[k], e[k]), lo), hi));
+      if (uniform) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t v = (int64_t(int32_t(int64_t(xr[c]) + ap[c])) * m0 + h0) >> s0;
+          yr[c] = Out(v < lo ? lo : (v > hi ? hi : v));
+        }
+      } else {
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t v = (int64_t(int32_t(int64_t(xr[c]) + ap[c])) * int64_t(mp[c]) + hp[c]) >> sp[c];
+          yr[c] = Out(v < lo ? lo : (v > hi ? hi : v));
+        }
       }
     }
   });
@@ -375,6 +399,65 @@ at::Tensor argmax_channels(const at::Tensor& x_, int64_t ho, int64_t wo) {
   return out;
 }
 
+// Attention, fused by blocks of query rows so that the scores, probabilities and their int8 halves stay in
+// cache: scores = requantize(q @ kT) (int32 GEMM, its requantization), the table softmax of table_softmax,
+// the probabilities split as split_uint16, their two int8 products with v recombined and requantized as
+// combine_requantize. The same integers as those steps one after the other (tested); the GEMMs are
+// torch's exact int8 ones (at::_int_mm: oneDNN, VNNI where the CPU has it).
+at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tensor& v_, int64_t m1, int64_t e1,
+                     int64_t lo1, int64_t hi1, const at::Tensor& table_, int64_t low, int64_t out_frac_bits,
+                     int64_t m2, int64_t e2, int64_t lo2, int64_t hi2, at::ScalarType out_dtype, int64_t block) {
+  const at::Tensor q = q_.contiguous(), kt = kt_.contiguous(), v = v_.contiguous();
+  const at::Tensor table = table_.to(at::kLong).contiguous();
+  TORCH_CHECK(q.dim() == 3 && kt.dim() == 3 && v.dim() == 3 && q.scalar_type() == at::kChar &&
+              kt.scalar_type() == at::kChar && v.scalar_type() == at::kChar, "attention: int8 (B, M, D), (B, D, N), (B, N, Dv)");
+  const int64_t batch = q.size(0), rows = q.size(1), n = kt.size(2), dv = v.size(2);
+  TORCH_CHECK(kt.size(0) == batch && v.size(0) == batch && kt.size(1) == q.size(2) && v.size(1) == n, "attention: shapes");
+  const at::Tensor colsum = v.to(at::kLong).sum(1).contiguous();  // (B, Dv)
+  at::Tensor out = at::empty({batch, rows, dv}, q.options().dtype(out_dtype));
+  const int64_t blocks = (rows + block - 1) / block;
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t half1 = e1 > 0 ? (int64_t(1) << (e1 - 1)) : 0;
+  const int64_t shift = 62 - out_frac_bits, half = int64_t(1) << (shift - 1);
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> e(n);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
+      const at::Tensor acc = at::_int_mm(q[b].narrow(0, r0, rr), kt[b]);  // (rr, N) int32
+      at::Tensor high = at::empty({rr, n}, q.options()), lowh = at::empty({rr, n}, q.options());
+      const int32_t* ap = acc.data_ptr<int32_t>();
+      int8_t* hp = high.data_ptr<int8_t>();
+      int8_t* lp = lowh.data_ptr<int8_t>();
+      for (int64_t i = 0; i < rr; ++i) {
+        const int32_t* ar = ap + i * n;
+        int64_t top = std::numeric_limits<int64_t>::min();
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t sc = std::min(std::max((int64_t(ar[j]) * m1 + half1) >> e1, lo1), hi1);
+          e[j] = sc;
+          top = std::max(top, sc);
+        }
+        int64_t sum = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          e[j] = tp[std::max<int64_t>(e[j] - top, low) - low];
+          sum += e[j];
+        }
+        const int64_t recip = (int64_t(1) << 62) / sum;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t pr = (e[j] * recip + half) >> shift;
+          hp[i * n + j] = int8_t((pr >> 8) - 64);
+          lp[i * n + j] = int8_t((pr & 255) - 128);
+        }
+      }
+      const at::Tensor hi = at::_int_mm(high, v[b]), lo = at::_int_mm(lowh, v[b]);  // (rr, Dv) int32
+      const int64_t* c = colsum.data_ptr<int64_t>() + b * dv;
+      AT_DISPATCH_SWITCH(out_dtype, "attention_out",
+        AT_DISPATCH_CASE(at::kChar, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), c, m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, 1, rr, dv); })
+        AT_DISPATCH_CASE(at::kShort, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), c, m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, 1, rr, dv); }));
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(iseg_kernels, m) {
@@ -385,6 +468,7 @@ TORCH_LIBRARY(iseg_kernels, m) {
   m.def("split_uint16(Tensor p) -> Tensor[]");
   m.def("combine_requantize(Tensor hi, Tensor lo, Tensor colsum, int m, int e, int lo_bound, int hi_bound, ScalarType out_dtype) -> Tensor");
   m.def("argmax_channels(Tensor x, int h, int w) -> Tensor");
+  m.def("attention(Tensor q, Tensor kt, Tensor v, int m1, int e1, int lo1, int hi1, Tensor table, int low, int out_frac_bits, int m2, int e2, int lo2, int hi2, ScalarType out_dtype, int block) -> Tensor");
   m.def("upsample(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
   m.def("poly_gelu(Tensor x, int clip, int pre_shift, int pm, int pe, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
 }
@@ -396,6 +480,7 @@ TORCH_LIBRARY_IMPL(iseg_kernels, CPU, m) {
   m.impl("layernorm", &layernorm);
   m.impl("poly_gelu", &poly_gelu);
   m.impl("upsample", &upsample);
+  m.impl("attention", &attention);
   m.impl("argmax_channels", &argmax_channels);
   m.impl("split_uint16", &split_uint16);
   m.impl("combine_requantize", &combine_requantize);

@@ -32,7 +32,7 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 
 from .. import intops
-from ..ops.modules import PixelsToInt8, Requant, storage_dtype
+from ..ops.modules import Attention, BitExpSoftmax, MatMul, PixelsToInt8, Requant, Shiftmax, storage_dtype
 from ..ops.observer import IsegObserver
 from ..ops.registry import REGISTRY, OpEntry
 
@@ -243,10 +243,37 @@ class Lowering:
         with torch.set_grad_enabled(self.trainable):
             for node in self.src.graph.nodes:
                 self.env[node] = self._lower_node(node)
+        self._group_attention()
         gm = fx.GraphModule(self.root, self.graph, class_name="IntegerModel")
         gm.input_formats, gm.output_scales = self.input_formats, self.output_scales
         gm.input_shapes = self.input_shapes
         return gm
+
+    def _group_attention(self) -> None:
+        """Each matmul -> softmax -> probabilities matmul chain (nothing else reading its scores or
+        probabilities) becomes one :class:`Attention` module (the fused kernel's unit); same integers."""
+        def module(node, kinds):
+            if node.op != "call_module" or len(node.users) != 1:
+                return None
+            m = getattr(self.root, node.target)
+            return m if isinstance(m, kinds) else None
+
+        for context in list(self.graph.nodes):
+            c = module(context, MatMul) if context.op == "call_module" else None
+            probs = context.args[0] if c is not None and c.probabilities else None
+            sm = module(probs, (Shiftmax, BitExpSoftmax)) if isinstance(probs, fx.Node) else None
+            scores = probs.args[0] if sm is not None else None
+            sc = module(scores, MatMul) if isinstance(scores, fx.Node) else None
+            if sc is None or sc.probabilities:
+                continue
+            name = self._unique(f"{context.target}_attention")
+            self.root.add_module(name, Attention(sc, sm, c))
+            with self.graph.inserting_before(context):
+                fused = self.graph.call_module(name, (scores.args[0], scores.args[1], context.args[1]))
+            context.replace_all_uses_with(fused)
+            for node in (context, probs, scores):
+                self.graph.erase_node(node)
+                delattr(self.root, node.target)
 
     def _unique(self, name: str) -> str:
         base = name = name.replace(".", "_")

@@ -133,9 +133,9 @@ class MatMul(nn.Module):
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])  # the int8 kernels take equal batches
         a, b = a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:])
         if self.probabilities:
-            dtype = storage_dtype(self.out.bounds)
-            if kernels.use(a) and self.out.multiplier.dim() == 0 and dtype != INT64:
-                return kernels.uint16_matmul_requantize(a, b, self.out.dyadic(), self.out.bounds, dtype)
+            if kernels.use(a) and self.out.multiplier.dim() == 0 and storage_dtype(self.out.bounds) != INT64:
+                return kernels.uint16_matmul_requantize(a, b, self.out.dyadic(), self.out.bounds,
+                                                        storage_dtype(self.out.bounds))
             return self.out(uint16_matmul(a.to(INT64), b.to(INT8)))
         acc = int8_matmul(a.to(INT8), b.to(INT8))
         return self.out(acc if kernels.use(acc) else acc.to(INT64))
@@ -180,11 +180,11 @@ class LayerNorm(nn.Module):
         self.out = out
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = storage_dtype(self.out.bounds)
-        if kernels.takes(x, self.out.multiplier) and dtype in (torch.int8, torch.int16):
-            return kernels.layernorm(x, self.weight, self.bias, self.eps, self.out.dyadic(), self.out.bounds, dtype)
+        if kernels.takes(x, self.out.multiplier) and storage_dtype(self.out.bounds) in (torch.int8, torch.int16):
+            return kernels.layernorm(x, self.weight, self.bias, self.eps, self.out.dyadic(), self.out.bounds,
+                                     storage_dtype(self.out.bounds))
         y = intops.i_layernorm(x, self.weight, self.bias, eps=self.eps, out=self.out.dyadic(), out_bits=self.out.bounds)
-        return narrow(y, dtype)
+        return narrow(y, storage_dtype(self.out.bounds))
 
 
 class ShiftGELU(nn.Module):
@@ -221,9 +221,9 @@ class PolyGELU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         params = intops.PolyGeluParams(self.clip, self.pre_shift, self.poly.dyadic(), self.i0)
-        dtype = storage_dtype(self.out.bounds)
-        if kernels.takes(x, self.poly.multiplier, self.out.multiplier) and dtype in (torch.int8, torch.int16):
-            return kernels.poly_gelu(x, params, self.out.dyadic(), self.out.bounds, dtype)
+        if kernels.takes(x, self.poly.multiplier, self.out.multiplier) and storage_dtype(self.out.bounds) in (
+                torch.int8, torch.int16):
+            return kernels.poly_gelu(x, params, self.out.dyadic(), self.out.bounds, storage_dtype(self.out.bounds))
         return self.out(intops.poly_gelu(x, params))
 
 
@@ -311,6 +311,37 @@ class Cat(nn.Module):
 
     def forward(self, *parts: Tensor) -> Tensor:
         return torch.cat([narrow(r(p), self.dtype) for r, p in zip(self.requants, parts)], self.dim)
+
+
+class Attention(nn.Module):
+    """``context(softmax(scores(q, kt)), v)``: three registry modules that the lowering found in a row
+    (matmul -> softmax over the last dim -> probabilities matmul), run as one fused kernel by blocks of
+    query rows where the kernels apply (the same integers), else one after the other."""
+
+    def __init__(self, scores: MatMul, softmax: nn.Module, context: MatMul):
+        super().__init__()
+        self.scores, self.softmax, self.context = scores, softmax, context
+
+    def _fused_table(self, q: Tensor, kt: Tensor, v: Tensor):
+        """The softmax's exponential table if the fused kernel takes these operands, else None."""
+        if not (kernels.use(q) and q.dim() >= 3 and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2]
+                and self.scores.out.multiplier.dim() == 0 and self.context.out.multiplier.dim() == 0
+                and storage_dtype(self.context.out.bounds) in (torch.int8, torch.int16)
+                and _last_dim(q, self.softmax.dim) and self.softmax.bits == 16):
+            return None
+        span = row_span(torch.empty(0, dtype=storage_dtype(self.scores.out.bounds)))
+        if isinstance(self.softmax, BitExpSoftmax):
+            table = bit_exp_table(self.softmax.exponent.dyadic(), span)
+        else:
+            table = shiftmax_table(self.softmax.i0, span)
+        return table if table.values is not None else None
+
+    def forward(self, q: Tensor, kt: Tensor, v: Tensor) -> Tensor:
+        table = self._fused_table(q, kt, v)
+        if table is None:
+            return self.context(self.softmax(self.scores(q, kt)), v)
+        return kernels.attention(q.to(INT8), kt.to(INT8), v.to(INT8), self.scores.out, table, self.context.out,
+                                 storage_dtype(self.context.out.bounds), self.softmax.bits - 1)
 
 
 class PixelsToInt8(nn.Module):
