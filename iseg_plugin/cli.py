@@ -37,9 +37,11 @@ def _ptq(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from . import kernels
     from .evaluate import evaluate
 
-    report = evaluate(args.config, args.model, args.data_root, args.limit, args.out_dir)
+    forms = ("fp32", "fake-quant", "deployed") if args.fake_quant else ("fp32", "deployed")
+    report = evaluate(args.config, args.model, args.data_root, args.limit, args.out_dir, forms)
     print()
     classes = report["classes"]
     print("| form | mIoU | aAcc | s/image | " + " | ".join(classes) + " |")
@@ -49,6 +51,7 @@ def _eval(args: argparse.Namespace) -> int:
               + " | ".join(f"{v:.1f}" for v in r["per_class"]) + " |")
     for key, value in report["pixel_agreement"].items():
         print(f"pixel agreement, {key}: {value:.3f} %")
+    print(f"deployed model ran on: {kernels.describe()}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
@@ -103,13 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ptq.set_defaults(func=_ptq)
 
-    ev = sub.add_parser("eval", help="mIoU of the FP32, fake-quant and deployed forms on the validation set")
+    ev = sub.add_parser("eval", help="mIoU of the FP32 and deployed (and fake-quant) forms on the validation set")
     ev.add_argument("config")
     ev.add_argument("model", help="deployed model written by `iseg ptq`")
     ev.add_argument("--data-root")
     ev.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
     ev.add_argument("--out-dir", default="work_dirs/eval", help="confusion matrix and overlay PNGs")
     ev.add_argument("--json", help="also write the report as JSON")
+    ev.add_argument("--fake-quant", action="store_true",
+                    help="also the fake-quant form (the same graph on float64: ~10x slower than the deployed one) "
+                         "and its pixel agreement with the deployed model")
     ev.set_defaults(func=_eval)
 
     export = sub.add_parser("export", help="export a deployed model to integer-only ONNX or QONNX")

@@ -18,6 +18,7 @@ import mmcv
 import torch
 from mmseg.datasets.transforms import PackSegInputs
 
+from . import kernels
 from .deploy.io import load_deployed
 from .evaluate import compare, evaluate
 from .ptq import build_model, load_config, run_ptq, sidecar
@@ -95,7 +96,7 @@ def format_report(report: dict) -> str:
         f"| model size | {sizes['fp32'] / mb:.1f} MB (float32) | {sizes['deployed'] / mb:.1f} MB (integers only, "
         f"{sizes['fp32'] / sizes['deployed']:.2f}x smaller) |",
         f"| latency, PyTorch CPU | {forms['fp32']['seconds_per_image']:.2f} s/image | "
-        f"{forms['deployed']['seconds_per_image']:.2f} s/image |",
+        f"{forms['deployed']['seconds_per_image']:.2f} s/image ({kernels.describe()}) |",
         "",
         f"pixel agreement, integer-only vs FP32: {report['pixel_agreement']['deployed vs fp32']:.2f} %",
         f"calibration (1 image): {report['calib_seconds']:.1f} s",

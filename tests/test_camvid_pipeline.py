@@ -70,9 +70,10 @@ def test_ptq_then_eval_deployed_equals_fake_quant(random_decoder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "deployed integer model" in result.stdout and out.is_file()
     result = iseg("eval", str(CONFIG), str(out), "--data-root", str(CAMVID), "--limit", "1", "--out-dir",
-                  str(tmp_path / "eval"), cwd=tmp_path)
+                  str(tmp_path / "eval"), "--fake-quant", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pixel agreement, deployed vs fake-quant: 100.000 %" in result.stdout
+    assert "deployed model ran on: " in result.stdout
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file() and (tmp_path / "eval" / "overlays.png").is_file()
 
 
