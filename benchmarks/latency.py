@@ -8,7 +8,7 @@ For each size (mmseg's Segmenter ViT-T/S/B ADE20K configs, 150 classes, the plug
 builds the float model with random weights (latency does not depend on their values), quantizes it
 op by op (calibration on one random image), deploys and exports it, then times,
 in one process on this CPU: FP32 PyTorch, FP32 onnxruntime (TorchScript export of the float
-model), the integer-only ONNX graph in onnxruntime and in TVM (Relax with the plugin's CPU schedules,
+model), onnxruntime's own static INT8 QDQ quantization of it (not integer-only), the integer-only ONNX graph in onnxruntime and in TVM (Relax with the plugin's CPU schedules,
 no tuning; where apache-tvm is installed: the extra ``.[tvm]``) and the deployed integer model in PyTorch. Each time is
 the median of ``--runs`` runs after one warm-up. It profiles the
 integer onnxruntime graph by op type, computes the memory traffic of its Linear / Conv / MatMul
@@ -123,6 +123,24 @@ def gemm_kernel_speedup(runs: int, m: int = 1024, k: int = 768, n: int = 3072) -
     return dict(shape=[m, k, n], seconds=times, speedup=times["fp32"] / times["u8u8"])
 
 
+def ort_int8_qdq(fp32_path: Path, out: Path, feed: dict) -> Path:
+    """What a user would pick instead of an integer-only model: onnxruntime's own static INT8 quantization of
+    the FP32 graph (QDQ, per-channel weights, calibrated on the same image). Softmax, GELU, LayerNorm, resize
+    stay float between DequantizeLinear / QuantizeLinear pairs: not integer-only."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class OneImage(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([feed])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(fp32_path), str(out), OneImage(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
 def gemm_traffic_bits(path: Path, feed: dict) -> int:
     """Bits read and written by the graph's Linear / Conv / MatMul nodes: every data operand and
     result of each such node, at its element width (I-Segmenter's Table 7 measure). Shapes come from
@@ -179,12 +197,15 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
     if not timing:
         return result
     fp32_sess, int_sess = ort_session(paths["fp32_onnx"]), ort_session(paths["int_onnx"])
+    qdq_sess = ort_session(ort_int8_qdq(paths["fp32_onnx"], work / f"{name}_qdq.onnx", fp32_feed))
     seconds = {}
     with torch.no_grad():
         print("   FP32 PyTorch", flush=True)
         seconds["FP32 PyTorch"] = median_seconds(lambda: float_model._forward(x), runs)
         print("   FP32 onnxruntime", flush=True)
         seconds["FP32 onnxruntime"] = median_seconds(lambda: fp32_sess.run(None, fp32_feed), runs)
+        print("   onnxruntime INT8 QDQ (quantize_static; not integer-only)", flush=True)
+        seconds["onnxruntime INT8 QDQ"] = median_seconds(lambda: qdq_sess.run(None, fp32_feed), runs)
         print("   integer onnxruntime", flush=True)
         seconds["integer onnxruntime"] = median_seconds(lambda: int_sess.run(None, int_feed), runs)
         if tvm:
@@ -230,6 +251,8 @@ def write_report(results: list[dict], docs: Path) -> None:
         "onnxruntime's: MatMulInteger uint8 x uint8 (its uint8 x int8 kernel saturates without VNNI).",
         f"Integer PyTorch: the deployed model with {results[0].get('kernels', 'the intops reference')} (ISA path "
         f"{results[0].get('isa', cpu_isa())}); \"intops\": the same model on the intops reference path (same integers).",
+        "onnxruntime INT8 QDQ: onnxruntime's `quantize_static` of the FP32 graph (QDQ, per-channel INT8 weights, the",
+        "same calibration image): INT8 GEMMs with float softmax / GELU / LayerNorm between them, not integer-only.",
         *sorted({f"{r['model']}: {r['note']}" for r in results if r.get("note")}),
         "A missing time: that form was not timed for that model (`--skip-torch-int`; TVM: not in `--tvm-models`,",
         "or apache-tvm absent). TVM: Relax with the plugin's CPU schedules (tiled, vectorised, parallel int32",
