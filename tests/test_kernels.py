@@ -165,6 +165,27 @@ def test_class_map_equals_argmax(dtype):
     assert torch.equal(kernels.class_map(x, (9, 11)), x.argmax(1))
 
 
+@pytest.mark.parametrize("scale", [0.004, 0.03, 0.31])
+@pytest.mark.parametrize("lam", [None, 6.0])
+def test_shift_gelus_equal_intops(scale, lam):
+    g = torch.Generator().manual_seed(int(scale * 1000))
+    for x in (torch.arange(-128, 128, dtype=torch.int8).reshape(4, 64),
+              torch.randint(-32768, 32768, (5, 96), generator=g, dtype=torch.int16)):
+        x = x.clone()
+        x[0] = x[0].min()  # an all-negative row (the reference clamps at 0)
+        for bounds, ratio in (((-128, 127), 0.9), ((-4, 251), 0.02), ((-32768, 32767), 1.0)):
+            out, dtype = intops.dyadic_from_ratio(ratio), M.storage_dtype(bounds)
+            if lam is None:
+                i0, cap, fb = intops.exp_i0(scale), None, 0
+                gelu = intops.shift_gelu(x, i0)
+            else:
+                params = intops.lambda_shift_gelu_params(scale, lam)
+                i0, cap, fb = params
+                gelu = intops.lambda_shift_gelu(x, params)
+            ref = intops.requantize(gelu, out, bounds).to(dtype)
+            assert torch.equal(kernels.sigmoid_gelu(x, i0, cap, fb, out, bounds, dtype), ref)
+
+
 @pytest.mark.parametrize("softmax", ["bit-exp", "shift"])
 @pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
 def test_fused_attention_equals_its_three_operators(softmax, rows):

@@ -148,6 +148,14 @@ def attention(q, kt, v, scores_out, table, context_out, out_dtype, frac_bits: in
     return out.reshape(*batch, *out.shape[-2:])
 
 
+def sigmoid_gelu(x, i0: int, cap: int | None, frac_bits: int, out_dyadic, bounds, out_dtype, k_inter: int = 23,
+                 k_out: int = 8):
+    """``requantize(intops.shift_gelu / lambda_shift_gelu(x))`` (``cap`` None: ShiftGELU) over rows of the last dim."""
+    return torch.ops.iseg_kernels.sigmoid_gelu(x, int(i0), -1 if cap is None else int(cap), int(frac_bits), int(k_inter),
+                                               int(k_out), int(out_dyadic.multiplier), int(out_dyadic.shift),
+                                               int(bounds[0]), int(bounds[1]), out_dtype)
+
+
 def takes(x: torch.Tensor, *multipliers) -> bool:
     """Whether a row / element-wise kernel takes ``x``: :func:`use`, 8- or 16-bit integers, per-tensor dyadics."""
     return use(x) and x.dtype in (torch.int8, torch.int16) and all(m.dim() == 0 for m in multipliers)

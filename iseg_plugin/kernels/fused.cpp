@@ -458,6 +458,68 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
   return out;
 }
 
+// intops' ShiftExp (_shift_exp_int) of p <= 0 computed directly: base 2 by shift-add, the exponent clamped at
+// -k_inter, 2**(r/i0) ~ 1 + r/(2 i0).
+inline int64_t shift_exp(int64_t x, int64_t i0, int64_t k_inter) {
+  int64_t p = x + (x >> 1) - (x >> 4);
+  p = std::max(p, -k_inter * i0);
+  const int64_t q = p / -i0;  // p <= 0 < i0: a non-negative quotient, where truncation is the floor
+  const int64_t r = p + q * i0;
+  return ((r >> 1) + i0) << (k_inter - q);
+}
+
+// intops.shift_gelu / lambda_shift_gelu (cap < 0: no cap) over rows of the last dim, with the module's output
+// requantization (a per-tensor dyadic).
+template <typename In, typename Out>
+void sigmoid_gelu_rows(const In* x, int64_t i0, int64_t cap, int64_t frac_bits, int64_t k_inter, int64_t k_out,
+                       int64_t m, int64_t e, int64_t lo, int64_t hi, Out* out, int64_t rows, int64_t n) {
+  const int64_t shift = 62 - (k_out - 1), half = int64_t(1) << (shift - 1);
+  const int64_t rhalf = e > 0 ? (int64_t(1) << (e - 1)) : 0;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> z(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const In* xr = x + r * n;
+      int64_t ref = 0;  // the row max of z, at least 0
+      for (int64_t i = 0; i < n; ++i) {
+        int64_t xs = int64_t(xr[i]) << frac_bits;
+        if (cap >= 0) xs = std::min(xs, cap);
+        z[i] = xs + (xs >> 1) + (xs >> 3) + (xs >> 4);  // x * 1.6875
+        ref = std::max(ref, z[i]);
+      }
+      const int64_t e2 = shift_exp(-ref, i0, k_inter);
+      Out* yr = out + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t e1 = shift_exp(z[i] - ref, i0, k_inter);
+        const int64_t recip = (int64_t(1) << 62) / (e1 + e2);
+        const int64_t sigma = (e1 * recip + half) >> shift;
+        const int64_t v = (int64_t(xr[i]) * sigma * m + rhalf) >> e;
+        yr[i] = Out(std::min(std::max(v, lo), hi));
+      }
+    }
+  });
+}
+
+at::Tensor sigmoid_gelu(const at::Tensor& x_, int64_t i0, int64_t cap, int64_t frac_bits, int64_t k_inter,
+                        int64_t k_out, int64_t m, int64_t e, int64_t lo, int64_t hi, at::ScalarType out_dtype) {
+  const at::Tensor x = x_.contiguous();
+  const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "sigmoid_gelu_in",
+    AT_DISPATCH_CASE(at::kChar, [&] {
+      using In = scalar_t;
+      AT_DISPATCH_SWITCH(out_dtype, "sigmoid_gelu_out",
+        AT_DISPATCH_CASE(at::kChar, [&] { sigmoid_gelu_rows<In, scalar_t>(x.data_ptr<In>(), i0, cap, frac_bits, k_inter, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), rows, n); })
+        AT_DISPATCH_CASE(at::kShort, [&] { sigmoid_gelu_rows<In, scalar_t>(x.data_ptr<In>(), i0, cap, frac_bits, k_inter, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), rows, n); }));
+    })
+    AT_DISPATCH_CASE(at::kShort, [&] {
+      using In = scalar_t;
+      AT_DISPATCH_SWITCH(out_dtype, "sigmoid_gelu_out",
+        AT_DISPATCH_CASE(at::kChar, [&] { sigmoid_gelu_rows<In, scalar_t>(x.data_ptr<In>(), i0, cap, frac_bits, k_inter, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), rows, n); })
+        AT_DISPATCH_CASE(at::kShort, [&] { sigmoid_gelu_rows<In, scalar_t>(x.data_ptr<In>(), i0, cap, frac_bits, k_inter, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), rows, n); }));
+    }));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(iseg_kernels, m) {
@@ -469,6 +531,7 @@ TORCH_LIBRARY(iseg_kernels, m) {
   m.def("combine_requantize(Tensor hi, Tensor lo, Tensor colsum, int m, int e, int lo_bound, int hi_bound, ScalarType out_dtype) -> Tensor");
   m.def("argmax_channels(Tensor x, int h, int w) -> Tensor");
   m.def("attention(Tensor q, Tensor kt, Tensor v, int m1, int e1, int lo1, int hi1, Tensor table, int low, int out_frac_bits, int m2, int e2, int lo2, int hi2, ScalarType out_dtype, int block) -> Tensor");
+  m.def("sigmoid_gelu(Tensor x, int i0, int cap, int frac_bits, int k_inter, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
   m.def("upsample(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
   m.def("poly_gelu(Tensor x, int clip, int pre_shift, int pm, int pe, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
 }
@@ -480,6 +543,7 @@ TORCH_LIBRARY_IMPL(iseg_kernels, CPU, m) {
   m.impl("layernorm", &layernorm);
   m.impl("poly_gelu", &poly_gelu);
   m.impl("upsample", &upsample);
+  m.impl("sigmoid_gelu", &sigmoid_gelu);
   m.impl("attention", &attention);
   m.impl("argmax_channels", &argmax_channels);
   m.impl("split_uint16", &split_uint16);

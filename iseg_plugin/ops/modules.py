@@ -195,6 +195,9 @@ class ShiftGELU(nn.Module):
         self.i0, self.out = int(i0), out
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels.takes(x, self.out.multiplier) and storage_dtype(self.out.bounds) in (torch.int8, torch.int16):
+            return kernels.sigmoid_gelu(x, self.i0, None, 0, self.out.dyadic(), self.out.bounds,
+                                        storage_dtype(self.out.bounds))
         return self.out(intops.shift_gelu(x, self.i0))
 
 
@@ -207,6 +210,9 @@ class LambdaShiftGELU(nn.Module):
         self.out = out
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels.takes(x, self.out.multiplier) and storage_dtype(self.out.bounds) in (torch.int8, torch.int16):
+            return kernels.sigmoid_gelu(x, self.i0, self.cap, self.frac_bits, self.out.dyadic(), self.out.bounds,
+                                        storage_dtype(self.out.bounds))
         return self.out(intops.lambda_shift_gelu(x, intops.LambdaGeluParams(self.i0, self.cap, self.frac_bits)))
 
 
