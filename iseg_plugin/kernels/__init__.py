@@ -3,7 +3,7 @@
 The intops reference makes one int64 pass over memory per integer step; each kernel here does an
 operator's steps in one pass, in integer types only, and returns what the intops functions return
 (tests compare them to the bit). Built on first use with torch's C++ extension tooling (ninja, the
-system C++ compiler, torch's headers) for this CPU (``-march=native``; the build is cached per ISA),
+system C++ compiler, torch's headers) for this CPU (``-march=native``; cached per source, flags and ISA),
 and used by the deployed modules on integer tensors (not on the fake-quant / QAT float path, and not
 while an ONNX export traces the model: the exported graph is the intops one).
 
@@ -32,7 +32,8 @@ def _build() -> str | None:
         return "ISEG_KERNELS=intops"
     from torch.utils import cpp_extension
 
-    # -fopenmp: at::parallel_for is compiled into the kernels, and runs on one thread without it
+    # no -fopenmp: at::parallel_for in the kernels runs inline, on one thread (measured faster here than
+    # OpenMP regions next to torch's; docs/architecture.md)
     flags = ["-O3", "-march=native"]
     key = SOURCE.read_bytes() + " ".join([cpu_isa(), torch.__version__, *flags]).encode()
     try:
