@@ -6,6 +6,7 @@ import torch
 import fx_patterns as fxp
 from iseg_plugin import intops, kernels
 from iseg_plugin.intops.exp import bit_exp_table, row_span, shiftmax_table
+from iseg_plugin.ops import gemm
 from iseg_plugin.ops import modules as M
 
 from test_fx_per_op import HandViT, calibrated
@@ -186,9 +187,14 @@ def test_shift_gelus_equal_intops(scale, lam):
             assert torch.equal(kernels.sigmoid_gelu(x, i0, cap, fb, out, bounds, dtype), ref)
 
 
+@pytest.mark.parametrize("vnni", [False] + ([True] if gemm._cpu_has_vnni() else []),
+                         ids=lambda v: "int_mm-vnni" if v else "int32-matmul")
 @pytest.mark.parametrize("softmax", ["bit-exp", "shift"])
 @pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
-def test_fused_attention_equals_its_three_operators(softmax, rows):
+def test_fused_attention_equals_its_three_operators(monkeypatch, vnni, softmax, rows):
+    """On each GEMM path of this CPU: with VNNI the attention kernel runs, without it (its at::_int_mm
+    would be slow) the three fused modules do; both give the reference integers."""
+    monkeypatch.setattr(gemm, "INT8_KERNEL", vnni)
     g = torch.Generator().manual_seed(rows)
     q = torch.randint(-128, 128, (2, 3, rows, 16), generator=g, dtype=torch.int8)
     kt = torch.randint(-128, 128, (2, 3, 16, 70), generator=g, dtype=torch.int8)
@@ -207,11 +213,15 @@ def test_fused_attention_equals_its_three_operators(softmax, rows):
         fused = attention(q, kt, v)
         with kernels.reference():
             reference = attention(q, kt, v)
-    assert calls and fused.dtype == reference.dtype == torch.int8 and torch.equal(fused, reference)
+    assert bool(calls) == vnni
+    assert fused.dtype == reference.dtype == torch.int8 and torch.equal(fused, reference)
 
 
+@pytest.mark.parametrize("vnni", [False] + ([True] if gemm._cpu_has_vnni() else []),
+                         ids=lambda v: "int_mm-vnni" if v else "int32-matmul")
 @pytest.mark.parametrize("gelu,softmax", [("poly", "bit-exp"), ("lambda-shift", "shift")])
-def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gelu, softmax):
+def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gelu, softmax, vnni):
+    monkeypatch.setattr(gemm, "INT8_KERNEL", vnni)  # each GEMM path this CPU has
     torch.manual_seed(0)
     model = HandViT().eval()
     prepared, x = calibrated(model, (4, 3, 32, 32), gelu=gelu, softmax=softmax)

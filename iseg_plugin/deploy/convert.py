@@ -23,16 +23,18 @@ def prepare_segmenter(segmentor: nn.Module, example: Tensor, gelu: str = "poly",
     return fxp.prepare(segmentor.eval(), (example,), gelu=gelu, softmax=softmax, momentum=momentum)
 
 
-def calibrate_prepared(prepared: fx.GraphModule, preprocessor, loader, num_samples: int,
-                       show_progress: bool = True) -> int:
-    """Run ``num_samples`` images of ``loader`` (mmseg data dicts) through the observers; returns the count."""
+def calibrate_prepared(prepared, preprocessor, loader, num_samples: int, show_progress: bool = True,
+                       train_padding: bool = False) -> int:
+    """Run ``num_samples`` images of ``loader`` (mmseg data dicts) through the observers of ``prepared`` (the
+    prepared graph, or any callable that observes a normalised batch); returns the count. ``train_padding``
+    pads batches as mmseg's training does (to the crop size) instead of as its testing does."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     seen = 0
     bar = ProgressBar(num_samples) if show_progress else None
     with torch.no_grad():
         for data in loader:
-            inputs = preprocessor(data, False)["inputs"][: num_samples - seen]
+            inputs = preprocessor(data, train_padding)["inputs"][: num_samples - seen]
             prepared(inputs)
             seen += inputs.shape[0]
             for _ in range(inputs.shape[0] if bar is not None else 0):

@@ -5,8 +5,8 @@ import numpy as np
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.model import is_model_wrapper
-from mmengine.utils import ProgressBar
 
+from ..deploy.convert import calibrate_prepared
 
 
 def _unwrap(model):
@@ -20,29 +20,17 @@ def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_
 
     ``train_padding`` pads batches as in training (to the crop size: for loaders with the train
     pipeline's random crops); otherwise as in testing (e.g. to a multiple of the patch)."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     model = _unwrap(model)
     if getattr(model, "quant", None) is None:
         raise ValueError("the model has no quantizers to calibrate: build ISegmenter with quant=dict(...)")
     was_training = model.training
     model.eval()
-    seen = 0
-    bar = ProgressBar(num_samples) if show_progress else None
+    model.set_momentum(momentum)
     try:
-        for data in dataloader:
-            inputs = model.data_preprocessor(data, train_padding)["inputs"][: num_samples - seen]
-            model.observe(inputs, momentum)
-            seen += inputs.shape[0]
-            for _ in range(inputs.shape[0] if bar is not None else 0):
-                bar.update()
-            if seen >= num_samples:
-                break
+        return calibrate_prepared(model.observe, model.data_preprocessor, dataloader, num_samples, show_progress,
+                                  train_padding)
     finally:
         model.train(was_training)
-    if seen == 0:
-        raise ValueError("the calibration set is empty: check the dataset's data_root and split")
-    return seen
 
 
 class CalibrationHook(Hook):

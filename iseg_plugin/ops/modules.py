@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import intops, kernels
+from . import gemm as gemm_kernels
 from .gemm import INT8, INT64, int8_matmul, uint16_matmul
 from ..intops import Dyadic
 from ..intops.exp import bit_exp_table, row_span, shiftmax_table
@@ -59,13 +60,14 @@ class Requant(nn.Module):
     def dyadic(self) -> Dyadic:
         return Dyadic(self.multiplier, self.shift)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        """``x`` (+ ``bias``, one per channel of the last dimension) requantized, in one pass with the kernels."""
+    def forward(self, x: Tensor) -> Tensor:
         if kernels.use(x):
-            return kernels.requantize(x, bias, self.multiplier, self.shift, self.bounds, storage_dtype(self.bounds))
-        if bias is not None:
-            x = x.to(INT64) + bias.to(INT64)
+            return self.fused(x)
         return narrow(intops.requantize(x, self.dyadic(), self.bounds), storage_dtype(self.bounds))
+
+    def fused(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The fused kernel: ``x`` (+ ``bias``, one per channel of the last dimension) requantized in one pass."""
+        return kernels.requantize(x, bias, self.multiplier, self.shift, self.bounds, storage_dtype(self.bounds))
 
 
 class Multiplier(nn.Module):
@@ -97,7 +99,7 @@ class Linear(nn.Module):
             x2 = x2 - self.input_offset
         if kernels.use(x2):  # the int32 accumulator, its bias and the requantization in one pass
             acc = int8_matmul(x2.to(INT8), self.weight_t).reshape(*x.shape[:-1], self.weight_t.shape[-1])
-            return self.out(acc) if self.bias is None else self.out(acc, self.bias)
+            return self.out.fused(acc, self.bias)
         acc = gemm(x2, self.weight_t)
         if self.bias is not None:
             acc = acc + self.bias.to(acc.dtype)
@@ -237,6 +239,14 @@ def _last_dim(x: Tensor, dim: int) -> bool:
     return dim in (-1, x.dim() - 1)
 
 
+def _fused_softmax(softmax: nn.Module, x: Tensor) -> Tensor | None:
+    """A softmax module's fused kernel over the last dim, where it applies (its table exists); else None."""
+    if not (_last_dim(x, softmax.dim) and kernels.use(x)):
+        return None
+    table = softmax.table(row_span(x))
+    return None if table.values is None else kernels.table_softmax(x, table.values, table.low, softmax.bits - 1)
+
+
 class Shiftmax(nn.Module):
     """Shiftmax (I-ViT): probabilities in [0, 2**(bits-1)] at scale 2**-(bits-1)."""
 
@@ -244,11 +254,14 @@ class Shiftmax(nn.Module):
         super().__init__()
         self.i0, self.bits, self.dim = int(i0), int(bits), int(dim)
 
+    def table(self, span: int | None):
+        """The exponential table the fused kernels read for inputs whose rows span at most ``span``."""
+        return shiftmax_table(self.i0, span)
+
     def forward(self, x: Tensor) -> Tensor:
-        if _last_dim(x, self.dim) and kernels.use(x):
-            table = shiftmax_table(self.i0, row_span(x))
-            if table.values is not None:
-                return kernels.table_softmax(x, table.values, table.low, self.bits - 1)
+        fused = _fused_softmax(self, x)
+        if fused is not None:
+            return fused
         return narrow(intops.shiftmax(x, self.i0, k_out=self.bits, dim=self.dim), INT32)
 
 
@@ -260,11 +273,14 @@ class BitExpSoftmax(nn.Module):
         self.exponent = Multiplier(params)
         self.bits, self.dim = int(bits), int(dim)
 
+    def table(self, span: int | None):
+        """The exponential table the fused kernels read (see :meth:`Shiftmax.table`)."""
+        return bit_exp_table(self.exponent.dyadic(), span)
+
     def forward(self, x: Tensor) -> Tensor:
-        if _last_dim(x, self.dim) and kernels.use(x):
-            table = bit_exp_table(self.exponent.dyadic(), row_span(x))
-            if table.values is not None:
-                return kernels.table_softmax(x, table.values, table.low, self.bits - 1)
+        fused = _fused_softmax(self, x)
+        if fused is not None:
+            return fused
         return narrow(intops.bit_exp_softmax(x, self.exponent.dyadic(), k_out=self.bits, dim=self.dim), INT32)
 
 
@@ -330,16 +346,13 @@ class Attention(nn.Module):
 
     def _fused_table(self, q: Tensor, kt: Tensor, v: Tensor):
         """The softmax's exponential table if the fused kernel takes these operands, else None."""
-        if not (kernels.use(q) and q.dim() >= 3 and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2]
+        # (its GEMMs are at::_int_mm, fast with VNNI only: elsewhere the three modules run, each fused)
+        if not (gemm_kernels.INT8_KERNEL and kernels.use(q) and q.dim() >= 3 and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2]
                 and self.scores.out.multiplier.dim() == 0 and self.context.out.multiplier.dim() == 0
                 and storage_dtype(self.context.out.bounds) in (torch.int8, torch.int16)
                 and _last_dim(q, self.softmax.dim) and self.softmax.bits == 16):
             return None
-        span = row_span(torch.empty(0, dtype=storage_dtype(self.scores.out.bounds)))
-        if isinstance(self.softmax, BitExpSoftmax):
-            table = bit_exp_table(self.softmax.exponent.dyadic(), span)
-        else:
-            table = shiftmax_table(self.softmax.i0, span)
+        table = self.softmax.table(row_span(torch.empty(0, dtype=storage_dtype(self.scores.out.bounds))))
         return table if table.values is not None else None
 
     def forward(self, q: Tensor, kt: Tensor, v: Tensor) -> Tensor:
