@@ -40,15 +40,16 @@ import iseg_plugin  # noqa: F401  (registers the plugin's models)
 from fx_patterns import SegmentorLogits
 from iseg_plugin.deploy import calibrate_prepared, convert, prepare_segmenter
 from iseg_plugin.deploy.io import save_deployed
-from iseg_plugin.export import TvmMissingError, TvmModel, export_onnx_int
+from iseg_plugin.export import TvmMissingError, TvmModel, export_onnx_int, onnx_session
 from iseg_plugin import kernels
-from iseg_plugin.ops.gemm import INT8_KERNEL, cpu_isa
+from iseg_plugin.ops.gemm import INT8_KERNEL, cpu_isa, onnx_gemm_for_this_cpu
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = (512, 512)
 BITS = {TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, TensorProto.INT32: 32,
         TensorProto.INT64: 64, TensorProto.INT16: 16}
 GEMMS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger")
+FORMS = {"u8u8": "uint8 x uint8", "u8s8": "uint8 x int8"}
 
 
 def build(name: str):
@@ -96,31 +97,58 @@ def profile_by_op(sess: ort.InferenceSession, feed: dict) -> dict[str, float]:
     return {op: 100 * t / total for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
+def profile_deployed(deployed, image: torch.Tensor) -> dict[str, float]:
+    """Share of the deployed PyTorch model's time per module type of its graph (the registry's modules:
+    Attention = both of its GEMMs and the softmax between them), from forward hooks on one run after a warm-up."""
+    per_type, started = defaultdict(float), {}
+    hooks = []
+    for module in deployed.graph.children():
+        hooks.append(module.register_forward_pre_hook(lambda m, a: started.__setitem__(id(m), time.perf_counter())))
+        hooks.append(module.register_forward_hook(
+            lambda m, a, o: per_type.__setitem__(type(m).__name__, per_type[type(m).__name__]
+                                                 + time.perf_counter() - started[id(m)])))
+    try:
+        with torch.no_grad():
+            deployed(image)
+            per_type.clear()
+            start = time.perf_counter()
+            deployed(image)
+            total = time.perf_counter() - start
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_type["(between modules)"] = total - sum(per_type.values())
+    return {op: 100 * t / total for op, t in sorted(per_type.items(), key=lambda kv: -kv[1])}
+
+
 def gemm_share(profile: dict[str, float]) -> float:
     """The GEMM nodes' share of a profile (onnxruntime fuses some FP32 MatMuls into FusedMatMul)."""
     return sum(profile.get(op, 0.0) for op in (*GEMMS, "FusedMatMul")) / 100
 
 
 def gemm_kernel_speedup(runs: int, m: int = 1024, k: int = 768, n: int = 3072) -> dict:
-    """onnxruntime's exact integer GEMM (MatMulInteger uint8 x uint8, the one the integer graph uses)
+    """onnxruntime's exact integer GEMM on this CPU (MatMulInteger in the form the integer graph uses)
     against its FP32 MatMul on one ViT-B MLP-sized product: the most any integer graph can gain here."""
     from onnx import helper
 
     rng = np.random.default_rng(0)
-    times = {}
-    for name, elem, dtype in (("fp32", TensorProto.FLOAT, np.float32), ("u8u8", TensorProto.UINT8, np.uint8)):
+    times, form = {}, onnx_gemm_for_this_cpu()
+    right = (TensorProto.INT8, np.int8) if form == "u8s8" else (TensorProto.UINT8, np.uint8)
+    for name, (elem, dtype), (right_elem, right_dtype) in (
+            ("fp32", (TensorProto.FLOAT, np.float32), (TensorProto.FLOAT, np.float32)),
+            (form, (TensorProto.UINT8, np.uint8), right)):
         nodes = [helper.make_node("MatMul" if name == "fp32" else "MatMulInteger", ["a", "b"], ["y"])]
         graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("a", elem, [m, k]),
-                                                helper.make_tensor_value_info("b", elem, [k, n])],
+                                                helper.make_tensor_value_info("b", right_elem, [k, n])],
                                   [helper.make_empty_tensor_value_info("y")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         model.ir_version = 10
         with tempfile.TemporaryDirectory() as tmp:
             onnx.save(model, f"{tmp}/gemm.onnx")
             sess = ort_session(Path(f"{tmp}/gemm.onnx"))
-        feed = {"a": rng.integers(0, 256, (m, k)).astype(dtype), "b": rng.integers(0, 256, (k, n)).astype(dtype)}
+        feed = {"a": rng.integers(0, 256, (m, k)).astype(dtype), "b": rng.integers(-128, 128, (k, n)).astype(right_dtype)}
         times[name] = median_seconds(lambda: sess.run(None, feed), max(runs, 10))
-    return dict(shape=[m, k, n], seconds=times, speedup=times["fp32"] / times["u8u8"])
+    return dict(shape=[m, k, n], seconds=times, form=form, speedup=times["fp32"] / times[form])
 
 
 def ort_int8_qdq(fp32_path: Path, out: Path, feed: dict) -> Path:
@@ -194,9 +222,10 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
                               "int": gemm_traffic_bits(paths["int_onnx"], int_feed)}
     result["profile_int"] = profile_by_op(ort_session(paths["int_onnx"], str(work / f"{name}_int")), int_feed)
     result["profile_fp32"] = profile_by_op(ort_session(paths["fp32_onnx"], str(work / f"{name}_fp32")), fp32_feed)
+    result["profile_torch"] = profile_deployed(deployed, image)
     if not timing:
         return result
-    fp32_sess, int_sess = ort_session(paths["fp32_onnx"]), ort_session(paths["int_onnx"])
+    fp32_sess, int_sess = ort_session(paths["fp32_onnx"]), onnx_session(paths["int_onnx"], torch.get_num_threads())
     qdq_sess = ort_session(ort_int8_qdq(paths["fp32_onnx"], work / f"{name}_qdq.onnx", fp32_feed))
     seconds = {}
     with torch.no_grad():
@@ -248,7 +277,8 @@ def write_report(results: list[dict], docs: Path) -> None:
         f"{', '.join(flags)}; onnxruntime {ort.__version__}, torch {torch.__version__}. Random weights (time does not",
         "depend on their values); mmseg's Segmenter ADE20K configs (150 classes) with the plugin's decoder.",
         f"PyTorch's integer GEMM here: {'torch._int_mm (VNNI)' if INT8_KERNEL else 'int32 matmul (no VNNI: _int_mm is ~50x slower)'};",
-        "onnxruntime's: MatMulInteger uint8 x uint8 (its uint8 x int8 kernel saturates without VNNI).",
+        f"onnxruntime's: MatMulInteger {FORMS[results[0]['gemm_kernel'].get('form', 'u8u8')]} (`iseg export --gemm auto`; "
+        "its uint8 x int8 kernel, exact with AVX-512 VNNI, saturates without).",
         f"Integer PyTorch: the deployed model with {results[0].get('kernels', 'the intops reference')} (ISA path "
         f"{results[0].get('isa', cpu_isa())}); \"intops\": the same model on the intops reference path (same integers).",
         "onnxruntime INT8 QDQ: onnxruntime's `quantize_static` of the FP32 graph (QDQ, per-channel INT8 weights, the",
@@ -291,14 +321,15 @@ def write_report(results: list[dict], docs: Path) -> None:
         top = list(r["profile_fp32"].items())[:5]
         lines.append(f"* {r['model']}: " + ", ".join(f"{op} {pct:.1f} %" for op, pct in top))
     lines += ["", "The most an integer graph can gain in onnxruntime on this CPU: even if every non-GEMM op cost",
-              "nothing, its GEMMs run on the exact uint8 x uint8 kernel, at most `r` times faster than FP32 (measured",
+              "nothing, its GEMMs run on the exact integer kernel, at most `r` times faster than FP32 (measured",
               "on one 1024x768 @ 768x3072 product), so the speed-up is at most `r / g`, `g` the GEMMs' share of the",
               "FP32 graph's time:", ""]
     for r in results:
         share = gemm_share(r["profile_fp32"])
         kernel = r["gemm_kernel"]
+        form = kernel.get("form", "u8u8")
         lines.append(f"* {r['model']}: r = {kernel['speedup']:.2f} ({1e3 * kernel['seconds']['fp32']:.0f} ms FP32 vs "
-                     f"{1e3 * kernel['seconds']['u8u8']:.0f} ms u8 x u8), g = {100 * share:.1f} %: "
+                     f"{1e3 * kernel['seconds'][form]:.0f} ms {FORMS[form]}), g = {100 * share:.1f} %: "
                      f"at most **{kernel['speedup'] / share:.2f}x**")
     lines += ["", "What keeps the integer graph from that bound: its non-GEMM ops (requantization, softmax, GELU,",
               "LayerNorm, upsampling: each integer step one onnxruntime pass over memory, where FP32 has fused",
@@ -309,6 +340,16 @@ def write_report(results: list[dict], docs: Path) -> None:
         lines.append(f"* {r['model']}: {rest:.2f} s of non-GEMM integer ops ({100 * (1 - gemm):.0f} %) vs "
                      f"{r['seconds']['FP32 onnxruntime']:.2f} s for all of FP32: "
                      f"{rest / r['seconds']['FP32 onnxruntime']:.1f}x")
+    lines += ["", "Where the deployed integer PyTorch model (fused kernels) spends its time (share per module type of",
+              "its graph, one run after a warm-up; Linear = int8 GEMM + requantization epilogue; Attention = three int8",
+              "GEMMs, q @ k^T and the two 8-bit halves of the 16-bit probabilities @ v, with the table softmax between",
+              "them, whose row work runs on one thread). Attention is half of the time: where FP32 has two GEMMs per",
+              "head, the integer model has three (the probabilities are 16-bit), and its softmax is not parallel. That,",
+              "not the GEMM kernels (torch._int_mm is several times faster than FP32 here), is what keeps ViT-S / ViT-T",
+              "from the 1.5x goal; times also vary by up to ~30 % between runs on this shared machine.", ""]
+    for r in results:
+        if "profile_torch" in r:
+            lines.append(f"* {r['model']}: " + ", ".join(f"{op} {pct:.1f} %" for op, pct in list(r["profile_torch"].items())[:8]))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(forms)
     for i, form in enumerate(forms):
@@ -336,7 +377,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a sentence for the report about the run's conditions")
     parser.add_argument("--report-only", action="store_true", help="no run: rewrite the report from results.json")
     parser.add_argument("--graph-only", action="store_true",
-                        help="recompute only the GEMM traffic and op profiles of --models (no end-to-end timing)")
+                        help="recompute only the GEMM traffic and the profiles of --models (no end-to-end timing)")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     work = Path(args.work_dir)
@@ -347,7 +388,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if args.graph_only:
                 graph = run(name, args.runs, Path(tmp), timing=False)
-                results[name].update({key: graph[key] for key in ("traffic_bits", "profile_int", "profile_fp32")})
+                results[name].update({key: graph[key] for key in ("traffic_bits", "profile_int", "profile_fp32",
+                                                                   "profile_torch")})
             else:
                 results[name] = run(name, args.runs, Path(tmp), not args.skip_torch_int, name in args.tvm_models.split(","))
                 results[name]["note"] = args.note

@@ -60,14 +60,18 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .deploy.io import load_deployed
     from .export import export_onnx_int, export_qonnx
+    from .export.onnx_int import GEMM_KEY
     from .files import check_output
 
     suffix = ".int.onnx" if args.format == "onnx-int" else ".qonnx.onnx"
     out = check_output(args.out or Path(args.model).with_suffix(suffix), [args.model], args.force)
     model = load_deployed(args.model)
-    proto = export_onnx_int(model, out) if args.format == "onnx-int" else export_qonnx(model, out)
+    proto = export_onnx_int(model, out, args.gemm) if args.format == "onnx-int" else export_qonnx(model, out)
     ops = sorted({(f"{node.domain}::" if node.domain else "") + node.op_type for node in proto.graph.node})
-    what = "integer-only ONNX graph (every tensor integer-typed)" if args.format == "onnx-int" else "QONNX graph"
+    what = "QONNX graph"
+    if args.format == "onnx-int":
+        gemm = {p.key: p.value for p in proto.metadata_props}[GEMM_KEY]
+        what = f"integer-only ONNX graph (every tensor integer-typed; GEMMs {gemm})"
     print(f"{what}: {out} ({out.stat().st_size / 2**20:.1f} MB, {len(proto.graph.node)} nodes); ops: {', '.join(ops)}")
     return 0
 
@@ -123,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("onnx-int", "qonnx"), default="onnx-int",
                         help="onnx-int: MatMulInteger and integer element-wise ops only (onnxruntime); "
                              "qonnx: the integer operators as qonnx custom ops (qonnx executes it)")
+    export.add_argument("--gemm", choices=("auto", "u8u8", "u8s8"), default="auto",
+                        help="onnx-int's MatMulInteger operands: u8s8 is onnxruntime's faster kernel, exact only on "
+                             "CPUs with AVX-512 VNNI; u8u8 is exact everywhere; auto: u8s8 on such a CPU (default)")
     export.add_argument("--out", help="output file (default: MODEL with .int.onnx / .qonnx.onnx)")
     export.add_argument("--force", action="store_true", help="overwrite an existing output file")
     export.set_defaults(func=_export)

@@ -13,8 +13,10 @@ from torch import nn
 from iseg_plugin.cli import main
 from iseg_plugin.deploy.io import save_deployed
 from iseg_plugin.export import (NotIntegerOnlyError, TvmMissingError, TvmModel, check_integer_only, execute_qonnx,
-                                export_onnx_int, export_qonnx)
+                                export_integer_module, export_onnx_int, export_qonnx, onnx_session)
+from iseg_plugin.export import onnx_int
 from iseg_plugin.export.onnx_int import expand_shifts, integer_symbolics
+from iseg_plugin.ops import gemm
 from iseg_plugin.ops import modules as M
 
 from test_deploy import deployed_pair, pixels
@@ -44,12 +46,23 @@ EXPORT_VARIANTS = [
 ]
 
 
+# the ONNX GEMM forms onnxruntime computes exactly on this CPU (u8s8 needs AVX-512 VNNI)
+EXACT_GEMMS = ["u8u8"] + (["u8s8"] if gemm.onnx_gemm_for_this_cpu() == "u8s8" else [])
+
+
+def right_operand_types(proto: onnx.ModelProto) -> set[int]:
+    types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input]}
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    return {types[n.input[1]] for n in proto.graph.node if n.op_type == "MatMulInteger"}
+
+
+@pytest.mark.parametrize("form", EXACT_GEMMS)
 @pytest.mark.parametrize("variants,head_extra", EXPORT_VARIANTS)
-def test_onnxruntime_is_bit_exact_with_the_deployed_model(variants, head_extra):
+def test_onnxruntime_is_bit_exact_with_the_deployed_model(variants, head_extra, form):
     _, deployed = deployed_pair(variants, head_extra)
-    proto = export_onnx_int(deployed)
-    assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
-    sess = session(proto)
+    proto = export_onnx_int(deployed, gemm=form)
+    assert right_operand_types(proto) == {TensorProto.INT8 if form == "u8s8" else TensorProto.UINT8}
+    sess = onnx_session(proto)
     for image in adversarial_images():
         logits, classes = sess.run(None, {"pixels": image.numpy()})
         ref_logits, ref_classes = deployed(image)
@@ -62,7 +75,7 @@ def test_onnxruntime_is_bit_exact_with_the_deployed_model(variants, head_extra):
 def test_tvm_is_bit_exact_with_the_deployed_model(variants, head_extra):
     pytest.importorskip("tvm", reason="apache-tvm is not installed (the optional extra: pip install -e '.[tvm]')")
     _, deployed = deployed_pair(variants, head_extra)
-    model = TvmModel(export_onnx_int(deployed))
+    model = TvmModel(export_onnx_int(deployed, gemm="u8u8"))  # (verified on uint8 x uint8 GEMMs)
     matmuls = [f.script() for var, f in model.module.functions_items() if "matmul" in var.name_hint]
     assert matmuls and all("T.parallel" in m for m in matmuls)  # the schedule rules applied
     assert any("T.vectorized" in m for m in matmuls)
@@ -80,6 +93,36 @@ def test_tvm_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tvm", None)  # import tvm now raises ImportError
     with pytest.raises(TvmMissingError, match=r"pip install -e '.\[tvm\]'"):
         TvmModel(float_graph())
+
+
+class Products(nn.Module):
+    def forward(self, a, b, p):
+        return gemm.int8_matmul(a, b), gemm.uint16_matmul(p, b)
+
+
+@pytest.mark.parametrize("form", EXACT_GEMMS)
+def test_onnx_gemms_are_exact_at_the_extremes(form):
+    """The products that saturate a pairwise int16 kernel: every operand pair at +-128 * 127 or -128 * -128."""
+    k = 96
+    a = torch.tensor([[-128] * k, [127] * k, [-128, 127] * (k // 2), [127, -128] * (k // 2)], dtype=torch.int8)
+    b = a.t().contiguous()
+    p = torch.tensor([[2**15] * k, [0] * k, [255, 2**15 - 1] * (k // 2), [256] * k])  # softmax probabilities
+    proto = export_integer_module(Products(), (a, b, p), ["a", "b", "p"], ["ab", "pb"], gemm=form)
+    ab, pb = onnx_session(proto).run(None, {"a": a.numpy(), "b": b.numpy(), "p": p.numpy()})
+    assert np.array_equal(ab, (a.long() @ b.long()).numpy())
+    assert np.array_equal(pb, (p @ b.long()).numpy())
+
+
+def test_onnx_session_refuses_uint8_by_int8_gemms_without_vnni(monkeypatch):
+    proto = export_integer_module(Products(), (torch.ones(2, 3, dtype=torch.int8), torch.ones(3, 2, dtype=torch.int8),
+                                               torch.ones(2, 3, dtype=torch.int64)), ["a", "b", "p"], ["ab", "pb"],
+                                  gemm="u8s8")
+    monkeypatch.setattr(onnx_int, "onnx_gemm_for_this_cpu", lambda: "u8u8")
+    monkeypatch.setattr(onnx_int, "cpu_isa", lambda: "avx2")
+    with pytest.raises(ValueError, match=r"exact in onnxruntime only with AVX-512 VNNI, and this CPU has avx2.*--gemm u8u8"):
+        onnx_session(proto)
+    with pytest.raises(ValueError, match="unknown ONNX GEMM form 'u4u4'"):
+        export_integer_module(Products(), (), [], [], gemm="u4u4")
 
 
 class Shifts(nn.Module):
@@ -140,8 +183,9 @@ def test_exporting_a_model_that_is_not_deployed_is_refused():
 def test_cli_export(tmp_path, capsys):
     _, deployed = deployed_pair()
     save_deployed(deployed, tmp_path / "m.iseg")
-    assert main(["export", str(tmp_path / "m.iseg"), "--format", "onnx-int", "--out", str(tmp_path / "m.onnx")]) == 0
-    assert "every tensor integer-typed" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "m.iseg"), "--format", "onnx-int", "--gemm", "u8u8",
+                 "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "every tensor integer-typed; GEMMs u8u8" in capsys.readouterr().out
     image = pixels(1, 3).flip(1).contiguous()
     logits, _ = session(onnx.load(str(tmp_path / "m.onnx"))).run(None, {"pixels": image.numpy()})
     assert np.array_equal(logits, deployed(image)[0].numpy())

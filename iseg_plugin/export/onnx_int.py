@@ -5,7 +5,10 @@ exporter), so it computes the very ``intops`` arithmetic the PyTorch model runs;
 written a second time. What torch's standard ONNX symbolics would get wrong for integers is
 lowered here instead (registered only for the duration of the export):
 
-* int8 GEMMs become ``MatMulInteger`` (see :class:`~iseg_plugin.ops.gemm._Int8MatMul`);
+* int8 GEMMs become ``MatMulInteger`` (see :class:`~iseg_plugin.ops.gemm._Int8MatMul`): uint8 x int8 where
+  the exporting CPU has AVX-512 VNNI (onnxruntime's fast kernel, exact there), else uint8 x uint8 (exact
+  everywhere); the form is recorded in the file and :func:`onnx_session` refuses a uint8 x int8 graph on a
+  CPU where it would not be exact;
 * arithmetic shifts become uint64 ``BitShift``s around an offset of 2**63 (``BitShift`` is unsigned
   only; see :func:`expand_shifts`), constant left shifts multiplications;
 * floor divisions become exact ``Div``s (``Div`` truncates toward zero; see :func:`_floor_div`);
@@ -29,12 +32,15 @@ from onnx import TensorProto
 
 from ..deploy.segmenter import DeployedSegmenter
 from ..files import atomic_write
+from ..ops.gemm import ONNX_GEMMS, cpu_isa, onnx_gemm, onnx_gemm_for_this_cpu
 
 OPSET = 18
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 (ecosystem notes B3)
 INTEGER_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32,
                  TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.BOOL}
 
+
+GEMM_KEY = "iseg_plugin.gemm"  # metadata: the MatMulIntegers' operand types (an entry of ONNX_GEMMS)
 
 # Placeholder nodes of the export, expanded into standard ops before the graph is checked or saved.
 SHIFT_DOMAIN = "iseg_plugin.lowering"
@@ -216,31 +222,53 @@ def integer_symbolics():
 
 
 def export_integer_module(module: torch.nn.Module, example_inputs: tuple, input_names: list[str],
-                          output_names: list[str]) -> onnx.ModelProto:
+                          output_names: list[str], gemm: str = "auto") -> onnx.ModelProto:
     """Trace an integer model (the lowering's modules, integer inputs) into an integer-only ONNX graph, checked
     with :func:`check_integer_only`. Every registry module exports so: its ``intops`` traced, with the
-    integer lowerings above."""
+    integer lowerings above. ``gemm``: "u8u8", "u8s8" or "auto" (the fastest exact one for this CPU)."""
+    gemm = onnx_gemm_for_this_cpu() if gemm == "auto" else gemm
     buffer = io.BytesIO()
-    with integer_symbolics(), warnings.catch_warnings():
+    with integer_symbolics(), onnx_gemm(gemm), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings on the constant shapes and shifts, which are constants
         torch.onnx.export(module.eval(), tuple(example_inputs), buffer, dynamo=False, opset_version=OPSET,
                           input_names=input_names, output_names=output_names, do_constant_folding=True)
     proto = expand_shifts(onnx.load_from_string(buffer.getvalue()))
     proto.ir_version = IR_VERSION
+    onnx.helper.set_model_props(proto, {GEMM_KEY: gemm})
     return check_integer_only(proto)
 
 
-def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None) -> onnx.ModelProto:
+def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None, gemm: str = "auto") -> onnx.ModelProto:
     """Trace a deployed model into an integer-only ONNX graph (batch 1 of uint8 RGB pixels in; integer
-    logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given."""
+    logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given.
+    ``gemm`` as in :func:`export_integer_module`."""
     if not isinstance(model, DeployedSegmenter):
         raise TypeError(f"export_onnx_int takes a DeployedSegmenter (iseg ptq's output, or "
                         f"iseg_plugin.deploy.convert's), got {type(model).__name__}")
     pixels = torch.zeros(1, 3, *model.input_size, dtype=torch.uint8)
-    proto = export_integer_module(model, (pixels,), ["pixels"], ["logits", "classes"])
+    proto = export_integer_module(model, (pixels,), ["pixels"], ["logits", "classes"], gemm)
     if path is not None:
         atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
     return proto
+
+
+def onnx_session(model: onnx.ModelProto | str | Path, threads: int | None = None):
+    """An onnxruntime CPU session for an integer-only graph of :func:`export_integer_module`; refuses a
+    graph whose uint8 x int8 GEMMs this CPU's onnxruntime kernel would not compute exactly."""
+    import onnxruntime as ort
+
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    gemm = {p.key: p.value for p in proto.metadata_props}.get(GEMM_KEY, "u8u8")
+    if gemm not in ONNX_GEMMS:
+        raise ValueError(f"unknown GEMM form {gemm!r} in the graph's {GEMM_KEY} metadata; known: {', '.join(ONNX_GEMMS)}")
+    if gemm == "u8s8" and onnx_gemm_for_this_cpu() != "u8s8":
+        raise ValueError(f"this graph's uint8 x int8 GEMMs are exact in onnxruntime only with AVX-512 VNNI, and this "
+                         f"CPU has {cpu_isa()}: re-export it here (iseg export --gemm u8u8)")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    source = proto.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def expand_shifts(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -3,9 +3,11 @@
 Every GEMM is an exact int8 x int8 -> int32 product (:func:`int8_matmul`: ``torch._int_mm`` where the
 CPU has VNNI, an int32 matmul elsewhere; int64 matmul is ~50x slower). Softmax probabilities (up to
 2**15) enter :func:`uint16_matmul` as two int8 halves.
+Traced for ONNX, they are ``MatMulInteger`` nodes, uint8 x uint8 or uint8 x int8 (see :func:`onnx_gemm`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -51,6 +53,32 @@ def cpu_isa() -> str:
 INT8_KERNEL = _cpu_has_vnni()
 
 
+# The ONNX form of the GEMMs, for one export (see onnx_gemm): "u8u8" runs exactly on every CPU; "u8s8"
+# (the int8 operand as it is) is onnxruntime's faster kernel, exact only with AVX-512 VNNI: its vpdpbusd
+# accumulates u8 x s8 products in int32, where the AVX2 kernel's vpmaddubsw saturates int16 pair sums
+# (measured here: off by up to 80291 on a 64x192x96 product). AVX-VNNI alone is not trusted: untested.
+ONNX_GEMMS = ("u8u8", "u8s8")
+_onnx_gemm = "u8u8"
+
+
+def onnx_gemm_for_this_cpu() -> str:
+    """The fastest exact ONNX GEMM form for onnxruntime on this CPU."""
+    return "u8s8" if "avx512_vnni" in _cpu_flags() else "u8u8"
+
+
+@contextlib.contextmanager
+def onnx_gemm(kind: str):
+    """Trace the GEMMs as ``kind`` ("u8u8" or "u8s8") MatMulIntegers for the duration of one export."""
+    global _onnx_gemm
+    if kind not in ONNX_GEMMS:
+        raise ValueError(f"unknown ONNX GEMM form {kind!r}; known: {', '.join(ONNX_GEMMS)}")
+    before, _onnx_gemm = _onnx_gemm, kind
+    try:
+        yield
+    finally:
+        _onnx_gemm = before
+
+
 def _int8_matmul_eager(a: Tensor, b: Tensor) -> Tensor:
     if not INT8_KERNEL:
         return torch.matmul(a.to(torch.int32), b.to(torch.int32))
@@ -76,12 +104,17 @@ def _uint8_constant(g, value: int):
     return g.op("Constant", value_t=torch.tensor(value, dtype=torch.uint8))
 
 
+def _right_operand(g, b):
+    """A GEMM's int8 right operand and its zero point, in the form of this export (see ONNX_GEMMS)."""
+    if _onnx_gemm == "u8s8":
+        return b, g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))
+    return _shifted_uint8(g, b), _uint8_constant(g, 128)
+
+
 class _Int8MatMul(torch.autograd.Function):
-    """The int8 GEMM as one traceable op: ONNX ``MatMulInteger`` on uint8 x uint8. Both operands
-    enter shifted by 128 with zero point 128, which MatMulInteger subtracts exactly (weights are
-    shifted once, by constant folding). Not uint8 x int8: that kernel is faster on CPUs with
-    AVX512-VNNI, but on AVX2 alone onnxruntime computes it with VPMADDUBSW, whose int16 pair sums
-    saturate (measured here: off by up to 80291 on a 64x192x96 product); uint8 x uint8 is exact."""
+    """The int8 GEMM as one traceable op: ONNX ``MatMulInteger``. The left operand enters shifted by
+    128 as uint8 with zero point 128, which MatMulInteger subtracts exactly; the right one likewise
+    ("u8u8"; weights are shifted once, by constant folding) or as the int8 it is ("u8s8")."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
@@ -89,8 +122,8 @@ class _Int8MatMul(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, a, b):
-        zero_point = _uint8_constant(g, 128)
-        return g.op("MatMulInteger", _shifted_uint8(g, a), _shifted_uint8(g, b), zero_point, zero_point)
+        right, right_zero_point = _right_operand(g, b)
+        return g.op("MatMulInteger", _shifted_uint8(g, a), right, _uint8_constant(g, 128), right_zero_point)
 
 
 def uint16_matmul(p: Tensor, v: Tensor) -> Tensor:
@@ -116,7 +149,7 @@ def _uint16_matmul_eager(p: Tensor, v: Tensor) -> Tensor:
 
 class _Uint16MatMul(torch.autograd.Function):
     """``uint16_matmul`` as one traceable op: the halves of p, in int32 (p < 2**16), become uint8
-    operands of two ``MatMulInteger`` with zero point 0 (no shift, no column sums)."""
+    operands of two ``MatMulInteger`` with zero point 0 (no shift, no column sums); v as in :class:`_Int8MatMul`."""
 
     @staticmethod
     def forward(ctx, p: Tensor, v: Tensor) -> Tensor:
@@ -132,7 +165,7 @@ class _Uint16MatMul(torch.autograd.Function):
         p = g.op("Cast", p, to_i=TensorProto.INT32)
         high = g.op("Div", p, int32(256))  # p >= 0: Div's truncation floors
         low = g.op("Sub", p, g.op("Mul", high, int32(256)))
-        v, zero, zero_point = _shifted_uint8(g, v), _uint8_constant(g, 0), _uint8_constant(g, 128)
+        (v, zero_point), zero = _right_operand(g, v), _uint8_constant(g, 0)
 
         def times_v(half):
             return g.op("MatMulInteger", g.op("Cast", half, to_i=TensorProto.UINT8), v, zero, zero_point)
