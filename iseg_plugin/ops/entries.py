@@ -157,21 +157,48 @@ def _lower_layer_norm(site: Site) -> Operand:
     return site.out(site.emit(module, x.node), scale, bounds)
 
 
+GELU_OUT_SHIFT = 7  # the GELUs' output is at S * 2**-7 before its requantization
+
+
+class NoSamplesError(ValueError):
+    """An operator fitted to calibration samples of its input saw none."""
+
+
 def _gelu_lowering(build):
     def lower(site: Site) -> Operand:
         x = site.input(0)
-        # the GELUs' output is at S * 2**-(k_out-1); INT8 on an asymmetric grid where only GEMMs read it
-        out, scale, bounds = site.requant_to_output(x.scale * 2.0**-7, asymmetric=True)
-        return site.out(site.emit(build(site, x, out), x.node), scale, bounds)
+        # INT8 on an asymmetric grid where only GEMMs read it
+        out, scale, bounds = site.requant_to_output(x.scale * 2.0**-GELU_OUT_SHIFT, asymmetric=True)
+        try:
+            module = build(x.scale, out, None if x.observer is None else x.observer.samples)
+        except NoSamplesError as err:
+            raise site.refuse(str(err)) from None
+        return site.out(site.emit(module, x.node), scale, bounds)
 
     return lower
 
 
-def _poly_gelu(site: Site, x: Operand, out: M.Requant) -> M.PolyGELU:
-    if x.observer is None or x.observer.samples.numel() == 0:
-        raise site.refuse("Poly-GELU is fitted to calibration samples of its input, and none were observed")
-    a, b = intops.fit_poly_gelu(x.observer.samples)
-    return M.PolyGELU(intops.poly_gelu_params(a, b, x.scale), out)
+def _poly_gelu(scale: float, out: M.Requant, samples) -> M.PolyGELU:
+    if samples is None or samples.numel() == 0:
+        raise NoSamplesError("Poly-GELU is fitted to calibration samples of its input, and none were observed")
+    a, b = intops.fit_poly_gelu(samples)
+    return M.PolyGELU(intops.poly_gelu_params(a, b, scale), out)
+
+
+def _lambda_shift_gelu(scale: float, out: M.Requant, samples=None) -> M.LambdaShiftGELU:
+    return M.LambdaShiftGELU(intops.lambda_shift_gelu_params(scale), out)
+
+
+def _shift_gelu(scale: float, out: M.Requant, samples=None) -> M.ShiftGELU:
+    return M.ShiftGELU(intops.exp_i0(scale), out)
+
+
+def _bit_exp_softmax(scale: float, bits: int, dim: int) -> M.BitExpSoftmax:
+    return M.BitExpSoftmax(intops.bit_exp_params(scale), bits, dim)
+
+
+def _shiftmax(scale: float, bits: int, dim: int) -> M.Shiftmax:
+    return M.Shiftmax(intops.exp_i0(scale), bits, dim)
 
 
 def _softmax_dim(site: Site) -> int:
@@ -318,23 +345,21 @@ REGISTRY.register(OpEntry(
     "gelu", "integer GELU of INT8 input, output S * 2**-7 requantized",
     modules=(nn.GELU,), functions=(F.gelu,), aten=(aten.gelu.default,), input_bits=8,
     variants={
-        "poly": Variant("poly", _gelu_lowering(_poly_gelu), "Poly-GELU (IPTQ-ViT): quartic erf fitted on calibration data"),
-        "lambda-shift": Variant("lambda-shift", _gelu_lowering(
-            lambda site, x, out: M.LambdaShiftGELU(intops.lambda_shift_gelu_params(x.scale), out)),
-            "lambda-ShiftGELU (I-Segmenter): sigmoid reference capped at lambda = 6"),
-        "shift": Variant("shift", _gelu_lowering(lambda site, x, out: M.ShiftGELU(intops.exp_i0(x.scale), out)),
-                         "ShiftGELU (I-ViT): x * sigmoid(1.6875 x) by ShiftExp"),
+        "poly": Variant("poly", _gelu_lowering(_poly_gelu), "Poly-GELU (IPTQ-ViT): quartic erf fitted on calibration data",
+                        _poly_gelu),
+        "lambda-shift": Variant("lambda-shift", _gelu_lowering(_lambda_shift_gelu),
+                                "lambda-ShiftGELU (I-Segmenter): sigmoid reference capped at lambda = 6", _lambda_shift_gelu),
+        "shift": Variant("shift", _gelu_lowering(_shift_gelu), "ShiftGELU (I-ViT): x * sigmoid(1.6875 x) by ShiftExp",
+                         _shift_gelu),
     }))
 REGISTRY.register(OpEntry(
     "softmax", "integer softmax of INT16 logits; probabilities UINT16-range [0, 2**15], scale 2**-15",
     modules=(nn.Softmax,), functions=(F.softmax, torch.softmax), methods=("softmax",),
     aten=(aten.softmax.int, aten._softmax.default), input_bits=16,
     variants={
-        "bit-exp": Variant("bit-exp", _softmax_lowering(
-            lambda scale, bits, dim: M.BitExpSoftmax(intops.bit_exp_params(scale), bits, dim)),
-            "bit-exp softmax (IPTQ-ViT, our reading): exact log2 e, quadratic 2**u"),
-        "shift": Variant("shift", _softmax_lowering(
-            lambda scale, bits, dim: M.Shiftmax(intops.exp_i0(scale), bits, dim)), "Shiftmax (I-ViT)"),
+        "bit-exp": Variant("bit-exp", _softmax_lowering(_bit_exp_softmax),
+                           "bit-exp softmax (IPTQ-ViT, our reading): exact log2 e, quadratic 2**u", _bit_exp_softmax),
+        "shift": Variant("shift", _softmax_lowering(_shiftmax), "Shiftmax (I-ViT)", _shiftmax),
     }))
 REGISTRY.register(OpEntry(
     "l2_normalize", "integer L2 normalisation over the last dimension (F.normalize, p=2)",

@@ -26,6 +26,9 @@ class Variant:
     name: str
     lower: Callable  # (Site) -> Operand: constants from the observed scales, the deployed module emitted
     doc: str
+    # The deployed module from scales alone, for front ends without an FX site (the Brevitas layers of
+    # iseg_plugin.nn); its arguments are the entry's (GELU: in_scale, out, samples; softmax: in_scale, bits, dim).
+    build: Callable | None = None
 
 
 @dataclass(frozen=True)
