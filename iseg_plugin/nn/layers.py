@@ -1,0 +1,295 @@
+"""The integer operators as Brevitas layers.
+
+Each layer reads the integers and scale of its ``IntQuantTensor`` input(s), builds the registry's deployed
+module for those scales (the constants computed as at conversion: :mod:`iseg_plugin.ops.entries`) and
+runs it on float tensors holding the integers, where every step is an :mod:`iseg_plugin.intops`
+function with a straight-through gradient: the integers are those of the deployed model (one
+arithmetic), and QAT trains through them. The output is an ``IntQuantTensor`` at the scale of the
+layer's output quantizer, a Brevitas activation quantizer (``act_quant``, default INT8 or INT16 per
+tensor; a ``QuantIdentity`` whose statistics Brevitas collects as for its own layers).
+
+Under Brevitas' ``calibration_mode`` (quantization disabled) a layer runs its float op and lets its
+output quantizer observe the result, as Brevitas' own layers do. With quantization enabled a plain
+float input is refused: the layer would otherwise quantize with float arithmetic.
+
+Exactness: the integers are exact when the input values are (a float32 ``IntQuantTensor`` holds
+integers times a scale; run the model in float64 for INT32 accumulators beyond 2**24).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from brevitas.nn import QuantIdentity
+from brevitas.quant import Int8ActPerTensorFloat
+from brevitas.quant_tensor import IntQuantTensor, QuantTensor
+from torch import Tensor, nn
+
+from .. import intops
+from ..ops import modules as M
+from ..ops.entries import GELU_OUT_SHIFT, SOFTMAX_BITS
+from ..ops.observer import IsegObserver
+from ..ops.registry import REGISTRY
+
+Int16ActPerTensorFloat = Int8ActPerTensorFloat.let(bit_width=16)
+PROBABILITY_SCALE = 2.0 ** -(SOFTMAX_BITS - 1)  # softmax probabilities: integers in [0, 2**15]
+
+
+def _value(x) -> Tensor:
+    return x.value if isinstance(x, QuantTensor) else x
+
+
+def _integers(x, layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """The integers an ``IntQuantTensor`` holds (float, straight-through) and its scale."""
+    if not isinstance(x, IntQuantTensor):
+        raise TypeError(f"{type(layer).__name__} takes an IntQuantTensor, got {type(x).__name__}: put a "
+                        f"QuantIdentity(return_quant_tensor=True) or a layer with return_quant_tensor=True in front")
+    if bool((x.zero_point != 0).any()):
+        raise ValueError(f"{type(layer).__name__} takes symmetric operands (zero point 0), got zero point "
+                         f"{x.zero_point.flatten()[:4].tolist()}")
+    return intops.round_ste(x.value / x.scale), x.scale
+
+
+def _ratio_scale(scale: Tensor) -> Tensor | float:
+    """A scale for a requantization ratio: a number, or one per channel of the last dimension."""
+    scale = scale.detach().double()
+    if scale.numel() == 1:
+        return float(scale)
+    if scale.shape[-1] != scale.numel():
+        raise ValueError(f"a per-channel scale must run along the last dimension, got shape {tuple(scale.shape)}")
+    return scale.flatten()
+
+
+def _per_tensor(scale: Tensor, layer: nn.Module, what: str) -> float:
+    if scale.numel() != 1:
+        raise ValueError(f"{type(layer).__name__} takes a per-tensor {what} scale, got {scale.numel()} scales: "
+                         "requantize it first (DyadicRequant)")
+    return float(scale.detach())
+
+
+@dataclass
+class _Grid:
+    """An output format: scale (with its gradient), bit width, signedness and integer bounds."""
+
+    scale: Tensor
+    bit_width: Tensor
+    signed: bool
+    bounds: tuple[int, int]
+
+    def tensor(self, integers: Tensor, training: bool) -> IntQuantTensor:
+        return IntQuantTensor(integers * self.scale, self.scale, torch.zeros_like(self.scale), self.bit_width,
+                              self.signed, training)
+
+
+def _fixed_grid(scale: float, bits: int, signed: bool, like: Tensor) -> _Grid:
+    scale_t = torch.tensor(scale, dtype=like.dtype)
+    return _Grid(scale_t, torch.tensor(float(bits)), signed, intops.int_range(bits, signed=signed))
+
+
+class _QuantOutput(nn.Module):
+    """A layer whose output grid comes from a Brevitas activation quantizer. Its ``deployed(in_scales)`` is the
+    registry's deployed module for those input scales and the current output grid: what ``forward`` runs."""
+
+    def __init__(self, act_quant, **kwargs):
+        super().__init__()
+        self.output_quant = QuantIdentity(act_quant=act_quant, return_quant_tensor=True, **kwargs)
+
+    @property
+    def quantizing(self) -> bool:
+        """False under Brevitas' calibration mode (its quantizers only observe) or with quantization disabled:
+        then the float op runs and the output quantizer observes it."""
+        proxy = self.output_quant.act_quant
+        observing = any(getattr(m, "observer_only", False) for m in proxy.modules())
+        return proxy.is_quant_enabled and not observing
+
+    def grid(self, reference: Tensor | None = None) -> _Grid:
+        """The output grid; in training the float reference updates the quantizer's statistics first."""
+        proxy = self.output_quant.act_quant
+        if self.training and reference is not None:
+            q = self.output_quant(reference)
+            scale, bit_width, signed = q.scale, q.bit_width, q.signed
+        else:
+            scale, bit_width, signed = proxy.scale(), proxy.bit_width(), proxy.is_signed
+        bounds = intops.int_range(int(bit_width), narrow=bool(proxy.is_narrow_range), signed=bool(signed))
+        return _Grid(scale, bit_width, bool(signed), bounds)
+
+    def requant(self, in_scale, grid: _Grid) -> M.Requant:
+        return M.Requant.between(in_scale, float(grid.scale.detach()), grid.bounds)
+
+
+class DyadicRequant(_QuantOutput):
+    """Requantize an ``IntQuantTensor`` (e.g. a ``QuantLinear``'s INT32 accumulator, per tensor or per output
+    channel) to this layer's output grid with an integer multiplier and shift (round half up, saturating)."""
+
+    def __init__(self, act_quant=Int8ActPerTensorFloat, **kwargs):
+        super().__init__(act_quant, **kwargs)
+
+    def forward(self, x):
+        if not self.quantizing:
+            return self.output_quant(_value(x))
+        integers, scale = _integers(x, self)
+        grid = self.grid(x.value)
+        return grid.tensor(self.deployed(scale, grid)(integers), self.training)
+
+    def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.Requant:
+        """The deployed module for an input at ``in_scale`` (per tensor or per channel of the last dim)."""
+        return self.requant(_ratio_scale(in_scale), grid or self.grid())
+
+
+class QuantILayerNorm(_QuantOutput):
+    """I-LayerNorm over the last dimension (integer mean, variance and square root; INT16 affine), its
+    output requantized to this layer's grid. Parameters ``weight`` / ``bias`` as ``nn.LayerNorm``'s."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, act_quant=Int8ActPerTensorFloat, **kwargs):
+        super().__init__(act_quant, **kwargs)
+        self.normalized_shape = (int(normalized_shape),)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(self.normalized_shape))
+        self.bias = nn.Parameter(torch.zeros(self.normalized_shape))
+
+    def _float(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def forward(self, x):
+        if not self.quantizing:
+            return self.output_quant(self._float(_value(x)))
+        integers, scale = _integers(x, self)
+        grid = self.grid(self._float(x.value))
+        return grid.tensor(self.deployed(scale, grid)(integers), self.training)
+
+    def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.LayerNorm:
+        params = intops.layernorm_params(self.weight, self.bias)
+        return M.LayerNorm(params, intops.layernorm_eps(self.eps, _per_tensor(in_scale, self, "input")),
+                           self.requant(params.out_scale, grid or self.grid()))
+
+
+class QuantGELU(_QuantOutput):
+    """An integer GELU of the registry (``variant``: "poly", "lambda-shift" or "shift"), output requantized to
+    this layer's grid. Poly-GELU fits its polynomial to the inputs seen under calibration mode."""
+
+    def __init__(self, variant: str = "poly", act_quant=Int8ActPerTensorFloat, **kwargs):
+        super().__init__(act_quant, **kwargs)
+        self.variant = REGISTRY["gelu"].variant(variant)
+        self.inputs = IsegObserver(momentum=1.0)  # samples of the input, for the fitted variants
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant.name}"
+
+    def forward(self, x):
+        if not self.quantizing:
+            return self.output_quant(F.gelu(self.inputs(_value(x))))
+        integers, scale = _integers(x, self)
+        grid = self.grid(F.gelu(x.value))
+        return grid.tensor(self.deployed(scale, grid)(integers), self.training)
+
+    def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> nn.Module:
+        scale = _per_tensor(in_scale, self, "input")
+        return self.variant.build(scale, self.requant(scale * 2.0**-GELU_OUT_SHIFT, grid or self.grid()),
+                                  self.inputs.samples)
+
+
+class QuantSoftmax(nn.Module):
+    """An integer softmax of the registry (``variant``: "bit-exp" or "shift") over ``dim``: probabilities as
+    integers in [0, 2**15] at scale 2**-15 (an unsigned 16-bit ``IntQuantTensor``; ``QuantMatMul`` takes them)."""
+
+    def __init__(self, variant: str = "bit-exp", dim: int = -1):
+        super().__init__()
+        self.variant = REGISTRY["softmax"].variant(variant)
+        self.dim = dim
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant.name}, dim={self.dim}"
+
+    def forward(self, x):
+        if not isinstance(x, IntQuantTensor):  # calibration mode: the float op
+            return torch.softmax(_value(x), self.dim)
+        integers, scale = _integers(x, self)
+        return _fixed_grid(PROBABILITY_SCALE, SOFTMAX_BITS, False, x.value).tensor(
+            self.deployed(scale)(integers), self.training)
+
+    def deployed(self, in_scale: Tensor) -> nn.Module:
+        return self.variant.build(_per_tensor(in_scale, self, "input"), SOFTMAX_BITS, self.dim)
+
+
+class QuantResidualAdd(_QuantOutput):
+    """a + b: each operand requantized to this layer's grid (signed, per tensor), summed, saturated."""
+
+    def __init__(self, act_quant=Int16ActPerTensorFloat, **kwargs):
+        super().__init__(act_quant, **kwargs)
+
+    def forward(self, a, b):
+        if not self.quantizing:
+            return self.output_quant(_value(a) + _value(b))
+        (ia, sa), (ib, sb) = _integers(a, self), _integers(b, self)
+        grid = self.grid(a.value + b.value)
+        return grid.tensor(self.deployed(sa, sb, grid)(ia, ib), self.training)
+
+    def deployed(self, scale_a: Tensor, scale_b: Tensor, grid: _Grid | None = None) -> M.Add:
+        grid = grid or self.grid()
+        if not grid.signed or grid.bounds != intops.int_range(int(grid.bit_width)):
+            raise ValueError("QuantResidualAdd's act_quant must be signed and not narrow-range")
+        out = float(grid.scale.detach())
+        return M.Add(intops.dyadic_from_ratio(_per_tensor(scale_a, self, "operand") / out),
+                     intops.dyadic_from_ratio(_per_tensor(scale_b, self, "operand") / out), int(grid.bit_width))
+
+
+class QuantMatMul(_QuantOutput):
+    """``alpha * (a @ b)`` of two quantized activations (INT8 x INT8, or ``QuantSoftmax`` probabilities x INT8):
+    an exact integer product, requantized to this layer's grid (``alpha``, e.g. attention's 1/sqrt(d), is
+    taken by the requantization)."""
+
+    def __init__(self, act_quant=Int8ActPerTensorFloat, alpha: float = 1.0, **kwargs):
+        super().__init__(act_quant, **kwargs)
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        self.alpha = float(alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
+
+    def forward(self, a, b):
+        if not self.quantizing:
+            return self.output_quant(torch.matmul(_value(a), _value(b)) * self.alpha)
+        (ia, sa), (ib, sb) = _integers(a, self), _integers(b, self)
+        probabilities = not a.signed and int(a.bit_width) == SOFTMAX_BITS and float(sa) == PROBABILITY_SCALE
+        for name, t, ok in (("a", a, probabilities or (a.signed and int(a.bit_width) <= 8)),
+                            ("b", b, b.signed and int(b.bit_width) <= 8)):
+            if not ok:
+                raise ValueError(f"QuantMatMul's operand {name} must be signed INT8 (or, for a, QuantSoftmax "
+                                 f"probabilities), got {'signed' if t.signed else 'unsigned'} {int(t.bit_width)} bits")
+        grid = self.grid(torch.matmul(a.value, b.value) * self.alpha)
+        return grid.tensor(self.deployed(sa, sb, probabilities, grid)(ia, ib), self.training)
+
+    def deployed(self, scale_a: Tensor, scale_b: Tensor, probabilities: bool, grid: _Grid | None = None) -> M.MatMul:
+        in_scale = _per_tensor(scale_a, self, "operand") * _per_tensor(scale_b, self, "operand") * self.alpha
+        return M.MatMul(probabilities, self.requant(in_scale, grid or self.grid()))
+
+
+class QuantUpsample(nn.Module):
+    """Nearest or integer bilinear (align_corners=False) resize of (B, C, H, W) to ``size`` or by
+    ``scale_factor``; the grid is the input's (bilinear rounds its exact rational weights)."""
+
+    def __init__(self, size=None, scale_factor=None, mode: str = "nearest"):
+        super().__init__()
+        if mode not in ("nearest", "bilinear"):
+            raise ValueError(f"integer upsampling is nearest or bilinear, got mode={mode!r}")
+        if (size is None) == (scale_factor is None):
+            raise ValueError("give exactly one of size and scale_factor")
+        self.size, self.scale_factor, self.mode = size, scale_factor, mode
+
+    def _size(self, x: Tensor) -> tuple[int, int]:
+        if self.size is not None:
+            return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        return int(x.shape[-2] * self.scale_factor), int(x.shape[-1] * self.scale_factor)
+
+    def forward(self, x):
+        if not isinstance(x, IntQuantTensor):  # calibration mode: the float op
+            x = _value(x)
+            return F.interpolate(x, self._size(x), mode=self.mode, align_corners=False if self.mode == "bilinear" else None)
+        integers, _ = _integers(x, self)
+        out = self.deployed(self._size(x.value))(integers)
+        return IntQuantTensor(out * x.scale, x.scale, x.zero_point, x.bit_width, x.signed, self.training)
+
+    def deployed(self, size: tuple[int, int]) -> M.Upsample:
+        return M.Upsample(self.mode, size, None)
