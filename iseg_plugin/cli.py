@@ -59,7 +59,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .deploy.io import load_deployed
-    from .export import export_onnx_int, export_qonnx
+    from .export import export_onnx_int, export_qonnx, qonnx_inference_cost
     from .export.onnx_int import GEMM_KEY
     from .files import check_output
 
@@ -73,6 +73,13 @@ def _export(args: argparse.Namespace) -> int:
         gemm = {p.key: p.value for p in proto.metadata_props}[GEMM_KEY]
         what = f"integer-only ONNX graph (every tensor integer-typed; GEMMs {gemm})"
     print(f"{what}: {out} ({out.stat().st_size / 2**20:.1f} MB, {len(proto.graph.node)} nodes); ops: {', '.join(ops)}")
+    if args.format == "qonnx":
+        cost = qonnx_inference_cost(out)
+        macs = ", ".join(f"{k[len('op_mac_'):].replace('_', ' x ')}: {v / 1e9:.3g} G" for k, v in cost.items()
+                         if k.startswith("op_mac_"))
+        print(f"qonnx inference cost: {cost['total_macs'] / 1e9:.3g} GMACs ({macs}), {cost['total_bops'] / 1e9:.3g} "
+              f"GBOPs, weights {cost['total_mem_w_bits'] / 8 / 2**20:.2f} MB, GEMM outputs "
+              f"{cost['total_mem_o_bits'] / 8 / 2**20:.2f} MB; no cost rule in qonnx for: {cost['unsupported']}")
     return 0
 
 

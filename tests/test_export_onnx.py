@@ -13,7 +13,8 @@ from torch import nn
 from iseg_plugin.cli import main
 from iseg_plugin.deploy.io import save_deployed
 from iseg_plugin.export import (NotIntegerOnlyError, TvmMissingError, TvmModel, check_integer_only, execute_qonnx,
-                                export_integer_module, export_onnx_int, export_qonnx, onnx_session)
+                                export_integer_module, export_onnx_int, export_qonnx, onnx_session,
+                                qonnx_inference_cost)
 from iseg_plugin.export import onnx_int
 from iseg_plugin.export.onnx_int import expand_shifts, integer_symbolics
 from iseg_plugin.ops import gemm
@@ -195,7 +196,11 @@ def test_qonnx_executes_bit_exact_with_qonnx(tmp_path):
     _, deployed = deployed_pair(("poly", "bit-exp"), {"l2_norm": True, "upsample": "bilinear"})
     proto = export_qonnx(deployed, tmp_path / "m.qonnx.onnx")
     custom = {n.op_type for n in proto.graph.node if n.domain == "iseg_plugin.export.qonnx_ops"}
-    assert custom == {"Requant", "Add", "LayerNorm", "PolyGELU", "BitExpSoftmax", "L2Norm"}
+    assert custom == {"DyadicRequant", "ResidualAdd", "ILayerNorm", "PolyGELU", "BitExpSoftmax", "IntL2Norm"}
+    for node in proto.graph.node:  # integer attributes only, no tensor inputs but the data
+        if node.domain == "iseg_plugin.export.qonnx_ops":
+            assert {a.type for a in node.attribute} <= {onnx.AttributeProto.INT, onnx.AttributeProto.INTS}
+            assert len(node.input) == (2 if node.op_type == "ResidualAdd" else 1)
     image = pixels(1, 5).flip(1).contiguous()
     out = execute_qonnx(tmp_path / "m.qonnx.onnx", image.numpy())
     logits, classes = deployed(image)
@@ -206,3 +211,43 @@ def test_qonnx_executes_bit_exact_with_qonnx(tmp_path):
 def test_qonnx_export_refuses_a_non_deployed_model(tmp_path):
     with pytest.raises(TypeError, match="DeployedSegmenter"):
         export_qonnx(build(None), tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("variants,head_extra", EXPORT_VARIANTS)
+def test_qonnx_tools_read_the_export_as_it_is(tmp_path, variants, head_extra):
+    """qonnx's own first steps on the file, with no patch: cleanup, shape and datatype inference, inference
+    cost, execution (bit-exact after cleanup)."""
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.infer_shapes import InferShapes
+    from qonnx.util.cleanup import cleanup_model
+
+    _, deployed = deployed_pair(variants, head_extra)
+    export_qonnx(deployed, tmp_path / "m.qonnx.onnx")
+    model = cleanup_model(ModelWrapper(str(tmp_path / "m.qonnx.onnx")))
+    model = model.transform(InferShapes()).transform(InferDataTypes())
+    types = {n.op_type: model.get_tensor_datatype(n.output[0]) for n in model.graph.node
+             if n.domain == "iseg_plugin.export.qonnx_ops"}
+    assert types["ILayerNorm"] in (DataType["INT8"], DataType["INT16"])
+    assert {types[op] for op in types if op in ("Shiftmax", "BitExpSoftmax")} == {DataType["UINT16"]}
+    image = pixels(1, 7).flip(1).contiguous()
+    out = execute_onnx(model, {model.graph.input[0].name: image.numpy()})  # (cleanup renames the tensors)
+    logits, classes = deployed(image)
+    assert np.array_equal(out[model.graph.output[0].name], logits.numpy())
+    assert np.array_equal(out[model.graph.output[1].name], classes.numpy())
+    cost = qonnx_inference_cost(tmp_path / "m.qonnx.onnx")
+    assert cost["total_macs"] > 0
+    # every GEMM counted with its integer operand types (INT8 weights and activations, UINT16 probabilities)
+    assert {k for k in cost if k.startswith("op_mac_")} == {"op_mac_INT8_INT8", "op_mac_UINT16_INT8"}
+    assert "MatMul" not in cost["unsupported"] and "ILayerNorm" in cost["unsupported"]  # (qonnx costs MACs only)
+
+
+def test_cli_export_qonnx_prints_the_inference_cost(tmp_path, capsys):
+    _, deployed = deployed_pair()
+    save_deployed(deployed, tmp_path / "m.iseg")
+    assert main(["export", str(tmp_path / "m.iseg"), "--format", "qonnx"]) == 0
+    out = capsys.readouterr().out
+    assert "qonnx inference cost:" in out and "INT8 x INT8" in out and "GBOPs" in out
+    assert (tmp_path / "m.qonnx.onnx").is_file()

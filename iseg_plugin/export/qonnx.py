@@ -1,14 +1,15 @@
-"""QONNX export of the deployed model through Brevitas' ``export_qonnx``, executable by qonnx.
+"""QONNX export of the deployed model through Brevitas' ``export_qonnx``, readable by qonnx's tools.
 
-Each integer operator module (requantization, residual add, I-LayerNorm, GELU, softmax) becomes
+Each integer operator module (requantization, residual add, I-LayerNorm, GELU, softmax, L2 norm) becomes
 one node of the domain ``iseg_plugin.export.qonnx_ops`` (an importable module, so qonnx finds its
-implementation) with its integer constants as initializers and its structure as a ``spec``
-attribute. The GEMMs are ``MatMulInteger`` and the glue is standard ONNX, lowered as in the
-integer-only export. :func:`execute_qonnx` runs the graph with qonnx: bit-exact with PyTorch (tests).
+implementation) defined by its integer attributes alone (``docs/qonnx_ops.md``). The GEMMs are ``MatMul``s
+of int8 operands cast to int32 (qonnx datatypes INT8 / UINT16 on their operands, so its inference cost counts
+them) and the glue is standard ONNX, lowered as in the integer-only export. The file is IR 10,
+opset 18: qonnx's ``cleanup_model``, ``InferShapes``, ``InferDataTypes``, ``inference_cost`` and
+``execute_onnx`` read it as it is; :func:`execute_qonnx` runs it with qonnx, bit-exact with PyTorch (tests).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import warnings
@@ -19,48 +20,46 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..deploy.io import module_spec
 from ..deploy.segmenter import DeployedSegmenter
 from ..files import atomic_write
+from ..ops.gemm import onnx_gemm
 from .onnx_int import IR_VERSION, OPSET, expand_shifts, integer_symbolics
-from .qonnx_ops import __all__ as NODE_TYPES
-from .qonnx_ops import run_module
+from .qonnx_ops import OP_TYPE_OF, node_attributes, run_node
 
 DOMAIN = "iseg_plugin.export.qonnx_ops"
 
 
-@torch.library.custom_op("iseg::deployed_module", mutates_args=())
-def _deployed_module(data: list[torch.Tensor], state: list[torch.Tensor], spec: str) -> torch.Tensor:
-    """One deployed module as one traced op (so the exporter can make it one ONNX node)."""
-    return run_module(spec, data, state)
+@torch.library.custom_op("iseg::qonnx_node", mutates_args=())
+def _qonnx_node(data: list[torch.Tensor], op_type: str, attributes: str) -> torch.Tensor:
+    """One integer operator as one traced op (so the exporter can make it one ONNX node)."""
+    return run_node(op_type, json.loads(attributes), data)
 
 
-def _deployed_module_symbolic(g, data, state, spec):
+def _qonnx_node_symbolic(g, data, op_type, attributes):
     from torch.onnx import symbolic_helper
 
-    inputs, buffers = symbolic_helper._unpack_list(data), symbolic_helper._unpack_list(state)
-    spec = symbolic_helper._maybe_get_const(spec, "s")
-    out = g.op(f"{DOMAIN}::{json.loads(spec)['tree']['type']}", *inputs, *buffers, spec_s=spec, n_data_i=len(inputs))
-    out.setType(inputs[0].type().with_dtype(torch.int64))  # run_module returns int64, the first input's shape
+    inputs = symbolic_helper._unpack_list(data)
+    op_type = symbolic_helper._maybe_get_const(op_type, "s")
+    values = json.loads(symbolic_helper._maybe_get_const(attributes, "s"))  # ints and lists of ints: "_i"
+    out = g.op(f"{DOMAIN}::{op_type}", *inputs, **{f"{name}_i": value for name, value in values.items()})
+    out.setType(g.original_node.output().type())  # the traced type: int64, the first input's shape
     return out
 
 
 class _AsNode(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
-        state = module.state_dict()
-        self.spec = json.dumps({"tree": module_spec(module), "buffers": list(state)})
-        for i, tensor in enumerate(state.values()):  # buffers, so the exporter makes them initializers
-            self.register_buffer(f"state{i}", tensor)
+        self.op_type, attributes = node_attributes(module)
+        self.attributes = json.dumps(attributes)
 
     def forward(self, *data):
-        return _deployed_module(list(data), list(self.buffers()), self.spec)
+        return _qonnx_node(list(data), self.op_type, self.attributes)
 
 
 def _called_operators(model: nn.Module, pixels: torch.Tensor) -> set[int]:
     """The integer operator modules a forward calls (some only hold constants for their parent)."""
     called: set[int] = set()
-    candidates = [m for m in model.modules() if type(m).__name__ in NODE_TYPES]
+    candidates = [m for m in model.modules() if type(m).__name__ in OP_TYPE_OF]
     hooks = [m.register_forward_pre_hook(lambda m, args: called.add(id(m))) for m in candidates]
     try:
         with torch.no_grad(), kernels.reference():  # (a fused kernel would hide the operators it fuses)
@@ -95,16 +94,23 @@ def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
     exported = []
 
     def write(tmp: Path) -> None:
-        torch.onnx.register_custom_op_symbolic("iseg::deployed_module", _deployed_module_symbolic, OPSET)
+        torch.onnx.register_custom_op_symbolic("iseg::qonnx_node", _qonnx_node_symbolic, OPSET)
         try:
             # (the reference path: a fused kernel would hide the operators it fuses, which are the nodes)
-            with integer_symbolics(), warnings.catch_warnings(), kernels.reference():
+            with integer_symbolics(), onnx_gemm("i32"), warnings.catch_warnings(), kernels.reference():
                 warnings.simplefilter("ignore")
                 brevitas_export_qonnx(graph_model, (pixels,), export_path=str(tmp), dynamo=False, opset_version=OPSET,
+                                      do_constant_folding=True, keep_initializers_as_inputs=False,
                                       input_names=["pixels"], output_names=["logits", "classes"])
         finally:
-            torch.onnx.unregister_custom_op_symbolic("iseg::deployed_module", OPSET)
+            torch.onnx.unregister_custom_op_symbolic("iseg::qonnx_node", OPSET)
         wrapper = ModelWrapper(expand_shifts(onnx.load(str(tmp)))).transform(InferShapes())  # qonnx needs every shape
+        while True:  # folded shapes give static shapes downstream, whose Shape nodes fold in turn
+            count = len(wrapper.graph.node)
+            wrapper = ModelWrapper(_fold_constants(wrapper)).transform(InferShapes())
+            if len(wrapper.graph.node) == count:
+                break
+        wrapper = _annotate_gemm_operands(wrapper)
         wrapper.model.ir_version = IR_VERSION
         wrapper.save(str(tmp))
         exported.append(wrapper.model)
@@ -113,24 +119,94 @@ def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
     return exported[0]
 
 
-@contextlib.contextmanager
-def _ir_version_for_onnxruntime():
-    """qonnx runs each standard node as a one-node onnxruntime model made with onnx's current IR
-    version (14), which onnxruntime 1.31 refuses; make those models IR 10 (ecosystem notes B3)."""
-    from qonnx.core import onnx_exec
+def _fold_constants(wrapper) -> onnx.ModelProto:
+    """Evaluate every standard node whose inputs are constants (``Shape`` of a tensor of known shape included)
+    into an initializer, in one pass in graph order. The TorchScript exporter leaves the shape arithmetic of
+    the integer modules' traces unfolded around custom nodes; qonnx's own ``FoldConstants`` (in its cleanup)
+    folds one node per pass and re-infers every shape in between: minutes on a ViT. onnx's reference
+    evaluator computes these small integer tensors exactly."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
 
-    original = onnx_exec.qonnx_make_model
+    proto = wrapper.model
+    graph = proto.graph
+    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    kept, folded = [], []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        shape = wrapper.get_tensor_shape(inputs[0]) if node.op_type == "Shape" and not node.domain else None
+        if shape and not node.attribute and all(isinstance(d, int) and d > 0 for d in shape):  # a static shape
+            known[node.output[0]] = np.array(shape, dtype=np.int64)
+            folded.append(node.output[0])
+            continue
+        if node.domain or not all(i in known for i in inputs):
+            kept.append(node)
+            continue
+        one = helper.make_graph([node], "fold", [helper.make_tensor_value_info(i, 0, None) for i in inputs],
+                                [helper.make_tensor_value_info(o, 0, None) for o in node.output])
+        values = ReferenceEvaluator(helper.make_model(one, opset_imports=proto.opset_import)).run(
+            None, {i: known[i] for i in inputs})
+        for name, value in zip(node.output, values):
+            known[name] = np.asarray(value)
+            folded.append(name)
+    used = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    initializers = [t for t in graph.initializer if t.name in used]
+    have = {t.name for t in initializers}
+    initializers += [numpy_helper.from_array(known[n], n) for n in folded if n in used and n not in have]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return proto
 
-    def make_model(*args, **kwargs):
-        made = original(*args, **kwargs)
-        made.ir_version = IR_VERSION
-        return made
 
-    onnx_exec.qonnx_make_model = make_model
-    try:
-        yield
-    finally:
-        onnx_exec.qonnx_make_model = original
+def _annotate_gemm_operands(wrapper):
+    """qonnx datatypes of the MatMuls' operands (INT8 weights and activations, UINT16 probabilities), which
+    its datatype inference cannot see through the int32 Casts: qonnx's inference cost counts their bit
+    operations from these (it keeps a datatype set on a tensor its rules do not cover)."""
+    from qonnx.core.datatype import DataType
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+
+    wrapper = wrapper.transform(InferDataTypes())  # the custom nodes' output datatypes
+    for node in wrapper.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        for name in node.input:
+            values = wrapper.get_initializer(name)
+            if values is not None:
+                lo, hi = int(values.min()), int(values.max())
+                wrapper.set_tensor_datatype(name, DataType["INT8"] if -128 <= lo and hi <= 127 else DataType["INT32"])
+                continue
+            producer = wrapper.find_producer(name)
+            while producer is not None and producer.op_type == "Cast":  # back through the Casts that widen it
+                source = producer.input[0]
+                if wrapper.get_tensor_valueinfo(source).type.tensor_type.elem_type == onnx.TensorProto.INT8:
+                    wrapper.set_tensor_datatype(name, DataType["INT8"])
+                    break
+                if wrapper.get_tensor_datatype(source).is_integer():
+                    wrapper.set_tensor_datatype(name, wrapper.get_tensor_datatype(source))
+                    break
+                producer = wrapper.find_producer(source)
+    return wrapper
+
+
+def qonnx_inference_cost(path: str | Path) -> dict:
+    """qonnx's own first steps and cost report on an exported file: ``cleanup_model``, ``InferShapes``,
+    ``InferDataTypes``, then ``inference_cost`` (MACs and bit operations by operand datatypes, weight and
+    output memory; the ops it has no cost rule for are listed as "unsupported")."""
+    import tempfile
+
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.infer_shapes import InferShapes
+    from qonnx.util.cleanup import cleanup_model
+    from qonnx.util.inference_cost import inference_cost
+
+    model = cleanup_model(ModelWrapper(str(path))).transform(InferShapes()).transform(InferDataTypes())
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(f"{tmp}/clean.onnx")
+        return inference_cost(f"{tmp}/clean.onnx", output_json=None, discount_sparsity=False)["total_cost"]
 
 
 def execute_qonnx(path_or_model, pixels) -> dict:
@@ -139,5 +215,4 @@ def execute_qonnx(path_or_model, pixels) -> dict:
     from qonnx.core.onnx_exec import execute_onnx
 
     model = ModelWrapper(path_or_model if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model))
-    with _ir_version_for_onnxruntime():
-        return execute_onnx(model, {"pixels": pixels})
+    return execute_onnx(model, {"pixels": pixels})

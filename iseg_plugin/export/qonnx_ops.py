@@ -1,86 +1,189 @@
 """qonnx custom ops of the domain ``iseg_plugin.export.qonnx_ops``: the deployed model's integer operators.
 
 qonnx imports an ONNX node's domain as a Python module and runs the class named after its op type
-(ecosystem notes §1.5). Each class here (a shape-keeping registry module) rebuilds the deployed module its node stands for from the
-node's ``spec`` attribute (the plain-data record of :func:`iseg_plugin.deploy.io.module_spec`) and
-its integer inputs (``n_data`` data tensors, then the module's buffers), and runs that module's
-forward: qonnx executes the very arithmetic of the PyTorch deployed model, not a copy of it.
+(ecosystem notes §1.5). Each node is fully defined by its integer attributes (multipliers, shifts,
+bounds, table parameters; ``docs/qonnx_ops.md`` specifies every op for other tools): the classes here
+rebuild the registry's deployed module from those attributes alone and run its forward on the int64
+inputs, so qonnx executes the very arithmetic of the PyTorch deployed model (the :mod:`iseg_plugin.intops`
+functions, in torch, not a numpy copy of them). Shape inference: every op keeps its first input's shape;
+datatype inference: the smallest qonnx ``INTk`` / ``UINTk`` holding the op's output bounds.
 """
 from __future__ import annotations
 
-import json
-
 import torch
 from onnx import helper
+from qonnx.core.datatype import DataType
 from qonnx.custom_op.base import CustomOp
+from torch import nn
 
+from .. import intops
 from ..deploy.io import module_from_spec
 
-__all__ = ["Requant", "Add", "LayerNorm", "ShiftGELU", "LambdaShiftGELU", "PolyGELU", "Shiftmax", "BitExpSoftmax",
-           "L2Norm"]
+# Per deployed module class: its integer buffers (node attributes of type ints) and plain integer fields.
+_FIELDS = {
+    "Requant": (("multiplier", "shift"), ("bounds",)),
+    "Multiplier": (("multiplier", "shift"), ()),
+    "Add": ((), ("bits",)),
+    "LayerNorm": (("weight", "bias"), ("eps",)),
+    "ShiftGELU": ((), ("i0",)),
+    "LambdaShiftGELU": ((), ("i0", "cap", "frac_bits")),
+    "PolyGELU": ((), ("clip", "pre_shift", "i0")),
+    "Shiftmax": ((), ("i0", "bits", "dim")),
+    "BitExpSoftmax": ((), ("bits", "dim")),
+    "L2Norm": ((), ("frac_bits",)),
+}
+_TUPLES = {"bounds"}  # fields that are (lo, hi)
+
+# op type -> (deployed module class, its children by name); attributes of a child are prefixed "child_".
+NODE_TYPES = {
+    "DyadicRequant": ("Requant", {}),
+    "ResidualAdd": ("Add", {"a": "Multiplier", "b": "Multiplier"}),
+    "ILayerNorm": ("LayerNorm", {"out": "Requant"}),
+    "ShiftGELU": ("ShiftGELU", {"out": "Requant"}),
+    "LambdaShiftGELU": ("LambdaShiftGELU", {"out": "Requant"}),
+    "PolyGELU": ("PolyGELU", {"poly": "Multiplier", "out": "Requant"}),
+    "Shiftmax": ("Shiftmax", {}),
+    "BitExpSoftmax": ("BitExpSoftmax", {"exponent": "Multiplier"}),
+    "IntL2Norm": ("L2Norm", {"out": "Requant"}),
+}
+OP_TYPE_OF = {module: op for op, (module, _) in NODE_TYPES.items()}
+
+__all__ = list(NODE_TYPES)
 
 
-def run_module(spec_json: str, data: list[torch.Tensor], state: list[torch.Tensor]) -> torch.Tensor:
-    """The deployed module recorded in ``spec_json``, rebuilt with ``state`` as its buffers, applied to ``data``."""
-    spec = json.loads(spec_json)
-    module = module_from_spec(spec["tree"], dict(zip(spec["buffers"], state)))
+def _parts(op_type: str):
+    """(attribute prefix, class) of the node's module and each child."""
+    module, children = NODE_TYPES[op_type]
+    return [("", module)] + [(f"{name}_", cls) for name, cls in children.items()]
+
+
+def attribute_types(op_type: str) -> dict[str, str]:
+    """Each attribute of ``op_type`` and its ONNX type: ``ints`` (buffers, bounds) or ``i``."""
+    types = {}
+    for prefix, cls in _parts(op_type):
+        buffers, fields = _FIELDS[cls]
+        types.update({prefix + b: "ints" for b in buffers})
+        types.update({prefix + f: "ints" if f in _TUPLES else "i" for f in fields})
+    return types
+
+
+def node_attributes(module: nn.Module) -> tuple[str, dict]:
+    """The op type and integer attributes of a deployed module (buffers flattened, one value per channel)."""
+    op_type = OP_TYPE_OF[type(module).__name__]
+    attributes = {}
+    for prefix, cls in _parts(op_type):
+        part = module if not prefix else module.get_submodule(prefix[:-1])
+        buffers, fields = _FIELDS[cls]
+        attributes.update({prefix + b: [int(v) for v in getattr(part, b).flatten().tolist()] for b in buffers})
+        attributes.update({prefix + f: ([int(v) for v in getattr(part, f)] if f in _TUPLES else int(getattr(part, f)))
+                           for f in fields})
+    return op_type, attributes
+
+
+def module_from_attributes(op_type: str, attributes: dict) -> nn.Module:
+    """The deployed module a node stands for, from its attributes alone (a one-value list: a per-tensor constant)."""
+    if op_type not in NODE_TYPES:
+        raise ValueError(f"unknown {__name__} op {op_type!r}; known: {', '.join(NODE_TYPES)}")
+    missing = sorted(set(attribute_types(op_type)) - set(attributes))
+    if missing:
+        raise ValueError(f"{op_type} node lacks the attributes {missing}")
+    state = {}
+
+    def spec(name: str, cls: str, children: dict) -> dict:
+        prefix = f"{name}_" if name else ""
+        buffers, fields = _FIELDS[cls]
+        for b in buffers:
+            values = torch.tensor(attributes[prefix + b], dtype=torch.int64)
+            state[f"{name}.{b}" if name else b] = values[0] if values.numel() == 1 else values
+        attrs = {f: {"tuple": list(attributes[prefix + f])} if f in _TUPLES else int(attributes[prefix + f])
+                 for f in fields}
+        return {"type": cls, "attrs": attrs, "buffers": list(buffers), "none_buffers": [],
+                "children": {child: spec(child, child_cls, {}) for child, child_cls in children.items()}}
+
+    module, children = NODE_TYPES[op_type]
+    return module_from_spec(spec("", module, children), state)
+
+
+def output_bounds(op_type: str, attributes: dict) -> tuple[int, int]:
+    """The integer range of a node's output."""
+    if "out_bounds" in attributes:
+        return tuple(attributes["out_bounds"])
+    if op_type == "DyadicRequant":
+        return tuple(attributes["bounds"])
+    if op_type == "ResidualAdd":
+        return intops.int_range(attributes["bits"])
+    return 0, 1 << (attributes["bits"] - 1)  # softmax probabilities
+
+
+def run_node(op_type: str, attributes: dict, data: list[torch.Tensor]) -> torch.Tensor:
+    """A node's output: its deployed module run on the int64 inputs (the node's declared type is int64)."""
+    module = module_from_attributes(op_type, attributes)
     with torch.no_grad():
-        return module(*data).to(torch.int64)  # the node's declared type (modules store narrower integers)
+        return module(*[d.to(torch.int64) for d in data]).to(torch.int64)
 
 
-class _DeployedModuleOp(CustomOp):
+class _IntegerOp(CustomOp):
+    def _op_type(self) -> str:
+        return self.onnx_node.op_type
+
     def get_nodeattr_types(self):
-        return {"spec": ("s", True, ""), "n_data": ("i", True, 1)}
+        return {name: (kind, True, [] if kind == "ints" else 0) for name, kind in attribute_types(self._op_type()).items()}
+
+    def _attributes(self) -> dict:
+        return {name: self.get_nodeattr(name) for name in attribute_types(self._op_type())}
 
     def make_shape_compatible_op(self, model):
         node = self.onnx_node  # every one of these operators keeps its first input's shape
         return helper.make_node("Identity", [node.input[0]], [node.output[0]])
 
     def infer_node_datatype(self, model):
-        node = self.onnx_node
-        model.set_tensor_datatype(node.output[0], model.get_tensor_datatype(node.input[0]))
+        lo, hi = output_bounds(self._op_type(), self._attributes())
+        candidates = [DataType.get_smallest_possible(lo), DataType.get_smallest_possible(hi)]
+        if lo < 0:  # (the smallest type of a positive hi may be unsigned)
+            candidates = [t if t.signed() else DataType[f"INT{t.bitwidth() + 1}"] for t in candidates]
+        model.set_tensor_datatype(self.onnx_node.output[0], max(candidates, key=lambda t: t.bitwidth()))
 
     def execute_node(self, context, graph):
         node = self.onnx_node
-        tensors = [torch.from_numpy(context[name].copy()) for name in node.input]
-        n = self.get_nodeattr("n_data")
-        context[node.output[0]] = run_module(self.get_nodeattr("spec"), tensors[:n], tensors[n:]).numpy()
+        data = [torch.from_numpy(context[name].copy()) for name in node.input]
+        context[node.output[0]] = run_node(self._op_type(), self._attributes(), data).numpy()
 
     def verify_node(self):
-        return []
+        missing = sorted(set(attribute_types(self._op_type())) - {a.name for a in self.onnx_node.attribute})
+        return [f"{self._op_type()}: missing attributes {missing}"] if missing else []
 
 
-class Requant(_DeployedModuleOp):
-    """Dyadic requantization (``iseg_plugin.ops.modules.Requant``)."""
+class DyadicRequant(_IntegerOp):
+    """Requantization by integer multiplier and shift, saturating (the deployed ``Requant``)."""
 
 
-class Add(_DeployedModuleOp):
-    """Residual add of two requantized operands."""
+class ResidualAdd(_IntegerOp):
+    """Both operands requantized to the output scale, summed, saturated (``Add``)."""
 
 
-class LayerNorm(_DeployedModuleOp):
-    """I-LayerNorm fused with its output requantization."""
+class ILayerNorm(_IntegerOp):
+    """I-LayerNorm over the last axis, fused with its output requantization (``LayerNorm``)."""
 
 
-class ShiftGELU(_DeployedModuleOp):
+class ShiftGELU(_IntegerOp):
     """ShiftGELU (I-ViT), requantized."""
 
 
-class LambdaShiftGELU(_DeployedModuleOp):
+class LambdaShiftGELU(_IntegerOp):
     """lambda-ShiftGELU (I-Segmenter), requantized."""
 
 
-class PolyGELU(_DeployedModuleOp):
+class PolyGELU(_IntegerOp):
     """Poly-GELU (IPTQ-ViT), requantized."""
 
 
-class Shiftmax(_DeployedModuleOp):
-    """Shiftmax (I-ViT)."""
+class Shiftmax(_IntegerOp):
+    """Shiftmax (I-ViT): probabilities in [0, 2**(bits-1)]."""
 
 
-class BitExpSoftmax(_DeployedModuleOp):
-    """Bit-exp softmax (IPTQ-ViT)."""
+class BitExpSoftmax(_IntegerOp):
+    """Bit-exp softmax (IPTQ-ViT): probabilities in [0, 2**(bits-1)]."""
 
 
-class L2Norm(_DeployedModuleOp):
-    """Integer L2 normalisation over the last dimension, requantized."""
+class IntL2Norm(_IntegerOp):
+    """Integer L2 normalisation over the last axis, requantized (``L2Norm``)."""

@@ -57,7 +57,9 @@ INT8_KERNEL = _cpu_has_vnni()
 # (the int8 operand as it is) is onnxruntime's faster kernel, exact only with AVX-512 VNNI: its vpdpbusd
 # accumulates u8 x s8 products in int32, where the AVX2 kernel's vpmaddubsw saturates int16 pair sums
 # (measured here: off by up to 80291 on a 64x192x96 product). AVX-VNNI alone is not trusted: untested.
-ONNX_GEMMS = ("u8u8", "u8s8")
+# "i32": MatMul of the operands cast to int32 (exact, slow in onnxruntime): the QONNX export's, whose MatMuls
+# qonnx's tools understand (inference cost) where they do not know MatMulInteger.
+ONNX_GEMMS = ("u8u8", "u8s8", "i32")
 _onnx_gemm = "u8u8"
 
 
@@ -68,7 +70,7 @@ def onnx_gemm_for_this_cpu() -> str:
 
 @contextlib.contextmanager
 def onnx_gemm(kind: str):
-    """Trace the GEMMs as ``kind`` ("u8u8" or "u8s8") MatMulIntegers for the duration of one export."""
+    """Trace the GEMMs in the ONNX form ``kind`` (see ONNX_GEMMS) for the duration of one export."""
     global _onnx_gemm
     if kind not in ONNX_GEMMS:
         raise ValueError(f"unknown ONNX GEMM form {kind!r}; known: {', '.join(ONNX_GEMMS)}")
@@ -104,6 +106,12 @@ def _uint8_constant(g, value: int):
     return g.op("Constant", value_t=torch.tensor(value, dtype=torch.uint8))
 
 
+def _int32_matmul(g, a, b):
+    from onnx import TensorProto
+
+    return g.op("MatMul", g.op("Cast", a, to_i=TensorProto.INT32), g.op("Cast", b, to_i=TensorProto.INT32))
+
+
 def _right_operand(g, b):
     """A GEMM's int8 right operand and its zero point, in the form of this export (see ONNX_GEMMS)."""
     if _onnx_gemm == "u8s8":
@@ -122,6 +130,8 @@ class _Int8MatMul(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, a, b):
+        if _onnx_gemm == "i32":
+            return _int32_matmul(g, a, b)
         right, right_zero_point = _right_operand(g, b)
         return g.op("MatMulInteger", _shifted_uint8(g, a), right, _uint8_constant(g, 128), right_zero_point)
 
@@ -161,6 +171,9 @@ class _Uint16MatMul(torch.autograd.Function):
 
         def int32(value):
             return g.op("Constant", value_t=torch.tensor(value, dtype=torch.int32))
+
+        if _onnx_gemm == "i32":  # (|p @ v| <= 2**15 * 128 for probability rows summing to 2**15: no overflow)
+            return g.op("Cast", _int32_matmul(g, p, v), to_i=TensorProto.INT64)
 
         p = g.op("Cast", p, to_i=TensorProto.INT32)
         high = g.op("Div", p, int32(256))  # p >= 0: Div's truncation floors
