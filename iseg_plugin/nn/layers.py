@@ -18,6 +18,7 @@ integers times a scale; run the model in float64 for INT32 accumulators beyond 2
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,11 +104,12 @@ class _QuantOutput(nn.Module):
         observing = any(getattr(m, "observer_only", False) for m in proxy.modules())
         return proxy.is_quant_enabled and not observing
 
-    def grid(self, reference: Tensor | None = None) -> _Grid:
-        """The output grid; in training the float reference updates the quantizer's statistics first."""
+    def grid(self, reference: Callable[[], Tensor] | None = None) -> _Grid:
+        """The output grid; in training the float op's output (``reference()``, computed only then) updates the
+        quantizer's statistics first."""
         proxy = self.output_quant.act_quant
         if self.training and reference is not None:
-            q = self.output_quant(reference)
+            q = self.output_quant(reference())
             scale, bit_width, signed = q.scale, q.bit_width, q.signed
         else:
             scale, bit_width, signed = proxy.scale(), proxy.bit_width(), proxy.is_signed
@@ -129,7 +131,7 @@ class DyadicRequant(_QuantOutput):
         if not self.quantizing:
             return self.output_quant(_value(x))
         integers, scale = _integers(x, self)
-        grid = self.grid(x.value)
+        grid = self.grid(lambda: x.value)
         return grid.tensor(self.deployed(scale, grid)(integers), self.training)
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.Requant:
@@ -155,7 +157,7 @@ class QuantILayerNorm(_QuantOutput):
         if not self.quantizing:
             return self.output_quant(self._float(_value(x)))
         integers, scale = _integers(x, self)
-        grid = self.grid(self._float(x.value))
+        grid = self.grid(lambda: self._float(x.value))
         return grid.tensor(self.deployed(scale, grid)(integers), self.training)
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.LayerNorm:
@@ -180,7 +182,7 @@ class QuantGELU(_QuantOutput):
         if not self.quantizing:
             return self.output_quant(F.gelu(self.inputs(_value(x))))
         integers, scale = _integers(x, self)
-        grid = self.grid(F.gelu(x.value))
+        grid = self.grid(lambda: F.gelu(x.value))
         return grid.tensor(self.deployed(scale, grid)(integers), self.training)
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> nn.Module:
@@ -222,7 +224,7 @@ class QuantResidualAdd(_QuantOutput):
         if not self.quantizing:
             return self.output_quant(_value(a) + _value(b))
         (ia, sa), (ib, sb) = _integers(a, self), _integers(b, self)
-        grid = self.grid(a.value + b.value)
+        grid = self.grid(lambda: a.value + b.value)
         return grid.tensor(self.deployed(sa, sb, grid)(ia, ib), self.training)
 
     def deployed(self, scale_a: Tensor, scale_b: Tensor, grid: _Grid | None = None) -> M.Add:
@@ -258,7 +260,7 @@ class QuantMatMul(_QuantOutput):
             if not ok:
                 raise ValueError(f"QuantMatMul's operand {name} must be signed INT8 (or, for a, QuantSoftmax "
                                  f"probabilities), got {'signed' if t.signed else 'unsigned'} {int(t.bit_width)} bits")
-        grid = self.grid(torch.matmul(a.value, b.value) * self.alpha)
+        grid = self.grid(lambda: torch.matmul(a.value, b.value) * self.alpha)
         return grid.tensor(self.deployed(sa, sb, probabilities, grid)(ia, ib), self.training)
 
     def deployed(self, scale_a: Tensor, scale_b: Tensor, probabilities: bool, grid: _Grid | None = None) -> M.MatMul:
