@@ -3,7 +3,8 @@
 Every GEMM is an exact int8 x int8 -> int32 product (:func:`int8_matmul`: ``torch._int_mm`` where the
 CPU has VNNI, an int32 matmul elsewhere; int64 matmul is ~50x slower). Softmax probabilities (up to
 2**15) enter :func:`uint16_matmul` as two int8 halves.
-Traced for ONNX, they are ``MatMulInteger`` nodes, uint8 x uint8 or uint8 x int8 (see :func:`onnx_gemm`).
+Traced for ONNX, they are ``MatMulInteger`` nodes (uint8 x uint8 or uint8 x int8) or int32 ``MatMul``s
+(see :func:`onnx_gemm`).
 """
 from __future__ import annotations
 
