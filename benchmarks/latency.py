@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/latency.py [--models vit-t,vit-s,vit-b] [--runs 5] [--skip-torch-int] [--tvm-models vit-t,vit-s,vit-b]
     .venv/bin/python benchmarks/latency.py --report-only   # rewrite the report from the saved models
     .venv/bin/python benchmarks/latency.py --graph-only    # recompute only GEMM traffic and op profiles (no timing)
+    .venv/bin/python benchmarks/latency.py --qonnx-only    # only the QONNX export's qonnx inference cost
 
 For each size (mmseg's Segmenter ViT-T/S/B ADE20K configs, 150 classes, the plugin's decoder) it
 builds the float model with random weights (latency does not depend on their values), quantizes it
@@ -40,7 +41,7 @@ import iseg_plugin  # noqa: F401  (registers the plugin's models)
 from fx_patterns import SegmentorLogits
 from iseg_plugin.deploy import calibrate_prepared, convert, prepare_segmenter
 from iseg_plugin.deploy.io import save_deployed
-from iseg_plugin.export import TvmMissingError, TvmModel, export_onnx_int, onnx_session
+from iseg_plugin.export import TvmMissingError, TvmModel, export_onnx_int, export_qonnx, onnx_session, qonnx_inference_cost
 from iseg_plugin import kernels
 from iseg_plugin.ops.gemm import INT8_KERNEL, cpu_isa, onnx_gemm_for_this_cpu
 
@@ -190,8 +191,9 @@ def gemm_traffic_bits(path: Path, feed: dict) -> int:
     return total
 
 
-def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = True, timing: bool = True) -> dict:
-    print(f"== {name}", flush=True)
+def deployed_model(name: str):
+    """The float model, a random calibration image, its preprocessed form and the deployed integer model
+    (one-shot PTQ on that image)."""
     float_model = build(name)
     image = torch.randint(0, 256, (1, 3, *SIZE), dtype=torch.uint8)
     batch = dict(inputs=[image[0].flip(0)], data_samples=[SegDataSample()])
@@ -200,6 +202,21 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
     calibrate_prepared(prepared, float_model.data_preprocessor, [batch], 1, show_progress=False)
     preproc = float_model.data_preprocessor
     deployed = convert(prepared, x, preproc.mean.flatten().tolist(), preproc.std.flatten().tolist())
+    return float_model, image, x, deployed
+
+
+def qonnx_cost(name: str, work: Path) -> dict:
+    """qonnx's inference cost of the model's QONNX export (I-Segmenter's Table 7 measure, by qonnx's rules)."""
+    print(f"== {name}: QONNX export and qonnx inference cost", flush=True)
+    _, _, _, deployed = deployed_model(name)
+    export_qonnx(deployed, work / f"{name}.qonnx.onnx")
+    cost = qonnx_inference_cost(work / f"{name}.qonnx.onnx")
+    return {k: v for k, v in cost.items() if k != "unsupported"}
+
+
+def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = True, timing: bool = True) -> dict:
+    print(f"== {name}", flush=True)
+    float_model, image, x, deployed = deployed_model(name)
 
     paths = {"fp32_ckpt": work / f"{name}_fp32.pth", "deployed": work / f"{name}.iseg",
              "fp32_onnx": work / f"{name}_fp32.onnx", "int_onnx": work / f"{name}_int.onnx"}
@@ -309,6 +326,18 @@ def write_report(results: list[dict], docs: Path) -> None:
         lines.append(f"| {r['model']} | {z['fp32_ckpt']:.1f} | {z['deployed']:.1f} | {z['fp32_ckpt'] / z['deployed']:.2f}x | "
                      f"{z['fp32_onnx']:.1f} | {z['int_onnx']:.1f} | {t['fp32'] / 1e9:.2f} | {t['int'] / 1e9:.2f} | "
                      f"{t['fp32'] / t['int']:.2f}x |")
+    with_cost = [r for r in results if "qonnx_cost" in r]
+    if with_cost:
+        lines += ["", "qonnx's inference cost of the QONNX export (`iseg export --format qonnx`; cleanup, datatype inference,",
+                  "`qonnx.util.inference_cost`): MACs by operand datatypes, bit operations (MACs x bit widths), INT8",
+                  "weight memory, GEMM output memory (INT32 accumulators). It counts GEMMs only.", "",
+                  "| model | INT8 x INT8 GMACs | UINT16 x INT8 GMACs (probabilities @ v) | GBOPs | weights (MB) | GEMM outputs (MB) |",
+                  "|---|---|---|---|---|---|"]
+        for r in with_cost:
+            c = r["qonnx_cost"]
+            lines.append(f"| {r['model']} | {c.get('op_mac_INT8_INT8', 0) / 1e9:.2f} | {c.get('op_mac_UINT16_INT8', 0) / 1e9:.2f} | "
+                         f"{c['total_bops'] / 1e9:.0f} | {c['total_mem_w_bits'] / 8 / 2**20:.1f} | "
+                         f"{c['total_mem_o_bits'] / 8 / 2**20:.1f} |")
     lines += ["", "GEMM traffic: every data operand and result of each Linear / Conv / MatMul node, with shapes from one",
               "onnxruntime run: integer operands are 8-bit, but results are int32 accumulators, as wide as FP32's.",
               "(Before 2026-11-29 shape inference had lost the activations, so only weights were counted: 4.00x.)"]
@@ -376,6 +405,8 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "latency"))
     parser.add_argument("--note", default="", help="a sentence for the report about the run's conditions")
     parser.add_argument("--report-only", action="store_true", help="no run: rewrite the report from results.json")
+    parser.add_argument("--qonnx-only", action="store_true",
+                        help="only the QONNX export's qonnx inference cost of --models (minutes per model)")
     parser.add_argument("--graph-only", action="store_true",
                         help="recompute only the GEMM traffic and the profiles of --models (no end-to-end timing)")
     args = parser.parse_args()
@@ -386,7 +417,9 @@ def main() -> None:
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in [] if args.report_only else args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            if args.graph_only:
+            if args.qonnx_only:
+                results[name]["qonnx_cost"] = qonnx_cost(name, Path(tmp))
+            elif args.graph_only:
                 graph = run(name, args.runs, Path(tmp), timing=False)
                 results[name].update({key: graph[key] for key in ("traffic_bits", "profile_int", "profile_fp32",
                                                                    "profile_torch")})
