@@ -17,6 +17,25 @@ inline int64_t dyadic(int64_t v, int64_t m, int64_t e) {
   return (v * m + half) >> e;  // arithmetic shift: floor, as torch.bitwise_right_shift
 }
 
+// Calls f(In(), Out()) with In the type of ``in`` and Out of ``out``, each int8 or int16 (the row kernels'
+// inputs and outputs).
+template <typename F>
+void dispatch_int8_int16(at::ScalarType in, at::ScalarType out, const F& f) {
+  AT_DISPATCH_SWITCH(in, "int8 / int16 row kernel input",
+    AT_DISPATCH_CASE(at::kChar, [&] {
+      using In = scalar_t;
+      AT_DISPATCH_SWITCH(out, "int8 / int16 row kernel output",
+        AT_DISPATCH_CASE(at::kChar, [&] { f(In(), scalar_t()); })
+        AT_DISPATCH_CASE(at::kShort, [&] { f(In(), scalar_t()); }));
+    })
+    AT_DISPATCH_CASE(at::kShort, [&] {
+      using In = scalar_t;
+      AT_DISPATCH_SWITCH(out, "int8 / int16 row kernel output",
+        AT_DISPATCH_CASE(at::kChar, [&] { f(In(), scalar_t()); })
+        AT_DISPATCH_CASE(at::kShort, [&] { f(In(), scalar_t()); }));
+    }));
+}
+
 // |m| < 2**31 and |v| < 2**31 (the contract of intops.requantize): the product is one widening 32 x 32 -> 64
 // multiply, which vectorises (vpmuldq); the shift is uniform per tensor, or one per channel.
 template <typename In, typename Out>
@@ -217,19 +236,12 @@ at::Tensor layernorm(const at::Tensor& x_, const at::Tensor& weight_, const at::
   TORCH_CHECK(w.numel() == n && b.numel() == n, "layernorm: one weight and bias per channel");
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
   const int64_t rows = n ? x.numel() / n : 0;
-  AT_DISPATCH_SWITCH(x.scalar_type(), "layernorm_in",
-    AT_DISPATCH_CASE(at::kShort, [&] {
-      using In = scalar_t;
-      AT_DISPATCH_SWITCH(out_dtype, "layernorm_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { layernorm_rows<In, scalar_t>(x.data_ptr<In>(), w.data_ptr<int64_t>(), b.data_ptr<int64_t>(), eps, m, e, lo, hi, norm_bits, out.data_ptr<scalar_t>(), rows, n); })
-        AT_DISPATCH_CASE(at::kShort, [&] { layernorm_rows<In, scalar_t>(x.data_ptr<In>(), w.data_ptr<int64_t>(), b.data_ptr<int64_t>(), eps, m, e, lo, hi, norm_bits, out.data_ptr<scalar_t>(), rows, n); }));
-    })
-    AT_DISPATCH_CASE(at::kChar, [&] {
-      using In = scalar_t;
-      AT_DISPATCH_SWITCH(out_dtype, "layernorm_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { layernorm_rows<In, scalar_t>(x.data_ptr<In>(), w.data_ptr<int64_t>(), b.data_ptr<int64_t>(), eps, m, e, lo, hi, norm_bits, out.data_ptr<scalar_t>(), rows, n); })
-        AT_DISPATCH_CASE(at::kShort, [&] { layernorm_rows<In, scalar_t>(x.data_ptr<In>(), w.data_ptr<int64_t>(), b.data_ptr<int64_t>(), eps, m, e, lo, hi, norm_bits, out.data_ptr<scalar_t>(), rows, n); }));
-    }));
+  dispatch_int8_int16(x.scalar_type(), out_dtype, [&](auto in, auto res) {
+    using In = decltype(in);
+    using Out = decltype(res);
+    layernorm_rows<In, Out>(x.data_ptr<In>(), w.data_ptr<int64_t>(), b.data_ptr<int64_t>(), eps, m, e, lo, hi,
+                            norm_bits, out.data_ptr<Out>(), rows, n);
+  });
   return out;
 }
 
@@ -255,19 +267,12 @@ at::Tensor poly_gelu(const at::Tensor& x_, int64_t clip, int64_t pre_shift, int6
                      int64_t m, int64_t e, int64_t lo, int64_t hi, at::ScalarType out_dtype) {
   const at::Tensor x = x_.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
-  AT_DISPATCH_SWITCH(x.scalar_type(), "poly_gelu_in",
-    AT_DISPATCH_CASE(at::kChar, [&] {
-      using In = scalar_t;
-      AT_DISPATCH_SWITCH(out_dtype, "poly_gelu_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { poly_gelu_elems<In, scalar_t>(x.data_ptr<In>(), clip, pre_shift, pm, pe, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), x.numel()); })
-        AT_DISPATCH_CASE(at::kShort, [&] { poly_gelu_elems<In, scalar_t>(x.data_ptr<In>(), clip, pre_shift, pm, pe, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), x.numel()); }));
-    })
-    AT_DISPATCH_CASE(at::kShort, [&] {
-      using In = scalar_t;
-      AT_DISPATCH_SWITCH(out_dtype, "poly_gelu_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { poly_gelu_elems<In, scalar_t>(x.data_ptr<In>(), clip, pre_shift, pm, pe, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), x.numel()); })
-        AT_DISPATCH_CASE(at::kShort, [&] { poly_gelu_elems<In, scalar_t>(x.data_ptr<In>(), clip, pre_shift, pm, pe, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), x.numel()); }));
-    }));
+  dispatch_int8_int16(x.scalar_type(), out_dtype, [&](auto in, auto res) {
+    using In = decltype(in);
+    using Out = decltype(res);
+    poly_gelu_elems<In, Out>(x.data_ptr<In>(), clip, pre_shift, pm, pe, k_out, m, e, lo, hi, out.data_ptr<Out>(),
+                             x.numel());
+  });
   return out;
 }
 
@@ -474,7 +479,6 @@ template <typename In, typename Out>
 void sigmoid_gelu_rows(const In* x, int64_t i0, int64_t cap, int64_t frac_bits, int64_t k_inter, int64_t k_out,
                        int64_t m, int64_t e, int64_t lo, int64_t hi, Out* out, int64_t rows, int64_t n) {
   const int64_t shift = 62 - (k_out - 1), half = int64_t(1) << (shift - 1);
-  const int64_t rhalf = e > 0 ? (int64_t(1) << (e - 1)) : 0;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> z(n);
     for (int64_t r = begin; r < end; ++r) {
@@ -492,8 +496,7 @@ void sigmoid_gelu_rows(const In* x, int64_t i0, int64_t cap, int64_t frac_bits, 
         const int64_t e1 = shift_exp(z[i] - ref, i0, k_inter);
         const int64_t recip = (int64_t(1) << 62) / (e1 + e2);
         const int64_t sigma = (e1 * recip + half) >> shift;
-        const int64_t v = (int64_t(xr[i]) * sigma * m + rhalf) >> e;
-        yr[i] = Out(std::min(std::max(v, lo), hi));
+        yr[i] = Out(std::min(std::max(dyadic(int64_t(xr[i]) * sigma, m, e), lo), hi));
       }
     }
   });
@@ -504,19 +507,12 @@ at::Tensor sigmoid_gelu(const at::Tensor& x_, int64_t i0, int64_t cap, int64_t f
   const at::Tensor x = x_.contiguous();
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
-  AT_DISPATCH_SWITCH(x.scalar_type(), "sigmoid_gelu_in",
-    AT_DISPATCH_CASE(at::kChar, [&] {
-      using In = scalar_t;
-      AT_DISPATCH_SWITCH(out_dtype, "sigmoid_gelu_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { sigmoid_gelu_rows<In, scalar_t>(x.data_ptr<In>(), i0, cap, frac_bits, k_inter, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), rows, n); })
-        AT_DISPATCH_CASE(at::kShort, [&] { sigmoid_gelu_rows<In, scalar_t>(x.data_ptr<In>(), i0, cap, frac_bits, k_inter, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), rows, n); }));
-    })
-    AT_DISPATCH_CASE(at::kShort, [&] {
-      using In = scalar_t;
-      AT_DISPATCH_SWITCH(out_dtype, "sigmoid_gelu_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { sigmoid_gelu_rows<In, scalar_t>(x.data_ptr<In>(), i0, cap, frac_bits, k_inter, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), rows, n); })
-        AT_DISPATCH_CASE(at::kShort, [&] { sigmoid_gelu_rows<In, scalar_t>(x.data_ptr<In>(), i0, cap, frac_bits, k_inter, k_out, m, e, lo, hi, out.data_ptr<scalar_t>(), rows, n); }));
-    }));
+  dispatch_int8_int16(x.scalar_type(), out_dtype, [&](auto in, auto res) {
+    using In = decltype(in);
+    using Out = decltype(res);
+    sigmoid_gelu_rows<In, Out>(x.data_ptr<In>(), i0, cap, frac_bits, k_inter, k_out, m, e, lo, hi,
+                               out.data_ptr<Out>(), rows, n);
+  });
   return out;
 }
 
