@@ -60,7 +60,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .deploy.io import load_deployed
     from .export import export_onnx_int, export_qonnx, qonnx_inference_cost
-    from .export.onnx_int import GEMM_KEY
+    from .export.onnx_int import gemm_form
     from .files import check_output
 
     suffix = ".int.onnx" if args.format == "onnx-int" else ".qonnx.onnx"
@@ -70,7 +70,7 @@ def _export(args: argparse.Namespace) -> int:
     ops = sorted({(f"{node.domain}::" if node.domain else "") + node.op_type for node in proto.graph.node})
     what = "QONNX graph"
     if args.format == "onnx-int":
-        gemm = {p.key: p.value for p in proto.metadata_props}[GEMM_KEY]
+        gemm = gemm_form({p.key: p.value for p in proto.metadata_props})
         what = f"integer-only ONNX graph (every tensor integer-typed; GEMMs {gemm})"
     print(f"{what}: {out} ({out.stat().st_size / 2**20:.1f} MB, {len(proto.graph.node)} nodes); ops: {', '.join(ops)}")
     if args.format == "qonnx":

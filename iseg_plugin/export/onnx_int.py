@@ -252,23 +252,28 @@ def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None, ge
     return proto
 
 
+def gemm_form(metadata: dict[str, str]) -> str:
+    """The GEMM form (an entry of ONNX_GEMMS) recorded in a graph's metadata (files before the record: u8u8)."""
+    gemm = metadata.get(GEMM_KEY, "u8u8")
+    if gemm not in ONNX_GEMMS:
+        raise ValueError(f"unknown GEMM form {gemm!r} in the graph's {GEMM_KEY} metadata; known: {', '.join(ONNX_GEMMS)}")
+    return gemm
+
+
 def onnx_session(model: onnx.ModelProto | str | Path, threads: int | None = None):
     """An onnxruntime CPU session for an integer-only graph of :func:`export_integer_module`; refuses a
     graph whose uint8 x int8 GEMMs this CPU's onnxruntime kernel would not compute exactly."""
     import onnxruntime as ort
 
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
-    gemm = {p.key: p.value for p in proto.metadata_props}.get(GEMM_KEY, "u8u8")
-    if gemm not in ONNX_GEMMS:
-        raise ValueError(f"unknown GEMM form {gemm!r} in the graph's {GEMM_KEY} metadata; known: {', '.join(ONNX_GEMMS)}")
-    if gemm == "u8s8" and onnx_gemm_for_this_cpu() != "u8s8":
-        raise ValueError(f"this graph's uint8 x int8 GEMMs are exact in onnxruntime only with AVX-512 VNNI, and this "
-                         f"CPU has {cpu_isa()}: re-export it here (iseg export --gemm u8u8)")
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
-    source = proto.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    if gemm_form(session.get_modelmeta().custom_metadata_map) == "u8s8" and onnx_gemm_for_this_cpu() != "u8s8":
+        raise ValueError(f"this graph's uint8 x int8 GEMMs are exact in onnxruntime only with AVX-512 VNNI, and this "
+                         f"CPU has {cpu_isa()}: re-export it here (iseg export --gemm u8u8)")
+    return session
 
 
 def expand_shifts(proto: onnx.ModelProto) -> onnx.ModelProto:
