@@ -55,21 +55,26 @@ def get_iseg_backend_config() -> BackendConfig:
 WEIGHT_OBSERVER = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
 
 
-def _activation(momentum: float, variant: str | None, qat: bool):
+def _activation(momentum: float, variant: str | None, qat: bool, symmetric: bool = False):
     if qat:
-        return FakeQuantize.with_args(observer=IsegObserver, momentum=momentum, variant=variant, quant_min=-128,
-                                      quant_max=127, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
-    return IsegObserver.with_args(momentum=momentum, variant=variant)
+        return FakeQuantize.with_args(observer=IsegObserver, momentum=momentum, variant=variant, symmetric=symmetric,
+                                      quant_min=-128, quant_max=127, dtype=torch.qint8,
+                                      qscheme=torch.per_tensor_symmetric)
+    return IsegObserver.with_args(momentum=momentum, variant=variant, symmetric=symmetric)
 
 
 def get_iseg_qconfig_mapping(gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05,
-                             qat: bool = False) -> QConfigMapping:
+                             qat: bool = False, gelu_grid: str = "asymmetric") -> QConfigMapping:
     """The plugin's qconfig for every supported op; ``gelu`` / ``softmax`` name registry variants
-    (an unknown name is an error listing the known ones)."""
+    (an unknown name is an error listing the known ones). ``gelu_grid``: "asymmetric" (GELU's INT8 output
+    on 256 levels over its one-sided range) or "symmetric" (as the Brevitas swap makes it)."""
+    if gelu_grid not in ("asymmetric", "symmetric"):
+        raise ValueError(f"gelu_grid is 'asymmetric' or 'symmetric', got {gelu_grid!r}")
     variants = {"gelu": REGISTRY["gelu"].variant(gelu).name, "softmax": REGISTRY["softmax"].variant(softmax).name}
     mapping = QConfigMapping().set_global(QConfig(activation=_activation(momentum, None, qat), weight=WEIGHT_OBSERVER))
     for name, variant in variants.items():
-        qconfig = QConfig(activation=_activation(momentum, variant, qat), weight=WEIGHT_OBSERVER)
+        symmetric = name == "gelu" and gelu_grid == "symmetric"
+        qconfig = QConfig(activation=_activation(momentum, variant, qat, symmetric), weight=WEIGHT_OBSERVER)
         for target in REGISTRY[name].targets():
             mapping.set_object_type(target, qconfig)
     return mapping

@@ -134,7 +134,7 @@ def _is_export_guard(node: fx.Node) -> bool:
         node.op == "call_function" and node.target in _ASSERTIONS)
 
 
-def _static_nodes(graph: fx.Graph) -> set[fx.Node]:
+def static_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose value does not depend on the input's values (only, at most, on its shape)."""
     static: set[fx.Node] = set()
     for n in graph.nodes:
@@ -147,6 +147,30 @@ def _static_nodes(graph: fx.Graph) -> set[fx.Node]:
     return static
 
 
+def consumer_bits(node: fx.Node, entry_of, transparent, ignored) -> int:
+    """The width a value must have for every consumer: 8 if all of them are INT8 ops, else 16 (the model's
+    output, INT16 ops, ops of any width). ``entry_of(n)``: the registry entry of a consumer; ``transparent(n)``:
+    a consumer that passes the value on (an observer); ``ignored(n)``: a consumer that reads no integers
+    (a shape query). Shared by the FX lowering and the Brevitas swap (:mod:`iseg_plugin.nn.swap`)."""
+    widths = set()
+    for user in node.users:
+        if ignored(user):
+            continue
+        if user.op == "output":
+            widths.add(16)
+        elif transparent(user):
+            widths.add(consumer_bits(user, entry_of, transparent, ignored))
+        else:
+            entry = entry_of(user)
+            if entry is not None and entry.observation in ("share", "none"):
+                widths.add(consumer_bits(user, entry_of, transparent, ignored))
+            elif entry is not None and entry.input_bits is not None:
+                widths.add(entry.input_bits)
+            else:
+                widths.add(16)
+    return max(widths) if widths else 16
+
+
 class Lowering:
     """One lowering of one prepared GraphModule (see the module docstring)."""
 
@@ -154,7 +178,7 @@ class Lowering:
                  trainable: bool = False, observe: bool = False):
         self.src = prepared
         self.trainable = trainable
-        self.static = _static_nodes(prepared.graph)
+        self.static = static_nodes(prepared.graph)
         recorder = _Recorder(prepared, self.static, trainable, observe)
         recorder.run(*example_inputs)
         self.values, self.shapes = recorder.values, recorder.shapes
@@ -187,24 +211,9 @@ class Lowering:
         return self.graph.get_attr(name)
 
     def demand(self, node: fx.Node) -> int:
-        """The width a value must have for every consumer: 8 if all of them are INT8 ops, else 16."""
-        widths = set()
-        for user in node.users:
-            if user in self.static or _is_export_guard(user):  # a shape query, torch.export's input check
-                continue
-            if user.op == "output":
-                widths.add(16)
-            elif self._is_observer(user):
-                widths.add(self.demand(user))
-            else:
-                entry = REGISTRY.entry_for(user, self.src)
-                if entry is not None and entry.observation in ("share", "none"):
-                    widths.add(self.demand(user))
-                elif entry is not None and entry.input_bits is not None:
-                    widths.add(entry.input_bits)
-                else:
-                    widths.add(16)
-        return max(widths) if widths else 16
+        """The width a value must have for every consumer (:func:`consumer_bits`)."""
+        return consumer_bits(node, lambda n: REGISTRY.entry_for(n, self.src), self._is_observer,
+                             lambda n: n in self.static or _is_export_guard(n))
 
     def output_format(self, observer: IsegObserver, node: fx.Node) -> tuple[float, tuple[int, int]]:
         """Scale and integer bounds of an op's output from its observer, at the width its consumers need."""

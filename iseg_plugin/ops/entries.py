@@ -22,15 +22,18 @@ from .registry import REGISTRY, OpEntry, Variant
 aten = torch.ops.aten
 WEIGHT_BITS = 8
 SOFTMAX_BITS = 16  # probabilities in [0, 2**15], read by the next GEMM as two int8 halves
+L2_FRAC_BITS = 15  # the integer L2 norm's output: unit vectors at scale 2**-15
 
 
 def _quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric INT8 (round half to even, as Brevitas and torch.ao), as a float
-    tensor holding the integers (straight-through gradient to ``weight``), and the scales."""
-    w = weight.float().flatten(1)
+    tensor holding the integers (straight-through gradient to ``weight``), and the scales. The scales
+    are computed in float64, as Brevitas' ``Int8WeightPerChannelFloat`` computes them in a float64
+    model: the Brevitas swap (:mod:`iseg_plugin.nn.swap`) then gets the same integers."""
+    w = weight.double().flatten(1)
     lo, hi = intops.channel_minmax(w, 0)
     scale = intops.symmetric_scale(lo, hi, WEIGHT_BITS)
-    return intops.quantize(w, scale, WEIGHT_BITS, channel_dim=0), scale.double()
+    return intops.quantize(w, scale, WEIGHT_BITS, channel_dim=0).float(), scale
 
 
 def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tuple[M.Linear, float, tuple[int, int]]:
@@ -167,8 +170,9 @@ class NoSamplesError(ValueError):
 def _gelu_lowering(build):
     def lower(site: Site) -> Operand:
         x = site.input(0)
-        # INT8 on an asymmetric grid where only GEMMs read it
-        out, scale, bounds = site.requant_to_output(x.scale * 2.0**-GELU_OUT_SHIFT, asymmetric=True)
+        # INT8 on an asymmetric grid where only GEMMs read it (unless the observer asks for a symmetric one)
+        asymmetric = not getattr(site.observer, "symmetric", False)
+        out, scale, bounds = site.requant_to_output(x.scale * 2.0**-GELU_OUT_SHIFT, asymmetric=asymmetric)
         try:
             module = build(x.scale, out, None if x.observer is None else x.observer.samples)
         except NoSamplesError as err:
@@ -223,8 +227,8 @@ def _lower_normalize(site: Site) -> Operand:
     if p != 2 or dim not in (-1, rank - 1):
         raise site.refuse(f"integer L2 normalisation is over the last dimension with p=2; got p={p}, dim={dim}")
     x = site.input(0)
-    out, scale, bounds = site.requant_to_output(2.0**-15)
-    return site.out(site.emit(M.L2Norm(15, out), x.node), scale, bounds)
+    out, scale, bounds = site.requant_to_output(2.0**-L2_FRAC_BITS)
+    return site.out(site.emit(M.L2Norm(L2_FRAC_BITS, out), x.node), scale, bounds)
 
 
 def _interpolate_mode(site: Site) -> tuple[str, bool | None]:

@@ -8,7 +8,9 @@ it) with three additions the integer lowering needs:
 * ``variant`` names the registry variant of the op whose output it observes (GELU, softmax), so a
   qconfig chooses the integer operator per op type or per module, as torch.ao's qconfigs do;
 * a bounded sample of the values it saw, for operators whose constants are fitted to the data
-  (Poly-GELU's quartic).
+  (Poly-GELU's quartic);
+* ``symmetric``: keep a symmetric grid where the op would choose an asymmetric one (GELU's INT8
+  output; Brevitas' ``QuantLinear`` carries no input zero point into its accumulator).
 
 Its torch.ao dtype is nominal (``qint8``): the bit width of each value is decided at lowering by the
 operator that consumes it (INT8 into a GEMM, INT16 along the residual stream), from this range.
@@ -26,7 +28,7 @@ MAX_SAMPLES = 65536
 
 
 class IsegObserver(MinMaxObserver):
-    def __init__(self, momentum: float = 0.05, variant: str | None = None, **kwargs):
+    def __init__(self, momentum: float = 0.05, variant: str | None = None, symmetric: bool = False, **kwargs):
         kwargs.setdefault("dtype", torch.qint8)
         kwargs.setdefault("qscheme", torch.per_tensor_symmetric)
         super().__init__(**kwargs)
@@ -34,18 +36,20 @@ class IsegObserver(MinMaxObserver):
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.momentum = momentum
         self.variant = variant
+        self.symmetric = symmetric
         self.register_buffer("samples", torch.zeros(0))
         self.register_buffer("batches", torch.tensor(0))
 
     def extra_repr(self) -> str:
-        return f"momentum={self.momentum}, variant={self.variant}, batches={int(self.batches)}"
+        return (f"momentum={self.momentum}, variant={self.variant}, symmetric={self.symmetric}, "
+                f"batches={int(self.batches)}")
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.numel() == 0:  # torch.ao also observes tuples (chunk): not values
             return x
-        real = x.detach().float()
-        running = (self.min_val, self.max_val) if int(self.batches) else None
+        real = x.detach().float()  # ranges in float32 even in a float64 model: the same scales in both
+        running = (self.min_val.float(), self.max_val.float()) if int(self.batches) else None
         lo, hi = intops.ema_minmax(running, real, self.momentum)
         self.min_val.resize_(lo.shape).copy_(lo)
         self.max_val.resize_(hi.shape).copy_(hi)
@@ -69,4 +73,4 @@ class IsegObserver(MinMaxObserver):
 
     def scale(self, bits: int) -> float:
         """The symmetric scale of a signed ``bits``-wide grid over the observed range."""
-        return float(intops.symmetric_scale(self.min_val, self.max_val, bits))
+        return float(intops.symmetric_scale(self.min_val.float(), self.max_val.float(), bits))
