@@ -10,6 +10,7 @@ opset 18: qonnx's ``cleanup_model``, ``InferShapes``, ``InferDataTypes``, ``infe
 """
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import warnings
@@ -206,7 +207,10 @@ def qonnx_inference_cost(path: str | Path) -> dict:
     model = cleanup_model(ModelWrapper(str(path))).transform(InferShapes()).transform(InferDataTypes())
     with tempfile.TemporaryDirectory() as tmp:
         model.save(f"{tmp}/clean.onnx")
-        return inference_cost(f"{tmp}/clean.onnx", output_json=None, discount_sparsity=False)["total_cost"]
+        cost = inference_cost(f"{tmp}/clean.onnx", output_json=None, discount_sparsity=False)["total_cost"]
+    unsupported = cost.get("unsupported", set())  # qonnx 1.0 gives the set as its string
+    cost["unsupported"] = sorted(ast.literal_eval(unsupported) if isinstance(unsupported, str) else unsupported)
+    return cost
 
 
 def execute_qonnx(path_or_model, pixels) -> dict:

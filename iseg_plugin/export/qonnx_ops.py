@@ -116,10 +116,14 @@ def output_bounds(op_type: str, attributes: dict) -> tuple[int, int]:
 
 
 def run_node(op_type: str, attributes: dict, data: list[torch.Tensor]) -> torch.Tensor:
-    """A node's output: its deployed module run on the int64 inputs (the node's declared type is int64)."""
+    """A node's output: its deployed module run on the integer inputs. Integer inputs (the integer-only QONNX
+    export) give int64; float inputs (the Brevitas export, where a tensor is a float holding integers, QONNX's
+    convention) are rounded to the nearest integer first and give the output in that float type."""
     module = module_from_attributes(op_type, attributes)
+    floating = data[0].dtype.is_floating_point
+    ints = [torch.round(d).to(torch.int64) if d.dtype.is_floating_point else d.to(torch.int64) for d in data]
     with torch.no_grad():
-        return module(*[d.to(torch.int64) for d in data]).to(torch.int64)
+        return module(*ints).to(data[0].dtype if floating else torch.int64)
 
 
 class _IntegerOp(CustomOp):

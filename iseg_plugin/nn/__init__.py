@@ -7,13 +7,20 @@ block by hand (``examples/brevitas_vit_block.py``).
 from .layers import (
     DyadicRequant,
     Int16ActPerTensorFloat,
+    QuantCat,
     QuantGELU,
     QuantILayerNorm,
+    QuantL2Norm,
     QuantMatMul,
+    QuantMean,
     QuantResidualAdd,
+    QuantScalarMul,
     QuantSoftmax,
     QuantUpsample,
 )
+from .quantizers import iseg_act_quant
+from .swap import quantize
 
-__all__ = ["DyadicRequant", "Int16ActPerTensorFloat", "QuantGELU", "QuantILayerNorm", "QuantMatMul",
-           "QuantResidualAdd", "QuantSoftmax", "QuantUpsample"]
+__all__ = ["DyadicRequant", "Int16ActPerTensorFloat", "QuantCat", "QuantGELU", "QuantILayerNorm", "QuantL2Norm",
+           "QuantMatMul", "QuantMean", "QuantResidualAdd", "QuantScalarMul", "QuantSoftmax", "QuantUpsample",
+           "iseg_act_quant", "quantize"]

@@ -8,8 +8,9 @@ arithmetic), and QAT trains through them. The output is an ``IntQuantTensor`` at
 layer's output quantizer, a Brevitas activation quantizer (``act_quant``, default INT8 or INT16 per
 tensor; a ``QuantIdentity`` whose statistics Brevitas collects as for its own layers).
 
-Under Brevitas' ``calibration_mode`` (quantization disabled) a layer runs its float op and lets its
-output quantizer observe the result, as Brevitas' own layers do. With quantization enabled a plain
+Under Brevitas' ``calibration_mode`` (quantization disabled) a layer runs its float op, lets its
+output quantizer observe the result, as Brevitas' own layers do, and passes the float result on (so
+that the next layer also sees the float model's values). With quantization enabled a plain
 float input is refused: the layer would otherwise quantize with float arithmetic.
 
 Exactness: the integers are exact when the input values are (a float32 ``IntQuantTensor`` holds
@@ -17,11 +18,13 @@ integers times a scale; run the model in float64 for INT32 accumulators beyond 2
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from brevitas.common import ExportMixin
 from brevitas.nn import QuantIdentity
 from brevitas.quant import Int8ActPerTensorFloat
 from brevitas.quant_tensor import IntQuantTensor, QuantTensor
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import intops
 from ..ops import modules as M
-from ..ops.entries import GELU_OUT_SHIFT, SOFTMAX_BITS
+from ..ops.entries import GELU_OUT_SHIFT, L2_FRAC_BITS, SOFTMAX_BITS
 from ..ops.observer import IsegObserver
 from ..ops.registry import REGISTRY
 
@@ -41,12 +44,14 @@ def _value(x) -> Tensor:
     return x.value if isinstance(x, QuantTensor) else x
 
 
-def _integers(x, layer: nn.Module) -> tuple[Tensor, Tensor]:
-    """The integers an ``IntQuantTensor`` holds (float, straight-through) and its scale."""
+def _integers(x, layer: nn.Module, accumulator: bool = False) -> tuple[Tensor, Tensor]:
+    """The integers an ``IntQuantTensor`` holds (float, straight-through) and its scale: ``value / scale``.
+    An ``accumulator`` may carry a zero point (Brevitas' ``QuantConv2d`` records its bias as one); other
+    operands must be symmetric."""
     if not isinstance(x, IntQuantTensor):
         raise TypeError(f"{type(layer).__name__} takes an IntQuantTensor, got {type(x).__name__}: put a "
                         f"QuantIdentity(return_quant_tensor=True) or a layer with return_quant_tensor=True in front")
-    if bool((x.zero_point != 0).any()):
+    if not accumulator and bool((x.zero_point != 0).any()):
         raise ValueError(f"{type(layer).__name__} takes symmetric operands (zero point 0), got zero point "
                          f"{x.zero_point.flatten()[:4].tolist()}")
     return intops.round_ste(x.value / x.scale), x.scale
@@ -60,6 +65,13 @@ def _ratio_scale(scale: Tensor) -> Tensor | float:
     if scale.shape[-1] != scale.numel():
         raise ValueError(f"a per-channel scale must run along the last dimension, got shape {tuple(scale.shape)}")
     return scale.flatten()
+
+
+def _channel_dim(scale: Tensor) -> int | None:
+    """The dimension of a per-channel scale that is not the last (a convolution's: dim 1), else None."""
+    if scale.numel() == 1 or scale.shape[-1] == scale.numel():
+        return None
+    return next(d for d, n in enumerate(scale.shape) if n == scale.numel())
 
 
 def _per_tensor(scale: Tensor, layer: nn.Module, what: str) -> float:
@@ -79,6 +91,7 @@ class _Grid:
     bounds: tuple[int, int]
 
     def tensor(self, integers: Tensor, training: bool) -> IntQuantTensor:
+        integers = integers.to(self.scale.dtype)  # (the integer steps may widen to float64: back to the model's type)
         return IntQuantTensor(integers * self.scale, self.scale, torch.zeros_like(self.scale), self.bit_width,
                               self.signed, training)
 
@@ -88,7 +101,30 @@ def _fixed_grid(scale: float, bits: int, signed: bool, like: Tensor) -> _Grid:
     return _Grid(scale_t, torch.tensor(float(bits)), signed, intops.int_range(bits, signed=signed))
 
 
-class _QuantOutput(nn.Module):
+class _Layer(ExportMixin, nn.Module):
+    """A plugin layer: ``forward`` runs the layer, or, in Brevitas' export mode, its export handler (given by
+    :class:`iseg_plugin.export.brevitas_qonnx.IsegQONNXManager`), which writes the deployed module that the last
+    eval forward ran (``export_record``) as QONNX nodes."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        ExportMixin.__init__(self)
+        self.export_record = None  # (deployed module, output grid) of the last eval forward
+
+    @property
+    def requires_export_handler(self) -> bool:
+        return True
+
+    def forward(self, *inputs):
+        return self.export_handler(*inputs) if self.export_mode else self._forward(*inputs)
+
+    def _run(self, deployed: nn.Module, grid: _Grid, *integers: Tensor) -> IntQuantTensor:
+        if not self.training:
+            self.export_record = (deployed, grid)
+        return grid.tensor(deployed(*integers), self.training)
+
+
+class _QuantOutput(_Layer):
     """A layer whose output grid comes from a Brevitas activation quantizer. Its ``deployed(in_scales)`` is the
     registry's deployed module for those input scales and the current output grid: what ``forward`` runs."""
 
@@ -127,12 +163,18 @@ class DyadicRequant(_QuantOutput):
     def __init__(self, act_quant=Int8ActPerTensorFloat, **kwargs):
         super().__init__(act_quant, **kwargs)
 
-    def forward(self, x):
+    def _forward(self, x):
         if not self.quantizing:
-            return self.output_quant(_value(x))
-        integers, scale = _integers(x, self)
+            return _value(self.output_quant(_value(x)))
+        integers, scale = _integers(x, self, accumulator=True)
         grid = self.grid(lambda: x.value)
-        return grid.tensor(self.deployed(scale, grid)(integers), self.training)
+        channel_dim = _channel_dim(scale)
+        if channel_dim is None:
+            return self._run(self.deployed(scale, grid), grid, integers)
+        # (a QuantConv2d's accumulator: channels along dim 1, requantized channels-last)
+        out = self._run(self.deployed(scale.movedim(channel_dim, -1), grid), grid, integers.movedim(channel_dim, -1))
+        return IntQuantTensor(out.value.movedim(-1, channel_dim), out.scale, out.zero_point, out.bit_width,
+                              out.signed, out.training)
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.Requant:
         """The deployed module for an input at ``in_scale`` (per tensor or per channel of the last dim)."""
@@ -153,15 +195,16 @@ class QuantILayerNorm(_QuantOutput):
     def _float(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
-    def forward(self, x):
+    def _forward(self, x):
         if not self.quantizing:
-            return self.output_quant(self._float(_value(x)))
+            return _value(self.output_quant(self._float(_value(x))))
         integers, scale = _integers(x, self)
         grid = self.grid(lambda: self._float(x.value))
-        return grid.tensor(self.deployed(scale, grid)(integers), self.training)
+        return self._run(self.deployed(scale, grid), grid, integers)
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.LayerNorm:
-        params = intops.layernorm_params(self.weight, self.bias)
+        # float32 affine, as the FX lowering quantizes it (same integers in a float64 model)
+        params = intops.layernorm_params(self.weight.float(), self.bias.float())
         return M.LayerNorm(params, intops.layernorm_eps(self.eps, _per_tensor(in_scale, self, "input")),
                            self.requant(params.out_scale, grid or self.grid()))
 
@@ -179,23 +222,23 @@ class QuantGELU(_QuantOutput):
     def extra_repr(self) -> str:
         return f"variant={self.variant.name}"
 
-    def forward(self, x):
+    def _forward(self, x):
         if not self.quantizing:
-            return self.output_quant(F.gelu(self.inputs(_value(x))))
+            return _value(self.output_quant(F.gelu(self.inputs(_value(x)))))
         integers, scale = _integers(x, self)
         grid = self.grid(lambda: F.gelu(x.value))
-        return grid.tensor(self.deployed(scale, grid)(integers), self.training)
+        return self._run(self.deployed(scale, grid), grid, integers)
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> nn.Module:
         scale, grid = _per_tensor(in_scale, self, "input"), grid or self.grid()
         key = (scale, float(grid.scale.detach()), grid.bounds, int(self.inputs.batches))
         if self._built is None or self._built[0] != key:
             out = self.requant(scale * 2.0**-GELU_OUT_SHIFT, grid)
-            self._built = (key, self.variant.build(scale, out, self.inputs.samples))
+            self._built = (key, self.variant.build(scale, out, self.inputs.samples.float()))
         return self._built[1]
 
 
-class QuantSoftmax(nn.Module):
+class QuantSoftmax(_Layer):
     """An integer softmax of the registry (``variant``: "bit-exp" or "shift") over ``dim``: probabilities as
     integers in [0, 2**15] at scale 2**-15 (an unsigned 16-bit ``IntQuantTensor``; ``QuantMatMul`` takes them)."""
 
@@ -207,29 +250,38 @@ class QuantSoftmax(nn.Module):
     def extra_repr(self) -> str:
         return f"variant={self.variant.name}, dim={self.dim}"
 
-    def forward(self, x):
+    def _forward(self, x):
         if not isinstance(x, IntQuantTensor):  # calibration mode: the float op
             return torch.softmax(_value(x), self.dim)
         integers, scale = _integers(x, self)
-        return _fixed_grid(PROBABILITY_SCALE, SOFTMAX_BITS, False, x.value).tensor(
-            self.deployed(scale)(integers), self.training)
+        return self._run(self.deployed(scale), _fixed_grid(PROBABILITY_SCALE, SOFTMAX_BITS, False, x.value), integers)
 
     def deployed(self, in_scale: Tensor) -> nn.Module:
         return self.variant.build(_per_tensor(in_scale, self, "input"), SOFTMAX_BITS, self.dim)
 
 
 class QuantResidualAdd(_QuantOutput):
-    """a + b: each operand requantized to this layer's grid (signed, per tensor), summed, saturated."""
+    """a + b: each operand requantized to this layer's grid (signed, per tensor), summed, saturated. With
+    ``constant_bits``, a plain float operand is a constant the model computes from its parameters (a position
+    embedding): it is quantized on a symmetric per-tensor grid of that width over its own range, as the FX
+    lowering quantizes constants (otherwise a float operand is refused)."""
 
-    def __init__(self, act_quant=Int16ActPerTensorFloat, **kwargs):
+    def __init__(self, act_quant=Int16ActPerTensorFloat, constant_bits: int | None = None, **kwargs):
         super().__init__(act_quant, **kwargs)
+        self.constant_bits = constant_bits
 
-    def forward(self, a, b):
+    def _operand(self, x) -> tuple[Tensor, Tensor]:
+        if self.constant_bits is None or isinstance(x, QuantTensor):
+            return _integers(x, self)
+        scale = intops.symmetric_scale(*intops.channel_minmax(x.detach().float()), self.constant_bits)
+        return intops.quantize(x.float(), scale, self.constant_bits).to(x.dtype), scale.to(x.dtype)
+
+    def _forward(self, a, b):
         if not self.quantizing:
-            return self.output_quant(_value(a) + _value(b))
-        (ia, sa), (ib, sb) = _integers(a, self), _integers(b, self)
-        grid = self.grid(lambda: a.value + b.value)
-        return grid.tensor(self.deployed(sa, sb, grid)(ia, ib), self.training)
+            return _value(self.output_quant(_value(a) + _value(b)))
+        (ia, sa), (ib, sb) = self._operand(a), self._operand(b)
+        grid = self.grid(lambda: _value(a) + _value(b))
+        return self._run(self.deployed(sa, sb, grid), grid, ia, ib)
 
     def deployed(self, scale_a: Tensor, scale_b: Tensor, grid: _Grid | None = None) -> M.Add:
         grid = grid or self.grid()
@@ -254,9 +306,9 @@ class QuantMatMul(_QuantOutput):
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"
 
-    def forward(self, a, b):
+    def _forward(self, a, b):
         if not self.quantizing:
-            return self.output_quant(torch.matmul(_value(a), _value(b)) * self.alpha)
+            return _value(self.output_quant(torch.matmul(_value(a), _value(b)) * self.alpha))
         (ia, sa), (ib, sb) = _integers(a, self), _integers(b, self)
         probabilities = not a.signed and int(a.bit_width) == SOFTMAX_BITS and float(sa) == PROBABILITY_SCALE
         for name, t, ok in (("a", a, probabilities or (a.signed and int(a.bit_width) <= 8)),
@@ -265,14 +317,123 @@ class QuantMatMul(_QuantOutput):
                 raise ValueError(f"QuantMatMul's operand {name} must be signed INT8 (or, for a, QuantSoftmax "
                                  f"probabilities), got {'signed' if t.signed else 'unsigned'} {int(t.bit_width)} bits")
         grid = self.grid(lambda: torch.matmul(a.value, b.value) * self.alpha)
-        return grid.tensor(self.deployed(sa, sb, probabilities, grid)(ia, ib), self.training)
+        return self._run(self.deployed(sa, sb, probabilities, grid), grid, ia, ib)
 
     def deployed(self, scale_a: Tensor, scale_b: Tensor, probabilities: bool, grid: _Grid | None = None) -> M.MatMul:
         in_scale = _per_tensor(scale_a, self, "operand") * _per_tensor(scale_b, self, "operand") * self.alpha
         return M.MatMul(probabilities, self.requant(in_scale, grid or self.grid()))
 
 
-class QuantUpsample(nn.Module):
+class QuantL2Norm(_QuantOutput):
+    """``F.normalize(x, dim=-1)``: integer L2 normalisation over the last dimension (15 fraction bits), its output
+    requantized to this layer's grid."""
+
+    def __init__(self, act_quant=Int16ActPerTensorFloat, **kwargs):
+        super().__init__(act_quant, **kwargs)
+
+    def _forward(self, x):
+        if not self.quantizing:
+            return _value(self.output_quant(F.normalize(_value(x), dim=-1)))
+        integers, scale = _integers(x, self)
+        grid = self.grid(lambda: F.normalize(x.value, dim=-1))
+        return self._run(self.deployed(scale, grid), grid, integers)
+
+    def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.L2Norm:
+        _per_tensor(in_scale, self, "input")
+        return M.L2Norm(L2_FRAC_BITS, self.requant(2.0**-L2_FRAC_BITS, grid or self.grid()))
+
+
+class QuantMean(_QuantOutput):
+    """``x.mean(dim, keepdim)``: an integer sum, requantized by ``S_in / (n S_out)``."""
+
+    def __init__(self, dim, keepdim: bool = False, act_quant=Int16ActPerTensorFloat, **kwargs):
+        super().__init__(act_quant, **kwargs)
+        self.dim, self.keepdim = dim, bool(keepdim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, keepdim={self.keepdim}"
+
+    def _count(self, x: Tensor) -> int:
+        dims = self.dim if isinstance(self.dim, (list, tuple)) else (self.dim,)
+        return math.prod(x.shape[d] for d in dims)
+
+    def _forward(self, x):
+        if not self.quantizing:
+            return _value(self.output_quant(_value(x).mean(self.dim, keepdim=self.keepdim)))
+        integers, scale = _integers(x, self)
+        grid = self.grid(lambda: x.value.mean(self.dim, keepdim=self.keepdim))
+        return self._run(self.deployed(scale, self._count(x.value), grid), grid, integers)
+
+    def deployed(self, in_scale: Tensor, count: int, grid: _Grid | None = None) -> M.Mean:
+        return M.Mean(self.dim, self.keepdim,
+                      self.requant(_per_tensor(in_scale, self, "input") / count, grid or self.grid()))
+
+
+class QuantCat(_QuantOutput):
+    """``torch.cat(parts, dim)`` at this layer's grid: each quantized part requantized to it (unless it is already
+    on it), float constant parts (a cls token) quantized to it."""
+
+    def __init__(self, dim: int = 0, act_quant=Int16ActPerTensorFloat, **kwargs):
+        super().__init__(act_quant, **kwargs)
+        self.dim = dim
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+    def _forward(self, *parts):
+        if not self.quantizing:
+            return _value(self.output_quant(torch.cat([_value(p) for p in parts], self.dim)))
+        grid = self.grid(lambda: torch.cat([_value(p) for p in parts], self.dim))
+        scale = float(grid.scale.detach())
+        integers, scales = [], []
+        for p in parts:
+            if isinstance(p, IntQuantTensor):
+                i, s = _integers(p, self)
+                integers.append(i)
+                scales.append((float(s), int(p.bit_width), bool(p.signed)))
+            else:  # a constant: on the output grid directly
+                integers.append(intops.quantize(p.float(), torch.tensor(scale), grid.bounds).to(p.dtype))
+                scales.append(None)
+        return self._run(self.deployed(scales, grid), grid, *integers)
+
+    def deployed(self, parts: list, grid: _Grid | None = None) -> M.Cat:
+        """``parts``: (scale, bit width, signed) of each quantized part, None for a constant one."""
+        grid = grid or self.grid()
+        scale = float(grid.scale.detach())
+        requants = []
+        for part in parts:
+            same = part is None or (part[0] == scale and grid.bounds[0] <= intops.int_range(part[1], signed=part[2])[0]
+                                    and intops.int_range(part[1], signed=part[2])[1] <= grid.bounds[1])
+            requants.append(None if same else M.Requant.between(part[0], scale, grid.bounds))
+        return M.Cat(self.dim, requants, M.storage_dtype(grid.bounds))
+
+
+class QuantScalarMul(_Layer):
+    """``x * factor`` (or ``x / factor`` with ``divide``) for a positive number: the integers stay, the scale
+    changes (no integer op; attention's ``* d**-0.5``). The factor is fixed here or given to ``forward`` (a
+    number the model computes from shapes, such as ``sqrt(x.shape[-1])``)."""
+
+    def __init__(self, factor: float | None = None, divide: bool = False):
+        super().__init__()
+        self.factor, self.divide = factor, divide
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}, divide={self.divide}"
+
+    def multiplier(self, factor: float | None = None) -> float:
+        factor = self.factor if factor is None else factor
+        if factor is None or not float(factor) > 0:
+            raise ValueError(f"QuantScalarMul takes a positive factor, got {factor}")
+        return 1.0 / float(factor) if self.divide else float(factor)
+
+    def _forward(self, x, factor: float | None = None):
+        c = self.multiplier(factor)
+        if not isinstance(x, IntQuantTensor):  # calibration mode: the float op
+            return _value(x) * c
+        return IntQuantTensor(x.value * c, x.scale * c, x.zero_point, x.bit_width, x.signed, self.training)
+
+
+class QuantUpsample(_Layer):
     """Nearest or integer bilinear (align_corners=False) resize of (B, C, H, W) to ``size`` or by
     ``scale_factor``; the grid is the input's (bilinear rounds its exact rational weights)."""
 
@@ -289,13 +450,14 @@ class QuantUpsample(nn.Module):
             return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
         return int(x.shape[-2] * self.scale_factor), int(x.shape[-1] * self.scale_factor)
 
-    def forward(self, x):
+    def _forward(self, x):
         if not isinstance(x, IntQuantTensor):  # calibration mode: the float op
             x = _value(x)
             return F.interpolate(x, self._size(x), mode=self.mode, align_corners=False if self.mode == "bilinear" else None)
         integers, _ = _integers(x, self)
-        out = self.deployed(self._size(x.value))(integers)
-        return IntQuantTensor(out * x.scale, x.scale, x.zero_point, x.bit_width, x.signed, self.training)
+        signed = bool(x.signed)
+        grid = _Grid(x.scale, x.bit_width, signed, intops.int_range(int(x.bit_width), signed=signed))
+        return self._run(self.deployed(self._size(x.value)), grid, integers)
 
     def deployed(self, size: tuple[int, int]) -> M.Upsample:
         return M.Upsample(self.mode, size, None)

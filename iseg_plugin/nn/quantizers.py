@@ -1,0 +1,49 @@
+"""Brevitas activation quantizers with the plugin's range rule.
+
+Brevitas' stock activation quantizers learn a scale initialised from a percentile; the FX / torch.ao
+front end observes an EMA of the min and max (:class:`~iseg_plugin.ops.observer.IsegObserver`) and maps
+``max(|min|, |max|)`` to ``2**(b-1) - 1``. ``IsegActPerTensor`` is a Brevitas quantizer whose scale is
+that rule (the same observer inside it), so a model quantized through Brevitas (:mod:`.swap`) and the
+same model through ``prepare_fx`` get the same scales from the same calibration, hence the same integers.
+It observes whenever Brevitas runs it in training mode (``calibration_mode`` and QAT) and holds its
+range in eval; the range is part of the state dict.
+"""
+from __future__ import annotations
+
+import torch
+from brevitas.quant import Int8ActPerTensorFloat
+from torch import Tensor, nn
+
+from ..ops.observer import IsegObserver
+
+
+class IsegActScaling(nn.Module):
+    """Brevitas ``scaling_impl``: the plugin observer's symmetric scale for ``bit_width`` (not a threshold
+    divided by Brevitas' integer threshold: the plugin's grid maps the range to 2**(b-1) - 1 and clamps to
+    the full signed range, which no Brevitas int-scaling gives)."""
+
+    def __init__(self, bit_width: int, iseg_momentum: float):
+        super().__init__()
+        self.bits = int(bit_width)
+        self.observer = IsegObserver(momentum=iseg_momentum)
+
+    def forward(self, x: Tensor, int_threshold: Tensor | None = None) -> Tensor:
+        if self.training:
+            self.observer(x)
+        if not self.observer.calibrated():  # Brevitas' own probe before any data: a neutral scale
+            return torch.ones((), dtype=x.dtype, device=x.device)
+        return torch.tensor(self.observer.scale(self.bits), dtype=x.dtype, device=x.device)
+
+
+class IsegActPerTensor(Int8ActPerTensorFloat):
+    """Signed per-tensor activation quantizer with the plugin's range rule (``bit_width`` 8 or 16)."""
+
+    scaling_impl = IsegActScaling
+    iseg_momentum = 0.05
+
+
+def iseg_act_quant(bits: int, momentum: float = 0.05):
+    """The plugin's activation quantizer at ``bits`` (8 or 16) with EMA weight ``momentum``."""
+    if bits not in (8, 16):
+        raise ValueError(f"activation widths are 8 or 16 bits, got {bits}")
+    return IsegActPerTensor.let(bit_width=bits, iseg_momentum=momentum)

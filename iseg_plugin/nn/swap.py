@@ -1,0 +1,358 @@
+"""Swap a float ViT's modules and functions for the plugin's Brevitas layers, in the spirit of
+``brevitas.graph.quantize``.
+
+:func:`quantize` traces the model with torch.fx and rewrites it op by op from the operator registry, the
+table the FX lowering reads: ``nn.Linear`` / ``F.linear`` and patchifying ``nn.Conv2d`` -> Brevitas'
+``QuantLinear`` / ``QuantConv2d`` (per-channel INT8 weights, ``Int32Bias``) + :class:`DyadicRequant`,
+LayerNorm -> :class:`QuantILayerNorm`, GELU -> :class:`QuantGELU`, softmax -> :class:`QuantSoftmax`,
+``@`` -> :class:`QuantMatMul`, ``+`` -> :class:`QuantResidualAdd`, ``* c`` / ``/ c`` ->
+:class:`QuantScalarMul`, ``cat`` -> :class:`QuantCat`, ``mean`` -> :class:`QuantMean`, ``F.normalize`` ->
+:class:`QuantL2Norm`, resize -> :class:`QuantUpsample`, shape ops -> the same call on the integers
+(:class:`OnIntegers`); each input gets a ``QuantIdentity``. Values computed from parameters alone (a cls
+token, a position embedding resized to the input) stay float ops and enter ``cat`` / ``+`` as constants.
+
+Widths and scales follow the FX lowering: each value is produced at the width its consumers need (INT8
+into a GEMM or GELU, INT16 otherwise, :func:`~iseg_plugin.lowering.consumer_bits`), narrowed by a
+:class:`DyadicRequant` where one consumer needs fewer bits, and every output grid is the plugin's range
+rule (:mod:`.quantizers`). Calibrated with Brevitas' ``calibration_mode`` on the same data as
+``prepare_fx`` with ``get_iseg_qconfig_mapping(gelu_grid="symmetric")``, the swapped model in float64
+gives the integers of the FX path's deployed model (tested). GELU outputs are symmetric INT8 here:
+Brevitas' ``QuantLinear`` carries no input zero point into its accumulator.
+
+An op with no integer lowering is refused with the node named, as by the FX front end.
+"""
+from typing import Callable
+
+import torch
+from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear
+from brevitas.quant import Int8WeightPerChannelFloat, Int32Bias
+from brevitas.quant_tensor import IntQuantTensor, QuantTensor
+from torch import Tensor, fx, nn
+
+from ..lowering import LoweringError, consumer_bits, describe, static_nodes
+from ..ops.registry import REGISTRY
+from .layers import (DyadicRequant, QuantCat, QuantGELU, QuantILayerNorm, QuantL2Norm, QuantMatMul, QuantMean,
+                     QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
+from .quantizers import iseg_act_quant
+
+
+class OnIntegers(nn.Module):
+    """A shape op (reshape, permute, indexing, chunk, ...; a function or a tensor method name) on an
+    ``IntQuantTensor``: the same call on its value, scale, zero point and width kept. (Brevitas'
+    ``IntQuantTensor`` implements only some of these, and indexing it would index its named-tuple fields.)
+    On a float tensor (calibration) the op itself."""
+
+    def __init__(self, op: Callable | str):
+        super().__init__()
+        self.op = op
+
+    def extra_repr(self) -> str:
+        return self.op if isinstance(self.op, str) else getattr(self.op, "__name__", repr(self.op))
+
+    def _call(self, *args, **kwargs):
+        return getattr(args[0], self.op)(*args[1:], **kwargs) if isinstance(self.op, str) else self.op(*args, **kwargs)
+
+    def forward(self, x, *args, **kwargs):
+        if not isinstance(x, QuantTensor):
+            return self._call(x, *args, **kwargs)
+        if x.scale.numel() != 1:
+            raise ValueError(f"a shape op needs a per-tensor scale, got {x.scale.numel()} scales: requantize first")
+        out = self._call(x.value, *args, **kwargs)
+
+        def wrap(v: Tensor) -> IntQuantTensor:
+            return IntQuantTensor(v, x.scale, x.zero_point, x.bit_width, x.signed, x.training)
+
+        return wrap(out) if isinstance(out, Tensor) else type(out)(wrap(v) for v in out)
+
+
+def quantize(model: nn.Module, gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05) -> fx.GraphModule:
+    """The float ``model`` with its ops swapped for Brevitas layers (see the module docstring). Calibrate it
+    under ``brevitas.graph.calibrate.calibration_mode``, then run it (eval: integers; train: QAT). ``gelu`` /
+    ``softmax`` name registry variants; ``momentum`` is the range EMA's weight (0.05 PTQ, 0.01 QAT)."""
+    return _Swap(model, REGISTRY["gelu"].variant(gelu).name, REGISTRY["softmax"].variant(softmax).name,
+                 momentum).run()
+
+
+class _Swap:
+    def __init__(self, model: nn.Module, gelu: str, softmax: str, momentum: float):
+        self.gm = fx.symbolic_trace(model)
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.graph = self.gm.graph
+        self.gelu, self.softmax, self.momentum = gelu, softmax, momentum
+        self.static = static_nodes(self.graph)
+        entry_of = lambda n: REGISTRY.entry_for(n, self.gm)  # noqa: E731
+        self.demand = {n: consumer_bits(n, entry_of, lambda n: False, lambda u: u in self.static)
+                       for n in self.graph.nodes if n.op != "output" and n not in self.static}
+        self.bits: dict[fx.Node, int] = {}  # node -> width of the IntQuantTensor it holds
+        self.origin: dict[fx.Node, tuple[fx.Node, tuple[fx.Node, ...]]] = {}  # through shape ops
+        self.probabilities: set[fx.Node] = set()  # QuantSoftmax outputs (UINT16, read as they are)
+        self.narrowed: dict[tuple[fx.Node, int], fx.Node] = {}
+        self._names: set[str] = set(dict(self.gm.named_modules()))
+
+    def run(self) -> fx.GraphModule:
+        for node in list(self.graph.nodes):
+            if node.op == "placeholder":
+                self._input(node)
+            elif node.op == "output":
+                self._output(node)
+            elif node not in self.static:
+                self._swap(node)
+        self.graph.lint()
+        self.gm.recompile()
+        return self.gm.to(self.dtype)  # the new layers in the model's float type
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def act(self, node: fx.Node, bits: int | None = None):
+        return iseg_act_quant(bits or self.demand[node], self.momentum)
+
+    def _add_module(self, name: str, module: nn.Module) -> str:
+        base = name = name.replace(".", "_")
+        i = 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        self.gm.add_submodule(name, module)
+        return name
+
+    def _emit(self, node: fx.Node, module: nn.Module, inputs: list, bits: int) -> fx.Node:
+        """``node`` replaced by a call of ``module`` on ``inputs`` (a module call keeps its path)."""
+        if node.op == "call_module":
+            parent, _, leaf = node.target.rpartition(".")
+            setattr(self.gm.get_submodule(parent), leaf, module)
+            node.args, node.kwargs = tuple(inputs), {}
+            new = node
+        else:
+            name = self._add_module(node.name, module)
+            with self.graph.inserting_before(node):
+                new = self.graph.call_module(name, tuple(inputs))
+            node.replace_all_uses_with(new)
+            self.graph.erase_node(node)
+        self.bits[new] = bits
+        return new
+
+    def _quantized(self, arg, node: fx.Node) -> fx.Node:
+        if not isinstance(arg, fx.Node) or arg not in self.bits:
+            raise LoweringError(f"{describe(node)}: its operand {arg} is a constant or a Python value, which the "
+                                "Brevitas swap does not quantize yet; the FX front end (fx_patterns) lowers it")
+        return arg
+
+    def need(self, arg, bits: int, node: fx.Node) -> fx.Node:
+        """``arg`` as an IntQuantTensor of at most ``bits``: a DyadicRequant after the op that produced it (shape
+        ops replayed after it: the range observed is the producer's, as in the FX lowering)."""
+        value = self._quantized(arg, node)
+        if self.bits[value] <= bits or value in self.probabilities:
+            return value
+        key = (value, bits)
+        if key not in self.narrowed:
+            origin, chain = self.origin.get(value, (value, ()))
+            name = self._add_module(f"{origin.name}_to{bits}", DyadicRequant(act_quant=self.act(origin, bits)))
+            with self.graph.inserting_after(origin):
+                current = self.graph.call_module(name, (origin,))
+            previous = origin
+            for op in chain:  # the same shape ops on the narrowed integers
+                with self.graph.inserting_after(current):
+                    current = self.graph.node_copy(op, lambda n, p=previous, c=current: c if n is p else n)
+                previous = op
+            self.narrowed[key] = current
+        return self.narrowed[key]
+
+    def _arg(self, node: fx.Node, i: int, name: str, default=None):
+        return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+
+    def _static_value(self, arg, node: fx.Node):
+        if arg is None or not isinstance(arg, fx.Node):
+            return arg
+        if arg.op != "get_attr":
+            raise LoweringError(f"{describe(node)}: its parameter {arg.name} is computed in the model; the Brevitas "
+                                "swap takes parameters as they are (use the FX front end)")
+        return self.gm.get_parameter(arg.target) if arg.target in dict(self.gm.named_parameters()) else \
+            self.gm.get_buffer(arg.target)
+
+    # -- the graph --------------------------------------------------------------------------------
+
+    def _input(self, node: fx.Node) -> None:
+        name = self._add_module(f"{node.name}_quant",
+                                QuantIdentity(act_quant=self.act(node), return_quant_tensor=True))
+        with self.graph.inserting_after(node):
+            new = self.graph.call_module(name, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        self.bits[new] = self.demand[node]
+
+    def _output(self, node: fx.Node) -> None:
+        def check(arg):
+            if isinstance(arg, fx.Node) and arg not in self.bits:
+                raise LoweringError(f"the model's output {describe(arg)} is not quantized by the Brevitas swap")
+        fx.map_arg(node.args[0], check)
+
+    def _swap(self, node: fx.Node) -> None:
+        entry = REGISTRY.entry_for(node, self.gm)
+        if entry is None:
+            raise LoweringError(f"{describe(node)} has no integer lowering: add a registry entry for it "
+                                "(iseg_plugin.ops) or keep it out of the quantized model")
+        handler = getattr(self, f"_{entry.name}", None)
+        if handler is None:
+            raise LoweringError(f"{describe(node)}: the registry's {entry.name!r} has no Brevitas layer yet; the "
+                                "FX front end (fx_patterns.prepare / convert) lowers it")
+        handler(node)
+
+    def _linear(self, node: fx.Node) -> None:
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            x, weight, bias = node.args[0], m.weight, m.bias
+        else:
+            x = node.args[0]
+            weight = self._static_value(self._arg(node, 1, "weight"), node)
+            bias = self._static_value(self._arg(node, 2, "bias"), node)
+        linear = QuantLinear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                             weight_quant=Int8WeightPerChannelFloat, bias_quant=Int32Bias, return_quant_tensor=True)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        module = nn.Sequential(linear, DyadicRequant(act_quant=self.act(node)))
+        self._emit(node, module, [self.need(x, 8, node)], self.demand[node])
+
+    def _layer_norm(self, node: fx.Node) -> None:
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            shape, weight, bias, eps = m.normalized_shape, m.weight, m.bias, m.eps
+        else:
+            shape = self._arg(node, 1, "normalized_shape")
+            weight = self._static_value(self._arg(node, 2, "weight"), node)
+            bias = self._static_value(self._arg(node, 3, "bias"), node)
+            eps = self._arg(node, 4, "eps", 1e-5)
+        shape = tuple(shape) if isinstance(shape, (list, tuple)) else (shape,)
+        if len(shape) != 1:
+            raise LoweringError(f"{describe(node)}: I-LayerNorm normalises the last dimension only")
+        channels = shape[0] if isinstance(shape[0], int) else None
+        if channels is None and weight is not None:  # (x.shape[-1] in the trace: a node, the affine's size)
+            channels = weight.numel()
+        if channels is None:
+            raise LoweringError(f"{describe(node)}: the normalized size is computed in the model and there is no "
+                                "affine weight to read it from")
+        layer = QuantILayerNorm(channels, eps, act_quant=self.act(node))
+        with torch.no_grad():
+            if weight is not None:
+                layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        self._emit(node, layer, [self.need(node.args[0], 16, node)], self.demand[node])
+
+    def _gelu(self, node: fx.Node) -> None:
+        layer = QuantGELU(self.gelu, act_quant=self.act(node))
+        self._emit(node, layer, [self.need(node.args[0], 8, node)], self.demand[node])
+
+    def _softmax(self, node: fx.Node) -> None:
+        dim = self.gm.get_submodule(node.target).dim if node.op == "call_module" else self._arg(node, 1, "dim")
+        if dim is None:
+            raise LoweringError(f"{describe(node)}: softmax needs an explicit dim")
+        new = self._emit(node, QuantSoftmax(self.softmax, dim), [self.need(node.args[0], 16, node)], 16)
+        self.probabilities.add(new)
+
+    def _matmul(self, node: fx.Node) -> None:
+        a, b = node.args[0], node.args[1]
+        inputs = [self.need(a, 8, node), self.need(b, 8, node)]
+        self._emit(node, QuantMatMul(act_quant=self.act(node)), inputs, self.demand[node])
+
+    def _add(self, node: fx.Node) -> None:
+        if self._arg(node, 2, "alpha", 1) != 1:
+            raise LoweringError(f"{describe(node)}: add with alpha != 1 has no integer lowering")
+        # an operand computed from parameters alone (a position embedding) is a constant: INT16, as in FX
+        constant = [a in self.static for a in node.args[:2]]
+        if all(constant) or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+            raise LoweringError(f"{describe(node)}: adding a Python number or two constants has no integer lowering")
+        inputs = [a if c else self._quantized(a, node) for a, c in zip(node.args[:2], constant)]
+        layer = QuantResidualAdd(act_quant=self.act(node), constant_bits=16 if any(constant) else None)
+        self._emit(node, layer, inputs, self.demand[node])
+
+    def _cat(self, node: fx.Node) -> None:
+        parts, dim = self._arg(node, 0, "tensors"), self._arg(node, 1, "dim", 0)
+        inputs = [p if isinstance(p, fx.Node) and p in self.static else self._quantized(p, node) for p in parts]
+        self._emit(node, QuantCat(dim, act_quant=self.act(node)), inputs, self.demand[node])
+
+    def _l2_normalize(self, node: fx.Node) -> None:
+        p, dim = self._arg(node, 1, "p", 2.0), self._arg(node, 2, "dim", 1)
+        if p != 2 or dim != -1:
+            raise LoweringError(f"{describe(node)}: integer L2 normalisation is over the last dimension (dim=-1) "
+                                f"with p=2; got p={p}, dim={dim}")
+        layer = QuantL2Norm(act_quant=self.act(node))
+        self._emit(node, layer, [self.need(node.args[0], 16, node)], self.demand[node])
+
+    def _mean(self, node: fx.Node) -> None:
+        dim, keepdim = self._arg(node, 1, "dim"), bool(self._arg(node, 2, "keepdim", False))
+        if dim is None:
+            raise LoweringError(f"{describe(node)}: mean over all dimensions: give dim")
+        layer = QuantMean(dim, keepdim, act_quant=self.act(node))
+        self._emit(node, layer, [self.need(node.args[0], 16, node)], self.demand[node])
+
+    def _conv2d(self, node: fx.Node) -> None:
+        if node.op != "call_module":
+            raise LoweringError(f"{describe(node)}: the Brevitas swap takes nn.Conv2d modules (F.conv2d: use FX)")
+        c = self.gm.get_submodule(node.target)
+        if c.stride != c.kernel_size or c.padding not in ((0, 0), 0) or c.groups != 1 or c.dilation != (1, 1):
+            raise LoweringError(f"{describe(node)}: only patchifying Conv2d (kernel == stride, no padding, groups 1) "
+                                f"has an integer lowering; got kernel {c.kernel_size}, stride {c.stride}")
+        conv = QuantConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, bias=c.bias is not None,
+                           weight_quant=Int8WeightPerChannelFloat, bias_quant=Int32Bias, return_quant_tensor=True)
+        with torch.no_grad():
+            conv.weight.copy_(c.weight)
+            if c.bias is not None:
+                conv.bias.copy_(c.bias)
+        module = nn.Sequential(conv, DyadicRequant(act_quant=self.act(node)))
+        self._emit(node, module, [self.need(node.args[0], 8, node)], self.demand[node])
+
+    def _scalar_mul(self, node: fx.Node, divide: bool) -> None:
+        a, b = node.args[0], node.args[1]
+        if not divide and not (isinstance(a, fx.Node) and a in self.bits):
+            a, b = b, a
+        # a positive number, or one the model computes from shapes (a static node not reading any parameter:
+        # passed at run time); a parameter (LayerScale's gamma) is a tensor: the FX front end lowers those
+        number = isinstance(b, (int, float)) and b > 0
+        from_shapes = isinstance(b, fx.Node) and b in self.static and not self._reads_parameters(b)
+        if not (number or from_shapes):
+            raise LoweringError(f"{describe(node)}: the Brevitas swap takes products with a positive number only "
+                                "(the FX front end lowers the others)")
+        value = self._quantized(a, node)
+        layer, inputs = (QuantScalarMul(b, divide), [value]) if number else (QuantScalarMul(None, divide), [value, b])
+        # its own origin: a narrowing after it observes the scaled values, as the FX lowering's mul observer does
+        self._emit(node, layer, inputs, self.bits[value])
+
+    def _reads_parameters(self, node: fx.Node) -> bool:
+        return node.op == "get_attr" or any(self._reads_parameters(n) for n in node.all_input_nodes)
+
+    def _mul(self, node: fx.Node) -> None:
+        self._scalar_mul(node, divide=False)
+
+    def _div(self, node: fx.Node) -> None:
+        self._scalar_mul(node, divide=True)
+
+    def _interpolate(self, node: fx.Node) -> None:
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            size, factor, mode, align = m.size, m.scale_factor, m.mode, m.align_corners
+        else:
+            size, factor = self._arg(node, 1, "size"), self._arg(node, 2, "scale_factor")
+            mode, align = self._arg(node, 3, "mode", "nearest"), self._arg(node, 4, "align_corners")
+        if mode not in ("nearest", "bilinear") or (mode == "bilinear" and align):
+            raise LoweringError(f"{describe(node)}: integer upsampling is nearest or bilinear (align_corners=False)")
+        x = self.need(node.args[0], 16, node)
+        self._emit(node, QuantUpsample(size, factor, mode), [x], self.bits[x])
+
+    def _shape(self, node: fx.Node) -> None:
+        value = self._quantized(node.args[0], node)
+        if node.op != "call_module":  # (Dropout / Identity modules take an IntQuantTensor as they are)
+            name = self._add_module(node.name, OnIntegers(node.target))
+            with self.graph.inserting_before(node):
+                new = self.graph.call_module(name, tuple(node.args), dict(node.kwargs))
+            node.replace_all_uses_with(new)
+            self.graph.erase_node(node)
+            node = new
+        self.bits[node] = self.bits[value]
+        origin, chain = self.origin.get(value, (value, ()))
+        self.origin[node] = (origin, chain + (node,))
+        if value in self.probabilities:
+            self.probabilities.add(node)
+
+    _split = _shape
+

@@ -1,0 +1,180 @@
+"""iseg_plugin.nn.quantize: a float ViT's ops swapped for the plugin's Brevitas layers give the FX path's integers."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from brevitas.graph.calibrate import calibration_mode
+from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear
+from brevitas.quant_tensor import IntQuantTensor
+from torch import nn
+
+import fx_patterns as fxp
+from iseg_plugin.lowering import LoweringError
+from iseg_plugin.nn import DyadicRequant, QuantGELU, QuantILayerNorm, QuantMatMul, QuantSoftmax, quantize
+
+from test_fx_per_op import Block, HandViT
+
+
+class Encoder(nn.Module):
+    """timm-style blocks (modules, ``q @ k.transpose * scale``, ``.softmax(-1)``) and a final LayerNorm."""
+
+    def __init__(self, dim=32, heads=2, depth=2):
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(self.blocks(x))
+
+
+class FunctionalBlock(nn.Module):
+    """Hugging Face-style functions: F.layer_norm, F.linear, chunk, torch.matmul, ``/ sqrt(d)``, F.softmax, F.gelu."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.w_qkv, self.b_qkv = nn.Parameter(torch.randn(3 * dim, dim) * dim**-0.5), nn.Parameter(torch.zeros(3 * dim))
+        self.w1, self.w2 = nn.Parameter(torch.randn(2 * dim, dim) * dim**-0.5), nn.Parameter(torch.randn(dim, 2 * dim) * 0.1)
+        self.ln_w, self.ln_b = nn.Parameter(1 + 0.1 * torch.randn(dim)), nn.Parameter(0.1 * torch.randn(dim))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        y = F.layer_norm(x, (c,), self.ln_w, self.ln_b, 1e-6)
+        q, k, v = F.linear(y, self.w_qkv, self.b_qkv).chunk(3, dim=-1)
+        q, k, v = (z.reshape(b, n, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(c // self.heads)
+        ctx = torch.matmul(F.softmax(scores, dim=-1), v).transpose(1, 2).reshape(b, n, c)
+        t = x + ctx
+        return t + F.linear(F.gelu(F.linear(t, self.w1)), self.w2)
+
+
+def _batches(shape, count, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g).double() for _ in range(count)]  # float32 values, float64 model
+
+
+def _both_paths(model, shape, gelu, softmax):
+    """The FX path's integer model and the Brevitas swap, calibrated on the same batches (float64 models:
+    exact INT32 accumulators in Brevitas' float arithmetic)."""
+    model = model.double().eval()
+    calibration = _batches(shape, 3)
+    prepared = fxp.prepare(copy.deepcopy(model), (calibration[0],), gelu=gelu, softmax=softmax, gelu_grid="symmetric")
+    swapped = quantize(copy.deepcopy(model), gelu=gelu, softmax=softmax)
+    with torch.no_grad():
+        for x in calibration:
+            prepared(x)
+        with calibration_mode(swapped):
+            for x in calibration:
+                swapped(x)
+    swapped.eval()
+    return fxp.convert(prepared, (calibration[0],)), swapped
+
+
+@pytest.mark.parametrize("model,shape,gelu,softmax", [
+    (Encoder(), (2, 17, 32), "poly", "bit-exp"), (Encoder(), (2, 17, 32), "lambda-shift", "shift"),
+    (FunctionalBlock(), (2, 17, 32), "shift", "bit-exp"), (HandViT(dim=32, heads=2), (2, 3, 32, 32), "poly", "shift")],
+    ids=["modules-poly-bitexp", "modules-lambda-shiftmax", "functions-shift-bitexp", "hand-vit-conv-cls-pos-mean"])
+def test_swapped_model_gives_the_fx_integers(model, shape, gelu, softmax):
+    torch.manual_seed(0)
+    int_model, swapped = _both_paths(model, shape, gelu, softmax)
+    kinds = {type(m) for m in swapped.modules()}
+    assert {QuantIdentity, QuantLinear, DyadicRequant, QuantILayerNorm, QuantGELU, QuantMatMul, QuantSoftmax} <= kinds
+    assert not any(isinstance(m, (nn.Linear, nn.LayerNorm, nn.GELU, nn.Conv2d))
+                   and not isinstance(m, (QuantLinear, QuantConv2d)) for m in swapped.modules())
+    lo, hi = int_model.input_formats[0][1]
+    for x in _batches(shape, 2, seed=7):
+        with torch.no_grad():
+            out = swapped(x)
+            inputs = swapped.x_quant(x).int()  # the integers the swapped model's input quantizer makes
+        assert isinstance(out, IntQuantTensor) and int(out.bit_width) == 16
+        assert float(out.scale) == int_model.output_scales[0]
+        assert (int(inputs.min()), int(inputs.max())) >= (lo, lo) and int(inputs.max()) <= hi
+        expected = int_model(inputs.to(torch.int8 if hi == 127 else torch.int16))
+        assert torch.equal(out.int().long(), expected.long())
+        assert expected.abs().max() > 100  # not a degenerate all-zero output
+
+
+def test_swapped_model_trains_through_the_integers():
+    torch.manual_seed(0)
+    _, swapped = _both_paths(Encoder(depth=1), (2, 9, 32), "lambda-shift", "shift")
+    swapped.train()
+    out = swapped(_batches((2, 9, 32), 1, seed=3)[0])
+    out.value.square().mean().backward()
+    qkv = swapped.get_submodule("blocks.0.attn.qkv.0")
+    assert isinstance(qkv, QuantLinear) and qkv.weight.grad is not None and qkv.weight.grad.abs().sum() > 0
+    assert swapped.get_submodule("blocks.0.norm1").weight.grad.abs().sum() > 0
+
+
+def test_an_op_the_swap_cannot_take_is_refused_with_its_node():
+    class LayerScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(8))
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) * self.gamma  # per-channel: the FX front end lowers it, the swap does not
+
+    with pytest.raises(LoweringError, match=r"node 'mul'.*positive number only"):
+        quantize(LayerScale())
+
+    class Gated(nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x) * x
+
+    with pytest.raises(LoweringError, match=r"node 'sigmoid'.*no integer lowering"):
+        quantize(Gated())
+
+
+CUSTOM_OPS = {"ILayerNorm", "ShiftGELU", "LambdaShiftGELU", "PolyGELU", "Shiftmax", "BitExpSoftmax", "ResidualAdd"}
+
+
+def test_brevitas_qonnx_export_reads_and_runs_in_qonnx_tools(tmp_path):
+    """Through Brevitas' QONNX manager with the plugin's handlers: standard Quant nodes for the requantizations,
+    one custom node per integer operator; qonnx's cleanup, shape / datatype inference, inference cost and
+    execution run on the file as it is, and execution agrees with the PyTorch integers."""
+    from collections import Counter
+
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.infer_shapes import InferShapes
+    from qonnx.util.cleanup import cleanup_model
+
+    from iseg_plugin.export.brevitas_qonnx import export_brevitas_qonnx
+    from iseg_plugin.export.qonnx import qonnx_inference_cost
+
+    torch.manual_seed(0)
+    _, swapped = _both_paths(Encoder(depth=1), (1, 17, 32), "lambda-shift", "shift")
+    x = _batches((1, 17, 32), 1, seed=5)[0]
+    with torch.no_grad():
+        reference = swapped(x)  # the float64 model's integers (exact); the file is its float32 copy
+    path = tmp_path / "encoder.onnx"
+    proto = export_brevitas_qonnx(swapped, (x,), path, input_names=["tokens"], output_names=["out"])
+    counts = Counter(n.op_type for n in proto.graph.node)
+    assert proto.ir_version <= 13
+    assert counts["ILayerNorm"] == 3 and counts["LambdaShiftGELU"] == 1 and counts["Shiftmax"] == 1
+    assert counts["ResidualAdd"] == 2
+    quants = [n for n in proto.graph.node if n.op_type == "Quant"]
+    requants = [n for n in quants if any(a.name == "multiplier" for a in n.attribute)]
+    assert len(requants) == 6  # qkv, proj, fc1, fc2 outputs, the two attention products
+    assert len(quants) >= len(requants) + 1 + 4  # + the input and the four weights (+ biases)
+
+    clean = cleanup_model(ModelWrapper(str(path))).transform(InferShapes()).transform(InferDataTypes())
+    custom_out = next(n.output[0] for n in clean.graph.node if n.op_type == "Shiftmax")
+    assert clean.get_tensor_datatype(custom_out) == DataType["UINT16"]
+    cost = qonnx_inference_cost(path)
+    assert cost["total_macs"] > 0 and any(k.startswith("op_mac_") for k in cost)
+    shape_ops = {"Gather", "Slice", "Split", "Squeeze", "Unsqueeze", "Resize"}
+    assert set(cost["unsupported"]) <= CUSTOM_OPS | shape_ops, cost["unsupported"]
+
+    # (cleanup gives tensors readable names: global_in, global_out)
+    out = execute_onnx(clean, {clean.graph.input[0].name: x.float().numpy()})[clean.graph.output[0].name]
+    ints = torch.round(torch.from_numpy(out).double() / float(reference.scale)).long()
+    diff = (ints - reference.int().long()).abs()
+    equal = float((diff == 0).double().mean())
+    print(f"execute_onnx vs PyTorch: {equal:.4%} of {diff.numel()} outputs equal, worst |diff| {int(diff.max())}")
+    assert equal >= 0.99 and int(diff.max()) <= 64
