@@ -165,7 +165,9 @@ def test_bad_operands_are_refused_with_the_fix():
     matmul = QuantMatMul().eval()
     with pytest.raises(ValueError, match="operand a must be signed INT8"):
         matmul(u, u.transpose(0, 1))
-    with pytest.raises(ValueError, match="give exactly one of size and scale_factor"):
-        QuantUpsample()
+    with pytest.raises(ValueError, match="give one of size and scale_factor"):
+        QuantUpsample(size=4, scale_factor=2)
+    with pytest.raises(ValueError, match="needs a size or a scale_factor"):
+        QuantUpsample()(IntQuantTensor(u.value.view(1, 2, 2, 4), u.scale, u.zero_point, u.bit_width, True, False))
     with pytest.raises(ValueError, match="unknown gelu variant 'erf'"):
         QuantGELU("erf")

@@ -196,7 +196,7 @@ def test_qonnx_executes_bit_exact_with_qonnx(tmp_path):
     _, deployed = deployed_pair(("poly", "bit-exp"), {"l2_norm": True, "upsample": "bilinear"})
     proto = export_qonnx(deployed, tmp_path / "m.qonnx.onnx")
     custom = {n.op_type for n in proto.graph.node if n.domain == "iseg_plugin.export.qonnx_ops"}
-    assert custom == {"DyadicRequant", "ResidualAdd", "ILayerNorm", "PolyGELU", "BitExpSoftmax", "IntL2Norm"}
+    assert custom == {"DyadicRequant", "ResidualAdd", "ILayerNorm", "PolyGELU", "BitExpSoftmax", "IntL2Norm", "IntResize"}
     for node in proto.graph.node:  # integer attributes only, no tensor inputs but the data
         if node.domain == "iseg_plugin.export.qonnx_ops":
             assert {a.type for a in node.attribute} <= {onnx.AttributeProto.INT, onnx.AttributeProto.INTS}

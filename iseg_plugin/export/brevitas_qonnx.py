@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
-import torch.nn.functional as F
 from brevitas.export.manager import _set_export_handler
 from brevitas.export.onnx.handler import ONNXBaseHandler
 from brevitas.export.onnx.qonnx.manager import QONNXManager
@@ -43,12 +43,14 @@ BREVITAS_DOMAIN = "onnx.brevitas"  # Brevitas' name for the QONNX domain of Quan
 
 
 class RequantQuantFn(torch.autograd.Function):
-    """A requantization as a QONNX ``Quant`` node, its integer multiplier and shift as extra attributes."""
+    """A QONNX ``Quant`` node: a requantization, its integer multiplier and shift as extra attributes, or (both
+    None) the grid of a tensor that is already on it (so that qonnx infers its ``SCALEDINT`` datatype)."""
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, bit_width, signed, multiplier, shift):
+        dyadic = {} if multiplier is None else dict(multiplier_i=multiplier, shift_i=shift)
         out = g.op(f"{BREVITAS_DOMAIN}::Quant", x, scale, zero_point, bit_width, rounding_mode_s="ROUND",
-                   signed_i=int(signed), narrow_i=0, multiplier_i=multiplier, shift_i=shift)
+                   signed_i=int(signed), narrow_i=0, **dyadic)
         out.setType(x.type())
         return out
 
@@ -81,6 +83,14 @@ def _requant(x: Tensor, requant, grid) -> IntQuantTensor:
     return IntQuantTensor(out, scale, zero, grid.bit_width, signed, False)
 
 
+def _on_grid(integers: Tensor, scale: Tensor, bit_width: Tensor, signed) -> IntQuantTensor:
+    scale = scale.to(integers.dtype)
+    zero = torch.zeros((), dtype=integers.dtype)
+    bits = torch.tensor(float(bit_width), dtype=integers.dtype)
+    value = RequantQuantFn.apply(integers * scale, scale, zero, bits, bool(signed), None, None)
+    return IntQuantTensor(value, scale, zero, bit_width, bool(signed), False)
+
+
 def _custom_node(module, inputs: list[Tensor]) -> Tensor:
     """The deployed ``module`` as one node of the plugin's QONNX domain, on float tensors holding integers."""
     op_type, attributes = node_attributes(module)
@@ -99,9 +109,8 @@ class _LayerHandler(ONNXBaseHandler):
         self.deployed, self.grid = module.export_record
 
     def _out(self, integers: Tensor) -> IntQuantTensor:
-        scale = self.grid.scale.detach().to(integers.dtype)
-        return IntQuantTensor(integers * scale, scale, torch.zeros_like(scale), self.grid.bit_width,
-                              self.grid.signed, False)
+        """The integers at the output scale (a ``Mul``), marked as on their grid by a ``Quant`` node."""
+        return _on_grid(integers, self.grid.scale.detach(), self.grid.bit_width, self.grid.signed)
 
 
 class DyadicRequantHandler(_LayerHandler):
@@ -112,19 +121,60 @@ class DyadicRequantHandler(_LayerHandler):
 
 
 class CustomNodeHandler(_LayerHandler):
-    """I-LayerNorm, GELU, softmax: one custom node on the input's integers, times the output scale."""
+    """I-LayerNorm, GELU, softmax, L2 norm: one custom node on the input's integers, times the output scale."""
 
-    handled_layer = (L.QuantILayerNorm, L.QuantGELU, L.QuantSoftmax)
+    handled_layer = (L.QuantILayerNorm, L.QuantGELU, L.QuantSoftmax, L.QuantL2Norm)
 
     def symbolic_execution(self, x):
         return self._out(_custom_node(self.deployed, [_integers(x)]))
 
 
 class ResidualAddHandler(_LayerHandler):
+    """One custom node; a constant operand (a position embedding) enters as its integers (an initializer)."""
+
     handled_layer = L.QuantResidualAdd
 
+    def prepare_for_export(self, module):
+        super().prepare_for_export(module)
+        self.operand = module._operand
+
+    def _integers(self, x) -> Tensor:
+        return _integers(x) if isinstance(x, QuantTensor) else self.operand(x)[0]
+
     def symbolic_execution(self, a, b):
-        return self._out(_custom_node(self.deployed, [_integers(a), _integers(b)]))
+        return self._out(_custom_node(self.deployed, [self._integers(a), self._integers(b)]))
+
+
+class MeanHandler(_LayerHandler):
+    """The mean of the values (``ReduceSum``, ``Mul`` by 1/n), then the requantization as a ``Quant`` node."""
+
+    handled_layer = L.QuantMean
+
+    def symbolic_execution(self, x):
+        m = self.deployed
+        dims = m.dim if isinstance(m.dim, (list, tuple)) else (m.dim,)
+        count = math.prod(_value(x).shape[d] for d in dims)
+        return _requant(_value(x).sum(m.dim, keepdim=m.keepdim) * (1.0 / count), m.out, self.grid)
+
+
+class CatHandler(_LayerHandler):
+    """Each part requantized to the output grid (a ``Quant`` node) where it is not on it, constants quantized to
+    it (folded to an initializer), then a ``Concat``."""
+
+    handled_layer = L.QuantCat
+
+    def symbolic_execution(self, *parts):
+        values = []
+        scale = self.grid.scale.detach()
+        for part, requant in zip(parts, self.deployed.requants):
+            if not isinstance(part, QuantTensor):  # a constant
+                lo, hi = self.grid.bounds
+                values.append(torch.clamp(torch.round(part / scale.to(part.dtype)), lo, hi) * scale.to(part.dtype))
+            elif isinstance(requant, torch.nn.Identity):
+                values.append(_value(part))
+            else:
+                values.append(_requant(_value(part), requant, self.grid).value)
+        return self._out(torch.cat(values, self.deployed.dim) / scale.to(values[0].dtype))
 
 
 class MatMulHandler(_LayerHandler):
@@ -149,16 +199,12 @@ class ScalarMulHandler(_LayerHandler):
 
 
 class UpsampleHandler(_LayerHandler):
-    """Nearest: a standard ``Resize`` (it moves values only). Integer bilinear has no QONNX node yet."""
+    """One ``IntResize`` node (nearest or integer bilinear) on the integers; the scale is the input's."""
 
     handled_layer = L.QuantUpsample
 
-    def symbolic_execution(self, x):
-        if self.deployed.mode != "nearest":
-            raise NotImplementedError("integer bilinear upsampling has no QONNX node yet; export the deployed model "
-                                      "with `iseg export --format qonnx` instead")
-        out = F.interpolate(_value(x), tuple(self.deployed.size), mode="nearest")
-        return IntQuantTensor(out, x.scale, x.zero_point, x.bit_width, x.signed, False)
+    def symbolic_execution(self, x, size=None):
+        return _on_grid(_custom_node(self.deployed, [_integers(x)]), x.scale, x.bit_width, x.signed)
 
 
 class _FloatOutputs(torch.nn.Module):
@@ -179,7 +225,7 @@ class IsegQONNXManager(QONNXManager):
     """Brevitas' QONNX manager, with a handler for each layer of :mod:`iseg_plugin.nn`."""
 
     handlers = QONNXManager.handlers + [DyadicRequantHandler, CustomNodeHandler, ResidualAddHandler, MatMulHandler,
-                                        ScalarMulHandler, UpsampleHandler]
+                                        MeanHandler, CatHandler, ScalarMulHandler, UpsampleHandler]
 
     @classmethod
     def set_export_mode(cls, model, enabled: bool):
@@ -218,7 +264,13 @@ def export_brevitas_qonnx(model: torch.nn.Module, args: tuple, path: str | Path,
                                         input_names=input_names, output_names=output_names)
         finally:
             torch.onnx.unregister_custom_op_symbolic("iseg::qonnx_node", OPSET)
-        wrapper = ModelWrapper(onnx.load(str(tmp))).transform(InferShapes())
+        proto = onnx.load(str(tmp))
+        # the exporter's shapes for the Quant nodes' outputs can be wrong (a 0 for a dim it did not know): infer them
+        quant_outputs = {o for n in proto.graph.node if n.domain == BREVITAS_DOMAIN for o in n.output}
+        kept = [v for v in proto.graph.value_info if v.name not in quant_outputs]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept)
+        wrapper = ModelWrapper(proto).transform(InferShapes())
         while True:  # shapes of the custom nodes' neighbours fold in turn
             count = len(wrapper.graph.node)
             wrapper = ModelWrapper(_fold_constants(wrapper)).transform(InferShapes())

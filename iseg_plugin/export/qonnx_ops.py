@@ -31,8 +31,10 @@ _FIELDS = {
     "Shiftmax": ((), ("i0", "bits", "dim")),
     "BitExpSoftmax": ((), ("bits", "dim")),
     "L2Norm": ((), ("frac_bits",)),
+    "Upsample": ((), ("mode", "size")),
 }
-_TUPLES = {"bounds"}  # fields that are (lo, hi)
+_TUPLES = {"bounds", "size"}  # fields that are pairs: (lo, hi), (height, width)
+_ENUMS = {"mode": ("nearest", "bilinear")}  # string fields, written as their index
 
 # op type -> (deployed module class, its children by name); attributes of a child are prefixed "child_".
 NODE_TYPES = {
@@ -45,6 +47,7 @@ NODE_TYPES = {
     "Shiftmax": ("Shiftmax", {}),
     "BitExpSoftmax": ("BitExpSoftmax", {"exponent": "Multiplier"}),
     "IntL2Norm": ("L2Norm", {"out": "Requant"}),
+    "IntResize": ("Upsample", {}),
 }
 OP_TYPE_OF = {module: op for op, (module, _) in NODE_TYPES.items()}
 
@@ -75,9 +78,22 @@ def node_attributes(module: nn.Module) -> tuple[str, dict]:
         part = module if not prefix else module.get_submodule(prefix[:-1])
         buffers, fields = _FIELDS[cls]
         attributes.update({prefix + b: [int(v) for v in getattr(part, b).flatten().tolist()] for b in buffers})
-        attributes.update({prefix + f: ([int(v) for v in getattr(part, f)] if f in _TUPLES else int(getattr(part, f)))
-                           for f in fields})
+        attributes.update({prefix + f: _encode_field(f, getattr(part, f)) for f in fields})
+    if op_type == "IntResize" and module.out is not None:
+        raise ValueError("IntResize stands for an upsampling without a requantization of its own")
     return op_type, attributes
+
+
+def _encode_field(name: str, value):
+    if name in _TUPLES:
+        return [int(v) for v in value]
+    return _ENUMS[name].index(value) if name in _ENUMS else int(value)
+
+
+def _decode_field(name: str, value):
+    if name in _TUPLES:
+        return {"tuple": list(value)}
+    return _ENUMS[name][int(value)] if name in _ENUMS else int(value)
 
 
 def module_from_attributes(op_type: str, attributes: dict) -> nn.Module:
@@ -95,8 +111,9 @@ def module_from_attributes(op_type: str, attributes: dict) -> nn.Module:
         for b in buffers:
             values = torch.tensor(attributes[prefix + b], dtype=torch.int64)
             state[f"{name}.{b}" if name else b] = values[0] if values.numel() == 1 else values
-        attrs = {f: {"tuple": list(attributes[prefix + f])} if f in _TUPLES else int(attributes[prefix + f])
-                 for f in fields}
+        attrs = {f: _decode_field(f, attributes[prefix + f]) for f in fields}
+        if cls == "Upsample":
+            attrs["out"] = None
         return {"type": cls, "attrs": attrs, "buffers": list(buffers), "none_buffers": [],
                 "children": {child: spec(child, child_cls, {}) for child, child_cls in children.items()}}
 
@@ -112,6 +129,8 @@ def output_bounds(op_type: str, attributes: dict) -> tuple[int, int]:
         return tuple(attributes["bounds"])
     if op_type == "ResidualAdd":
         return intops.int_range(attributes["bits"])
+    if op_type == "IntResize":  # values stay within the input's range: the input's datatype
+        return None
     return 0, 1 << (attributes["bits"] - 1)  # softmax probabilities
 
 
@@ -141,7 +160,11 @@ class _IntegerOp(CustomOp):
         return helper.make_node("Identity", [node.input[0]], [node.output[0]])
 
     def infer_node_datatype(self, model):
-        lo, hi = output_bounds(self._op_type(), self._attributes())
+        bounds = output_bounds(self._op_type(), self._attributes())
+        if bounds is None:
+            model.set_tensor_datatype(self.onnx_node.output[0], model.get_tensor_datatype(self.onnx_node.input[0]))
+            return
+        lo, hi = bounds
         candidates = [DataType.get_smallest_possible(lo), DataType.get_smallest_possible(hi)]
         if lo < 0:  # (the smallest type of a positive hi may be unsigned)
             candidates = [t if t.signed() else DataType[f"INT{t.bitwidth() + 1}"] for t in candidates]
@@ -191,3 +214,16 @@ class BitExpSoftmax(_IntegerOp):
 
 class IntL2Norm(_IntegerOp):
     """Integer L2 normalisation over the last axis, requantized (``L2Norm``)."""
+
+
+class IntResize(_IntegerOp):
+    """Nearest or integer bilinear resize of the last two axes to ``size`` (``Upsample``)."""
+
+    def make_shape_compatible_op(self, model):
+        # the input's shape with the last two axes resized (the exporter records the output's shape: read it where
+        # the input's is not inferred yet), in the input's element type
+        node = self.onnx_node
+        shape = model.get_tensor_shape(node.output[0]) or (
+            list(model.get_tensor_shape(node.input[0]))[:-2] + list(self.get_nodeattr("size")))
+        elem_type = model.get_tensor_valueinfo(node.output[0]).type.tensor_type.elem_type
+        return helper.make_node("RandomNormal", [], [node.output[0]], dtype=elem_type, shape=shape)

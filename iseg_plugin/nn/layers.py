@@ -325,17 +325,25 @@ class QuantMatMul(_QuantOutput):
 
 
 class QuantL2Norm(_QuantOutput):
-    """``F.normalize(x, dim=-1)``: integer L2 normalisation over the last dimension (15 fraction bits), its output
-    requantized to this layer's grid."""
+    """``F.normalize(x, dim=dim)`` over the last dimension (``dim`` -1 or the last index): integer L2
+    normalisation (15 fraction bits), its output requantized to this layer's grid."""
 
-    def __init__(self, act_quant=Int16ActPerTensorFloat, **kwargs):
+    def __init__(self, dim: int = -1, act_quant=Int16ActPerTensorFloat, **kwargs):
         super().__init__(act_quant, **kwargs)
+        self.dim = dim
+
+    def _float(self, x: Tensor) -> Tensor:
+        if self.dim not in (-1, x.dim() - 1):
+            raise ValueError(f"integer L2 normalisation is over the last dimension; got dim={self.dim} for a "
+                             f"{x.dim()}-d input")
+        return F.normalize(x, dim=self.dim)
 
     def _forward(self, x):
         if not self.quantizing:
-            return _value(self.output_quant(F.normalize(_value(x), dim=-1)))
+            return _value(self.output_quant(self._float(_value(x))))
         integers, scale = _integers(x, self)
-        grid = self.grid(lambda: F.normalize(x.value, dim=-1))
+        grid = self.grid(lambda: self._float(x.value))
+        self._float(integers[..., :0])  # (the dimension check)
         return self._run(self.deployed(scale, grid), grid, integers)
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.L2Norm:
@@ -435,29 +443,34 @@ class QuantScalarMul(_Layer):
 
 class QuantUpsample(_Layer):
     """Nearest or integer bilinear (align_corners=False) resize of (B, C, H, W) to ``size`` or by
-    ``scale_factor``; the grid is the input's (bilinear rounds its exact rational weights)."""
+    ``scale_factor`` (or to a ``size`` given to ``forward``: one the model computes from shapes); the grid is
+    the input's (bilinear rounds its exact rational weights)."""
 
     def __init__(self, size=None, scale_factor=None, mode: str = "nearest"):
         super().__init__()
         if mode not in ("nearest", "bilinear"):
             raise ValueError(f"integer upsampling is nearest or bilinear, got mode={mode!r}")
-        if (size is None) == (scale_factor is None):
-            raise ValueError("give exactly one of size and scale_factor")
+        if size is not None and scale_factor is not None:
+            raise ValueError("give one of size and scale_factor")
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
 
-    def _size(self, x: Tensor) -> tuple[int, int]:
-        if self.size is not None:
-            return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+    def _size(self, x: Tensor, size=None) -> tuple[int, int]:
+        size = self.size if size is None else size
+        if size is not None:
+            return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if self.scale_factor is None:
+            raise ValueError("QuantUpsample needs a size or a scale_factor")
         return int(x.shape[-2] * self.scale_factor), int(x.shape[-1] * self.scale_factor)
 
-    def _forward(self, x):
+    def _forward(self, x, size=None):
         if not isinstance(x, IntQuantTensor):  # calibration mode: the float op
             x = _value(x)
-            return F.interpolate(x, self._size(x), mode=self.mode, align_corners=False if self.mode == "bilinear" else None)
+            return F.interpolate(x, self._size(x, size), mode=self.mode,
+                                 align_corners=False if self.mode == "bilinear" else None)
         integers, _ = _integers(x, self)
         signed = bool(x.signed)
         grid = _Grid(x.scale, x.bit_width, signed, intops.int_range(int(x.bit_width), signed=signed))
-        return self._run(self.deployed(self._size(x.value)), grid, integers)
+        return self._run(self.deployed(self._size(x.value, size)), grid, integers)
 
     def deployed(self, size: tuple[int, int]) -> M.Upsample:
         return M.Upsample(self.mode, size, None)

@@ -273,10 +273,10 @@ class _Swap:
 
     def _l2_normalize(self, node: fx.Node) -> None:
         p, dim = self._arg(node, 1, "p", 2.0), self._arg(node, 2, "dim", 1)
-        if p != 2 or dim != -1:
-            raise LoweringError(f"{describe(node)}: integer L2 normalisation is over the last dimension (dim=-1) "
-                                f"with p=2; got p={p}, dim={dim}")
-        layer = QuantL2Norm(act_quant=self.act(node))
+        if p != 2 or not isinstance(dim, int):
+            raise LoweringError(f"{describe(node)}: integer L2 normalisation is over the last dimension with p=2; "
+                                f"got p={p}, dim={dim}")
+        layer = QuantL2Norm(dim, act_quant=self.act(node))  # (it checks that dim is the last at run time)
         self._emit(node, layer, [self.need(node.args[0], 16, node)], self.demand[node])
 
     def _mean(self, node: fx.Node) -> None:
@@ -337,7 +337,12 @@ class _Swap:
         if mode not in ("nearest", "bilinear") or (mode == "bilinear" and align):
             raise LoweringError(f"{describe(node)}: integer upsampling is nearest or bilinear (align_corners=False)")
         x = self.need(node.args[0], 16, node)
-        self._emit(node, QuantUpsample(size, factor, mode), [x], self.bits[x])
+        computed = isinstance(size, fx.Node) or (isinstance(size, (list, tuple)) and
+                                                 any(isinstance(v, fx.Node) for v in size))
+        if computed:  # a size the model computes from shapes: given at run time
+            self._emit(node, QuantUpsample(None, None, mode), [x, size], self.bits[x])
+        else:
+            self._emit(node, QuantUpsample(size, factor, mode), [x], self.bits[x])
 
     def _shape(self, node: fx.Node) -> None:
         value = self._quantized(node.args[0], node)
