@@ -3,11 +3,15 @@
 Brevitas supplies the GEMMs (``QuantLinear``: INT8 weights, ``Int32Bias``) and the input quantizer
 (``QuantIdentity``); the plugin supplies every integer operator between them (requantization,
 I-LayerNorm, the attention's integer products and softmax, an integer GELU, the residual adds). The block
-is calibrated with Brevitas' ``calibration_mode``, then runs on integers, and trains (QAT) through them.
+is calibrated with Brevitas' ``calibration_mode``, then runs on integers, is exported to QONNX through Brevitas'
+QONNX manager with the plugin's handlers, and trains (QAT) through the integers.
 
     .venv/bin/python examples/brevitas_vit_block.py
 """
 from __future__ import annotations
+
+import tempfile
+from collections import Counter
 
 import torch
 from brevitas.graph.calibrate import calibration_mode
@@ -15,6 +19,7 @@ from brevitas.nn import QuantIdentity, QuantLinear
 from brevitas.quant import Int8WeightPerTensorFloat, Int32Bias
 from torch import nn
 
+from iseg_plugin.export.brevitas_qonnx import export_brevitas_qonnx
 from iseg_plugin.nn import (DyadicRequant, Int16ActPerTensorFloat, QuantGELU, QuantILayerNorm, QuantMatMul,
                             QuantResidualAdd, QuantSoftmax)
 
@@ -70,6 +75,9 @@ def main() -> None:
     integers = out.int()  # Brevitas' integer view of the IntQuantTensor
     print(f"output: INT{int(out.bit_width)} at scale {float(out.scale):.3g}, integers in "
           f"[{int(integers.min())}, {int(integers.max())}]")
+    with tempfile.TemporaryDirectory() as tmp:  # Brevitas' QONNX manager with the plugin's export handlers
+        proto = export_brevitas_qonnx(model, (tokens[:1],), f"{tmp}/block.onnx")
+    print("QONNX nodes:", dict(Counter(n.op_type for n in proto.graph.node).most_common()))
     model.train()
     loss = model(tokens).value.square().mean()
     loss.backward()

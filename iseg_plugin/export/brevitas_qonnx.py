@@ -265,11 +265,9 @@ def export_brevitas_qonnx(model: torch.nn.Module, args: tuple, path: str | Path,
         finally:
             torch.onnx.unregister_custom_op_symbolic("iseg::qonnx_node", OPSET)
         proto = onnx.load(str(tmp))
-        # the exporter's shapes for the Quant nodes' outputs can be wrong (a 0 for a dim it did not know): infer them
-        quant_outputs = {o for n in proto.graph.node if n.domain == BREVITAS_DOMAIN for o in n.output}
-        kept = [v for v in proto.graph.value_info if v.name not in quant_outputs]
+        # the exporter leaves the custom nodes' outputs with unknown or zero dims, and the shape arithmetic after them
+        # unfolded: infer every shape again from the (static) input's
         del proto.graph.value_info[:]
-        proto.graph.value_info.extend(kept)
         wrapper = ModelWrapper(proto).transform(InferShapes())
         while True:  # shapes of the custom nodes' neighbours fold in turn
             count = len(wrapper.graph.node)

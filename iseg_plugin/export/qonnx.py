@@ -159,6 +159,9 @@ def _fold_constants(wrapper) -> onnx.ModelProto:
     graph.node.extend(kept)
     del graph.initializer[:]
     graph.initializer.extend(initializers)
+    stale = [v for v in graph.value_info if v.name in known]  # (a folded tensor's shape is its initializer's)
+    for v in stale:
+        graph.value_info.remove(v)
     return proto
 
 

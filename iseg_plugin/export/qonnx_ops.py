@@ -220,10 +220,11 @@ class IntResize(_IntegerOp):
     """Nearest or integer bilinear resize of the last two axes to ``size`` (``Upsample``)."""
 
     def make_shape_compatible_op(self, model):
-        # the input's shape with the last two axes resized (the exporter records the output's shape: read it where
-        # the input's is not inferred yet), in the input's element type
+        # a standard Resize of the last two axes to ``size`` (its sizes as an initializer, which qonnx's cleanup
+        # drops once unused): shape and element type follow the input, whatever is known of it yet
+        import numpy as np
+
         node = self.onnx_node
-        shape = model.get_tensor_shape(node.output[0]) or (
-            list(model.get_tensor_shape(node.input[0]))[:-2] + list(self.get_nodeattr("size")))
-        elem_type = model.get_tensor_valueinfo(node.output[0]).type.tensor_type.elem_type
-        return helper.make_node("RandomNormal", [], [node.output[0]], dtype=elem_type, shape=shape)
+        sizes = f"{node.output[0]}_iseg_resize_sizes"
+        model.set_initializer(sizes, np.array(self.get_nodeattr("size"), dtype=np.int64))
+        return helper.make_node("Resize", [node.input[0], "", "", sizes], [node.output[0]], axes=[-2, -1])
