@@ -21,6 +21,7 @@ Brevitas' ``QuantLinear`` carries no input zero point into its accumulator.
 
 An op with no integer lowering is refused with the node named, as by the FX front end.
 """
+import copy
 from typing import Callable
 
 import torch
@@ -66,7 +67,7 @@ class OnIntegers(nn.Module):
 
 
 def quantize(model: nn.Module, gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05) -> fx.GraphModule:
-    """The float ``model`` with its ops swapped for Brevitas layers (see the module docstring). Calibrate it
+    """A copy of the float ``model`` with its ops swapped for Brevitas layers (see the module docstring). Calibrate it
     under ``brevitas.graph.calibrate.calibration_mode``, then run it (eval: integers; train: QAT). ``gelu`` /
     ``softmax`` name registry variants; ``momentum`` is the range EMA's weight (0.05 PTQ, 0.01 QAT)."""
     return _Swap(model, REGISTRY["gelu"].variant(gelu).name, REGISTRY["softmax"].variant(softmax).name,
@@ -75,7 +76,7 @@ def quantize(model: nn.Module, gelu: str = "poly", softmax: str = "bit-exp", mom
 
 class _Swap:
     def __init__(self, model: nn.Module, gelu: str, softmax: str, momentum: float):
-        self.gm = fx.symbolic_trace(model)
+        self.gm = fx.symbolic_trace(copy.deepcopy(model))  # (the user's model stays as it is)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.graph = self.gm.graph
         self.gelu, self.softmax, self.momentum = gelu, softmax, momentum
