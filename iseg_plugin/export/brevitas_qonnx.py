@@ -36,7 +36,7 @@ from torch import Tensor
 from ..files import atomic_write
 from ..nn import layers as L
 from .onnx_int import IR_VERSION, OPSET
-from .qonnx import _fold_constants, _qonnx_node, _qonnx_node_symbolic
+from .qonnx import _qonnx_node, _qonnx_node_symbolic, static_shapes
 from .qonnx_ops import node_attributes
 
 BREVITAS_DOMAIN = "onnx.brevitas"  # Brevitas' name for the QONNX domain of Quant / Trunc (qonnx reads it)
@@ -246,9 +246,6 @@ def export_brevitas_qonnx(model: torch.nn.Module, args: tuple, path: str | Path,
     :class:`IsegQONNXManager` (TorchScript exporter), in float32 (a float64 model is exported as its float32
     copy: qonnx computes ``Quant`` nodes in float32). The file is IR 10, opset 18, its shapes inferred and
     folded: qonnx's tools read it as it is. Written atomically (a failed export leaves no half file)."""
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.transformation.infer_shapes import InferShapes
-
     # qonnx computes Quant nodes in float32: the graph is float32 whatever the model's float type
     model = copy.deepcopy(model).float().eval()
     args = tuple(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
@@ -268,12 +265,7 @@ def export_brevitas_qonnx(model: torch.nn.Module, args: tuple, path: str | Path,
         # the exporter leaves the custom nodes' outputs with unknown or zero dims, and the shape arithmetic after them
         # unfolded: infer every shape again from the (static) input's
         del proto.graph.value_info[:]
-        wrapper = ModelWrapper(proto).transform(InferShapes())
-        while True:  # shapes of the custom nodes' neighbours fold in turn
-            count = len(wrapper.graph.node)
-            wrapper = ModelWrapper(_fold_constants(wrapper)).transform(InferShapes())
-            if len(wrapper.graph.node) == count:
-                break
+        wrapper = static_shapes(proto)
         wrapper.model.ir_version = IR_VERSION
         wrapper.save(str(tmp))
         exported.append(wrapper.model)

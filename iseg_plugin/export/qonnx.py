@@ -89,9 +89,6 @@ def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
     graph_model = copy.deepcopy(model).eval()
     pixels = torch.zeros(1, 3, *model.input_size, dtype=torch.uint8)
     _as_nodes(graph_model, _called_operators(graph_model, pixels))
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.transformation.infer_shapes import InferShapes
-
     exported = []
 
     def write(tmp: Path) -> None:
@@ -105,19 +102,27 @@ def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
                                       input_names=["pixels"], output_names=["logits", "classes"])
         finally:
             torch.onnx.unregister_custom_op_symbolic("iseg::qonnx_node", OPSET)
-        wrapper = ModelWrapper(expand_shifts(onnx.load(str(tmp)))).transform(InferShapes())  # qonnx needs every shape
-        while True:  # folded shapes give static shapes downstream, whose Shape nodes fold in turn
-            count = len(wrapper.graph.node)
-            wrapper = ModelWrapper(_fold_constants(wrapper)).transform(InferShapes())
-            if len(wrapper.graph.node) == count:
-                break
-        wrapper = _annotate_gemm_operands(wrapper)
+        wrapper = _annotate_gemm_operands(static_shapes(expand_shifts(onnx.load(str(tmp)))))
         wrapper.model.ir_version = IR_VERSION
         wrapper.save(str(tmp))
         exported.append(wrapper.model)
 
     atomic_write(path, write)
     return exported[0]
+
+
+def static_shapes(proto: onnx.ModelProto):
+    """qonnx's shape inference, then constant folding (:func:`_fold_constants`) until nothing changes: folded
+    shapes give static shapes downstream, whose ``Shape`` nodes fold in turn (qonnx needs every shape)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    wrapper = ModelWrapper(proto).transform(InferShapes())
+    while True:
+        count = len(wrapper.graph.node)
+        wrapper = ModelWrapper(_fold_constants(wrapper)).transform(InferShapes())
+        if len(wrapper.graph.node) == count:
+            return wrapper
 
 
 def _fold_constants(wrapper) -> onnx.ModelProto:
