@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -33,8 +32,11 @@ from brevitas.export.onnx.qonnx.manager import QONNXManager
 from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import Tensor
 
+from .. import intops
 from ..files import atomic_write
 from ..nn import layers as L
+from ..nn.layers import _value
+from ..ops.entries import reduced_count
 from .onnx_int import IR_VERSION, OPSET
 from .qonnx import _qonnx_node, _qonnx_node_symbolic, static_shapes
 from .qonnx_ops import node_attributes
@@ -56,13 +58,7 @@ class RequantQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, bit_width, signed, multiplier, shift):
-        bits = int(bit_width)
-        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-        return torch.clamp(torch.round(x / scale), lo, hi) * scale
-
-
-def _value(x) -> Tensor:
-    return x.value if isinstance(x, QuantTensor) else x
+        return intops.quantize(x, scale, intops.int_range(int(bit_width), signed=signed)) * scale
 
 
 def _integers(x: IntQuantTensor) -> Tensor:
@@ -73,7 +69,7 @@ def _integers(x: IntQuantTensor) -> Tensor:
 def _requant(x: Tensor, requant, grid) -> IntQuantTensor:
     """A plugin requantization (``ops.modules.Requant``) of the float ``x`` onto ``grid`` as a ``Quant`` node."""
     bits, signed = int(grid.bit_width), bool(grid.signed)
-    expected = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    expected = intops.int_range(bits, signed=signed)
     if tuple(requant.bounds) != expected:
         raise ValueError(f"a Quant node clamps to {expected}; this requantization clamps to {tuple(requant.bounds)}")
     scale = grid.scale.detach().to(x.dtype)
@@ -152,8 +148,7 @@ class MeanHandler(_LayerHandler):
 
     def symbolic_execution(self, x):
         m = self.deployed
-        dims = m.dim if isinstance(m.dim, (list, tuple)) else (m.dim,)
-        count = math.prod(_value(x).shape[d] for d in dims)
+        count = reduced_count(_value(x).shape, m.dim)
         return _requant(_value(x).sum(m.dim, keepdim=m.keepdim) * (1.0 / count), m.out, self.grid)
 
 
@@ -168,8 +163,7 @@ class CatHandler(_LayerHandler):
         scale = self.grid.scale.detach()
         for part, requant in zip(parts, self.deployed.requants):
             if not isinstance(part, QuantTensor):  # a constant
-                lo, hi = self.grid.bounds
-                values.append(torch.clamp(torch.round(part / scale.to(part.dtype)), lo, hi) * scale.to(part.dtype))
+                values.append(intops.quantize(part, scale.to(part.dtype), self.grid.bounds) * scale.to(part.dtype))
             elif isinstance(requant, torch.nn.Identity):
                 values.append(_value(part))
             else:

@@ -18,7 +18,6 @@ integers times a scale; run the model in float64 for INT32 accumulators beyond 2
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from .. import intops
 from ..ops import modules as M
-from ..ops.entries import GELU_OUT_SHIFT, L2_FRAC_BITS, SOFTMAX_BITS
+from ..ops.entries import GELU_OUT_SHIFT, L2_FRAC_BITS, SOFTMAX_BITS, cat_requant, reduced_count
 from ..ops.observer import IsegObserver
 from ..ops.registry import REGISTRY
 
@@ -332,19 +331,18 @@ class QuantL2Norm(_QuantOutput):
         super().__init__(act_quant, **kwargs)
         self.dim = dim
 
-    def _float(self, x: Tensor) -> Tensor:
+    def _check_dim(self, x: Tensor) -> Tensor:
         if self.dim not in (-1, x.dim() - 1):
             raise ValueError(f"integer L2 normalisation is over the last dimension; got dim={self.dim} for a "
                              f"{x.dim()}-d input")
-        return F.normalize(x, dim=self.dim)
+        return x
 
     def _forward(self, x):
         if not self.quantizing:
-            return _value(self.output_quant(self._float(_value(x))))
+            return _value(self.output_quant(F.normalize(self._check_dim(_value(x)), dim=-1)))
         integers, scale = _integers(x, self)
-        grid = self.grid(lambda: self._float(x.value))
-        self._float(integers[..., :0])  # (the dimension check)
-        return self._run(self.deployed(scale, grid), grid, integers)
+        grid = self.grid(lambda: F.normalize(self._check_dim(x.value), dim=-1))
+        return self._run(self.deployed(scale, grid), grid, self._check_dim(integers))
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.L2Norm:
         _per_tensor(in_scale, self, "input")
@@ -361,16 +359,12 @@ class QuantMean(_QuantOutput):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, keepdim={self.keepdim}"
 
-    def _count(self, x: Tensor) -> int:
-        dims = self.dim if isinstance(self.dim, (list, tuple)) else (self.dim,)
-        return math.prod(x.shape[d] for d in dims)
-
     def _forward(self, x):
         if not self.quantizing:
             return _value(self.output_quant(_value(x).mean(self.dim, keepdim=self.keepdim)))
         integers, scale = _integers(x, self)
         grid = self.grid(lambda: x.value.mean(self.dim, keepdim=self.keepdim))
-        return self._run(self.deployed(scale, self._count(x.value), grid), grid, integers)
+        return self._run(self.deployed(scale, reduced_count(x.value.shape, self.dim), grid), grid, integers)
 
     def deployed(self, in_scale: Tensor, count: int, grid: _Grid | None = None) -> M.Mean:
         return M.Mean(self.dim, self.keepdim,
@@ -398,21 +392,17 @@ class QuantCat(_QuantOutput):
             if isinstance(p, IntQuantTensor):
                 i, s = _integers(p, self)
                 integers.append(i)
-                scales.append((float(s), int(p.bit_width), bool(p.signed)))
+                scales.append((float(s), intops.int_range(int(p.bit_width), signed=bool(p.signed))))
             else:  # a constant: on the output grid directly
                 integers.append(intops.quantize(p.float(), torch.tensor(scale), grid.bounds).to(p.dtype))
                 scales.append(None)
         return self._run(self.deployed(scales, grid), grid, *integers)
 
     def deployed(self, parts: list, grid: _Grid | None = None) -> M.Cat:
-        """``parts``: (scale, bit width, signed) of each quantized part, None for a constant one."""
+        """``parts``: (scale, integer bounds) of each quantized part, None for a constant one (already on the grid)."""
         grid = grid or self.grid()
         scale = float(grid.scale.detach())
-        requants = []
-        for part in parts:
-            same = part is None or (part[0] == scale and grid.bounds[0] <= intops.int_range(part[1], signed=part[2])[0]
-                                    and intops.int_range(part[1], signed=part[2])[1] <= grid.bounds[1])
-            requants.append(None if same else M.Requant.between(part[0], scale, grid.bounds))
+        requants = [None if part is None else cat_requant(*part, scale, grid.bounds) for part in parts]
         return M.Cat(self.dim, requants, M.storage_dtype(grid.bounds))
 
 

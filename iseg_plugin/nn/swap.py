@@ -88,6 +88,7 @@ class _Swap:
         self.origin: dict[fx.Node, tuple[fx.Node, tuple[fx.Node, ...]]] = {}  # through shape ops
         self.probabilities: set[fx.Node] = set()  # QuantSoftmax outputs (UINT16, read as they are)
         self.narrowed: dict[tuple[fx.Node, int], fx.Node] = {}
+        self.input_bits: int | None = None  # of the registry entry being swapped
         self._names: set[str] = set(dict(self.gm.named_modules()))
 
     def run(self) -> fx.GraphModule:
@@ -158,6 +159,10 @@ class _Swap:
             self.narrowed[key] = current
         return self.narrowed[key]
 
+    def need_input(self, arg, node: fx.Node) -> fx.Node:
+        """``arg`` at the input width of the registry entry being swapped (INT8 into GEMMs and GELU, INT16 else)."""
+        return self.need(arg, self.input_bits, node)
+
     def _arg(self, node: fx.Node, i: int, name: str, default=None):
         return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
 
@@ -195,6 +200,7 @@ class _Swap:
         if handler is None:
             raise LoweringError(f"{describe(node)}: the registry's {entry.name!r} has no Brevitas layer yet; the "
                                 "FX front end (fx_patterns.prepare / convert) lowers it")
+        self.input_bits = entry.input_bits  # the width the entry's quantized inputs are brought to (need_input)
         handler(node)
 
     def _linear(self, node: fx.Node) -> None:
@@ -212,7 +218,7 @@ class _Swap:
             if bias is not None:
                 linear.bias.copy_(bias)
         module = nn.Sequential(linear, DyadicRequant(act_quant=self.act(node)))
-        self._emit(node, module, [self.need(x, 8, node)], self.demand[node])
+        self._emit(node, module, [self.need_input(x, node)], self.demand[node])
 
     def _layer_norm(self, node: fx.Node) -> None:
         if node.op == "call_module":
@@ -238,22 +244,22 @@ class _Swap:
                 layer.weight.copy_(weight)
             if bias is not None:
                 layer.bias.copy_(bias)
-        self._emit(node, layer, [self.need(node.args[0], 16, node)], self.demand[node])
+        self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
 
     def _gelu(self, node: fx.Node) -> None:
         layer = QuantGELU(self.gelu, act_quant=self.act(node))
-        self._emit(node, layer, [self.need(node.args[0], 8, node)], self.demand[node])
+        self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
 
     def _softmax(self, node: fx.Node) -> None:
         dim = self.gm.get_submodule(node.target).dim if node.op == "call_module" else self._arg(node, 1, "dim")
         if dim is None:
             raise LoweringError(f"{describe(node)}: softmax needs an explicit dim")
-        new = self._emit(node, QuantSoftmax(self.softmax, dim), [self.need(node.args[0], 16, node)], 16)
+        new = self._emit(node, QuantSoftmax(self.softmax, dim), [self.need_input(node.args[0], node)], 16)
         self.probabilities.add(new)
 
     def _matmul(self, node: fx.Node) -> None:
         a, b = node.args[0], node.args[1]
-        inputs = [self.need(a, 8, node), self.need(b, 8, node)]
+        inputs = [self.need_input(a, node), self.need_input(b, node)]
         self._emit(node, QuantMatMul(act_quant=self.act(node)), inputs, self.demand[node])
 
     def _add(self, node: fx.Node) -> None:
@@ -278,14 +284,14 @@ class _Swap:
             raise LoweringError(f"{describe(node)}: integer L2 normalisation is over the last dimension with p=2; "
                                 f"got p={p}, dim={dim}")
         layer = QuantL2Norm(dim, act_quant=self.act(node))  # (it checks that dim is the last at run time)
-        self._emit(node, layer, [self.need(node.args[0], 16, node)], self.demand[node])
+        self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
 
     def _mean(self, node: fx.Node) -> None:
         dim, keepdim = self._arg(node, 1, "dim"), bool(self._arg(node, 2, "keepdim", False))
         if dim is None:
             raise LoweringError(f"{describe(node)}: mean over all dimensions: give dim")
         layer = QuantMean(dim, keepdim, act_quant=self.act(node))
-        self._emit(node, layer, [self.need(node.args[0], 16, node)], self.demand[node])
+        self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
 
     def _conv2d(self, node: fx.Node) -> None:
         if node.op != "call_module":
@@ -301,7 +307,7 @@ class _Swap:
             if c.bias is not None:
                 conv.bias.copy_(c.bias)
         module = nn.Sequential(conv, DyadicRequant(act_quant=self.act(node)))
-        self._emit(node, module, [self.need(node.args[0], 8, node)], self.demand[node])
+        self._emit(node, module, [self.need_input(node.args[0], node)], self.demand[node])
 
     def _scalar_mul(self, node: fx.Node, divide: bool) -> None:
         a, b = node.args[0], node.args[1]
@@ -337,7 +343,7 @@ class _Swap:
             mode, align = self._arg(node, 3, "mode", "nearest"), self._arg(node, 4, "align_corners")
         if mode not in ("nearest", "bilinear") or (mode == "bilinear" and align):
             raise LoweringError(f"{describe(node)}: integer upsampling is nearest or bilinear (align_corners=False)")
-        x = self.need(node.args[0], 16, node)
+        x = self.need_input(node.args[0], node)
         computed = isinstance(size, fx.Node) or (isinstance(size, (list, tuple)) and
                                                  any(isinstance(v, fx.Node) for v in size))
         if computed:  # a size the model computes from shapes: given at run time

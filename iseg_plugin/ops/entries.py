@@ -251,16 +251,27 @@ def _lower_interpolate(site: Site) -> Operand:
     return site.out(site.emit(M.Upsample(mode, size, None), x.node), x.scale, x.bounds)
 
 
+def reduced_count(shape, dim) -> int:
+    """How many elements a reduction over ``dim`` (one or several) of a ``shape`` tensor sums per output."""
+    return math.prod(shape[d] for d in (dim if isinstance(dim, (list, tuple)) else (dim,)))
+
+
 def _lower_mean(site: Site) -> Operand:
     dim, keepdim = site.arg(1, "dim"), bool(site.arg(2, "keepdim", False))
     if dim is None:
         raise site.refuse("mean over all dimensions: give dim")
-    in_shape = site.lowering.shape(site.node.args[0])
-    dims = dim if isinstance(dim, (list, tuple)) else (dim,)
-    count = math.prod(in_shape[d] for d in dims)
+    count = reduced_count(site.lowering.shape(site.node.args[0]), dim)
     x = site.input(0)
     out, scale, bounds = site.requant_to_output(x.scale / count)
     return site.out(site.emit(M.Mean(dim, keepdim, out), x.node), scale, bounds)
+
+
+def cat_requant(part_scale: float, part_bounds: tuple[int, int], scale: float,
+                bounds: tuple[int, int]) -> M.Requant | None:
+    """How a part enters a concatenation at ``scale`` / ``bounds``: as it is (None) if it is already there."""
+    if part_scale == scale and bounds[0] <= part_bounds[0] and part_bounds[1] <= bounds[1]:
+        return None
+    return M.Requant.between(part_scale, scale, bounds)
 
 
 def _lower_cat(site: Site) -> Operand:
@@ -272,8 +283,7 @@ def _lower_cat(site: Site) -> Operand:
     for i, part in enumerate(parts):
         if isinstance(part, Const):
             part = site.lowering.quantized_constant(part, bits, f"{site.name}_const{i}", scale=scale)
-        same = part.scale == scale and bounds[0] <= part.bounds[0] and part.bounds[1] <= bounds[1]
-        requants.append(None if same else M.Requant.between(part.scale, scale, bounds))
+        requants.append(cat_requant(part.scale, part.bounds, scale, bounds))
         nodes.append(part.node)
     module = M.Cat(dim, requants, M.storage_dtype(bounds))
     return site.out(site.emit(module, *nodes), scale, bounds)
