@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
 CKPT = REPO / "checkpoints"
 FIGURES = "ptq_figures"  # under docs/; class maps only (CamVid's licence keeps its images out)
+# name: (decoder checkpoint, calibration images, gelu, softmax, decoder, forms[, quant options])
+# quant options: `iseg ptq`'s --select / --weight-bits (default: global choice, W8A8)
 RUNS = {
-    # name: (decoder checkpoint, calibration images, gelu, softmax, decoder, forms)
     "main": ("bilinear-l2", 1, "poly", "bit-exp", "bilinear-l2", ("fp32", "fake-quant", "deployed")),
     "lambda_bitexp": ("bilinear-l2", 1, "lambda-shift", "bit-exp", "bilinear-l2", ("deployed",)),
     "lambda": ("bilinear-l2", 1, "lambda-shift", "shift", "bilinear-l2", ("fp32", "deployed")),
@@ -32,15 +33,35 @@ RUNS = {
     "s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", ("deployed",)),
     "paper": ("paper", 1, "lambda-shift", "shift", "paper", ("fp32", "deployed")),
     "paper_poly": ("paper", 1, "poly", "bit-exp", "paper", ("deployed",)),
+    # IPTQ-ViT's per-layer choice (unified metric) and W4A8 (issue 17)
+    "unified": ("bilinear-l2", 1, "poly", "bit-exp", "bilinear-l2", ("deployed",), dict(select="unified")),
+    "unified_s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", ("deployed",), dict(select="unified")),
+    "w4": ("bilinear-l2", 1, "poly", "bit-exp", "bilinear-l2", ("deployed",), dict(weight_bits=4)),
+    "w4_s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", ("deployed",), dict(weight_bits=4)),
+    "w4_unified": ("bilinear-l2", 1, "poly", "bit-exp", "bilinear-l2", ("deployed",),
+                   dict(weight_bits=4, select="unified")),
+    "w4_unified_s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", ("deployed",),
+                         dict(weight_bits=4, select="unified")),
+    "mixed": ("bilinear-l2", 1, "poly", "bit-exp", "bilinear-l2", ("deployed",),
+              dict(weight_bits="mixed", select="unified")),
+    "mixed_s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", ("deployed",),
+                    dict(weight_bits="mixed", select="unified")),
 }
 
 
+def quant_of(name: str) -> dict:
+    run = RUNS[name]
+    return dict(select="global", weight_bits=8, **(run[6] if len(run) > 6 else {}))
+
+
 def ptq(name: str, out_dir: Path, data_root: str | None) -> dict:
-    decoder_ckpt, samples, gelu, softmax, decoder, _ = RUNS[name]
+    decoder_ckpt, samples, gelu, softmax, decoder = RUNS[name][:5]
+    quant = quant_of(name)
     model = out_dir / f"{name}.iseg"
     cmd = [str(Path(sys.executable).with_name("iseg")), "ptq", str(CONFIG),
            str(CKPT / f"camvid_dinov2s14_decoder_{decoder_ckpt}.pth"), "--calib-samples", str(samples),
-           "--gelu", gelu, "--softmax", softmax, "--decoder", decoder, "--out", str(model), "--force"]
+           "--gelu", gelu, "--softmax", softmax, "--decoder", decoder, "--out", str(model), "--force",
+           "--select", quant["select"], "--weight-bits", str(quant["weight_bits"])]
     if data_root:
         cmd += ["--data-root", data_root]
     start = time.perf_counter()
@@ -50,8 +71,9 @@ def ptq(name: str, out_dir: Path, data_root: str | None) -> dict:
     if status != 0:
         raise RuntimeError(f"iseg ptq failed for {name}:\n{output[-3000:]}")
     line = [ln for ln in output.splitlines() if ln.startswith("deployed integer model")][-1]
+    table = [ln for ln in output.splitlines() if ln.startswith("|")]
     return dict(model=str(model), ptq_seconds=time.perf_counter() - start, peak_rss_mb=usage.ru_maxrss / 1024,
-                summary=line)
+                summary=line, file_bytes=model.stat().st_size, selection_table=table)
 
 
 def main() -> None:
@@ -71,23 +93,98 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"  # runs accumulate across invocations (one report for all)
     results = json.loads(saved.read_text()) if saved.is_file() else {}
+    done = []  # the runs of this invocation
     for name in [] if args.report_only else args.runs.split(","):
         print(f"== {name}: PTQ", flush=True)
         run = ptq(name, work, args.data_root)
         print(f"   {run['summary']}\n== {name}: eval", flush=True)
-        forms = RUNS[name][-1]
+        forms = RUNS[name][5]
         out_dir = Path(args.docs) / FIGURES if name == "main" else work / name
-        # no CamVid image or label in the committed figures (its licence keeps them out of the repository)
-        run["eval"] = evaluate(str(CONFIG), run["model"], args.data_root, args.limit, str(out_dir), forms,
-                               dataset_panels=False)
+        twin = same_model(run, forms, {n: results[n] for n in done})
+        if twin is not None:  # the same integers in the same graph: its evaluation holds for this run too
+            print(f"   the same deployed model as {twin} (checksum and graph): its evaluation is reused", flush=True)
+            evaluated = results[twin]["eval"]
+            run["eval"] = dict(evaluated, forms={form: evaluated["forms"][form] for form in forms})
+            run["same_as"] = twin
+        else:
+            # no CamVid image or label in the committed figures (its licence keeps them out of the repository)
+            run["eval"] = evaluate(str(CONFIG), run["model"], args.data_root, args.limit, str(out_dir), forms,
+                                   dataset_panels=False)
         results[name] = run
+        done.append(name)
         saved.write_text(json.dumps(results, indent=1))
     write_report(results, Path(args.docs))
+
+
+def model_identity(path: str) -> tuple:
+    """What makes two deployed files compute the same integers: the tensors' checksum and the graph."""
+    import torch
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return blob["sha256"], repr(blob["model"]["graph"])
+
+
+def same_model(run: dict, forms, earlier: dict) -> str | None:
+    """An earlier run (of this invocation) whose deployed model is this one's, evaluated on these forms."""
+    identity = model_identity(run["model"])
+    for name, other in earlier.items():
+        if not set(forms) - set(other["eval"]["forms"]) and model_identity(other["model"]) == identity:
+            return name
+    return None
 
 
 def calibration_seconds(summary: str) -> str:
     """The calibration time `iseg ptq` printed in its summary line."""
     return re.search(r"calibration on \d+ images: ([0-9.]+) s", summary)[1]
+
+
+def label_of(name: str) -> str:
+    _, samples, gelu, softmax = RUNS[name][:4]
+    quant = quant_of(name)
+    weights = {8: "W8A8", 4: "W4A8", "mixed": "W4/W8 mixed"}[quant["weight_bits"]]
+    ops = "per-layer GELU / softmax (unified)" if quant["select"] == "unified" else f"{gelu} GELU, {softmax} softmax"
+    return f"PTQ S={samples}, {weights}, {ops}"
+
+
+def fp32_bytes(summary: str) -> float:
+    """The FP32 weight size (MB) `iseg ptq` printed in its summary line."""
+    return float(re.search(r"FP32 weights: ([0-9.]+) MB", summary)[1])
+
+
+def selection_section(results: dict) -> list[str]:
+    """Issue 17's rows: global vs unified choice at W8A8 / W4A8 / mixed, S=1 and S=367, with file sizes."""
+    names = [n for n in RUNS if n in results and (n in ("main", "s_all") or len(RUNS[n]) > 6)]
+    if not any(len(RUNS[n]) > 6 for n in names) or "main" not in results:
+        return []
+    fp32 = results["main"]["eval"]["forms"]["fp32"]["mIoU"]
+    lines = [
+        "## Per-layer choice (IPTQ-ViT's unified metric) and W4A8",
+        "",
+        "Deployed integer-only models, all CamVid val images; FP32 (bilinear + L2 decoder) "
+        f"{fp32:.2f} mIoU. \"unified\": each GELU / softmax takes the registry candidate with the best",
+        "unified metric (sensitivity of the model's output, the layer's own error, integer ops per element;",
+        "`iseg_plugin.select`), scored on the first calibration images; \"W4/W8 mixed\": INT4 weights where the",
+        "metric per byte saved is least, until the GEMM weights are 6x smaller than FP32. File: the deployed",
+        "file (INT4 weights packed two a byte) against the FP32 weights' `state_dict`.",
+        "",
+        "| run | model | mIoU | vs FP32 | file (MB) | FP32 / file |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        run = results[name]
+        miou = run["eval"]["forms"]["deployed"]["mIoU"]
+        size = run.get("file_bytes", 0) / 2**20 or float(re.search(r"\(([0-9.]+) MB\)", run["summary"])[1])
+        lines.append(f"| {name} | {label_of(name)} | {miou:.2f} | {miou - fp32:+.2f} | {size:.1f} | "
+                     f"{fp32_bytes(run['summary']) / size:.2f}x |")
+    for name in names:
+        agree = results[name]["eval"]["pixel_agreement"].get("deployed vs fake-quant")
+        if agree is not None and name != "main":
+            lines.append(f"\n* {name}: deployed vs fake-quant pixel agreement **{agree:.3f} %**.")
+    for name in ("unified", "mixed"):
+        if name in results and results[name].get("selection_table"):
+            lines += ["", f"Per-layer choices and metric terms of the `{name}` run ({label_of(name)}):", "",
+                      *results[name]["selection_table"]]
+    return lines + [""]
 
 
 def write_report(results: dict, docs: Path) -> None:
@@ -98,9 +195,9 @@ def write_report(results: dict, docs: Path) -> None:
 
     rows, bars = [], []
     for name, run in sorted(results.items(), key=lambda kv: list(RUNS).index(kv[0])):
-        _, samples, gelu, softmax, decoder, _ = RUNS[name]
+        decoder = RUNS[name][4]
         for form, r in run["eval"]["forms"].items():
-            label = "FP32" if form == "fp32" else f"PTQ S={samples}, {gelu} GELU, {softmax} softmax, {form}"
+            label = "FP32" if form == "fp32" else f"{label_of(name)}, {form}"
             rows.append(f"| {decoder} | {label} | {run['eval']['images']} | {r['mIoU']:.2f} | {r['aAcc']:.2f} | "
                         f"{r['seconds_per_image']:.2f} |")
             bars.append((f"{decoder}\n{label}", r["mIoU"]))
@@ -155,7 +252,8 @@ def write_report(results: dict, docs: Path) -> None:
             f"![class maps of each form (no CamVid image or label)]({FIGURES}/overlays.png)",
             f"![confusion matrix of the deployed model]({FIGURES}/confusion_matrix.png)",
         ]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    lines += selection_section(results)
+    fig, ax = plt.subplots(figsize=(8, 0.8 + 0.3 * len(bars)))
     ax.barh(range(len(bars)), [b[1] for b in bars])
     ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
     ax.set_xlabel("mIoU (%) on CamVid val")

@@ -21,7 +21,7 @@ in a form whose loss trains the float parameters (straight-through rounding); re
 from iseg_plugin.lowering import LoweringError, quantize_inputs
 
 from .api import FxTraceError, IntegerModel, SegmentorLogits, convert, prepare, traceable, trainable
-from .config import get_iseg_backend_config, get_iseg_qconfig_mapping
+from .config import get_iseg_backend_config, get_iseg_qconfig_mapping, iseg_qconfig
 
 __all__ = [
     "FxTraceError",
@@ -37,6 +37,7 @@ __all__ = [
     "trainable",
     "get_iseg_backend_config",
     "get_iseg_qconfig_mapping",
+    "iseg_qconfig",
 ]
 
 

@@ -19,6 +19,7 @@ import torch.ao.quantization.backend_config.utils  # noqa: F401 - torch 2.13's l
 import torch.ao.nn.qat as nnqat
 import torch.ao.nn.quantized.reference as nnqr
 from iseg_plugin.ops import REGISTRY, IsegObserver
+from iseg_plugin.ops.entries import WEIGHT_BITS
 
 _DTYPES = DTypeConfig(input_dtype=torch.qint8, output_dtype=torch.qint8, weight_dtype=torch.qint8,
                       bias_dtype=torch.float)
@@ -55,26 +56,39 @@ def get_iseg_backend_config() -> BackendConfig:
 WEIGHT_OBSERVER = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
 
 
-def _activation(momentum: float, variant: str | None, qat: bool, symmetric: bool = False):
+def _activation(momentum: float, variant: str | None, qat: bool, symmetric: bool = False, weight_bits: int = 8):
+    options = dict(momentum=momentum, variant=variant, symmetric=symmetric, weight_bits=weight_bits)
     if qat:
-        return FakeQuantize.with_args(observer=IsegObserver, momentum=momentum, variant=variant, symmetric=symmetric,
-                                      quant_min=-128, quant_max=127, dtype=torch.qint8,
-                                      qscheme=torch.per_tensor_symmetric)
-    return IsegObserver.with_args(momentum=momentum, variant=variant, symmetric=symmetric)
+        return FakeQuantize.with_args(observer=IsegObserver, **options, quant_min=-128, quant_max=127,
+                                      dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    return IsegObserver.with_args(**options)
 
 
 def get_iseg_qconfig_mapping(gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05,
-                             qat: bool = False, gelu_grid: str = "asymmetric") -> QConfigMapping:
+                             qat: bool = False, gelu_grid: str = "asymmetric", weight_bits: int = 8) -> QConfigMapping:
     """The plugin's qconfig for every supported op; ``gelu`` / ``softmax`` name registry variants
     (an unknown name is an error listing the known ones). ``gelu_grid``: "asymmetric" (GELU's INT8 output
-    on 256 levels over its one-sided range) or "symmetric" (as the Brevitas swap makes it)."""
+    on 256 levels over its one-sided range) or "symmetric" (as the Brevitas swap makes it).
+    ``weight_bits``: 8 (W8A8) or 4 (W4A8: per-channel INT4 weights) for every Linear / patch Conv2d; a
+    layer's own width is ``.set_module_name(name, ...)`` of a qconfig from :func:`iseg_qconfig`, or the
+    per-layer selection of :mod:`iseg_plugin.select`."""
     if gelu_grid not in ("asymmetric", "symmetric"):
         raise ValueError(f"gelu_grid is 'asymmetric' or 'symmetric', got {gelu_grid!r}")
     variants = {"gelu": REGISTRY["gelu"].variant(gelu).name, "softmax": REGISTRY["softmax"].variant(softmax).name}
-    mapping = QConfigMapping().set_global(QConfig(activation=_activation(momentum, None, qat), weight=WEIGHT_OBSERVER))
+    mapping = QConfigMapping().set_global(iseg_qconfig(momentum=momentum, qat=qat))
     for name, variant in variants.items():
-        symmetric = name == "gelu" and gelu_grid == "symmetric"
-        qconfig = QConfig(activation=_activation(momentum, variant, qat, symmetric), weight=WEIGHT_OBSERVER)
+        qconfig = iseg_qconfig(momentum, variant, qat, symmetric=name == "gelu" and gelu_grid == "symmetric")
         for target in REGISTRY[name].targets():
             mapping.set_object_type(target, qconfig)
+    for name in ("linear", "conv2d"):
+        for target in REGISTRY[name].targets():
+            mapping.set_object_type(target, iseg_qconfig(momentum, qat=qat, weight_bits=weight_bits))
     return mapping
+
+
+def iseg_qconfig(momentum: float = 0.05, variant: str | None = None, qat: bool = False, symmetric: bool = False,
+                 weight_bits: int = 8) -> QConfig:
+    """One op's qconfig: its output observer with the op's choices (registry ``variant``, GEMM ``weight_bits``)."""
+    if weight_bits not in WEIGHT_BITS:
+        raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")
+    return QConfig(activation=_activation(momentum, variant, qat, symmetric, weight_bits), weight=WEIGHT_OBSERVER)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from iseg_plugin.ops import REGISTRY, IsegObserver
+from iseg_plugin.ops.entries import WEIGHT_BITS
 from iseg_plugin.quiet import quiet
 
 # torchao's CPU wheel logs a warning per CUDA library it cannot load, and torch's pytree one per enum
@@ -147,18 +148,23 @@ class ISegQuantizer(Quantizer):
     """The plugin's PT2E quantizer: an :class:`IsegObserver` after every op the registry lowers.
 
     ``gelu`` / ``softmax`` name registry variants (an unknown name is an error listing the known ones);
-    ``momentum`` is the observers' EMA weight. Shape ops and splits get no observer of their own (the
-    lowering carries their input's scale through them), as in the FX flow.
+    ``momentum`` is the observers' EMA weight; ``weight_bits`` (8 or 4) the width of every GEMM weight.
+    Shape ops and splits get no observer of their own (the lowering carries their input's scale through
+    them), as in the FX flow.
     """
 
-    def __init__(self, gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05):
+    def __init__(self, gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05, weight_bits: int = 8):
         super().__init__()
+        if weight_bits not in WEIGHT_BITS:
+            raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")
         self.variants = {"gelu": REGISTRY["gelu"].variant(gelu).name,
                          "softmax": REGISTRY["softmax"].variant(softmax).name}
         self.momentum = momentum
+        self.weight_bits = weight_bits
 
-    def _spec(self, variant: str | None) -> QuantizationSpec:
-        observer = PartialWrapper(functools.partial(IsegObserver, momentum=self.momentum, variant=variant))
+    def _spec(self, variant: str | None, weight_bits: int = 8) -> QuantizationSpec:
+        observer = PartialWrapper(functools.partial(IsegObserver, momentum=self.momentum, variant=variant,
+                                                    weight_bits=weight_bits))
         # the dtype is nominal, as in the FX flow: each value's width is decided at lowering
         return QuantizationSpec(dtype=torch.int8, observer_or_fake_quant_ctr=observer, quant_min=-128,
                                 quant_max=127, qscheme=torch.per_tensor_symmetric)
@@ -176,7 +182,8 @@ class ISegQuantizer(Quantizer):
                 continue
             entry = REGISTRY.entry_for(node, model)
             if entry is not None and entry.observation == "output":
-                spec = self._spec(self.variants.get(entry.name))
+                gemm = entry.name in ("linear", "conv2d")
+                spec = self._spec(self.variants.get(entry.name), self.weight_bits if gemm else 8)
                 node.meta["quantization_annotation"] = QuantizationAnnotation(output_qspec=spec, allow_implicit_sharing=False, _annotated=True)
         return model
 

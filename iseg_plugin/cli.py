@@ -24,9 +24,16 @@ def _demo(args: argparse.Namespace) -> int:
 def _ptq(args: argparse.Namespace) -> int:
     from .ptq import run_ptq
 
+    from .select import format_table
+
     report = run_ptq(args.config, args.checkpoint, args.calib_samples, args.out, args.gelu, args.softmax,
-                     args.decoder, args.data_root, fold_norms=args.fold_norms, force=args.force)
+                     args.decoder, args.data_root, fold_norms=args.fold_norms, force=args.force,
+                     weight_bits=args.weight_bits, select=args.select, size_ratio=args.size_ratio,
+                     weight_rounding=args.weight_rounding)
     mb = 2**20
+    if report["selection"]:
+        print(f"\nper-layer choices (unified metric, scored on the first calibration images in "
+              f"{report['select_seconds']:.0f} s):\n{format_table(report['selection'])}")
     if report["kept_init_count"]:
         print(f"\nthe checkpoint set every tensor of the model but {report['kept_init_count']}, which keep their "
               f"initialisation (under {', '.join(report['kept_init'])})")
@@ -93,6 +100,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _weight_bits(text: str) -> int | str:
+    if text not in ("4", "8", "mixed"):
+        raise argparse.ArgumentTypeError(f"must be 4, 8 or mixed, got {text!r}")
+    return text if text == "mixed" else int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iseg", description="Integer-only Segmenter tools")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -110,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--gelu", choices=("lambda-shift", "shift", "poly"))
     ptq.add_argument("--softmax", choices=("shift", "bit-exp"))
     ptq.add_argument("--decoder", choices=("paper", "bilinear-l2"))
+    ptq.add_argument("--weight-bits", type=_weight_bits, help="GEMM weights: 8 (W8A8, default), 4 (W4A8, "
+                     "per-channel INT4 packed two a byte) or mixed (INT4 where the unified metric allows, "
+                     "down to --size-ratio)")
+    ptq.add_argument("--select", choices=("global", "unified"),
+                     help="GELU / softmax: one variant everywhere (--gelu / --softmax; default) or each layer's "
+                          "best candidate by the unified metric")
+    ptq.add_argument("--size-ratio", type=float, help="with --weight-bits mixed: FP32 / GEMM weight size to "
+                     "reach (default 6)")
+    ptq.add_argument("--weight-rounding", choices=("gptq", "nearest"),
+                     help="INT4 weights: GPTQ on the calibration images (default) or round to nearest")
     ptq.add_argument("--data-root")
     ptq.add_argument("--no-fold-norms", dest="fold_norms", action="store_false",
                      help="keep LayerNorm affines (default: fold them into the next Linear, exact)")

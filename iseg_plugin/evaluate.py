@@ -12,7 +12,8 @@ from mmseg.evaluation import IoUMetric
 from .deploy import convert, prepare_segmenter
 from .deploy.io import load_deployed
 from .files import unreadable
-from .ptq import build_model, dataset, example_input, load_config, quiet_mmengine_info, sidecar, variants
+from .select import prepare_options
+from .ptq import build_model, dataset, example_input, load_config, quiet_mmengine_info, quant_options, sidecar
 
 FORMS = ("fp32", "fake-quant", "deployed")
 
@@ -45,7 +46,8 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
     except Exception as err:  # any unpickling failure: say what the file is not
         raise ValueError(unreadable(calib_path, err, "calibration record of `iseg ptq`")) from None
     meta = calib["meta"]
-    cfg = load_config(config, data_root, **{k: meta.get(k) for k in ("gelu", "softmax", "decoder")})
+    quant = meta.get("quant", {k: meta.get(k) for k in ("gelu", "softmax")})  # (records older than the quant dict)
+    cfg = load_config(config, data_root, decoder=meta.get("decoder"), **quant)
     val = dataset(cfg, "val")
     n = len(val) if limit is None else min(limit, len(val))
     items = [val[i] for i in range(n)]
@@ -56,8 +58,8 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
         float_model.load_state_dict(calib["state_dict"], strict=False)
         if "fake-quant" in forms:
             example = example_input(float_model, items[0])
-            prepared = prepare_segmenter(float_model, example, **variants(cfg))
-            prepared.load_state_dict(calib["state_dict"])
+            prepared = prepare_segmenter(float_model, example, **prepare_options(quant_options(cfg)))
+            prepared.load_state_dict(calib["state_dict"])  # (with each site's choices: see IsegObserver)
             preproc = cfg.model.data_preprocessor
             integer_forms["fake-quant"] = convert(prepared, example, preproc.mean, preproc.std).fake_quant
         if "fp32" in forms:

@@ -20,6 +20,7 @@ from .files import atomic_write, check_output, unreadable
 from .models import CheckpointMismatchError
 from .models.fold import fold_layernorms
 from .quiet import quiet
+from .select import ROUNDING_IMAGES, SCORE_IMAGES, check_quant, choose, prepare_options
 
 DECODERS = {"paper": dict(l2_norm=False, upsample="nearest"), "bilinear-l2": dict(l2_norm=True, upsample="bilinear")}
 
@@ -31,8 +32,9 @@ def sidecar(model_path: str | Path) -> Path:
 
 
 def load_config(config: str, data_root: str | None = None, gelu: str | None = None, softmax: str | None = None,
-                decoder: str | None = None, check_data: bool = True) -> Config:
-    """The config with the CLI's overrides (``gelu`` / ``softmax``: registry variants)."""
+                decoder: str | None = None, check_data: bool = True, **quant) -> Config:
+    """The config with the CLI's overrides (``gelu`` / ``softmax``: registry variants; ``quant``: the other
+    keys of ``model.quant``, e.g. ``weight_bits``, ``select``; None leaves the config's)."""
     cfg = Config.fromfile(config)
     init_default_scope(cfg.get("default_scope", "mmseg"))
     if data_root is not None:
@@ -42,10 +44,9 @@ def load_config(config: str, data_root: str | None = None, gelu: str | None = No
         cfg.data_root = data_root
     if cfg.model.get("quant") is None:
         cfg.model.quant = {}
-    if gelu is not None:
-        cfg.model.quant.gelu = gelu
-    if softmax is not None:
-        cfg.model.quant.softmax = softmax
+    for key, value in dict(quant, gelu=gelu, softmax=softmax).items():
+        if value is not None:
+            cfg.model.quant[key] = value
     if decoder is not None:
         if decoder not in DECODERS:
             raise ValueError(f"--decoder must be one of {sorted(DECODERS)}, got {decoder!r}")
@@ -57,10 +58,9 @@ def load_config(config: str, data_root: str | None = None, gelu: str | None = No
     return cfg
 
 
-def variants(cfg: Config) -> dict:
-    """The GELU and softmax variants the config's ``model.quant`` names (registry defaults otherwise)."""
-    quant = cfg.model.get("quant") or {}
-    return dict(gelu=quant.get("gelu", "poly"), softmax=quant.get("softmax", "bit-exp"))
+def quant_options(cfg: Config) -> dict:
+    """The config's ``model.quant`` checked and completed (:func:`iseg_plugin.select.check_quant`)."""
+    return check_quant(dict(cfg.model.get("quant") or {}))
 
 
 def example_input(model, item: dict) -> torch.Tensor:
@@ -137,19 +137,28 @@ def state_size(model) -> int:
 
 def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str | None = None,
             softmax: str | None = None, decoder: str | None = None, data_root: str | None = None,
-            batch_size: int = 8, fold_norms: bool = True, calib_set=None, force: bool = False) -> dict:
-    """Calibrate on ``num_samples`` images (EMA update 0.05), convert, save; return a report.
+            batch_size: int = 8, fold_norms: bool = True, calib_set=None, force: bool = False,
+            weight_bits: int | str | None = None, select: str | None = None, size_ratio: float | None = None,
+            weight_rounding: str | None = None) -> dict:
+    """Calibrate on ``num_samples`` images (EMA update 0.05), make the per-layer choices asked for, convert,
+    save; return a report.
 
     The float Segmenter is quantized op by op (:mod:`iseg_plugin.deploy.convert`). The images are the
     config's training set, or ``calib_set`` (test-pipeline outputs) if given; the deployed model is
-    built for the size of the first of them. ``out`` (and its calibration record) must not exist unless
-    ``force``, nor be an input; both are checked first and written whole or not at all.
+    built for the size of the first of them. ``weight_bits`` (8, 4, "mixed"), ``select`` ("global",
+    "unified"), ``size_ratio`` and ``weight_rounding`` override the config's ``model.quant``
+    (:func:`iseg_plugin.select.check_quant`); per-layer choices are scored on the first ``SCORE_IMAGES``
+    calibration images, GPTQ takes the first ``ROUNDING_IMAGES``. ``out`` (and its
+    calibration record) must not exist unless ``force``, nor be an input; both are checked first and
+    written whole or not at all.
     """
     if num_samples < 1:
         raise ValueError(f"--calib-samples must be at least 1, got {num_samples}")
     for path in (out, sidecar(out)):
         check_output(path, [config, checkpoint], force)
-    cfg = load_config(config, data_root, gelu, softmax, decoder, check_data=calib_set is None)
+    cfg = load_config(config, data_root, gelu, softmax, decoder, check_data=calib_set is None,
+                      weight_bits=weight_bits, select=select, size_ratio=size_ratio, weight_rounding=weight_rounding)
+    quant = quant_options(cfg)
     if calib_set is None:
         calib_set = dataset(cfg, "train")
     if num_samples > len(calib_set):
@@ -160,16 +169,22 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     if fold_norms:
         fold_layernorms(model)
     example = example_input(model, calib_set[0])
-    prepared = prepare_segmenter(model, example, **variants(cfg))
+    prepared = prepare_segmenter(model, example, **prepare_options(quant))
     loader = DataLoader(calib_set, batch_size=min(batch_size, num_samples), shuffle=False, collate_fn=pseudo_collate)
     start = time.perf_counter()
     calibrate_prepared(prepared, model.data_preprocessor, loader, num_samples)
     calib_seconds = time.perf_counter() - start
-    deployed = convert(prepared, example, cfg.model.data_preprocessor.mean, cfg.model.data_preprocessor.std)
+    start = time.perf_counter()
+    images = [(example_input(model, calib_set[i]),) for i in range(min(max(SCORE_IMAGES, ROUNDING_IMAGES), num_samples))]
+    selection = choose(prepared, images[:SCORE_IMAGES], quant, rounding_inputs=images[:ROUNDING_IMAGES])
+    select_seconds = time.perf_counter() - start
+    deployed = convert(prepared, example, cfg.model.data_preprocessor.mean, cfg.model.data_preprocessor.std, selection)
     size = save_deployed(deployed, out)
     record = {"state_dict": prepared.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
-                                                                num_samples=num_samples, fold_norms=fold_norms)}
+                                                                num_samples=num_samples, fold_norms=fold_norms,
+                                                                quant=quant)}
     atomic_write(sidecar(out), lambda tmp: torch.save(record, tmp))
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=fp32, calib_seconds=calib_seconds,
                 kept_init=sorted({key.split(".")[0] for key in kept_init}), kept_init_count=len(kept_init),
-                input_size=deployed.input_size, num_samples=num_samples)
+                input_size=deployed.input_size, num_samples=num_samples, quant=quant, selection=selection,
+                select_seconds=select_seconds)

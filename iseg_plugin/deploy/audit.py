@@ -13,6 +13,7 @@ class OpRecord:
     op: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    elements: int = 0  # elements the op wrote (its outputs' sizes): the operation count of an element-wise op
 
     @property
     def uses_float(self) -> bool:
@@ -33,7 +34,8 @@ class OpAudit(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.records.append(OpRecord(str(func), _dtypes((args, kwargs)), _dtypes(out)))
+        written = sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        self.records.append(OpRecord(str(func), _dtypes((args, kwargs)), _dtypes(out), written))
         return out
 
     def float_ops(self) -> list[OpRecord]:

@@ -18,9 +18,10 @@ from .segmenter import DeployedSegmenter
 
 
 def prepare_segmenter(segmentor: nn.Module, example: Tensor, gelu: str = "poly", softmax: str = "bit-exp",
-                      momentum: float = 0.05) -> fx.GraphModule:
+                      momentum: float = 0.05, weight_bits: int = 8) -> fx.GraphModule:
     """The observed (fake-quant) logits forward of a float mmseg segmentor; ``example``: a normalised batch."""
-    return fxp.prepare(segmentor.eval(), (example,), gelu=gelu, softmax=softmax, momentum=momentum)
+    return fxp.prepare(segmentor.eval(), (example,), gelu=gelu, softmax=softmax, momentum=momentum,
+                       weight_bits=weight_bits)
 
 
 def calibrate_prepared(prepared, preprocessor, loader, num_samples: int, show_progress: bool = True,
@@ -46,10 +47,11 @@ def calibrate_prepared(prepared, preprocessor, loader, num_samples: int, show_pr
     return seen
 
 
-def convert(prepared: fx.GraphModule, example: Tensor, mean, std) -> DeployedSegmenter:
+def convert(prepared: fx.GraphModule, example: Tensor, mean, std, selection: list[dict] | None = None) -> DeployedSegmenter:
     """The integer-only Segmenter for ``example``'s image size (a normalised, unpadded (1, 3, H, W) image):
-    the float model's own padding to the patch runs on the integers, after the pixels' quantization."""
+    the float model's own padding to the patch runs on the integers, after the pixels' quantization.
+    ``selection``: the table of the per-layer choices made on ``prepared`` (kept with the model)."""
     with torch.no_grad():
         graph = lower(prepared, (example,), pixels=dict(mean=mean, std=std))
     (scale,) = graph.output_scales
-    return DeployedSegmenter(graph, tuple(example.shape[-2:]), scale)
+    return DeployedSegmenter(graph, tuple(example.shape[-2:]), scale, selection)

@@ -1,6 +1,9 @@
 """Deployed model files: integer tensors plus a plain-data record of the graph, loaded without code.
 
 A file is ``torch.save({'format': ..., 'model': record, 'state_dict': {...}, 'sha256': ...})``.
+INT4 weights (``Linear.weight_bits == 4``) are stored packed two a byte (``intops.pack_int4``; the record's
+``packed_int4`` gives each one's shape) and unpacked to int8 on loading. The record also carries the
+per-layer choices of the model (``selection``: the table of :mod:`iseg_plugin.select`, or None).
 The record lists the lowered graph's nodes (op, target by name, arguments as plain values and node
 references) and its modules (class names of :mod:`iseg_plugin.ops.modules`, their plain attributes,
 buffer names, children). Loading uses ``torch.load(weights_only=True)``, resolves targets and classes
@@ -16,12 +19,14 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from .. import intops
 from ..files import atomic_write, unreadable
 from ..ops import REGISTRY
 from ..ops import modules as M
 from .segmenter import DeployedSegmenter
 
-FORMAT = "iseg-deployed-v2"
+FORMAT = "iseg-deployed-v3"
+READABLE = ("iseg-deployed-v2", FORMAT)  # v3 added packed INT4 weights and the selection record
 # the deployed modules of the registry (every nn.Module class defined in ops/modules.py) and two containers
 _CLASSES = {name: cls for name, cls in vars(M).items()
             if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == M.__name__}
@@ -186,14 +191,31 @@ def _checksum(state: dict) -> str:
     return digest.hexdigest()
 
 
+def _int4_weights(model: DeployedSegmenter) -> list[str]:
+    """State-dict keys of the INT4 weights (Linear modules with ``weight_bits`` 4)."""
+    return [f"graph.{name}.weight_t" for name, m in model.graph.named_modules()
+            if isinstance(m, M.Linear) and getattr(m, "weight_bits", 8) == 4]
+
+
+def _unpack(state: dict, packed: dict) -> None:
+    for key, shape in packed.items():
+        tensor = state.get(key)
+        numel = int(torch.Size(shape).numel())
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.numel() != (numel + 1) // 2:
+            raise DeployedFileError(f"packed INT4 weight {key!r} is missing or not {(numel + 1) // 2} bytes")
+        state[key] = intops.unpack_int4(tensor, numel).reshape(shape)
+
+
 def save_deployed(model: DeployedSegmenter, path: str | Path) -> int:
-    """Write the model; returns the file size in bytes."""
+    """Write the model (with its per-layer ``selection`` table, plain data); returns the file size in bytes."""
     state = model.state_dict()
     floats = [k for k, v in state.items() if v.dtype.is_floating_point]
     if floats:
         raise ValueError(f"a deployed model holds integers only; float tensors found: {floats[:3]}")
+    packed = {key: list(state[key].shape) for key in _int4_weights(model)}
+    state.update({key: intops.pack_int4(state[key]) for key in packed})
     record = {"input_size": list(model.input_size), "logit_scale": model.logit_scale,
-              "graph": _graph_record(model.graph)}
+              "graph": _graph_record(model.graph), "packed_int4": packed, "selection": _encode(model.selection)}
     blob = {"format": FORMAT, "model": record, "state_dict": state, "sha256": _checksum(state)}
     return atomic_write(path, lambda tmp: torch.save(blob, tmp)).stat().st_size
 
@@ -207,14 +229,16 @@ def load_deployed(path: str | Path) -> DeployedSegmenter:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling failure: say what the file is not
         raise DeployedFileError(unreadable(path, err, "deployed model")) from None
-    if isinstance(blob, dict) and str(blob.get("format", "")).startswith("iseg-deployed-") and blob["format"] != FORMAT:
+    if isinstance(blob, dict) and str(blob.get("format", "")).startswith("iseg-deployed-") and blob["format"] not in READABLE:
         raise DeployedFileError(f"{path} is a {blob['format']} file, which this version cannot read: write it "
                                 f"again with `iseg ptq` (this version writes {FORMAT})")
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+    if not isinstance(blob, dict) or blob.get("format") not in READABLE:
         raise DeployedFileError(f"{path} is not an iseg deployed model (format {FORMAT!r} expected)")
     state = blob.get("state_dict")
     if not isinstance(state, dict) or blob.get("sha256") != _checksum(state):
         raise DeployedFileError(f"{path} is damaged: its tensors do not match the checksum written with them")
     record = blob["model"]
+    _unpack(state, record.get("packed_int4", {}))
     graph = _graph_from_record(record["graph"], state)
-    return DeployedSegmenter(graph, tuple(record["input_size"]), record["logit_scale"]).eval()
+    selection = _decode(record.get("selection"), {})
+    return DeployedSegmenter(graph, tuple(record["input_size"]), record["logit_scale"], selection).eval()

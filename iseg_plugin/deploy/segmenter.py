@@ -48,13 +48,16 @@ class DeployedSegmenter(nn.Module):
     ``graph``: the lowered GraphModule (uint8 pixels in, integer logits out, ``logit_scale`` their real
     scale). :meth:`fake_quant` runs the same graph on float64 tensors holding integers: every module
     then takes the float path of the same ``intops`` functions (the form QAT trains through).
+    ``selection``: the per-layer choices it was built with (:mod:`iseg_plugin.select`'s table), if any.
     """
 
-    def __init__(self, graph: fx.GraphModule, input_size: tuple[int, int], logit_scale: float):
+    def __init__(self, graph: fx.GraphModule, input_size: tuple[int, int], logit_scale: float,
+                 selection: list[dict] | None = None):
         super().__init__()
         self.graph = graph
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.logit_scale = float(logit_scale)
+        self.selection = selection
 
     def _run(self, images: Tensor) -> tuple[Tensor, Tensor]:
         # the graph is lowered for one image (shapes are folded into it): a batch runs image by image

@@ -22,7 +22,19 @@ from .gelu import (
     shift_gelu,
 )
 from .norm import LayerNormParams, i_layernorm, isqrt, l2_normalize, layernorm_eps, layernorm_params
-from .quantize import asymmetric_bounds, asymmetric_scale, channel_minmax, ema_minmax, int_range, quantize, round_ste, symmetric_scale
+from .quantize import (
+    asymmetric_bounds,
+    asymmetric_scale,
+    channel_minmax,
+    ema_minmax,
+    int_range,
+    pack_int4,
+    quantize,
+    round_ste,
+    symmetric_scale,
+    unpack_int4,
+    weight_scale,
+)
 from .pixels import pixel_params, pixels_to_int8
 from .resize import bilinear_table, upsample_bilinear, upsample_nearest
 
@@ -59,6 +71,9 @@ __all__ = [
     "asymmetric_scale",
     "asymmetric_bounds",
     "round_ste",
+    "weight_scale",
+    "pack_int4",
+    "unpack_int4",
     "pixel_params",
     "pixels_to_int8",
     "bilinear_table",

@@ -102,3 +102,54 @@ def quantize(x: Tensor, scale: Tensor, bits: int | tuple[int, int], narrow: bool
         scale = scale.reshape(shape)
     lo, hi = int_range(bits, narrow)
     return torch.clamp(round_ste(x / scale), lo, hi)
+
+
+# Clipping ratios tried by the MSE search of narrow weights: 1.00, 0.99, ..., 0.41 of each channel's max |w|.
+CLIP_RATIOS = tuple(1.0 - 0.01 * k for k in range(60))
+
+
+def weight_scale(w: Tensor, bits: int, input_energy: Tensor | None = None) -> Tensor:
+    """Per-output-channel symmetric scale of a weight (rows: output channels), computed in ``w``'s dtype.
+
+    At 8 bits and above: min-max, ``max|w| / (2**(bits-1) - 1)`` (Brevitas' ``Int8WeightPerChannelFloat`` and
+    torch.ao's per-channel observer: the front ends then agree to the integer). Below 8 bits the few levels
+    make clipping pay: each channel takes the scale of the ratio in :data:`CLIP_RATIOS` (times its max |w|)
+    that minimises its squared quantization error (the MSE search of Brevitas' ``MSE`` scaling and of
+    GPTQ / AWQ's clip search; ties keep the larger ratio). ``input_energy``: the mean square of each input
+    channel (one per column) weighs the error, which is then the expected squared error of the layer's output
+    from the weight error of each column, its inputs taken as uncorrelated (activation-aware)."""
+    w = w.detach().flatten(1)
+    lo, hi = channel_minmax(w, 0)
+    full = symmetric_scale(lo, hi, bits)
+    if bits >= 8:
+        return full
+    best, best_err = full, None
+    for ratio in CLIP_RATIOS:
+        scale = full * ratio
+        err = (torch.clamp(torch.round(w / scale[:, None]), *int_range(bits)) * scale[:, None] - w) ** 2
+        err = (err if input_energy is None else err * input_energy).sum(1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best
+
+
+def pack_int4(x: Tensor) -> Tensor:
+    """Integers in [-8, 7] (any shape) packed two a byte (uint8, flattened): element 2i in the low nibble,
+    2i + 1 in the high one; an odd count is padded with a 0. :func:`unpack_int4` inverts it."""
+    flat = x.reshape(-1).to(torch.int16)
+    if flat.numel() and (int(flat.amin()) < -8 or int(flat.amax()) > 7):
+        raise ValueError(f"pack_int4 takes integers in [-8, 7], got [{int(flat.amin())}, {int(flat.amax())}]")
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    nibbles = torch.bitwise_and(flat, 15)  # two's complement low nibble
+    return (nibbles[0::2] + nibbles[1::2] * 16).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor, numel: int) -> Tensor:
+    """The first ``numel`` int8 integers of a :func:`pack_int4` buffer (sign-extended nibbles)."""
+    wide = packed.to(torch.int16)
+    pairs = torch.stack([torch.bitwise_and(wide, 15), torch.bitwise_right_shift(wide, 4)], dim=-1).reshape(-1)
+    return (torch.bitwise_xor(pairs, 8) - 8)[:numel].to(torch.int8)

@@ -171,6 +171,17 @@ def consumer_bits(node: fx.Node, entry_of, transparent, ignored) -> int:
     return max(widths) if widths else 16
 
 
+def output_grid(observer: IsegObserver, bits: int, asymmetric: bool = False) -> tuple[float, tuple[int, int]]:
+    """Scale and integer bounds of an observed value on a ``bits``-wide grid: symmetric, or with
+    ``asymmetric`` an INT8 value on the 256 levels of ``[lo, lo + 255]`` over its observed range, where a
+    symmetric grid would waste a bit on a one-sided range (GELU >= -0.17; a Linear consumer shifts it into
+    int8 and takes the shift back in its bias). INT16 values stay symmetric."""
+    if not asymmetric or bits != 8:
+        return observer.scale(bits), intops.int_range(bits)
+    scale = intops.asymmetric_scale(observer.min_val, observer.max_val, 8)
+    return float(scale), intops.asymmetric_bounds(observer.min_val, scale, 8)
+
+
 class Lowering:
     """One lowering of one prepared GraphModule (see the module docstring)."""
 
@@ -215,10 +226,9 @@ class Lowering:
         return consumer_bits(node, lambda n: REGISTRY.entry_for(n, self.src), self._is_observer,
                              lambda n: n in self.static or _is_export_guard(n))
 
-    def output_format(self, observer: IsegObserver, node: fx.Node) -> tuple[float, tuple[int, int]]:
+    def output_format(self, observer: IsegObserver, node: fx.Node, asymmetric: bool = False) -> tuple[float, tuple[int, int]]:
         """Scale and integer bounds of an op's output from its observer, at the width its consumers need."""
-        bits = self.demand(node)
-        return observer.scale(bits), intops.int_range(bits)
+        return output_grid(observer, self.demand(node), asymmetric)
 
     def need(self, operand: Operand | Const, bits: int, name: str) -> Operand:
         """``operand`` as integers of at most ``bits`` (a requantization is added where it is wider)."""
@@ -412,13 +422,8 @@ class Site:
         return self.lowering.output_format(self.observer, self.observer_node)
 
     def asymmetric_output_format(self) -> tuple[float, tuple[int, int]]:
-        """An INT8-consumed output on the 256 levels of ``[lo, lo + 255]`` over its observed range, where a
-        symmetric grid would waste a bit on a one-sided range (GELU >= -0.17); INT16 consumers as usual.
-        (A Linear consumer shifts it into int8 and takes the shift back in its bias.)"""
-        if self.lowering.demand(self.observer_node) != 8:
-            return self.output_format()
-        scale = intops.asymmetric_scale(self.observer.min_val, self.observer.max_val, 8)
-        return float(scale), intops.asymmetric_bounds(self.observer.min_val, scale, 8)
+        """The output on an asymmetric grid where INT8 consumers read it (see :func:`output_grid`)."""
+        return self.lowering.output_format(self.observer, self.observer_node, asymmetric=True)
 
     def requant_to_output(self, in_scale, asymmetric: bool = False) -> tuple[Requant, float, tuple[int, int]]:
         scale, bounds = self.asymmetric_output_format() if asymmetric else self.output_format()

@@ -7,6 +7,7 @@ from mmengine.logging import HistoryBuffer
 from mmengine.model import is_model_wrapper
 
 from ..deploy.convert import calibrate_prepared
+from ..select import SCORE_IMAGES
 
 
 def _unwrap(model):
@@ -14,9 +15,11 @@ def _unwrap(model):
 
 
 def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_progress: bool = True,
-              train_padding: bool = False) -> int:
+              train_padding: bool = False, for_training: bool = False) -> int:
     """Run ``num_samples`` images through the observers of an ``ISegmenter(quant=...)`` (EMA update
-    ``momentum``), in eval mode. Returns the number of images seen.
+    ``momentum``), in eval mode, then make the per-layer choices its ``quant`` asks for (scored on the first
+    ``SCORE_IMAGES`` images) and, unless ``for_training`` (QAT trains the float weights), GPTQ of its INT4
+    weights. Returns the number of images seen.
 
     ``train_padding`` pads batches as in training (to the crop size: for loaders with the train
     pipeline's random crops); otherwise as in testing (e.g. to a multiple of the patch)."""
@@ -26,9 +29,18 @@ def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_
     was_training = model.training
     model.eval()
     model.set_momentum(momentum)
+    first = []  # the first batch: the per-layer choices are scored on its images
+
+    def observe(inputs):
+        if not first:
+            first.append(inputs)
+        model.observe(inputs)
+
     try:
-        return calibrate_prepared(model.observe, model.data_preprocessor, dataloader, num_samples, show_progress,
+        seen = calibrate_prepared(observe, model.data_preprocessor, dataloader, num_samples, show_progress,
                                   train_padding)
+        model.choose_layers(first[0][:SCORE_IMAGES], rounding=not for_training)
+        return seen
     finally:
         model.train(was_training)
 
@@ -70,7 +82,8 @@ class CalibrationHook(Hook):
             raise ValueError(
                 f"calibration asks for {self.num_samples} images but the dataset has {len(loader.dataset)}"
             )
-        seen = calibrate(runner.model, loader, self.num_samples, self.momentum, train_padding=True)
+        seen = calibrate(runner.model, loader, self.num_samples, self.momentum, train_padding=True,
+                         for_training=self.before == "train")
         runner.logger.info(f"calibrated the quantized model on {seen} images (EMA update {self.momentum})")
 
     def before_train(self, runner) -> None:

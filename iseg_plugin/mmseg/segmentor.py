@@ -2,12 +2,14 @@
 
 The integer model is not written here: it is the per-op lowering of this float segmentor
 (``fx_patterns.prepare`` over its logits forward, then :func:`iseg_plugin.lowering.lower`), the same
-as ``iseg ptq`` builds. With ``quant=dict(gelu=..., softmax=...)``:
+as ``iseg ptq`` builds. With ``quant=dict(gelu=..., softmax=...)`` (and ``weight_bits``, ``select``,
+``size_ratio``: :func:`iseg_plugin.select.check_quant`):
 
 * ``__init__`` traces the float model and inserts the registry's observers (mmengine builds the
   optimizer before any hook runs, so the parameters must not change later: the traced graph shares
   the float modules, and the observers are a submodule, ``observers``, saved in checkpoints);
-* :meth:`observe` runs images through the observers (the ``CalibrationHook``'s PTQ calibration);
+* :meth:`observe` runs images through the observers (the ``CalibrationHook``'s PTQ calibration), then
+  :meth:`choose_layers` makes the per-layer choices the ``quant`` dict asks for (unified metric);
 * training (``mode='loss'``): each step lowers the graph in its trainable form, runs it on the batch's
   pixels (float64 holding integers) and takes mmseg's losses of its logits; the straight-through
   gradients reach the float parameters (QAT). Until the ``QATHook`` freezes them, the observers
@@ -30,20 +32,8 @@ import fx_patterns as fxp
 from ..deploy.convert import convert
 from ..deploy.segmenter import DeployedSegmenter
 from ..lowering import lower
-from ..ops import REGISTRY
 from ..ops.observer import IsegObserver
-
-QUANT_KEYS = ("gelu", "softmax")
-
-
-def _check_quant(quant: dict) -> dict:
-    unknown = sorted(set(quant) - set(QUANT_KEYS))
-    if unknown:
-        raise ValueError(f"ISegmenter(quant=...) takes {', '.join(QUANT_KEYS)}; got unknown key(s) {unknown} "
-                         "(widths are chosen per op by the lowering: INT8 into GEMMs, INT16 elsewhere)")
-    return dict(gelu=REGISTRY["gelu"].variant(quant.get("gelu", "poly")).name,
-                softmax=REGISTRY["softmax"].variant(quant.get("softmax", "bit-exp")).name)
-
+from ..select import check_quant, choose, prepare_options
 
 def _stochastic_layers(model: nn.Module) -> list[str]:
     """Modules that drop activations in training: the integer model has none."""
@@ -56,7 +46,7 @@ class ISegmenter(EncoderDecoder):
 
     def __init__(self, backbone: dict, decode_head: dict, quant: dict | None = None, **kwargs):
         super().__init__(backbone=backbone, decode_head=decode_head, **kwargs)
-        self.quant = None if quant is None else _check_quant(quant)
+        self.quant = None if quant is None else check_quant(quant)
         self.observe_in_training = False  # the QATHook's warm-up switch
         self._deployed: dict[tuple[int, ...], DeployedSegmenter] = {}
         if self.quant is not None:
@@ -72,7 +62,7 @@ class ISegmenter(EncoderDecoder):
         example = torch.zeros(1, 3, *self.backbone.img_size)
         was_training = self.training
         self.eval()  # traced as evaluated: no dropout
-        prepared = fxp.prepare(self, (example,), **self.quant)
+        prepared = fxp.prepare(self, (example,), **prepare_options(self.quant))
         self.train(was_training)
         # the traced graph shares the float modules: kept out of the module tree (no duplicate parameters)
         object.__setattr__(self, "_prepared", prepared)
@@ -89,6 +79,17 @@ class ISegmenter(EncoderDecoder):
             self.set_momentum(momentum)
         self._prepared(inputs)
         self._forget_deployed()
+
+    def choose_layers(self, inputs: Tensor, rounding: bool = True) -> list[dict] | None:
+        """The per-layer choices of ``quant`` (``select='unified'``, ``weight_bits='mixed'``), scored on a batch of
+        normalised calibration images, and (``rounding``: PTQ, not before QAT) GPTQ of INT4 weights
+        (:func:`iseg_plugin.select.choose`); written into the observers, so checkpoints keep them. Returns
+        the table rows (None: nothing is chosen per layer)."""
+        self._require_quant()
+        images = [(image[None],) for image in inputs]
+        rows = choose(self._prepared, images, self.quant, rounding_inputs=images if rounding else None)
+        self._forget_deployed()
+        return rows
 
     def set_momentum(self, momentum: float) -> None:
         for observer in self.observers.values():

@@ -20,32 +20,48 @@ from . import modules as M
 from .registry import REGISTRY, OpEntry, Variant
 
 aten = torch.ops.aten
-WEIGHT_BITS = 8
+WEIGHT_BITS = (8, 4)  # the GEMM weight widths a site may choose (INT8, or INT4 for W4A8)
 SOFTMAX_BITS = 16  # probabilities in [0, 2**15], read by the next GEMM as two int8 halves
 L2_FRAC_BITS = 15  # the integer L2 norm's output: unit vectors at scale 2**-15
 
 
-def _quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric INT8 (round half to even, as Brevitas and torch.ao), as a float
-    tensor holding the integers (straight-through gradient to ``weight``), and the scales. The scales
+def quantize_weight(weight: torch.Tensor, bits: int, input_energy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric ``bits``-wide integers (round half to even, as Brevitas and torch.ao),
+    as a float tensor holding them (straight-through gradient to ``weight``), and the scales. The scales
     are computed in float64, as Brevitas' ``Int8WeightPerChannelFloat`` computes them in a float64
-    model: the Brevitas swap (:mod:`iseg_plugin.nn.swap`) then gets the same integers."""
+    model: the Brevitas swap (:mod:`iseg_plugin.nn.swap`) then gets the same integers. INT4 scales come
+    from a per-channel clip search, its error weighted by ``input_energy`` (:func:`intops.weight_scale`)."""
     w = weight.double().flatten(1)
-    lo, hi = intops.channel_minmax(w, 0)
-    scale = intops.symmetric_scale(lo, hi, WEIGHT_BITS)
-    return intops.quantize(w, scale, WEIGHT_BITS, channel_dim=0).float(), scale
+    scale = intops.weight_scale(w, bits, None if input_energy is None else input_energy.double())
+    return intops.quantize(w, scale, bits, channel_dim=0).float(), scale
+
+
+def input_energy(observer, weight: torch.Tensor) -> torch.Tensor | None:
+    """The mean square of each input channel of a Linear, as its input's observer saw it (None where there
+    is none, or for a convolution's patches, whose columns are not the input's last dimension)."""
+    energy = getattr(observer, "channel_energy", None)
+    return energy if energy is not None and weight.dim() == 2 and energy.numel() == weight.shape[1] else None
 
 
 def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tuple[M.Linear, float, tuple[int, int]]:
     """W x + b as ``W (x - offset) + (b + offset * sum(W))``: ``offset`` brings a 256-level input such as
-    an asymmetric GELU output into int8, and the bias takes it back (exact)."""
-    w_int, w_scale = _quantize_weight(weight)
+    an asymmetric GELU output into int8, and the bias takes it back (exact). The weight width is the site's
+    choice (its output observer's ``weight_bits``: 8, or 4 for W4A8)."""
+    bits = site.observer.weight_bits
+    calibrated = site.observer.weight_int  # GPTQ's integers (iseg_plugin.gptq), if a PTQ step computed them
+    if calibrated.numel():
+        if site.lowering.trainable:
+            raise site.refuse("its weights hold PTQ-calibrated (GPTQ) integers, which QAT cannot train: "
+                              "prepare the model again without them")
+        w_int, w_scale = calibrated.float(), site.observer.weight_scale
+    else:
+        w_int, w_scale = quantize_weight(weight, bits, input_energy(x.observer, weight))
     acc_scale = x.scale * w_scale
     b = torch.zeros(w_int.shape[0], dtype=torch.float64) if bias is None else intops.round_ste(bias.double() / acc_scale)
     b = b + offset * w_int.double().sum(1)
     b_int = None if bias is None and offset == 0 else site.lowering.integers(b.clamp(-(2**31), 2**31 - 1), torch.int32)
     out, scale, bounds = site.requant_to_output(acc_scale)
-    return M.Linear(site.lowering.integers(w_int, torch.int8), b_int, out, offset), scale, bounds
+    return M.Linear(site.lowering.integers(w_int, torch.int8), b_int, out, offset, bits), scale, bounds
 
 
 def _int8_offset(x) -> int:
@@ -167,14 +183,20 @@ class NoSamplesError(ValueError):
     """An operator fitted to calibration samples of its input saw none."""
 
 
+def gelu_module(build, in_scale: float, out_scale: float, bounds: tuple[int, int], samples) -> nn.Module:
+    """The deployed GELU that a variant's ``build`` makes for an input scale and an output grid (the GELUs
+    compute at ``S_in * 2**-7``, then requantize to the grid)."""
+    return build(in_scale, M.Requant.between(in_scale * 2.0**-GELU_OUT_SHIFT, out_scale, bounds), samples)
+
+
 def _gelu_lowering(build):
     def lower(site: Site) -> Operand:
         x = site.input(0)
         # INT8 on an asymmetric grid where only GEMMs read it (unless the observer asks for a symmetric one)
         asymmetric = not getattr(site.observer, "symmetric", False)
-        out, scale, bounds = site.requant_to_output(x.scale * 2.0**-GELU_OUT_SHIFT, asymmetric=asymmetric)
+        scale, bounds = site.asymmetric_output_format() if asymmetric else site.output_format()
         try:
-            module = build(x.scale, out, None if x.observer is None else x.observer.samples)
+            module = gelu_module(build, x.scale, scale, bounds, None if x.observer is None else x.observer.samples)
         except NoSamplesError as err:
             raise site.refuse(str(err)) from None
         return site.out(site.emit(module, x.node), scale, bounds)

@@ -84,14 +84,20 @@ class Multiplier(nn.Module):
 
 class Linear(nn.Module):
     """INT8 x INT8 -> INT32 (+ INT32 bias) over the last dimension, requantized to its output; an input
-    on a 256-level asymmetric grid is shifted into int8 by ``input_offset`` first."""
+    on a 256-level asymmetric grid is shifted into int8 by ``input_offset`` first.
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, out: Requant, input_offset: int = 0):
+    ``weight_bits`` 4: the weights are integers in [-8, 7], held as int8 while the model runs (the int8
+    GEMM computes their products exactly: x86 has no 4-bit multiply, and unpacking on every call would
+    add a memory pass) and packed two a byte in the deployed file (:mod:`iseg_plugin.deploy.io`)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, out: Requant, input_offset: int = 0,
+                 weight_bits: int = 8):
         super().__init__()
         self.register_buffer("weight_t", narrow(weight, INT8).t().contiguous())  # (in, out)
         self.register_buffer("bias", None if bias is None else narrow(bias, INT32))
         self.out = out
         self.input_offset = int(input_offset)  # subtracted from the input (its bias adds it back)
+        self.weight_bits = int(weight_bits)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])

@@ -8,9 +8,17 @@ it) with three additions the integer lowering needs:
 * ``variant`` names the registry variant of the op whose output it observes (GELU, softmax), so a
   qconfig chooses the integer operator per op type or per module, as torch.ao's qconfigs do;
 * a bounded sample of the values it saw, for operators whose constants are fitted to the data
-  (Poly-GELU's quartic);
+  (Poly-GELU's quartic), and the mean square of each channel of the last dimension (EMA as the range),
+  which weighs the INT4 weight error of a Linear reading the value (:func:`intops.weight_scale`);
 * ``symmetric``: keep a symmetric grid where the op would choose an asymmetric one (GELU's INT8
-  output; Brevitas' ``QuantLinear`` carries no input zero point into its accumulator).
+  output; Brevitas' ``QuantLinear`` carries no input zero point into its accumulator);
+* ``weight_bits``: the weight width of the GEMM whose output it observes (8, or 4 for W4A8), and that
+  GEMM's calibrated weight integers and scales where a PTQ step computed them (``weight_int``,
+  ``weight_scale``: :mod:`iseg_plugin.gptq`; empty otherwise).
+
+``variant`` and ``weight_bits`` are the site's choices (a qconfig's, or the per-layer selection of
+:mod:`iseg_plugin.select`): they travel with the state dict (``get_extra_state``), so a checkpoint or a
+calibration record rebuilds the same integer model.
 
 Its torch.ao dtype is nominal (``qint8``): the bit width of each value is decided at lowering by the
 operator that consumes it (INT8 into a GEMM, INT16 along the residual stream), from this range.
@@ -28,7 +36,8 @@ MAX_SAMPLES = 65536
 
 
 class IsegObserver(MinMaxObserver):
-    def __init__(self, momentum: float = 0.05, variant: str | None = None, symmetric: bool = False, **kwargs):
+    def __init__(self, momentum: float = 0.05, variant: str | None = None, symmetric: bool = False,
+                 weight_bits: int = 8, **kwargs):
         kwargs.setdefault("dtype", torch.qint8)
         kwargs.setdefault("qscheme", torch.per_tensor_symmetric)
         super().__init__(**kwargs)
@@ -37,12 +46,22 @@ class IsegObserver(MinMaxObserver):
         self.momentum = momentum
         self.variant = variant
         self.symmetric = symmetric
+        self.weight_bits = weight_bits
         self.register_buffer("samples", torch.zeros(0))
+        self.register_buffer("channel_energy", torch.zeros(0))
+        self.register_buffer("weight_int", torch.zeros(0, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("batches", torch.tensor(0))
 
     def extra_repr(self) -> str:
         return (f"momentum={self.momentum}, variant={self.variant}, symmetric={self.symmetric}, "
-                f"batches={int(self.batches)}")
+                f"weight_bits={self.weight_bits}, batches={int(self.batches)}")
+
+    def get_extra_state(self) -> dict:
+        return {"variant": self.variant, "weight_bits": self.weight_bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.variant, self.weight_bits = state["variant"], int(state["weight_bits"])
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -53,6 +72,11 @@ class IsegObserver(MinMaxObserver):
         lo, hi = intops.ema_minmax(running, real, self.momentum)
         self.min_val.resize_(lo.shape).copy_(lo)
         self.max_val.resize_(hi.shape).copy_(hi)
+        if real.dim() >= 2:
+            energy = real.pow(2).flatten(0, -2).mean(0)
+            if int(self.batches) and self.channel_energy.shape == energy.shape:
+                energy = (1 - self.momentum) * self.channel_energy + self.momentum * energy
+            self.channel_energy = energy
         flat = real.flatten()
         step = max(1, flat.numel() // SAMPLES_PER_BATCH)
         self.samples = torch.cat([self.samples, flat[::step]])[-MAX_SAMPLES:]
@@ -60,9 +84,14 @@ class IsegObserver(MinMaxObserver):
         return x
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "samples"
-        if key in state_dict:  # the number of samples kept varies: take the saved one's size
-            self.samples = torch.empty_like(state_dict[key])
+        for name in ("samples", "channel_energy", "weight_int", "weight_scale"):  # sizes vary: take the saved ones'
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+            else:  # (records written before these existed)
+                state_dict[key] = getattr(self, name)
+        # a record written before the choices were saved keeps the choices this observer was built with
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def calibrated(self) -> bool:

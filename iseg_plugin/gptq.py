@@ -1,0 +1,85 @@
+"""GPTQ rounding of narrow (INT4) GEMM weights: a post-training calibration of the weights' integers.
+
+Rounding each weight to its nearest level (RTN) leaves every column's error where it falls; GPTQ
+(Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers") rounds the columns one at a time and moves each column's error onto the columns not yet
+rounded, weighted by the inverse of the layer's input Gram matrix ``H = X^T X`` (the calibration
+inputs), which minimises ``||X W^T - X Q^T||^2`` far better than RTN at 4 bits. torch.ao, torchao's
+PT2E flow and Brevitas 0.13 offer GPTQ only for their own quantized modules (Brevitas: ``gptq_mode``
+over its ``QuantLinear``), not for weights that the plugin's lowering quantizes, hence this version.
+
+The scales are chosen first (per channel, the activation-aware clip search of
+:func:`intops.weight_scale` with ``diag(H)`` as the input energy) and stay fixed; columns go in order
+of decreasing ``diag(H)`` ("act order"); ``H`` is damped by 1 % of its mean diagonal. The result, the
+integers and their scales, is stored in the observer of the layer's output (``weight_int``,
+``weight_scale``), where the lowering takes it instead of rounding the float weight; calibration
+records and checkpoints carry it. Only the PTQ path uses it: QAT trains the float weights. A patch
+Conv2d is the GEMM of its patches (``F.unfold``) and is rounded the same way. Each layer's inputs come
+from the float model (not from the layers rounded before it, as in GPTQ's sequential form).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from . import intops
+from .select import GEMMS, Probe, sites
+
+DAMPING = 0.01
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, damping: float = DAMPING) -> tuple[Tensor, Tensor]:
+    """GPTQ integers (float64 tensor holding them, ``weight``'s shape (out, in)) and per-channel scales of a
+    Linear weight, from the Gram matrix ``hessian`` (in, in) of its calibration inputs."""
+    w = weight.detach().double().flatten(1).clone()
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0  # inputs that never vary: their columns cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scale = intops.weight_scale(w, bits, torch.diagonal(h) / max(float(torch.diagonal(h).mean()), 1e-30))
+    order = torch.argsort(torch.diagonal(h), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    h += damping * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    # the upper Cholesky factor of H^-1: row i holds how the error of column i spreads onto columns > i
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    lo, hi = intops.int_range(bits)
+    q = torch.empty_like(w)
+    for i in range(w.shape[1]):
+        q[:, i] = torch.clamp(torch.round(w[:, i] / scale), lo, hi)
+        err = (w[:, i] - q[:, i] * scale) / u[i, i]
+        w[:, i + 1:] -= err[:, None] * u[i, i + 1:][None, :]
+    restored = torch.empty_like(q)
+    restored[:, order] = q
+    return restored, scale
+
+
+def gptq(prepared: fx.GraphModule, inputs: list[tuple]) -> int:
+    """GPTQ for every Linear / patch Conv2d of a calibrated prepared graph whose weights are narrower than 8 bits (its
+    output observer's ``weight_bits``), on the float model's inputs to it over ``inputs``; the integers are
+    stored in that observer. Returns the number of layers rounded."""
+    found = [s for s in sites(prepared, GEMMS) if s.observer.weight_bits < 8]
+    grams, weights = {}, {}
+
+    def tap(node, module):
+        def collect(args, kwargs):
+            x = args[0].detach().double()
+            w = module.weight if module is not None else args[1]
+            if w.dim() == 4:  # a patch convolution: its GEMM's rows are the patches, (c, kh, kw) as weight.flatten(1)
+                x = F.unfold(x, w.shape[-2:], stride=w.shape[-2:]).transpose(1, 2)
+            x = x.flatten(0, -2)
+            grams[node] = x.T @ x + grams.get(node, 0.0)
+            weights[node] = w
+
+        return collect
+
+    taps = {s.node: tap(s.node, prepared.get_submodule(s.node.target) if s.node.op == "call_module" else None)
+            for s in found}
+    with torch.no_grad():
+        for args in inputs:
+            Probe(prepared, taps=taps).run(*args)
+        for site in found:
+            q, scale = gptq_quantize(weights[site.node], grams[site.node], site.observer.weight_bits)
+            site.observer.weight_int = q.to(torch.int8).reshape(weights[site.node].shape[0], -1)
+            site.observer.weight_scale = scale
+    return len(found)

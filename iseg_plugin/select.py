@@ -1,0 +1,374 @@
+"""Per-layer choices of the integer model: IPTQ-ViT's unified metric, as this plugin defines it.
+
+IPTQ-ViT (seed 003) gives each non-linear layer the approximation that scores best on a metric that
+unites quantization sensitivity, output perturbation and computational cost; the paper publishes no
+code, so the terms and their weights here are ours (docs/architecture.md).
+
+Stage 1, score (:func:`score_variants`, :func:`score_weight_bits`), on calibration images, for each site
+(a GELU, a softmax, a Linear / patch Conv2d of a calibrated prepared graph) and each candidate:
+
+* **sensitivity**: ``||y_c - y||^2 / ||y||^2``, summed over the images, of the model's final output when
+  only this site runs the candidate and everything else stays float;
+* **perturbation**: the same ratio for the site's own output against its float op;
+* **cost**: the candidate's integer operations per input element, counted (the aten ops of its deployed
+  module on the ``intops`` reference path, weighted by the elements each writes); for weight widths,
+  the bytes of the weights.
+
+A candidate runs as it will be deployed: the input quantized on its observed grid, the registry's
+deployed module on those integers (the fake-quant path: one arithmetic), its output on the grid the
+lowering will give it; an INT4 candidate is the weight quantized as the lowering quantizes it.
+
+Stage 2, assign: a GELU / softmax site takes the candidate with the largest
+``score = -(w_s * s / max s + w_p * p / max p + w_c * c / max c)`` (each term divided by its largest
+value over the site's candidates; weights :class:`MetricWeights`). Weight widths with a size budget
+(:func:`assign_weight_bits`): INT4 goes first to the GEMMs with the least ``w_s * s + w_p * p`` (each
+term over its largest value among the GEMMs) per byte saved, until the GEMM weights are ``size_ratio``
+times smaller than in FP32. The choices are written into the sites' observers (``variant``,
+``weight_bits``), which the lowering reads and the state dict carries.
+
+Stage 3, calibrate: the conversion computes each site's constants for its chosen candidate (Poly-GELU
+fits its polynomial then). The observers record float activations, which no choice changes, so the
+ranges of stage 1 are already those of the mixed model: no second pass over the images is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+from torch.func import functional_call
+
+from . import intops, kernels
+from .deploy.audit import OpAudit
+from .lowering import consumer_bits, observer_of, output_grid, static_nodes
+from .ops import REGISTRY
+from .ops.entries import SOFTMAX_BITS, WEIGHT_BITS, quantize_weight, gelu_module, input_energy
+from .ops.modules import storage_dtype
+from .ops.observer import IsegObserver
+
+SCORE_IMAGES = 2  # calibration images the candidates are scored on (each candidate runs the whole model)
+ROUNDING_IMAGES = 8  # calibration images whose GEMM inputs GPTQ takes (one float forward each)
+CHOICES = ("gelu", "softmax")  # the registry entries whose variants are chosen per layer
+GEMMS = ("linear", "conv2d")  # the entries whose weight width is chosen per layer
+
+
+@dataclass(frozen=True)
+class MetricWeights:
+    """Weights of the unified metric's terms. Defaults: the model's output decides (sensitivity 1.0), the
+    layer's own error breaks near-ties (0.5; it is measured on one layer, so it is a noisier signal of
+    the model's error), cost matters least (0.1: every candidate runs in one fused pass when deployed)."""
+
+    sensitivity: float = 1.0
+    perturbation: float = 0.5
+    cost: float = 0.1
+
+
+def _relative_error(approx: Tensor, exact: Tensor) -> float:
+    exact = exact.double()
+    return float(((approx.double() - exact) ** 2).sum() / (exact**2).sum().clamp_min(1e-30))
+
+
+class Probe(fx.Interpreter):
+    """The calibrated prepared graph run as the float model (observers pass values through without
+    recording them), with one node's output replaced: ``replace(args, kwargs, float_output)``; ``taps``:
+    ``{node: fn(args, kwargs)}`` called with the arguments of those nodes (to collect their inputs)."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node | None = None, replace=None, taps: dict | None = None):
+        super().__init__(gm)
+        self.node, self.replace, self.taps = node, replace, taps or {}
+        self.exact = self.approx = None
+
+    def run_node(self, n: fx.Node):
+        if n.op == "call_module" and is_observer(self.module, n):
+            return self.env[n.args[0]]
+        if n in self.taps:
+            self.taps[n](*self.fetch_args_kwargs_from_env(n))
+        out = super().run_node(n)
+        if n is self.node:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.exact, out = out, self.replace(args, kwargs, out)
+            self.approx = out
+        return out
+
+
+def is_observer(gm: fx.GraphModule, n: fx.Node) -> bool:
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
+    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), (ObserverBase, FakeQuantizeBase))
+
+
+@dataclass
+class ChoiceSite:
+    """An op whose choice is made per layer: its node, registry entry and observers."""
+
+    node: fx.Node
+    entry: str
+    observer: IsegObserver  # its output's: where the choice is written
+    input_observer: IsegObserver | None
+
+
+def sites(prepared: fx.GraphModule, entries=CHOICES + GEMMS) -> list[ChoiceSite]:
+    """The ops of ``entries`` in a prepared graph that have an output observer (in graph order)."""
+    found = []
+    for node in prepared.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        entry = REGISTRY.entry_for(node, prepared)
+        if entry is None or entry.name not in entries:
+            continue
+        out = next((u for u in node.users if is_observer(prepared, u)), None)
+        if out is None:
+            continue
+        source = node.args[0] if node.args else None
+        into = (observer_of(prepared.get_submodule(source.target))
+                if isinstance(source, fx.Node) and is_observer(prepared, source) else None)
+        found.append(ChoiceSite(node, entry.name, observer_of(prepared.get_submodule(out.target)), into))
+    return found
+
+
+def _demand(prepared: fx.GraphModule, node: fx.Node) -> int:
+    static = static_nodes(prepared.graph)
+    return consumer_bits(node, lambda n: REGISTRY.entry_for(n, prepared), lambda n: is_observer(prepared, n),
+                         lambda n: n in static)
+
+
+def _softmax_dim(prepared: fx.GraphModule, node: fx.Node) -> int:
+    if node.op == "call_module":
+        return prepared.get_submodule(node.target).dim
+    return node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+
+
+def _deployed_candidate(prepared: fx.GraphModule, site: ChoiceSite, variant) -> tuple[nn.Module, float, int, float]:
+    """The deployed module of ``variant`` at ``site`` as the lowering would build it: (module, input scale,
+    input width, output scale)."""
+    bits = REGISTRY[site.entry].input_bits
+    in_scale = site.input_observer.scale(bits)
+    if site.entry == "softmax":
+        module = variant.build(in_scale, SOFTMAX_BITS, _softmax_dim(prepared, site.node))
+        return module, in_scale, bits, 2.0 ** -(SOFTMAX_BITS - 1)
+    out_node = next(u for u in site.node.users if is_observer(prepared, u))
+    scale, bounds = output_grid(site.observer, _demand(prepared, out_node), asymmetric=not site.observer.symmetric)
+    module = gelu_module(variant.build, in_scale, scale, bounds, site.input_observer.samples)
+    return module, in_scale, bits, scale
+
+
+def _integer_input(x: Tensor, scale: float, bits: int) -> Tensor:
+    return intops.quantize(x.double(), torch.tensor(scale, dtype=torch.float64), bits)
+
+
+def ops_per_element(module: nn.Module, x_int: Tensor) -> float:
+    """Integer operations per input element of a deployed module on ``x_int`` (float tensor holding
+    integers), counted on the intops reference path: every aten op, weighted by the elements it writes."""
+    x = x_int.to(storage_dtype((int(x_int.min()), int(x_int.max()))))
+    with kernels.reference(), OpAudit() as audit, torch.no_grad():
+        module(x)
+    return sum(r.elements for r in audit.records) / x.numel()
+
+
+def _run(prepared, inputs, node=None, replace=None) -> tuple[list[Tensor], float]:
+    """The outputs on each input tuple and the summed perturbation of ``node``'s output."""
+    outputs, perturbation = [], 0.0
+    with torch.no_grad():
+        for args in inputs:
+            probe = Probe(prepared, node, replace)
+            outputs.append(probe.run(*args))
+            if node is not None:
+                perturbation += _relative_error(probe.approx, probe.exact)
+    return outputs, perturbation
+
+
+def _sensitivity(outputs: list[Tensor], reference: list[Tensor]) -> float:
+    return sum(_relative_error(o, r) for o, r in zip(outputs, reference))
+
+
+def _require_calibrated(found: list[ChoiceSite]) -> None:
+    for site in found:
+        for observer in (site.observer, site.input_observer):
+            if observer is not None and not observer.calibrated():
+                raise ValueError(f"{site.node.name}: its observers saw no data; calibrate the prepared model "
+                                 "before scoring candidates")
+
+
+def score_variants(prepared: fx.GraphModule, inputs: list[tuple], weights: MetricWeights = MetricWeights(),
+                   entries=CHOICES) -> list[dict]:
+    """Stage 1 and 2 for the GELU / softmax sites of a calibrated prepared graph: one row per (site,
+    candidate) with its terms, score and whether it is chosen (the largest score of its site)."""
+    if not inputs:
+        raise ValueError("scoring needs at least one calibration input")
+    found = [s for s in sites(prepared, entries) if s.input_observer is not None]
+    _require_calibrated(found)
+    reference, _ = _run(prepared, inputs)
+    rows = []
+    for site in found:
+        entry = REGISTRY[site.entry]
+        site_rows = []
+        for variant in entry.variants.values():
+            module, in_scale, bits, out_scale = _deployed_candidate(prepared, site, variant)
+
+            def replace(args, kwargs, exact, module=module, in_scale=in_scale, bits=bits, out_scale=out_scale):
+                return (module(_integer_input(args[0], in_scale, bits)) * out_scale).to(exact.dtype)
+
+            outputs, perturbation = _run(prepared, inputs, site.node, replace)
+            x0 = _integer_input(_site_input(prepared, inputs[0], site.node), in_scale, bits)
+            site_rows.append(dict(layer=site.node.name, kind=site.entry, candidate=variant.name,
+                                  sensitivity=_sensitivity(outputs, reference), perturbation=perturbation,
+                                  cost=ops_per_element(module, x0)))
+        rows += _ranked(site_rows, weights)
+    return rows
+
+
+def _site_input(prepared, args: tuple, node: fx.Node) -> Tensor:
+    """``node``'s first input when the float model runs on ``args``."""
+    captured = {}
+
+    def keep(a, k, exact):
+        captured["x"] = a[0]
+        return exact
+
+    _run(prepared, [args], node, keep)
+    return captured["x"]
+
+
+def _ranked(rows: list[dict], weights: MetricWeights) -> list[dict]:
+    terms = (("sensitivity", weights.sensitivity), ("perturbation", weights.perturbation), ("cost", weights.cost))
+    top = {term: max(r[term] for r in rows) or 1.0 for term, _ in terms}
+    for r in rows:
+        r["score"] = -sum(w * r[term] / top[term] for term, w in terms)
+    best = max(rows, key=lambda r: r["score"])  # (ties: the registry's order, default first)
+    for r in rows:
+        r["chosen"] = r is best
+    return rows
+
+
+def score_weight_bits(prepared: fx.GraphModule, inputs: list[tuple], low_bits: int = 4) -> list[dict]:
+    """Stage 1 for the GEMM weights: per Linear / patch Conv2d, the terms of its weights at ``low_bits``
+    (the rest of the model float); ``cost``: the weight bytes at 8 bits (what INT4 halves)."""
+    if low_bits not in WEIGHT_BITS:
+        raise ValueError(f"weight widths are {WEIGHT_BITS}, got {low_bits}")
+    found = sites(prepared, GEMMS)
+    _require_calibrated(found)
+    reference, _ = _run(prepared, inputs)
+    rows = []
+    for site in found:
+        module = prepared.get_submodule(site.node.target) if site.node.op == "call_module" else None
+        numel = {}
+
+        def replace(args, kwargs, exact, module=module, numel=numel, node=site.node, into=site.input_observer):
+            w = module.weight if module is not None else args[1]
+            numel["weights"] = w.numel()
+            w_int, scale = quantize_weight(w, low_bits, input_energy(into, w))
+            low = (w_int.double() * scale[:, None]).reshape(w.shape).to(w.dtype)
+            if module is not None:
+                return functional_call(module, {"weight": low}, args, kwargs)
+            return node.target(args[0], low, *args[2:], **kwargs)
+
+        outputs, perturbation = _run(prepared, inputs, site.node, replace)
+        rows.append(dict(layer=site.node.name, kind="weights", candidate=f"int{low_bits}", numel=numel["weights"],
+                         sensitivity=_sensitivity(outputs, reference), perturbation=perturbation,
+                         cost=numel["weights"]))
+    return rows
+
+
+def assign_weight_bits(rows: list[dict], size_ratio: float | None, weights: MetricWeights = MetricWeights(),
+                       low_bits: int = 4) -> list[dict]:
+    """Stage 2 for the weights: ``size_ratio`` None puts every GEMM at ``low_bits``; otherwise INT4 goes to
+    the GEMMs with the least metric per byte saved until the GEMM weights are ``size_ratio`` times smaller
+    than in FP32 (4 bytes a weight). Marks each row ``chosen`` (INT4) and returns the rows."""
+    if size_ratio is not None and size_ratio <= 0:
+        raise ValueError(f"size_ratio must be positive, got {size_ratio}")
+    total = sum(r["numel"] for r in rows)
+    budget = 0.0 if size_ratio is None else 4.0 * total / size_ratio  # bytes the GEMM weights may take
+    top = {t: max((r[t] for r in rows), default=0.0) or 1.0 for t in ("sensitivity", "perturbation")}
+    for r in rows:
+        r["score"] = -(weights.sensitivity * r["sensitivity"] / top["sensitivity"]
+                       + weights.perturbation * r["perturbation"] / top["perturbation"])
+        r["chosen"] = False
+    size = float(total)  # bytes with every weight at 8 bits
+    for r in sorted(rows, key=lambda r: -r["score"] / r["numel"]):
+        if size <= budget:
+            break
+        r["chosen"] = True
+        size -= r["numel"] * (8 - low_bits) / 8
+    return rows
+
+
+def apply(prepared: fx.GraphModule, rows: list[dict]) -> None:
+    """Write the chosen candidates into the sites' observers (the lowering reads them from there)."""
+    by_name = {site.node.name: site for site in sites(prepared)}
+    for r in rows:
+        if not r["chosen"] and r["kind"] != "weights":
+            continue
+        site = by_name.get(r["layer"])
+        if site is None:
+            raise ValueError(f"no site {r['layer']!r} in this model: the choices were made on another graph")
+        if r["kind"] == "weights":
+            site.observer.weight_bits = int(r["candidate"][3:]) if r["chosen"] else 8
+        else:
+            site.observer.variant = r["candidate"]
+
+
+def format_table(rows: list[dict]) -> str:
+    """The choices as a markdown table: layer, candidate, the metric terms, the score, the chosen mark."""
+    lines = ["| layer | kind | candidate | sensitivity | perturbation | cost | score | chosen |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cost = f"{r['cost'] / 1e3:.1f} kB" if r["kind"] == "weights" else f"{r['cost']:.1f} ops/el"
+        lines.append(f"| {r['layer']} | {r['kind']} | {r['candidate']} | {r['sensitivity']:.3e} | "
+                     f"{r['perturbation']:.3e} | {cost} | {r['score']:.3f} | {'**yes**' if r['chosen'] else ''} |")
+    return "\n".join(lines)
+
+
+SELECTS = ("global", "unified")
+WEIGHT_CHOICES = (8, 4, "mixed")
+ROUNDINGS = ("gptq", "nearest")
+
+
+def check_quant(quant: dict) -> dict:
+    """A ``quant=`` dict (mmseg config, ``iseg ptq`` options) checked and completed: ``gelu`` / ``softmax``
+    (registry variants: the global choice, and the start of a unified selection), ``weight_bits`` (8, 4 or
+    "mixed"), ``select`` ("global" or "unified": per-layer GELU / softmax), ``size_ratio`` (FP32 / GEMM weight
+    size that "mixed" reaches, default 6), ``weight_rounding`` of INT4 weights in PTQ ("gptq", default, or
+    "nearest"; QAT always trains rounded-to-nearest weights)."""
+    known = ("gelu", "softmax", "weight_bits", "select", "size_ratio", "weight_rounding")
+    unknown = sorted(set(quant) - set(known))
+    if unknown:
+        raise ValueError(f"quant=dict(...) takes {', '.join(known)}; got unknown key(s) {unknown} "
+                         "(activation widths are chosen per op by the lowering: INT8 into GEMMs, INT16 elsewhere)")
+    options = dict(gelu=REGISTRY["gelu"].variant(quant.get("gelu", "poly")).name,
+                   softmax=REGISTRY["softmax"].variant(quant.get("softmax", "bit-exp")).name,
+                   weight_bits=quant.get("weight_bits", 8), select=quant.get("select", "global"),
+                   size_ratio=float(quant.get("size_ratio", 6.0)), weight_rounding=quant.get("weight_rounding", "gptq"))
+    if options["weight_bits"] not in WEIGHT_CHOICES:
+        raise ValueError(f"weight_bits must be one of {WEIGHT_CHOICES}, got {options['weight_bits']!r}")
+    if options["select"] not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {options['select']!r}")
+    if options["weight_rounding"] not in ROUNDINGS:
+        raise ValueError(f"weight_rounding must be one of {ROUNDINGS}, got {options['weight_rounding']!r}")
+    if options["size_ratio"] <= 0:
+        raise ValueError(f"size_ratio must be positive, got {options['size_ratio']}")
+    return options
+
+
+def prepare_options(quant: dict) -> dict:
+    """The ``fx_patterns.prepare`` options of a checked ``quant`` dict (a mixed model starts at INT8 weights)."""
+    return dict(gelu=quant["gelu"], softmax=quant["softmax"], weight_bits=4 if quant["weight_bits"] == 4 else 8)
+
+
+def choose(prepared: fx.GraphModule, inputs: list[tuple], quant: dict, weights: MetricWeights = MetricWeights(),
+           rounding_inputs: list[tuple] | None = None) -> list[dict] | None:
+    """Stages 1 and 2 for what a checked ``quant`` dict asks (unified GELU / softmax, mixed weight widths),
+    scored on ``inputs`` and written into the calibrated ``prepared`` graph, then GPTQ of the INT4 weights on
+    ``rounding_inputs`` (PTQ; None: no GPTQ) if ``quant`` asks for it. Returns the table rows, or None when
+    nothing is chosen per layer."""
+    from .gptq import gptq
+
+    rows = []
+    if quant["select"] == "unified":
+        rows += score_variants(prepared, inputs, weights)
+    if quant["weight_bits"] == "mixed":
+        rows += assign_weight_bits(score_weight_bits(prepared, inputs), quant["size_ratio"], weights)
+    if rows:
+        apply(prepared, rows)
+    if rounding_inputs and quant["weight_rounding"] == "gptq":
+        gptq(prepared, rounding_inputs)
+    return rows or None
