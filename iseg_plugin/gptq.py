@@ -59,6 +59,8 @@ def gptq(prepared: fx.GraphModule, inputs: list[tuple]) -> int:
     output observer's ``weight_bits``), on the float model's inputs to it over ``inputs``; the integers are
     stored in that observer. Returns the number of layers rounded."""
     found = [s for s in sites(prepared, GEMMS) if s.observer.weight_bits < 8]
+    if not found:
+        return 0
     grams, weights = {}, {}
 
     def tap(node, module):

@@ -20,7 +20,8 @@ model = dict(
     type='ISegmenter',
     pretrained=None,
     # the most accurate integer operators here (IPTQ-ViT's Poly-GELU and bit-exp softmax; see
-    # docs/results_camvid.md for lambda-ShiftGELU and Shiftmax, the I-Segmenter ones)
+    # docs/results_camvid.md for lambda-ShiftGELU and Shiftmax, the I-Segmenter ones); also
+    # weight_bits=4 or 'mixed' (W4A8), select='unified' (per-layer GELU / softmax), size_ratio, weight_rounding
     quant=dict(gelu='poly', softmax='bit-exp'),
     data_preprocessor=dict(
         mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], size=crop_size, seg_pad_val=void,
