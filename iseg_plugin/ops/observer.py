@@ -17,7 +17,9 @@ it) with three additions the integer lowering needs:
   ``weight_scale``: :mod:`iseg_plugin.gptq`; empty otherwise).
 
 ``variant`` and ``weight_bits`` are the site's choices (a qconfig's, or the per-layer selection of
-:mod:`iseg_plugin.select`): they travel with the state dict (``get_extra_state``), so a checkpoint or a
+:mod:`iseg_plugin.select`): they are held in integer buffers (the variant's name as its bytes), so they
+travel with the state dict (and stay out of the way of ``torch.jit`` tracing, which takes every state-dict
+entry for a tensor), and a checkpoint or a
 calibration record rebuilds the same integer model.
 
 Its torch.ao dtype is nominal (``qint8``): the bit width of each value is decided at lowering by the
@@ -44,6 +46,8 @@ class IsegObserver(MinMaxObserver):
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.momentum = momentum
+        self.register_buffer("variant_name", torch.zeros(0, dtype=torch.uint8))
+        self.register_buffer("gemm_weight_bits", torch.tensor(8))
         self.variant = variant
         self.symmetric = symmetric
         self.weight_bits = weight_bits
@@ -57,11 +61,21 @@ class IsegObserver(MinMaxObserver):
         return (f"momentum={self.momentum}, variant={self.variant}, symmetric={self.symmetric}, "
                 f"weight_bits={self.weight_bits}, batches={int(self.batches)}")
 
-    def get_extra_state(self) -> dict:
-        return {"variant": self.variant, "weight_bits": self.weight_bits}
+    @property
+    def variant(self) -> str | None:
+        return bytes(self.variant_name.tolist()).decode() or None
 
-    def set_extra_state(self, state: dict) -> None:
-        self.variant, self.weight_bits = state["variant"], int(state["weight_bits"])
+    @variant.setter
+    def variant(self, name: str | None) -> None:
+        self.variant_name = torch.tensor(list((name or "").encode()), dtype=torch.uint8)
+
+    @property
+    def weight_bits(self) -> int:
+        return int(self.gemm_weight_bits)
+
+    @weight_bits.setter
+    def weight_bits(self, bits: int) -> None:
+        self.gemm_weight_bits = torch.tensor(int(bits))
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -84,14 +98,12 @@ class IsegObserver(MinMaxObserver):
         return x
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("samples", "channel_energy", "weight_int", "weight_scale"):  # sizes vary: take the saved ones'
+        for name in ("samples", "channel_energy", "weight_int", "weight_scale", "variant_name", "gemm_weight_bits"):
             key = prefix + name
-            if key in state_dict:
+            if key in state_dict:  # sizes vary: take the saved ones'
                 setattr(self, name, torch.empty_like(state_dict[key]))
-            else:  # (records written before these existed)
+            else:  # a record written before these existed keeps what this observer was built with
                 state_dict[key] = getattr(self, name)
-        # a record written before the choices were saved keeps the choices this observer was built with
-        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def calibrated(self) -> bool:
