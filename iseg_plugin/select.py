@@ -50,6 +50,9 @@ SCORE_IMAGES = 2  # calibration images the candidates are scored on (each candid
 ROUNDING_IMAGES = 8  # calibration images whose GEMM inputs GPTQ takes (one float forward each)
 CHOICES = ("gelu", "softmax")  # the registry entries whose variants are chosen per layer
 GEMMS = ("linear", "conv2d")  # the entries whose weight width is chosen per layer
+SELECTS = ("global", "unified")  # the quant dict's options (check_quant)
+WEIGHT_CHOICES = (8, 4, "mixed")
+ROUNDINGS = ("gptq", "nearest")
 
 
 @dataclass(frozen=True)
@@ -317,10 +320,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['perturbation']:.3e} | {cost} | {r['score']:.3f} | {'**yes**' if r['chosen'] else ''} |")
     return "\n".join(lines)
 
-
-SELECTS = ("global", "unified")
-WEIGHT_CHOICES = (8, 4, "mixed")
-ROUNDINGS = ("gptq", "nearest")
 
 
 def check_quant(quant: dict) -> dict:

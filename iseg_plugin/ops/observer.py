@@ -1,7 +1,7 @@
 """The one activation observer of the per-op front ends: a torch.ao observer that records ranges.
 
 It is a ``MinMaxObserver`` (so ``prepare_fx`` / ``prepare_qat_fx`` / torchao's ``prepare_pt2e`` accept
-it) with three additions the integer lowering needs:
+it) with what the integer lowering needs:
 
 * the range is an EMA with the paper's update weight ``momentum`` (0.05 for PTQ, 0.01 for QAT; the
   first batch is taken as it is), through :func:`iseg_plugin.intops.ema_minmax`;
@@ -17,10 +17,9 @@ it) with three additions the integer lowering needs:
   ``weight_scale``: :mod:`iseg_plugin.gptq`; empty otherwise).
 
 ``variant`` and ``weight_bits`` are the site's choices (a qconfig's, or the per-layer selection of
-:mod:`iseg_plugin.select`): they are held in integer buffers (the variant's name as its bytes), so they
-travel with the state dict (and stay out of the way of ``torch.jit`` tracing, which takes every state-dict
-entry for a tensor), and a checkpoint or a
-calibration record rebuilds the same integer model.
+:mod:`iseg_plugin.select`). They are held in integer buffers (the variant's name as its bytes), so they
+travel with the state dict and a checkpoint or a calibration record rebuilds the same integer model
+(``get_extra_state`` would do it too, but ``torch.jit`` tracing takes every state-dict entry for a tensor).
 
 Its torch.ao dtype is nominal (``qint8``): the bit width of each value is decided at lowering by the
 operator that consumes it (INT8 into a GEMM, INT16 along the residual stream), from this range.
