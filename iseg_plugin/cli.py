@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import sys
 import warnings
@@ -59,6 +60,13 @@ def _eval(args: argparse.Namespace) -> int:
     for key, value in report["pixel_agreement"].items():
         print(f"pixel agreement, {key}: {value:.3f} %")
     print(f"deployed model ran on: {kernels.describe()}")
+    if report["selection"]:
+        chosen = [r for r in report["selection"] if r["chosen"]]
+        variants = Counter(r["candidate"] for r in chosen if r["kind"] != "weights")
+        int4 = sum(r["kind"] == "weights" for r in chosen)
+        gemms = sum(r["kind"] == "weights" for r in report["selection"])
+        print("per-layer choices in the model: " + ", ".join(f"{name} x{n}" for name, n in variants.items())
+              + (f"; INT4 weights in {int4} of {gemms} GEMMs" if gemms else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

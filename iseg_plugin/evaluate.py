@@ -66,8 +66,10 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
             models["fp32"] = float_model
     if deployed is not None:
         integer_forms["deployed"] = deployed
-    return compare(models, integer_forms, items, val.metainfo, cfg.val_evaluator.get("ignore_index", 255), out_dir,
-                   dataset_panels)
+    report = compare(models, integer_forms, items, val.metainfo, cfg.val_evaluator.get("ignore_index", 255), out_dir,
+                     dataset_panels)
+    report["selection"] = None if deployed is None else deployed.selection
+    return report
 
 
 def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 255, out_dir: str | None = None,
