@@ -108,6 +108,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def _weight_bits(text: str) -> int | str:
     if text not in ("4", "8", "mixed"):
         raise argparse.ArgumentTypeError(f"must be 4, 8 or mixed, got {text!r}")
@@ -137,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--select", choices=("global", "unified"),
                      help="GELU / softmax: one variant everywhere (--gelu / --softmax; default) or each layer's "
                           "best candidate by the unified metric")
-    ptq.add_argument("--size-ratio", type=float, help="with --weight-bits mixed: FP32 / GEMM weight size to "
+    ptq.add_argument("--size-ratio", type=_positive_float, help="with --weight-bits mixed: FP32 / GEMM weight size to "
                      "reach (default 6)")
     ptq.add_argument("--weight-rounding", choices=("gptq", "nearest"),
                      help="INT4 weights: GPTQ on the calibration images (default) or round to nearest")

@@ -65,6 +65,9 @@ def test_ptq_refuses_to_overwrite_its_checkpoint_before_building_anything(tmp_pa
 @pytest.mark.parametrize("argv,message", [
     (["ptq", CONFIG, "ckpt.pth", "--out", "x.iseg", "--calib-samples", "0"], "must be at least 1, got 0"),
     (["ptq", CONFIG, "ckpt.pth", "--out", "x.iseg", "--calib-samples", "-1"], "must be at least 1, got -1"),
+    (["ptq", CONFIG, "ckpt.pth", "--out", "x.iseg", "--weight-bits", "3"], "must be 4, 8 or mixed, got '3'"),
+    (["ptq", CONFIG, "ckpt.pth", "--out", "x.iseg", "--size-ratio", "0"], "must be positive, got 0"),
+    (["ptq", CONFIG, "ckpt.pth", "--out", "x.iseg", "--select", "best"], "invalid choice: 'best'"),
     (["eval", CONFIG, "m.iseg", "--limit", "0"], "must be at least 1, got 0"),
     (["eval", CONFIG, "m.iseg", "--limit", "two"], "'two' is not a whole number"),
 ])
