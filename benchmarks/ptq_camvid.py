@@ -51,7 +51,7 @@ RUNS = {
 
 def quant_of(name: str) -> dict:
     run = RUNS[name]
-    return dict(select="global", weight_bits=8, **(run[6] if len(run) > 6 else {}))
+    return {"select": "global", "weight_bits": 8, **(run[6] if len(run) > 6 else {})}
 
 
 def ptq(name: str, out_dir: Path, data_root: str | None) -> dict:
