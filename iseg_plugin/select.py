@@ -208,28 +208,21 @@ def score_variants(prepared: fx.GraphModule, inputs: list[tuple], weights: Metri
         for variant in entry.variants.values():
             module, in_scale, bits, out_scale = _deployed_candidate(prepared, site, variant)
 
-            def replace(args, kwargs, exact, module=module, in_scale=in_scale, bits=bits, out_scale=out_scale):
-                return (module(_integer_input(args[0], in_scale, bits)) * out_scale).to(exact.dtype)
+            first_input = []  # the integers the candidate reads on the first image: its op count is taken on them
+
+            def replace(args, kwargs, exact, module=module, in_scale=in_scale, bits=bits, out_scale=out_scale,
+                        first_input=first_input):
+                x_int = _integer_input(args[0], in_scale, bits)
+                if not first_input:
+                    first_input.append(x_int)
+                return (module(x_int) * out_scale).to(exact.dtype)
 
             outputs, perturbation = _run(prepared, inputs, site.node, replace)
-            x0 = _integer_input(_site_input(prepared, inputs[0], site.node), in_scale, bits)
             site_rows.append(dict(layer=site.node.name, kind=site.entry, candidate=variant.name,
                                   sensitivity=_sensitivity(outputs, reference), perturbation=perturbation,
-                                  cost=ops_per_element(module, x0)))
+                                  cost=ops_per_element(module, first_input[0])))
         rows += _ranked(site_rows, weights)
     return rows
-
-
-def _site_input(prepared, args: tuple, node: fx.Node) -> Tensor:
-    """``node``'s first input when the float model runs on ``args``."""
-    captured = {}
-
-    def keep(a, k, exact):
-        captured["x"] = a[0]
-        return exact
-
-    _run(prepared, [args], node, keep)
-    return captured["x"]
 
 
 def _ranked(rows: list[dict], weights: MetricWeights) -> list[dict]:
