@@ -46,7 +46,11 @@ RUNS = {
               dict(weight_bits="mixed", select="unified")),
     "mixed_s_all": ("bilinear-l2", 367, "poly", "bit-exp", "bilinear-l2", ("deployed",),
                     dict(weight_bits="mixed", select="unified")),
+    # the PTQ starting point of QAT with the paper's operators at W4A8 (benchmarks/qat_camvid.py)
+    "paper_w4": ("paper", 1, "lambda-shift", "shift", "paper", ("deployed",), dict(weight_bits=4)),
 }
+# the report's QAT section (benchmarks/qat_camvid.py) starts at this line: a PTQ report keeps it
+QAT_MARKER = "<!-- QAT section: written by benchmarks/qat_camvid.py -->"
 
 
 def quant_of(name: str) -> dict:
@@ -93,14 +97,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"  # runs accumulate across invocations (one report for all)
     results = json.loads(saved.read_text()) if saved.is_file() else {}
-    done = []  # the runs of this invocation
     for name in [] if args.report_only else args.runs.split(","):
         print(f"== {name}: PTQ", flush=True)
         run = ptq(name, work, args.data_root)
         print(f"   {run['summary']}\n== {name}: eval", flush=True)
         forms = RUNS[name][5]
         out_dir = Path(args.docs) / FIGURES if name == "main" else work / name
-        twin = same_model(run, forms, {n: results[n] for n in done})
+        earlier = {n: r for n, r in results.items() if n != name and Path(r["model"]).is_file()}
+        twin = same_model(run, forms, earlier)
         if twin is not None:  # the same integers in the same graph: its evaluation holds for this run too
             print(f"   the same deployed model as {twin} (checksum and graph): its evaluation is reused", flush=True)
             evaluated = results[twin]["eval"]
@@ -111,7 +115,6 @@ def main() -> None:
             run["eval"] = evaluate(str(CONFIG), run["model"], args.data_root, args.limit, str(out_dir), forms,
                                    dataset_panels=False)
         results[name] = run
-        done.append(name)
         saved.write_text(json.dumps(results, indent=1))
     write_report(results, Path(args.docs))
 
@@ -125,7 +128,7 @@ def model_identity(path: str) -> tuple:
 
 
 def same_model(run: dict, forms, earlier: dict) -> str | None:
-    """An earlier run (of this invocation) whose deployed model is this one's, evaluated on these forms."""
+    """An earlier run (its file still on disk) whose deployed model is this one's, evaluated on these forms."""
     identity = model_identity(run["model"])
     for name, other in earlier.items():
         if not set(forms) - set(other["eval"]["forms"]) and model_identity(other["model"]) == identity:
@@ -261,7 +264,9 @@ def write_report(results: dict, docs: Path) -> None:
     fig.savefig(docs / "results_camvid.png", dpi=110)
     plt.close(fig)
     lines += ["", "![mIoU per configuration](results_camvid.png)", ""]
-    (docs / "results_camvid.md").write_text("\n".join(lines))
+    report = docs / "results_camvid.md"
+    qat = report.read_text().partition(QAT_MARKER)[2] if report.is_file() else ""
+    report.write_text("\n".join(lines) + (f"\n{QAT_MARKER}{qat}" if qat else ""))
     print("\n".join(lines))
 
 

@@ -1,4 +1,4 @@
-"""The ``iseg`` command: ``demo``, ``ptq``, ``eval``, ``export``."""
+"""The ``iseg`` command: ``demo``, ``ptq``, ``deploy``, ``eval``, ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,17 @@ def _ptq(args: argparse.Namespace) -> int:
     print(f"\ndeployed integer model: {report['out']} ({report['deployed_bytes'] / mb:.1f} MB); "
           f"FP32 weights: {report['fp32_bytes'] / mb:.1f} MB ({report['fp32_bytes'] / report['deployed_bytes']:.2f}x); "
           f"calibration on {report['num_samples']} images: {report['calib_seconds']:.1f} s")
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from .ptq import deploy_checkpoint
+
+    report = deploy_checkpoint(args.config, args.checkpoint, args.out, args.data_root, args.force)
+    mb = 2**20
+    print(f"deployed integer model: {report['out']} ({report['deployed_bytes'] / mb:.1f} MB, for "
+          f"{report['input_size'][0]}x{report['input_size'][1]} images); FP32 weights: {report['fp32_bytes'] / mb:.1f} MB "
+          f"({report['fp32_bytes'] / report['deployed_bytes']:.2f}x)")
     return 0
 
 
@@ -157,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--out", required=True, help="the deployed model (and OUT.calib.pth beside it)")
     ptq.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ptq.set_defaults(func=_ptq)
+
+    deploy = sub.add_parser("deploy", help="write the deployed integer-only model of a QAT checkpoint (mim train)")
+    deploy.add_argument("config", help="the config it was trained with (ISegmenter with quant=...)")
+    deploy.add_argument("checkpoint", help="a checkpoint of `mim train` (trained weights and activation ranges)")
+    deploy.add_argument("--data-root", help="the dataset (the deployed model takes its validation images' size)")
+    deploy.add_argument("--out", required=True, help="the deployed model (and OUT.calib.pth beside it)")
+    deploy.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    deploy.set_defaults(func=_deploy)
 
     ev = sub.add_parser("eval", help="mIoU of the FP32 and deployed (and fake-quant) forms on the validation set")
     ev.add_argument("config")

@@ -89,6 +89,9 @@ def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 
     bar = ProgressBar(len(items))
     for item in items:
         gt = item["data_samples"].gt_sem_seg.data[0] if labelled else None
+        if gt is not None and gt.shape != item["inputs"].shape[-2:]:
+            raise ValueError(f"the test pipeline gives {tuple(item['inputs'].shape[-2:])} images but "
+                             f"{tuple(gt.shape)} labels: put LoadAnnotations before Resize in test_pipeline")
         preds = {}
         for form, model in models.items():
             data = model.data_preprocessor(dict(inputs=[item["inputs"]], data_samples=[item["data_samples"]]), False)

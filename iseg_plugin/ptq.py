@@ -84,6 +84,17 @@ def load_fp32_checkpoint(model, checkpoint: str | Path) -> list[str]:
     Refused, naming what was found: a file that is no checkpoint, a deployed integer model, and a
     checkpoint none of whose tensors belongs to the model. (mmengine's ``load_checkpoint`` only logs
     mismatched keys, which leaves a randomly initialised model.)"""
+    tensors = checkpoint_tensors(checkpoint)
+    result = model.load_state_dict(tensors, strict=False)
+    if len(result.missing_keys) == len(model.state_dict()):
+        raise CheckpointMismatchError(f"none of the {len(tensors)} tensors of {checkpoint} belongs to this model "
+                                      f"(its keys start {sorted(tensors)[:3]}): is it a checkpoint of this config?")
+    return list(result.missing_keys)
+
+
+def checkpoint_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of mmengine's ``{'state_dict': ...}`` or a bare state dict (``weights_only=True``; DDP's
+    ``module.`` prefixes dropped); a missing file, a deployed model or a file without tensors is refused."""
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}")
     try:
@@ -91,17 +102,13 @@ def load_fp32_checkpoint(model, checkpoint: str | Path) -> list[str]:
     except Exception as err:  # any unpickling failure: say what the file is not
         raise CheckpointMismatchError(unreadable(checkpoint, err, "checkpoint")) from None
     if isinstance(blob, dict) and str(blob.get("format", "")).startswith("iseg-deployed"):
-        raise CheckpointMismatchError(f"{checkpoint} is a deployed integer model ({blob['format']}), not an FP32 "
-                                      "checkpoint: pass the float checkpoint it was made from")
+        raise CheckpointMismatchError(f"{checkpoint} is a deployed integer model ({blob['format']}), not a "
+                                      "checkpoint: pass the checkpoint it was made from")
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     tensors = {k.removeprefix("module."): v for k, v in (state or {}).items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointMismatchError(f"{checkpoint} holds no tensors (expected {{'state_dict': {{name: tensor}}}})")
-    result = model.load_state_dict(tensors, strict=False)
-    if len(result.missing_keys) == len(model.state_dict()):
-        raise CheckpointMismatchError(f"none of the {len(tensors)} tensors of {checkpoint} belongs to this model "
-                                      f"(its keys start {sorted(tensors)[:3]}): is it a checkpoint of this config?")
-    return list(result.missing_keys)
+    return tensors
 
 
 def build_model(cfg: Config, fold_norms: bool = False):
@@ -188,3 +195,36 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
                 kept_init=sorted({key.split(".")[0] for key in kept_init}), kept_init_count=len(kept_init),
                 input_size=deployed.input_size, num_samples=num_samples, quant=quant, selection=selection,
                 select_seconds=select_seconds)
+
+
+def deploy_checkpoint(config: str, checkpoint: str, out: str, data_root: str | None = None,
+                      force: bool = False) -> dict:
+    """The deployed integer-only model of a QAT checkpoint (``mim train`` of an ``ISegmenter(quant=...)``
+    config: its trained weights and frozen activation ranges), for the size of the first validation image;
+    written with its calibration record, so that ``iseg eval --fake-quant`` compares the two forms.
+
+    Refused: a checkpoint without activation ranges (an FP32 one: ``iseg ptq`` calibrates it) or of
+    another model (keys named). ``out`` is checked before any work, and written whole or not at all."""
+    for path in (out, sidecar(out)):
+        check_output(path, [config, checkpoint], force)
+    cfg = load_config(config, data_root)
+    quant = quant_options(cfg)
+    tensors = checkpoint_tensors(checkpoint)
+    if not any(k.startswith("observers.") for k in tensors):
+        raise CheckpointMismatchError(f"{checkpoint} holds no activation ranges (no 'observers.' keys): it is a "
+                                      f"float checkpoint; quantize it with `iseg ptq {config} {checkpoint}`")
+    with quiet_mmengine_info():
+        model = MODELS.build(copy.deepcopy(cfg.model))
+    result = model.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointMismatchError(
+            f"{checkpoint} is not a checkpoint of this config's model: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]} ({len(result.missing_keys)} / {len(result.unexpected_keys)})")
+    example = example_input(model, dataset(cfg, "val")[0])
+    deployed = model.deploy(tuple(example.shape[-2:]))
+    size = save_deployed(deployed, out)
+    record = {"state_dict": model.prepared.state_dict(),
+              "meta": dict(quant=quant, fold_norms=False, decoder=None, num_samples=None, checkpoint=str(checkpoint))}
+    atomic_write(sidecar(out), lambda tmp: torch.save(record, tmp))
+    return dict(out=str(out), deployed_bytes=size, fp32_bytes=state_size(build_model(cfg)),
+                input_size=deployed.input_size, quant=quant)

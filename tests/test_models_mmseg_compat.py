@@ -52,6 +52,17 @@ def test_backbone_matches_mmseg(shape):
     assert (a - b).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("exclude", [["all"], [], ["norm", "pos_embed"]])
+def test_frozen_exclude_as_in_mmseg(exclude):
+    """mmseg's rule on the encoder's parameter names: frozen unless a name contains one of the strings."""
+    model = IVisionTransformer(**VIT, frozen_exclude=exclude)
+    names = [name for name, _ in model.named_parameters()]
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    expected = {"all": names, "": [], "norm": [n for n in names if "norm" in n or "pos_embed" in n]}
+    assert trained == expected[exclude[0] if exclude else ""]
+    assert 0 < len(expected["norm"]) < len(names)
+
+
 def test_segmentor_logits_match_mmseg_end_to_end():
     ref = segmentor("VisionTransformer", "SegmenterMaskTransformerHead")
     randomize(ref, seed=1)

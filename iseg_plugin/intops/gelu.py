@@ -27,6 +27,7 @@ all-negative rows; for rows with a positive entry nothing changes).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import NamedTuple
 
@@ -142,6 +143,10 @@ class PolyGeluParams(NamedTuple):
     i0: int  # round(1 / S), used only for the QAT gradient (the float GELU it approximates)
 
 
+# samples' digest -> fitted (a, b): a QAT step lowers the model again for each batch, on the same samples
+_FITTED: dict[bytes, tuple[float, float]] = {}
+
+
 def fit_poly_gelu(samples: Tensor, b_grid: Tensor | None = None) -> tuple[float, float]:
     """Fit Poly-GELU's (a, b) to calibration inputs (IPTQ-ViT's data-aware fit).
 
@@ -152,6 +157,9 @@ def fit_poly_gelu(samples: Tensor, b_grid: Tensor | None = None) -> tuple[float,
     x = samples.detach().double().flatten()
     if x.numel() == 0:
         raise ValueError("Poly-GELU needs at least one calibration sample to fit (a, b)")
+    key = hashlib.blake2b(x.numpy().tobytes()).digest() if b_grid is None else None
+    if key in _FITTED:
+        return _FITTED[key]
     if x.numel() > 200_000:
         x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
     if b_grid is None:
@@ -168,6 +176,10 @@ def fit_poly_gelu(samples: Tensor, b_grid: Tensor | None = None) -> tuple[float,
         err = float(((base + a * lin - target) ** 2).sum())
         if err < best[0]:
             best = (err, a, b)
+    if key is not None:
+        if len(_FITTED) >= 4096:
+            _FITTED.clear()
+        _FITTED[key] = best[1], best[2]
     return best[1], best[2]
 
 

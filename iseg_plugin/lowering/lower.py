@@ -16,10 +16,14 @@ modules instead of ``dequantize -> op -> quantize``).
   value reaching an integer op) is refused with the node, the op and where it came from: a model is
   never returned float or partly float.
 * ``trainable=True`` (quantization-aware training on the integer arithmetic itself): the same modules,
-  but every integer constant derived from a parameter (weights, biases, LayerNorm affines, embeddings)
-  is a float tensor holding the integers, computed from the parameter with straight-through rounding,
-  so the loss of the integer model reaches the float model's parameters. Run on float64 inputs holding
-  integers, it gives the deployed model's integers (tested). Lower it again after each optimizer step.
+  but every integer constant derived from a parameter that requires grad (weights, biases, LayerNorm
+  affines, embeddings) is a float tensor holding the integers, computed from the parameter with
+  straight-through rounding, so the loss of the integer model reaches the float model's parameters.
+  Constants of frozen parameters stay integer tensors, and so does every value computed from them
+  alone: a frozen encoder runs on the deployed integer kernels, and its output turns into float64 where it
+  meets the first trainable constant (a conversion node, exact). Inputs may be the deployed model's
+  integers or float64 tensors holding them. It gives the deployed model's integers (tested). Lower it
+  again after each optimizer step.
 """
 from __future__ import annotations
 
@@ -30,9 +34,11 @@ import torch
 from torch import Tensor, fx, nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import intops
-from ..ops.modules import Attention, BitExpSoftmax, MatMul, PixelsToInt8, Requant, Shiftmax, storage_dtype
+from ..ops.modules import (AsIntegers, Attention, BitExpSoftmax, MatMul, PixelsToInt8, Requant, Shiftmax,
+                           storage_dtype)
 from ..ops.observer import IsegObserver
 from ..ops.registry import REGISTRY, OpEntry
 
@@ -104,6 +110,18 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm)
         self.static, self.values, self.shapes = static, {}, {}
         self.trainable, self.observe = trainable, observe
+        # the input-dependent values are needed for their shapes only, unless observed: fake tensors then
+        # (shapes without arithmetic: a QAT step lowers the model again for each batch)
+        self.fake = None if observe else FakeTensorMode(allow_non_fake_inputs=True)
+
+    def run(self, *args):
+        if self.fake is None:
+            return super().run(*args)
+        try:
+            return super().run(*args)
+        except Exception:  # an op fake tensors cannot run (e.g. a module updating its buffers): all real
+            self.fake, self.values, self.shapes = None, {}, {}
+            return super().run(*args)
 
     def run_node(self, n: fx.Node):
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
@@ -111,8 +129,11 @@ class _Recorder(fx.Interpreter):
             out = self.env[n.args[0]]
             if self.observe and n not in self.static:  # (a weight's observer is the entry's business)
                 observer_of(module)(out)
-        else:
+        elif n in self.static or self.fake is None:
             with torch.set_grad_enabled(self.trainable and n in self.static):
+                out = super().run_node(n)
+        else:
+            with self.fake, torch.no_grad():
                 out = super().run_node(n)
         if n in self.static:
             self.values[n] = out
@@ -202,24 +223,55 @@ class Lowering:
         self.env: dict[fx.Node, Any] = {}
         self.input_formats: list[tuple[float, tuple[int, int]]] = []
         self._names: set[str] = set()
+        self._float: set[fx.Node] = set()  # trainable form: the values that are float64 holding integers
+        self._float_copies: dict[fx.Node, fx.Node] = {}
 
     # -- what entries use ------------------------------------------------------------------------
 
     def emit(self, name: str, module: nn.Module, *inputs) -> fx.Node:
-        """Add ``module`` to the integer model and call it on ``inputs`` (nodes of the new graph)."""
+        """Add ``module`` to the integer model and call it on ``inputs`` (nodes of the new graph). In the
+        trainable form, a module that holds a trainable constant or reads a float value runs on float64:
+        its integer inputs are converted first."""
         name = self._unique(name)
         self.root.add_module(name, module)
+        if self.trainable and (any(t.is_floating_point() for t in module.state_dict().values())
+                               or any(i in self._float for i in inputs)):
+            inputs = tuple(self._as_float(i) for i in inputs)
+            node = self.graph.call_module(name, inputs)
+            self._float.add(node)
+            return node
         return self.graph.call_module(name, tuple(inputs))
 
+    def shape_op(self, op: str, target, args: tuple, kwargs: dict) -> fx.Node:
+        """A call that moves integers without changing them (view, transpose, pad, ...); in the trainable
+        form, float64 where its input is."""
+        node = self.graph.create_node(op, target, args, kwargs)
+        if any(i in self._float for i in node.all_input_nodes):
+            self._float.add(node)
+        return node
+
     def integers(self, value: Tensor, dtype: torch.dtype) -> Tensor:
-        """A constant's integers in ``dtype`` (deployment), or kept as the float tensor holding them, with its
-        straight-through gradient (trainable)."""
-        return value if self.trainable else value.to(dtype)
+        """A constant's integers in ``dtype``, or (trainable form, a constant computed from parameters that
+        require grad) kept as the float tensor holding them, with its straight-through gradient."""
+        return value if self.trainable and value.requires_grad else value.to(dtype)
 
     def constant(self, name: str, value: Tensor) -> fx.Node:
         name = self._unique(name)
         self.root.register_buffer(name, value)
-        return self.graph.get_attr(name)
+        node = self.graph.get_attr(name)
+        if value.is_floating_point():
+            self._float.add(node)
+        return node
+
+    def _as_float(self, node):
+        """An integer value of the trainable form as float64 (once per value); float values as they are."""
+        if not isinstance(node, fx.Node) or node in self._float:
+            return node
+        if node not in self._float_copies:
+            with self.graph.inserting_after(node):
+                self._float_copies[node] = self.graph.call_method("double", (node,))
+            self._float.add(self._float_copies[node])
+        return self._float_copies[node]
 
     def demand(self, node: fx.Node) -> int:
         """The width a value must have for every consumer (:func:`consumer_bits`)."""
@@ -352,11 +404,20 @@ class Lowering:
             scale = observer.scale(8)
             module = PixelsToInt8(*intops.pixel_params(self.pixels["mean"], self.pixels["std"], scale))
             self.input_formats.append((scale, (0, 255)))
-            return Operand(self.emit("pixels_to_int8", module, placeholder), scale, (-128, 127), observer)
+            pixels = self._as_stored(placeholder, torch.uint8)
+            return Operand(self.emit("pixels_to_int8", module, pixels), scale, (-128, 127), observer)
         bits = self.demand(node)
         scale = observer.scale(bits)
-        self.input_formats.append((scale, intops.int_range(bits)))
-        return Operand(placeholder, scale, intops.int_range(bits), observer)
+        bounds = intops.int_range(bits)
+        self.input_formats.append((scale, bounds))
+        return Operand(self._as_stored(placeholder, storage_dtype(bounds)), scale, bounds, observer)
+
+    def _as_stored(self, placeholder: fx.Node, dtype: torch.dtype) -> fx.Node:
+        """The trainable form's input as the deployed model's integer dtype (it may be given float64 holding
+        the integers): the integer kernels run until the first trainable constant. No input gradient."""
+        if not self.trainable:
+            return placeholder
+        return self.emit(f"{placeholder.name}_as_{str(dtype).removeprefix('torch.')}", AsIntegers(dtype), placeholder)
 
     def _output(self, node: fx.Node):
         scales = []

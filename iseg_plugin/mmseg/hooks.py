@@ -1,7 +1,10 @@
 """mmengine hooks: post-training calibration and the QAT range schedule."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+from mmengine import dist
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.model import is_model_wrapper
@@ -104,7 +107,9 @@ class QATHook(Hook):
     warm-up, then are frozen for the rest of training (the paper freezes after 10 warm-up epochs).
 
     The ranges observed are the float model's activations on each training batch (the integer model is
-    built from them); under DDP every process takes rank 0's ranges (buffers are broadcast each step)."""
+    built from them). Under DDP each process observes its own batches (DDP broadcasts rank 0's buffers
+    before each forward); at the freeze every process takes rank 0's ranges, and the hook checks that
+    they are identical everywhere before training goes on."""
 
     priority = "HIGH"
 
@@ -119,8 +124,34 @@ class QATHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if runner.iter + 1 == self.freeze_iter:
-            _unwrap(runner.model).observe_in_training = False
-            runner.logger.info(f"QAT: activation ranges frozen after {self.freeze_iter} iterations")
+            model = _unwrap(runner.model)
+            model.observe_in_training = False
+            processes = share_ranges(model)
+            runner.logger.info(f"QAT: activation ranges frozen after {self.freeze_iter} iterations"
+                               + (f" (identical on {processes} processes)" if processes > 1 else ""))
+
+
+def share_ranges(model) -> int:
+    """Give every process rank 0's observers (ranges, samples, per-layer choices) and check that they now
+    agree bit for bit (a digest of each process's state); returns the number of processes."""
+    processes = dist.get_world_size()
+    if processes == 1:
+        return 1
+    state = [model.observers.state_dict() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(state, src=0)
+    model.observers.load_state_dict(state[0])
+    digests = dist.all_gather_object(_digest(model.observers.state_dict()))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the activation ranges differ between processes after the freeze: {digests}")
+    return processes
+
+
+def _digest(state: dict) -> str:
+    sha = hashlib.sha256()
+    for key in sorted(state):
+        sha.update(key.encode())
+        sha.update(state[key].detach().contiguous().numpy().tobytes())
+    return sha.hexdigest()
 
 
 _BUFFER_TAG = "__history_buffer__"

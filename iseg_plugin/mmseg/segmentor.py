@@ -71,6 +71,13 @@ class ISegmenter(EncoderDecoder):
 
     # -- what hooks and tools call ---------------------------------------------------------------
 
+    @property
+    def prepared(self):
+        """The observed graph of this float model (it shares its modules); its state dict is the calibration
+        record ``iseg eval`` rebuilds the fake-quant form from."""
+        self._require_quant()
+        return self._prepared
+
     @torch.no_grad()
     def observe(self, inputs: Tensor, momentum: float | None = None) -> None:
         """Update the activation ranges from a batch of normalised images (calibration)."""

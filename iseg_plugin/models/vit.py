@@ -160,7 +160,7 @@ class IVisionTransformer(BaseModule):
                                      ("output_cls_token", output_cls_token, False),
                                      ("patch_norm", patch_norm, False), ("pre_norm", pre_norm, False),
                                      ("num_fcs", num_fcs, 2), ("norm_eval", norm_eval, False),
-                                     ("with_cp", with_cp, False), ("frozen_exclude", frozen_exclude, ["all"])):
+                                     ("with_cp", with_cp, False)):
             _unsupported(name, value, default)
         check_gelu(act_cfg)
         if pretrained is not None and not isinstance(pretrained, str):
@@ -198,6 +198,17 @@ class IVisionTransformer(BaseModule):
             from .dinov2 import load_dinov2_state_dict
 
             self.load_state_dict(load_dinov2_state_dict(num_layers=num_layers, grid=self.grid))
+        self.frozen_exclude = list(frozen_exclude)
+        self._freeze()
+
+    def _freeze(self) -> None:
+        """mmseg's ``frozen_exclude``: every parameter whose name contains none of its strings stops training
+        (``['all']``, the default: none does; ``[]``: the whole encoder is frozen)."""
+        if "all" in self.frozen_exclude:
+            return
+        for name, param in self.named_parameters():
+            if not any(exclude in name for exclude in self.frozen_exclude):
+                param.requires_grad_(False)
 
     def init_weights(self):
         if self.dinov2:

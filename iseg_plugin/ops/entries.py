@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +26,31 @@ SOFTMAX_BITS = 16  # probabilities in [0, 2**15], read by the next GEMM as two i
 L2_FRAC_BITS = 15  # the integer L2 norm's output: unit vectors at scale 2**-15
 
 
+# a frozen tensor's integers, valid while the same tensors are unchanged (torch's in-place version counter):
+# QAT lowers the model again for each batch, and a frozen encoder's weights are the same each time
+_FROZEN: dict[tuple, tuple] = {}
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, input_energy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric ``bits``-wide integers (round half to even, as Brevitas and torch.ao),
     as a float tensor holding them (straight-through gradient to ``weight``), and the scales. The scales
     are computed in float64, as Brevitas' ``Int8WeightPerChannelFloat`` computes them in a float64
     model: the Brevitas swap (:mod:`iseg_plugin.nn.swap`) then gets the same integers. INT4 scales come
     from a per-channel clip search, its error weighted by ``input_energy`` (:func:`intops.weight_scale`)."""
+    if weight.requires_grad:
+        return _quantize_weight(weight, bits, input_energy)
+    sources = (weight,) if input_energy is None else (weight, input_energy)
+    key = (bits,) + tuple(id(t) for t in sources)
+    state = tuple((weakref.ref(t), t._version) for t in sources)
+    hit = _FROZEN.get(key)
+    if hit is None or not all(r() is t and v == t._version for (r, v), t in zip(hit[0], sources)):
+        if len(_FROZEN) >= 4096:
+            _FROZEN.clear()
+        hit = _FROZEN[key] = state, _quantize_weight(weight, bits, input_energy)
+    return hit[1]
+
+
+def _quantize_weight(weight: torch.Tensor, bits: int, input_energy: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.double().flatten(1)
     scale = intops.weight_scale(w, bits, None if input_energy is None else input_energy.double())
     return intops.quantize(w, scale, bits, channel_dim=0).float(), scale
@@ -325,11 +345,9 @@ def _lower_shape_op(site: Site) -> Operand | Const:
             raise site.refuse(f"only zero padding has an integer lowering; got mode={mode!r}, value={value}")
     if node.target in _IDENTITY_METHODS + _IDENTITY_ATEN:
         return source
-    graph = site.lowering.graph
     args = site.map_to_new(tuple(site.args))
     kwargs = {k: site.map_to_new(v) for k, v in site.kwargs.items()}
-    new = graph.call_method(node.target, args, kwargs) if node.op == "call_method" else graph.call_function(
-        node.target, args, kwargs)
+    new = site.lowering.shape_op(node.op, node.target, args, kwargs)
     return Operand(new, source.scale, source.bounds, source.observer)
 
 

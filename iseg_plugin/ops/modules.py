@@ -369,6 +369,18 @@ class Attention(nn.Module):
                                  storage_dtype(self.context.out.bounds), self.softmax.bits - 1)
 
 
+class AsIntegers(nn.Module):
+    """The trainable form's input in the deployed model's integer dtype (float64 holding integers converted,
+    exactly): the values computed from frozen constants alone then run on the integer kernels."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.to(self.dtype)
+
+
 class PixelsToInt8(nn.Module):
     """uint8 RGB pixels (B, 3, H, W) -> INT8 input integers, mean and std folded into one dyadic
     multiplier per channel (:func:`iseg_plugin.intops.pixels_to_int8`)."""

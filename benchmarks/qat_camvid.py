@@ -1,0 +1,184 @@
+"""QAT on CamVid through `mim train mmseg` (FP32 / PTQ S=1 / QAT, deployed integer-only): the QAT section of
+docs/results_camvid.md + docs/qat_camvid.png (training curves from mmengine's logs).
+
+    .venv/bin/python benchmarks/qat_camvid.py [--runs paper_w8,best_w8,paper_w4,best_w4]
+    .venv/bin/python benchmarks/qat_camvid.py --report-only   # rewrite the section from the saved runs
+
+Each run trains with `mim train mmseg CONFIG` as a user would (the config's schedule; `--cfg-options` only
+for the weight width), deploys its last checkpoint with `iseg deploy` and evaluates the deployed model on
+all CamVid val images (the first run also its fake-quant form, for the pixel agreement). The FP32 and
+PTQ S=1 rows are `iseg ptq`'s, from benchmarks/ptq_camvid.py's saved runs (same FP32 checkpoints).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ptq_camvid import QAT_MARKER, label_of  # noqa: E402
+
+CONFIGS = REPO / "mmseg_configs"
+# name: (config, weight bits, the ptq_camvid run that is its PTQ S=1 row)
+RUNS = {
+    "paper_w8": ("isegmenter_vit-s_camvid_paper.py", 8, "paper"),
+    "best_w8": ("isegmenter_vit-s_camvid.py", 8, "main"),
+    "paper_w4": ("isegmenter_vit-s_camvid_paper.py", 4, "paper_w4"),
+    "best_w4": ("isegmenter_vit-s_camvid.py", 4, "w4"),
+}
+OPERATORS = {"isegmenter_vit-s_camvid_paper.py": "paper: lambda-ShiftGELU, Shiftmax, nearest, no L2",
+             "isegmenter_vit-s_camvid.py": "best: Poly-GELU, bit-exp softmax, bilinear + L2"}
+
+
+def tool(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def train(name: str, work: Path) -> dict:
+    """`mim train` of one run (subprocess: wall time, peak memory); returns where its outputs are."""
+    config, bits, _ = RUNS[name]
+    cmd = [tool("mim"), "train", "mmseg", str(CONFIGS / config), "--work-dir", str(work),
+           "--cfg-options", f"model.quant.weight_bits={bits}"]
+    start = time.perf_counter()
+    with open(work / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"mim train failed for {name}: see {work / 'train.log'}")
+    checkpoint = Path((work / "last_checkpoint").read_text().strip())
+    return dict(command=" ".join(cmd[1:]).replace(str(REPO) + "/", ""), train_seconds=time.perf_counter() - start,
+                peak_rss_mb=usage.ru_maxrss / 1024, checkpoint=str(checkpoint), config=str(work / config),
+                curves=curves(work))
+
+
+def curves(work: Path) -> dict:
+    """Loss per logged iteration and validation mIoU, from mmengine's scalars.json (the newest run)."""
+    scalars = sorted(work.glob("*/vis_data/scalars.json"))[-1]
+    loss, miou = [], []
+    for line in scalars.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            loss.append((record["step"], record["loss"]))
+        if "mIoU" in record:
+            miou.append((record["step"], record["mIoU"]))
+    return dict(loss=loss, mIoU=miou)
+
+
+def deploy_and_evaluate(run: dict, work: Path, forms) -> dict:
+    from iseg_plugin.evaluate import evaluate
+
+    model = work / "qat.iseg"
+    cmd = [tool("iseg"), "deploy", run["config"], run["checkpoint"], "--out", str(model), "--force"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"iseg deploy failed: {done.stderr[-2000:]}")
+    return evaluate(run["config"], str(model), forms=forms, out_dir=str(work / "eval"), dataset_panels=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "qat_camvid"))
+    parser.add_argument("--ptq-results", default=str(REPO / "work_dirs" / "ptq_camvid" / "results.json"))
+    parser.add_argument("--docs", default=str(REPO / "docs"))
+    parser.add_argument("--report-only", action="store_true", help="no run: rewrite the section from results.json")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from iseg_plugin import kernels
+
+    root = Path(args.work_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    saved = root / "results.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    for i, name in enumerate([] if args.report_only else args.runs.split(",")):
+        work = root / name
+        work.mkdir(exist_ok=True)
+        print(f"== {name}: mim train (log: {work / 'train.log'})", flush=True)
+        run = train(name, work)
+        print(f"   {run['train_seconds'] / 60:.0f} min; == {name}: iseg deploy + eval", flush=True)
+        forms = ("fake-quant", "deployed") if i == 0 else ("deployed",)
+        run["eval"] = deploy_and_evaluate(run, work, forms)
+        run["isa"] = kernels.describe()
+        results[name] = run
+        saved.write_text(json.dumps(results, indent=1))
+    ptq = json.loads(Path(args.ptq_results).read_text()) if Path(args.ptq_results).is_file() else {}
+    write_section(results, ptq, Path(args.docs))
+
+
+def fp32_row(ptq: dict, config: str) -> float | None:
+    """The FP32 mIoU of the config's decoder (from the PTQ runs that evaluated it)."""
+    source = "paper" if "paper" in config else "main"
+    return ptq.get(source, {}).get("eval", {}).get("forms", {}).get("fp32", {}).get("mIoU")
+
+
+def write_section(results: dict, ptq: dict, docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in RUNS if n in results]
+    rows = []
+    for name in names:
+        config, bits, ptq_name = RUNS[name]
+        run = results[name]
+        fp32 = fp32_row(ptq, config)
+        before = ptq.get(ptq_name, {}).get("eval", {}).get("forms", {}).get("deployed", {}).get("mIoU")
+        after = run["eval"]["forms"]["deployed"]["mIoU"]
+        closed = (f"{100 * (after - before) / (fp32 - before):.0f} %"
+                  if None not in (fp32, before) and fp32 > before else "n/a (no gap)")
+        last_val = run["curves"]["mIoU"][-1][1] if run["curves"]["mIoU"] else float("nan")
+        show = (lambda v: "-" if v is None else f"{v:.2f}")
+        rows.append(f"| {OPERATORS[config]} | W{bits}A8 | {show(fp32)} | {show(before)} | {after:.2f} | {closed} | "
+                    f"{last_val:.2f} | {run['train_seconds'] / 60:.0f} | {run['peak_rss_mb']:.0f} |")
+    lines = [
+        "",
+        "## QAT through `mim train mmseg` (issue 18)",
+        "",
+        "Generated by `benchmarks/qat_camvid.py`. Each QAT row: `mim train mmseg <config> --cfg-options "
+        "model.quant.weight_bits=<bits>`",
+        "with the config's own schedule (one-shot PTQ calibration on 1 image, then 300 iterations of batch 4,",
+        "AdamW 1e-4 on the decoder, encoder frozen, ranges EMA 0.01 frozen after 50 iterations), then `iseg deploy`",
+        "of the last checkpoint, evaluated deployed integer-only on all 101 CamVid val images. PTQ S=1: `iseg ptq`",
+        "of the same FP32 checkpoint (benchmarks/ptq_camvid.py; GPTQ for INT4). \"mmseg val\": the last validation",
+        "of `mim train` (mmseg's `IoUMetric` on the same integer model). Gap closed: (QAT - PTQ) / (FP32 - PTQ).",
+        "",
+        "| operators | weights | FP32 | PTQ S=1 | QAT | gap closed | mmseg val | train (min) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    for name in names:
+        agree = results[name]["eval"]["pixel_agreement"].get("deployed vs fake-quant")
+        if agree is not None:
+            lines.append(f"* {name}: deployed vs fake-quant pixel agreement **{agree:.3f} %** (fake-quant mIoU "
+                         f"{results[name]['eval']['forms']['fake-quant']['mIoU']:.2f}).")
+    if names:
+        lines += [f"* Kernels: {results[names[0]].get('isa', '?')}. Command of the first run: "
+                  f"`{results[names[0]]['command']}`.", "", "![QAT training curves](qat_camvid.png)", ""]
+        fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(11, 4))
+        for name in names:
+            loss, miou = results[name]["curves"]["loss"], results[name]["curves"]["mIoU"]
+            ax_loss.plot(*zip(*loss), label=name) if loss else None
+            ax_miou.plot(*zip(*miou), marker="o", label=name) if miou else None
+        ax_loss.set(xlabel="iteration", ylabel="training loss (integer model)")
+        ax_miou.set(xlabel="iteration", ylabel="val mIoU (%), integer model")
+        ax_loss.legend(fontsize=8)
+        ax_miou.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs / "qat_camvid.png", dpi=110)
+        plt.close(fig)
+    report = docs / "results_camvid.md"
+    head = report.read_text().partition(QAT_MARKER)[0] if report.is_file() else ""
+    report.write_text(head.rstrip("\n") + "\n\n" + QAT_MARKER + "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
