@@ -110,3 +110,23 @@ EMITS = {  # entry -> {variant: deployed modules it must emit}; div by a constan
     "softmax": {"bit-exp": {M.BitExpSoftmax}, "shift": {M.Shiftmax}}, "l2_normalize": {None: {M.L2Norm}},
     "interpolate": {None: {M.Upsample}}, "mean": {None: {M.Mean}}, "cat": {None: {M.Cat}}, "shape": {}, "split": {},
 }
+
+
+def test_frozen_weight_integers_are_cached_only_while_unchanged():
+    """QAT relowers each step: a frozen weight's integers come from a cache, which an in-place change of
+    the weight (an optimizer step, a checkpoint load) or of the activation energies invalidates."""
+    from iseg_plugin.ops.entries import quantize_weight
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16)
+    energy = torch.rand(16)
+    first = quantize_weight(weight, 4, energy)
+    assert quantize_weight(weight, 4, energy)[0] is first[0]  # cached
+    with torch.no_grad():
+        weight.mul_(0.5)
+    ints, scale = quantize_weight(weight, 4, energy)
+    assert torch.allclose(scale, first[1] * 0.5) and ints is not first[0]
+    energy[:8] = 100.0  # the clip search weighs the columns differently now
+    assert not torch.equal(quantize_weight(weight, 4, energy)[1], scale)
+    trainable = torch.randn(8, 16, requires_grad=True)
+    assert quantize_weight(trainable, 8)[0] is not quantize_weight(trainable, 8)[0]  # (STE graph per step)
