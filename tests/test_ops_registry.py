@@ -115,7 +115,7 @@ EMITS = {  # entry -> {variant: deployed modules it must emit}; div by a constan
 def test_frozen_weight_integers_are_cached_only_while_unchanged():
     """QAT relowers each step: a frozen weight's integers come from a cache, which an in-place change of
     the weight (an optimizer step, a checkpoint load) or of the activation energies invalidates."""
-    from iseg_plugin.ops.entries import quantize_weight
+    from iseg_plugin.ops.entries import _FROZEN, quantize_weight
 
     torch.manual_seed(0)
     weight = torch.randn(8, 16)
@@ -128,5 +128,10 @@ def test_frozen_weight_integers_are_cached_only_while_unchanged():
     assert torch.allclose(scale, first[1] * 0.5) and ints is not first[0]
     energy[:8] = 100.0  # the clip search weighs the columns differently now
     assert not torch.equal(quantize_weight(weight, 4, energy)[1], scale)
+    computed = weight * 2  # (a weight computed anew each step: its entry goes with it)
+    quantize_weight(computed, 8)
+    count = len(_FROZEN)
+    del computed
+    assert len(_FROZEN) == count - 1
     trainable = torch.randn(8, 16, requires_grad=True)
     assert quantize_weight(trainable, 8)[0] is not quantize_weight(trainable, 8)[0]  # (STE graph per step)

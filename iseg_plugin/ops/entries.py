@@ -27,7 +27,8 @@ L2_FRAC_BITS = 15  # the integer L2 norm's output: unit vectors at scale 2**-15
 
 
 # a frozen tensor's integers, valid while the same tensors are unchanged (torch's in-place version counter):
-# QAT lowers the model again for each batch, and a frozen encoder's weights are the same each time
+# QAT lowers the model again for each batch, and a frozen encoder's weights are the same each time. An entry
+# goes when one of its tensors is freed (a weight computed anew each step is then not kept).
 _FROZEN: dict[tuple, tuple] = {}
 
 
@@ -41,11 +42,9 @@ def quantize_weight(weight: torch.Tensor, bits: int, input_energy: torch.Tensor 
         return _quantize_weight(weight, bits, input_energy)
     sources = (weight,) if input_energy is None else (weight, input_energy)
     key = (bits,) + tuple(id(t) for t in sources)
-    state = tuple((weakref.ref(t), t._version) for t in sources)
     hit = _FROZEN.get(key)
     if hit is None or not all(r() is t and v == t._version for (r, v), t in zip(hit[0], sources)):
-        if len(_FROZEN) >= 4096:
-            _FROZEN.clear()
+        state = tuple((weakref.ref(t, lambda _: _FROZEN.pop(key, None)), t._version) for t in sources)
         hit = _FROZEN[key] = state, _quantize_weight(weight, bits, input_energy)
     return hit[1]
 
