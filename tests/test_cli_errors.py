@@ -110,7 +110,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_by_name(model_file, tmp_path)
     from test_quant_model import build
 
     model = build(None)
-    with pytest.raises(CheckpointMismatchError, match="is a deployed integer model.*not an FP32 checkpoint"):
+    with pytest.raises(CheckpointMismatchError, match="is a deployed integer model.*not a checkpoint"):
         load_fp32_checkpoint(model, model_file)
     empty = tmp_path / "empty.pth"
     torch.save({"state_dict": {}}, empty)
