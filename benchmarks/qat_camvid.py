@@ -52,7 +52,7 @@ def train(name: str, work: Path) -> dict:
     if status != 0:
         raise RuntimeError(f"mim train failed for {name}: see {work / 'train.log'}")
     checkpoint = Path((work / "last_checkpoint").read_text().strip())
-    return dict(command=" ".join(cmd[1:]).replace(str(REPO) + "/", ""), train_seconds=time.perf_counter() - start,
+    return dict(command="mim " + " ".join(cmd[2:]).replace(str(REPO) + "/", ""), train_seconds=time.perf_counter() - start,
                 peak_rss_mb=usage.ru_maxrss / 1024, checkpoint=str(checkpoint), config=str(work / config),
                 curves=curves(work))
 

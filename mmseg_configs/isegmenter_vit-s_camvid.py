@@ -69,7 +69,7 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'], ignore_index=void)
 test_evaluator = val_evaluator
-# QAT sized for 2 CPU cores (about an hour; docs/results_camvid.md): one-shot PTQ calibration (1 image, EMA
+# QAT sized for 2 CPU cores (26 min of training, measured; docs/results_camvid.md): one-shot PTQ calibration (1 image, EMA
 # 0.05), then 200 iterations of batch 4 (about 2 epochs of crops) with AdamW on the decoder. The encoder is
 # frozen: the DINOv2 weights are so small that mmseg's learning rates wreck them (an SGD step of 1e-4 on all
 # weights halves pixel accuracy), and a frozen encoder runs on the integer kernels in training too, with no
