@@ -13,7 +13,9 @@ The scales are chosen first (per channel, the activation-aware clip search of
 of decreasing ``diag(H)`` ("act order"); ``H`` is damped by 1 % of its mean diagonal. The result, the
 integers and their scales, is stored in the observer of the layer's output (``weight_int``,
 ``weight_scale``), where the lowering takes it instead of rounding the float weight; calibration
-records and checkpoints carry it. Only the PTQ path uses it: QAT trains the float weights. A patch
+records and checkpoints carry it. Weights that train (QAT) keep rounding to nearest, their integers following the
+float weights at each step; QAT rounds its frozen weights (e.g. a frozen encoder's) with GPTQ at its
+calibration, as PTQ does. A patch
 Conv2d is the GEMM of its patches (``F.unfold``) and is rounded the same way. Each layer's inputs come
 from the float model (not from the layers rounded before it, as in GPTQ's sequential form).
 """
@@ -54,10 +56,11 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, damping: float = D
     return restored, scale
 
 
-def gptq(prepared: fx.GraphModule, inputs: list[tuple]) -> int:
+def gptq(prepared: fx.GraphModule, inputs: list[tuple], frozen_only: bool = False) -> int:
     """GPTQ for every Linear / patch Conv2d of a calibrated prepared graph whose weights are narrower than 8 bits (its
     output observer's ``weight_bits``), on the float model's inputs to it over ``inputs``; the integers are
-    stored in that observer. Returns the number of layers rounded."""
+    stored in that observer. ``frozen_only`` (before QAT): only the weights that do not train (a trainable
+    weight's integers follow it at every step). Returns the number of layers rounded."""
     found = [s for s in sites(prepared, GEMMS) if s.observer.weight_bits < 8]
     if not found:
         return 0
@@ -77,11 +80,15 @@ def gptq(prepared: fx.GraphModule, inputs: list[tuple]) -> int:
 
     taps = {s.node: tap(s.node, prepared.get_submodule(s.node.target) if s.node.op == "call_module" else None)
             for s in found}
+    rounded = 0
     with torch.no_grad():
         for args in inputs:
             Probe(prepared, taps=taps).run(*args)
         for site in found:
+            if frozen_only and weights[site.node].requires_grad:
+                continue
             q, scale = gptq_quantize(weights[site.node], grams[site.node], site.observer.weight_bits)
             site.observer.weight_int = q.to(torch.int8).reshape(weights[site.node].shape[0], -1)
             site.observer.weight_scale = scale
-    return len(found)
+            rounded += 1
+    return rounded

@@ -319,8 +319,8 @@ def check_quant(quant: dict) -> dict:
     """A ``quant=`` dict (mmseg config, ``iseg ptq`` options) checked and completed: ``gelu`` / ``softmax``
     (registry variants: the global choice, and the start of a unified selection), ``weight_bits`` (8, 4 or
     "mixed"), ``select`` ("global" or "unified": per-layer GELU / softmax), ``size_ratio`` (FP32 / GEMM weight
-    size that "mixed" reaches, default 6), ``weight_rounding`` of INT4 weights in PTQ ("gptq", default, or
-    "nearest"; QAT always trains rounded-to-nearest weights)."""
+    size that "mixed" reaches, default 6), ``weight_rounding`` of INT4 weights ("gptq", default, or "nearest";
+    in QAT, GPTQ rounds the frozen weights and the trained ones round to nearest)."""
     known = ("gelu", "softmax", "weight_bits", "select", "size_ratio", "weight_rounding")
     unknown = sorted(set(quant) - set(known))
     if unknown:
@@ -347,11 +347,11 @@ def prepare_options(quant: dict) -> dict:
 
 
 def choose(prepared: fx.GraphModule, inputs: list[tuple], quant: dict, weights: MetricWeights = MetricWeights(),
-           rounding_inputs: list[tuple] | None = None) -> list[dict] | None:
+           rounding_inputs: list[tuple] | None = None, frozen_only: bool = False) -> list[dict] | None:
     """Stages 1 and 2 for what a checked ``quant`` dict asks (unified GELU / softmax, mixed weight widths),
     scored on ``inputs`` and written into the calibrated ``prepared`` graph, then GPTQ of the INT4 weights on
-    ``rounding_inputs`` (PTQ; None: no GPTQ) if ``quant`` asks for it. Returns the table rows, or None when
-    nothing is chosen per layer."""
+    ``rounding_inputs`` (None: no GPTQ; ``frozen_only``, before QAT: of the weights that do not train) if
+    ``quant`` asks for it. Returns the table rows, or None when nothing is chosen per layer."""
     from .gptq import gptq
 
     rows = []
@@ -362,5 +362,5 @@ def choose(prepared: fx.GraphModule, inputs: list[tuple], quant: dict, weights: 
     if rows:
         apply(prepared, rows)
     if rounding_inputs and quant["weight_rounding"] == "gptq":
-        gptq(prepared, rounding_inputs)
+        gptq(prepared, rounding_inputs, frozen_only)
     return rows or None

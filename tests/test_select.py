@@ -278,3 +278,27 @@ def test_gptq_weights_lower_the_model_error_and_travel_with_the_state_dict():
         assert torch.equal(a, b)
     with pytest.raises(fxp.LoweringError, match="GPTQ"):
         fxp.trainable(prepared, (x,))
+
+
+def test_gptq_before_qat_rounds_the_frozen_weights_only():
+    """QAT of a model with a frozen prefix at W4A8: GPTQ rounds the frozen GEMMs (as PTQ would), the trained
+    head keeps following its float weights; the trainable form gives the converted model's integers and
+    trains the head."""
+    torch.manual_seed(0)
+    model = HandViT().eval()
+    x = torch.randn(4, 3, 32, 32)
+    prepared = fxp.prepare(model, (x,), weight_bits=4)
+    with torch.no_grad():
+        prepared(x)
+    for name, p in prepared.named_parameters():
+        p.requires_grad_(name.startswith("head"))
+    assert gptq(prepared, [(x,)], frozen_only=True) == 9  # the patch Conv2d and the 8 block Linears
+    rounded = {s.node.name for s in select.sites(prepared, select.GEMMS) if s.observer.weight_int.numel()}
+    assert len(rounded) == 9 and not any(name.startswith("head") for name in rounded)
+    int_model = fxp.convert(prepared, (x,))
+    (inputs,) = fxp.quantize_inputs(int_model, x)
+    qat = fxp.trainable(prepared, (x,))
+    out = qat(inputs.double())
+    assert torch.equal(out.detach(), int_model(inputs).double())
+    out.square().mean().backward()
+    assert prepared.head.weight.grad is not None and prepared.head.weight.grad.abs().sum() > 0

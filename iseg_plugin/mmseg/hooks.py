@@ -21,8 +21,8 @@ def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_
               train_padding: bool = False, for_training: bool = False) -> int:
     """Run ``num_samples`` images through the observers of an ``ISegmenter(quant=...)`` (EMA update
     ``momentum``), in eval mode, then make the per-layer choices its ``quant`` asks for (scored on the first
-    ``SCORE_IMAGES`` images) and, unless ``for_training`` (QAT trains the float weights), GPTQ of its INT4
-    weights. Returns the number of images seen.
+    ``SCORE_IMAGES`` images) and GPTQ of its INT4 weights (``for_training``, before QAT: of the frozen
+    ones; the others train from their float values). Returns the number of images seen.
 
     ``train_padding`` pads batches as in training (to the crop size: for loaders with the train
     pipeline's random crops); otherwise as in testing (e.g. to a multiple of the patch)."""
@@ -42,7 +42,7 @@ def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_
     try:
         seen = calibrate_prepared(observe, model.data_preprocessor, dataloader, num_samples, show_progress,
                                   train_padding)
-        model.choose_layers(first[0][:SCORE_IMAGES], rounding=not for_training)
+        model.choose_layers(first[0][:SCORE_IMAGES], for_training)
         return seen
     finally:
         model.train(was_training)

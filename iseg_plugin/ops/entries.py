@@ -69,9 +69,9 @@ def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tup
     bits = site.observer.weight_bits
     calibrated = site.observer.weight_int  # GPTQ's integers (iseg_plugin.gptq), if a PTQ step computed them
     if calibrated.numel():
-        if site.lowering.trainable:
+        if site.lowering.trainable and weight.requires_grad:
             raise site.refuse("its weights hold PTQ-calibrated (GPTQ) integers, which QAT cannot train: "
-                              "prepare the model again without them")
+                              "freeze them, or prepare the model again without them")
         w_int, w_scale = calibrated.float(), site.observer.weight_scale
     else:
         w_int, w_scale = quantize_weight(weight, bits, input_energy(x.observer, weight))
