@@ -149,6 +149,12 @@ def label_of(name: str) -> str:
     return f"PTQ S={samples}, {weights}, {ops}"
 
 
+def fp32_miou(results: dict, decoder: str) -> float | None:
+    """The FP32 mIoU of a decoder checkpoint, from a saved run that evaluated it (None if none did)."""
+    return next((r["eval"]["forms"]["fp32"]["mIoU"] for n, r in results.items()
+                 if n in RUNS and RUNS[n][4] == decoder and "fp32" in r["eval"]["forms"]), None)
+
+
 def fp32_bytes(summary: str) -> float:
     """The FP32 weight size (MB) `iseg ptq` printed in its summary line."""
     return float(re.search(r"FP32 weights: ([0-9.]+) MB", summary)[1])
@@ -159,16 +165,18 @@ def selection_section(results: dict) -> list[str]:
     names = [n for n in RUNS if n in results and (n in ("main", "s_all") or len(RUNS[n]) > 6)]
     if not any(len(RUNS[n]) > 6 for n in names) or "main" not in results:
         return []
-    fp32 = results["main"]["eval"]["forms"]["fp32"]["mIoU"]
     lines = [
         "## Per-layer choice (IPTQ-ViT's unified metric) and W4A8",
         "",
         "Deployed integer-only models, all CamVid val images; FP32 (bilinear + L2 decoder) "
-        f"{fp32:.2f} mIoU. \"unified\": each GELU / softmax takes the registry candidate with the best",
+        f"{fp32_miou(results, 'bilinear-l2'):.2f} mIoU (a row with the paper's decoder: against its own FP32). \"unified\": each GELU / softmax takes the registry candidate with the best",
         "unified metric (sensitivity of the model's output, the layer's own error, integer ops per element;",
         "`iseg_plugin.select`), scored on the first calibration images; \"W4/W8 mixed\": INT4 weights where the",
         "metric per byte saved is least, until the GEMM weights are 6x smaller than FP32. File: the deployed",
-        "file (INT4 weights packed two a byte) against the FP32 weights' `state_dict`.",
+        "file (INT4 weights packed two a byte) against the FP32 weights' `state_dict`. How close each model stays",
+        "to its FP32 model (logit error, argmax agreement): [fidelity_camvid.md](fidelity_camvid.md)",
+        "(`benchmarks/fidelity_camvid.py`); the mixed models are closer to FP32 than the all-INT4 ones, although",
+        "their mIoU is lower.",
         "",
         "| run | model | mIoU | vs FP32 | file (MB) | FP32 / file |",
         "|---|---|---|---|---|---|",
@@ -176,8 +184,11 @@ def selection_section(results: dict) -> list[str]:
     for name in names:
         run = results[name]
         miou = run["eval"]["forms"]["deployed"]["mIoU"]
+        decoder = RUNS[name][4]
+        fp32 = fp32_miou(results, decoder)
+        label = label_of(name) + ("" if decoder == "bilinear-l2" else f", {decoder} decoder")
         size = run.get("file_bytes", 0) / 2**20 or float(re.search(r"\(([0-9.]+) MB\)", run["summary"])[1])
-        lines.append(f"| {name} | {label_of(name)} | {miou:.2f} | {miou - fp32:+.2f} | {size:.1f} | "
+        lines.append(f"| {name} | {label} | {miou:.2f} | {miou - fp32:+.2f} | {size:.1f} | "
                      f"{fp32_bytes(run['summary']) / size:.2f}x |")
     for name in names:
         agree = results[name]["eval"]["pixel_agreement"].get("deployed vs fake-quant")

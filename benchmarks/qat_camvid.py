@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ptq_camvid import QAT_MARKER, label_of  # noqa: E402
+from ptq_camvid import QAT_MARKER, RUNS as PTQ_RUNS, fp32_miou  # noqa: E402
 
 CONFIGS = REPO / "mmseg_configs"
 # name: (config, weight bits, the ptq_camvid run that is its PTQ S=1 row)
@@ -119,12 +119,6 @@ def main() -> None:
     write_section(results, ptq, Path(args.docs))
 
 
-def fp32_row(ptq: dict, config: str) -> float | None:
-    """The FP32 mIoU of the config's decoder (from the PTQ runs that evaluated it)."""
-    source = "paper" if "paper" in config else "main"
-    return ptq.get(source, {}).get("eval", {}).get("forms", {}).get("fp32", {}).get("mIoU")
-
-
 def write_section(results: dict, ptq: dict, docs: Path) -> None:
     import matplotlib
 
@@ -136,7 +130,7 @@ def write_section(results: dict, ptq: dict, docs: Path) -> None:
     for name in names:
         config, bits, ptq_name = RUNS[name]
         run = results[name]
-        fp32 = fp32_row(ptq, config)
+        fp32 = fp32_miou(ptq, PTQ_RUNS[ptq_name][4])
         before = ptq.get(ptq_name, {}).get("eval", {}).get("forms", {}).get("deployed", {}).get("mIoU")
         after = run["eval"]["forms"]["deployed"]["mIoU"]
         closed = (f"{100 * (after - before) / (fp32 - before):.0f} %"
