@@ -166,13 +166,14 @@ def fit_poly_gelu(samples: Tensor, b_grid: Tensor | None = None) -> tuple[float,
         b_grid = -torch.arange(0.3, 5.0001, 0.01, dtype=torch.float64)
     u = x / math.sqrt(2.0)
     target = _float_gelu(x)
+    # the terms that do not depend on b, computed once (the same arithmetic as per b: the same fit)
+    u_abs, base, half_signed = u.abs(), 0.5 * x * (1 + torch.sign(u)), 0.5 * x * torch.sign(u)
+    residual = target - base
     best = (math.inf, -0.2888, -1.769)
     for b in b_grid.tolist():
-        g = (torch.clamp(u.abs(), max=-b) + b) ** 4
-        base = 0.5 * x * (1 + torch.sign(u))
-        lin = 0.5 * x * torch.sign(u) * g
+        lin = half_signed * (torch.clamp(u_abs, max=-b) + b) ** 4
         denom = (lin * lin).sum()
-        a = float((lin * (target - base)).sum() / denom) if denom > 0 else 0.0
+        a = float((lin * residual).sum() / denom) if denom > 0 else 0.0
         err = float(((base + a * lin - target) ** 2).sum())
         if err < best[0]:
             best = (err, a, b)
