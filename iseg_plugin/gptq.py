@@ -13,11 +13,11 @@ The scales are chosen first (per channel, the activation-aware clip search of
 of decreasing ``diag(H)`` ("act order"); ``H`` is damped by 1 % of its mean diagonal. The result, the
 integers and their scales, is stored in the observer of the layer's output (``weight_int``,
 ``weight_scale``), where the lowering takes it instead of rounding the float weight; calibration
-records and checkpoints carry it. Weights that train (QAT) keep rounding to nearest, their integers following the
-float weights at each step; QAT rounds its frozen weights (e.g. a frozen encoder's) with GPTQ at its
-calibration, as PTQ does. A patch
-Conv2d is the GEMM of its patches (``F.unfold``) and is rounded the same way. Each layer's inputs come
-from the float model (not from the layers rounded before it, as in GPTQ's sequential form).
+records and checkpoints carry it. Weights that train (QAT) keep rounding to nearest, their integers
+following the float weights at each step; QAT rounds its frozen weights (e.g. a frozen encoder's) with
+GPTQ at its calibration, as PTQ does. A patch Conv2d is the GEMM of its patches (``F.unfold``) and is
+rounded the same way. Each layer's inputs come from the float model (not from the layers rounded before
+it, as in GPTQ's sequential form).
 """
 from __future__ import annotations
 
