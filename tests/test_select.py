@@ -285,11 +285,7 @@ def test_gptq_before_qat_rounds_the_frozen_weights_only():
     head keeps following its float weights; the trainable form gives the converted model's integers and
     trains the head."""
     torch.manual_seed(0)
-    model = HandViT().eval()
-    x = torch.randn(4, 3, 32, 32)
-    prepared = fxp.prepare(model, (x,), weight_bits=4)
-    with torch.no_grad():
-        prepared(x)
+    prepared, x = calibrated(HandViT(), (4, 3, 32, 32), weight_bits=4)
     for name, p in prepared.named_parameters():
         p.requires_grad_(name.startswith("head"))
     assert gptq(prepared, [(x,)], frozen_only=True) == 9  # the patch Conv2d and the 8 block Linears
