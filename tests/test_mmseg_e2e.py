@@ -92,15 +92,17 @@ def test_iseg_deploy_writes_the_integer_model_of_the_qat_checkpoint(trained, tmp
     assert result.returncode == 1 and "iseg ptq" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_mim_train_two_processes(workspace):
+@pytest.mark.parametrize("freeze_iter", [2, 0])  # 0: each process calibrated on its own shard, then rank 0's
+def test_mim_train_two_processes(workspace, freeze_iter):
     root, data = workspace
-    cfg = tiny_ade_config(root / "cfg_dist.py", data, root / "work_dist", iters=3)  # ranges frozen after 2
+    cfg = tiny_ade_config(root / f"cfg_dist{freeze_iter}.py", data, root / f"work_dist{freeze_iter}", iters=3,
+                          extra=f"custom_hooks[1]['freeze_iter'] = {freeze_iter}")
     result = run([mim(), "train", "mmseg", str(cfg), "--gpus", "2", "--launcher", "pytorch"], cwd=root)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "Distributed training: True" in log
     assert len(losses(log)) == 3
-    assert "activation ranges frozen after 2 iterations (identical on 2 processes)" in log
+    assert f"activation ranges frozen after {freeze_iter} iterations (identical on 2 processes)" in log
 
 
 def test_missing_data_root_names_the_path(workspace):

@@ -1,6 +1,7 @@
 """mmengine hooks: post-training calibration and the QAT range schedule."""
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import numpy as np
@@ -54,26 +55,39 @@ class CalibrationHook(Hook):
     The images come from their own finite loader (``DefaultSampler``, no shuffle) built from
     ``dataloader`` (default: the runner's train dataloader config with batch ``batch_size``):
     iterating the runner's ``InfiniteSampler`` loader here would exhaust it for training.
+    ``pipeline='test'`` (default) reads them through the config's ``test_pipeline``, as ``iseg ptq``
+    calibrates: whole, undistorted images, the same ones at every run. ``'train'`` keeps the loader's own
+    pipeline (random crops and photometric distortion: on CamVid, ranges from one such crop left the W4A8
+    model 7 mIoU lower after 50 QAT iterations than ranges from a whole image, docs/qat_diagnostics.md).
     I-Segmenter: one image (one-shot PTQ) or 500, batch 8, EMA update 0.05.
     """
 
     priority = "VERY_HIGH"
 
     def __init__(self, num_samples: int = 1, batch_size: int = 8, momentum: float = 0.05,
-                 dataloader: dict | None = None, before: str = "train"):
+                 dataloader: dict | None = None, before: str = "train", pipeline: str = "test"):
         if before not in ("train", "val", "test"):
             raise ValueError(f"before must be 'train', 'val' or 'test', got {before!r}")
+        if pipeline not in ("train", "test"):
+            raise ValueError(f"pipeline must be 'test' (the config's test_pipeline) or 'train' (the loader's "
+                             f"own), got {pipeline!r}")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.momentum = momentum
         self.dataloader = dataloader
         self.before = before
+        self.pipeline = pipeline
 
     def _loader_cfg(self, runner) -> dict:
         cfg = self.dataloader or runner.cfg.get("train_dataloader")
         if cfg is None:
             raise ValueError("CalibrationHook needs a dataloader: set train_dataloader or the hook's dataloader")
-        cfg = dict(cfg)
+        cfg = copy.deepcopy(dict(cfg))
+        if self.pipeline == "test":
+            if runner.cfg.get("test_pipeline") is None:
+                raise ValueError("CalibrationHook(pipeline='test') needs the config's test_pipeline: set it, "
+                                 "or pass pipeline='train'")
+            cfg["dataset"] = dict(cfg["dataset"], pipeline=copy.deepcopy(runner.cfg.test_pipeline))
         cfg.update(batch_size=min(self.batch_size, self.num_samples), sampler=dict(type="DefaultSampler",
                                                                                    shuffle=False),
                    persistent_workers=False)
@@ -85,8 +99,8 @@ class CalibrationHook(Hook):
             raise ValueError(
                 f"calibration asks for {self.num_samples} images but the dataset has {len(loader.dataset)}"
             )
-        seen = calibrate(runner.model, loader, self.num_samples, self.momentum, train_padding=True,
-                         for_training=self.before == "train")
+        seen = calibrate(runner.model, loader, self.num_samples, self.momentum,
+                         train_padding=self.pipeline == "train", for_training=self.before == "train")
         runner.logger.info(f"calibrated the quantized model on {seen} images (EMA update {self.momentum})")
 
     def before_train(self, runner) -> None:
@@ -121,14 +135,19 @@ class QATHook(Hook):
         model = _unwrap(runner.model)
         model.set_momentum(self.momentum)
         model.observe_in_training = runner.iter < self.freeze_iter
+        if not model.observe_in_training:  # freeze_iter 0 (the calibration's ranges) or resumed after it
+            self._freeze(runner, model, runner.iter)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if runner.iter + 1 == self.freeze_iter:
-            model = _unwrap(runner.model)
-            model.observe_in_training = False
-            processes = share_ranges(model)
-            runner.logger.info(f"QAT: activation ranges frozen after {self.freeze_iter} iterations"
-                               + (f" (identical on {processes} processes)" if processes > 1 else ""))
+            self._freeze(runner, _unwrap(runner.model), self.freeze_iter)
+
+    @staticmethod
+    def _freeze(runner, model, iterations: int) -> None:
+        model.observe_in_training = False
+        processes = share_ranges(model)
+        runner.logger.info(f"QAT: activation ranges frozen after {iterations} iterations"
+                           + (f" (identical on {processes} processes)" if processes > 1 else ""))
 
 
 def share_ranges(model) -> int:
