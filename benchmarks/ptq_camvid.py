@@ -169,7 +169,8 @@ def selection_section(results: dict) -> list[str]:
         "## Per-layer choice (IPTQ-ViT's unified metric) and W4A8",
         "",
         "Deployed integer-only models, all CamVid val images; FP32 (bilinear + L2 decoder) "
-        f"{fp32_miou(results, 'bilinear-l2'):.2f} mIoU (a row with the paper's decoder: against its own FP32). \"unified\": each GELU / softmax takes the registry candidate with the best",
+        f"{fp32_miou(results, 'bilinear-l2'):.2f} mIoU (a row with the paper's decoder: against its own FP32). "
+        "\"unified\": each GELU / softmax takes the registry candidate with the best",
         "unified metric (sensitivity of the model's output, the layer's own error, integer ops per element;",
         "`iseg_plugin.select`), scored on the first calibration images; \"W4/W8 mixed\": INT4 weights where the",
         "metric per byte saved is least, until the GEMM weights are 6x smaller than FP32. File: the deployed",

@@ -59,16 +59,19 @@ def train(name: str, work: Path) -> dict:
 
 
 def ranges_schedule(config: Path) -> str:
-    """Where a run's activation ranges come from, as its config's hooks say (CalibrationHook, QATHook)."""
+    """Where a run's activation ranges come from, as its config's hooks say (CalibrationHook, QATHook; built,
+    so that the hooks' own defaults fill what the config leaves out)."""
     from mmengine.config import Config
 
-    hooks = {hook["type"]: hook for hook in Config.fromfile(str(config)).custom_hooks}
+    from iseg_plugin.mmseg import CalibrationHook, QATHook
+
+    kinds = {"CalibrationHook": CalibrationHook, "QATHook": QATHook}
+    hooks = {h["type"]: kinds[h["type"]](**{k: v for k, v in h.items() if k != "type"})
+             for h in Config.fromfile(str(config)).custom_hooks if h["type"] in kinds}
     calib, qat = hooks["CalibrationHook"], hooks["QATHook"]
-    images = calib.get("num_samples", 1)
-    source = "whole image" if calib.get("pipeline", "test") == "test" else "training crop"
-    freeze = qat.get("freeze_iter", 1000)
-    kept = "kept" if freeze == 0 else f"EMA {qat.get('momentum', 0.01)} for {freeze} it"
-    return f"{images} {source}{'s' if images > 1 else ''}, {kept}"
+    source = "whole image" if calib.pipeline == "test" else "training crop"
+    kept = "kept" if qat.freeze_iter == 0 else f"EMA {qat.momentum} for {qat.freeze_iter} it"
+    return f"{calib.num_samples} {source}{'s' if calib.num_samples > 1 else ''}, {kept}"
 
 
 def curves(work: Path) -> dict:
