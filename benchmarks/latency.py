@@ -18,7 +18,6 @@ nodes in bits (I-Segmenter's Table 7) from the graph, and writes docs/performanc
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -44,6 +43,7 @@ from iseg_plugin.deploy.io import save_deployed
 from iseg_plugin.export import TvmMissingError, TvmModel, export_onnx_int, export_qonnx, onnx_session, qonnx_inference_cost
 from iseg_plugin import kernels
 from iseg_plugin.ops.gemm import INT8_KERNEL, cpu_isa, onnx_gemm_for_this_cpu
+from iseg_plugin.ptq import float_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = (512, 512)
@@ -56,9 +56,7 @@ FORMS = {"u8u8": "uint8 x uint8", "u8s8": "uint8 x int8"}
 def build(name: str):
     cfg = Config.fromfile(str(REPO / "mmseg_configs" / f"isegmenter_{name}_ade20k.py"))
     init_default_scope("mmseg")
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.quant = None
-    model = MODELS.build(model_cfg)
+    model = MODELS.build(float_model_config(cfg))
     torch.manual_seed(0)
     model.init_weights()
     return model.eval()

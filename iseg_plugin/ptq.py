@@ -111,12 +111,18 @@ def checkpoint_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def build_model(cfg: Config, fold_norms: bool = False):
-    """The config's float model (its ``quant`` option, for mmseg QAT, ignored) with its pretrained init;
-    ``fold_norms`` folds LayerNorm affines into the next Linear (exact; see ``models.fold``)."""
+def float_model_config(cfg: Config):
+    """The config's model without its options for mmseg QAT (``quant``, ``distill``): the float Segmenter."""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.quant = None
-    model = MODELS.build(model_cfg)
+    model_cfg.distill = None
+    return model_cfg
+
+
+def build_model(cfg: Config, fold_norms: bool = False):
+    """The config's float model (:func:`float_model_config`) with its pretrained init; ``fold_norms`` folds
+    LayerNorm affines into the next Linear (exact; see ``models.fold``)."""
+    model = MODELS.build(float_model_config(cfg))
     with quiet_mmengine_info():
         model.init_weights()
     if fold_norms:

