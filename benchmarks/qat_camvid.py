@@ -52,38 +52,32 @@ def train(name: str, work: Path) -> dict:
     if status != 0:
         raise RuntimeError(f"mim train failed for {name}: see {work / 'train.log'}")
     checkpoint = Path((work / "last_checkpoint").read_text().strip())
-    return dict(command="mim " + " ".join(cmd[1:]).replace(str(REPO) + "/", ""), ranges=ranges_schedule(work / config),
-                objective=objective(work / config),
+    return dict(command="mim " + " ".join(cmd[1:]).replace(str(REPO) + "/", ""), **schedule(work / config),
                 train_seconds=time.perf_counter() - start,
                 peak_rss_mb=usage.ru_maxrss / 1024, checkpoint=str(checkpoint), config=str(work / config),
                 curves=curves(work))
 
 
-def ranges_schedule(config: Path) -> str:
-    """Where a run's activation ranges come from, as its config's hooks say (CalibrationHook, QATHook; built,
-    so that the hooks' own defaults fill what the config leaves out)."""
+def schedule(config: Path) -> dict:
+    """A run's QAT schedule as its config says (read once): where its activation ranges come from (``ranges``:
+    the CalibrationHook / QATHook, built, so that their own defaults fill what the config leaves out) and what it
+    minimises with which optimizer (``objective``)."""
     from mmengine.config import Config
 
     from iseg_plugin.mmseg import CalibrationHook, QATHook
 
+    cfg = Config.fromfile(str(config))
     kinds = {"CalibrationHook": CalibrationHook, "QATHook": QATHook}
     hooks = {h["type"]: kinds[h["type"]](**{k: v for k, v in h.items() if k != "type"})
-             for h in Config.fromfile(str(config)).custom_hooks if h["type"] in kinds}
+             for h in cfg.custom_hooks if h["type"] in kinds}
     calib, qat = hooks["CalibrationHook"], hooks["QATHook"]
     source = "whole image" if calib.pipeline == "test" else "training crop"
     kept = "kept" if qat.freeze_iter == 0 else f"EMA {qat.momentum} for {qat.freeze_iter} it"
-    return f"{calib.num_samples} {source}{'s' if calib.num_samples > 1 else ''}, {kept}"
-
-
-def objective(config: Path) -> str:
-    """What a run's QAT minimises and with which optimizer, as its config says."""
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(str(config))
     labels = cfg.model.decode_head.loss_decode.get("loss_weight", 1.0) > 0
     loss = ("distillation + labels" if labels else "distillation") if cfg.model.get("distill") else "labels"
     optimizer = cfg.optim_wrapper.optimizer
-    return f"{loss}, {optimizer['type']} {optimizer['lr']:g}"
+    return dict(ranges=f"{calib.num_samples} {source}{'s' if calib.num_samples > 1 else ''}, {kept}",
+                objective=f"{loss}, {optimizer['type']} {optimizer['lr']:g}")
 
 
 def curves(work: Path) -> dict:
@@ -166,10 +160,11 @@ def write_section(results: dict, ptq: dict, docs: Path) -> None:
                   if None not in (fp32, before) and fp32 > before else "n/a (no gap)")
         last_val = run["curves"]["mIoU"][-1][1] if run["curves"]["mIoU"] else float("nan")
         show = (lambda v: "-" if v is None else f"{v:.2f}")
-        ranges = run.get("ranges") or ranges_schedule(Path(run["config"]))
-        loss = run.get("objective") or objective(Path(run["config"]))
-        rows.append(f"| {OPERATORS[config]} | W{bits}A8 | {ranges} | {loss} | {show(fp32)} | {show(before)} | "
-                    f"{after:.2f} | {closed} | {last_val:.2f} | {run['train_seconds'] / 60:.0f} | "
+        described = {key: run[key] for key in ("ranges", "objective") if key in run}
+        if len(described) < 2:  # a run saved before these were recorded: its config says
+            described = {**schedule(Path(run["config"])), **described}
+        rows.append(f"| {OPERATORS[config]} | W{bits}A8 | {described['ranges']} | {described['objective']} | "
+                    f"{show(fp32)} | {show(before)} | {after:.2f} | {closed} | {last_val:.2f} | {run['train_seconds'] / 60:.0f} | "
                     f"{run['peak_rss_mb']:.0f} |")
     lines = [
         "",
