@@ -30,7 +30,7 @@ def _ptq(args: argparse.Namespace) -> int:
     report = run_ptq(args.config, args.checkpoint, args.calib_samples, args.out, args.gelu, args.softmax,
                      args.decoder, args.data_root, fold_norms=args.fold_norms, force=args.force,
                      weight_bits=args.weight_bits, select=args.select, size_ratio=args.size_ratio,
-                     weight_rounding=args.weight_rounding)
+                     weight_rounding=args.weight_rounding, int8_weights=args.int8_weights)
     mb = 2**20
     if report["selection"]:
         print(f"\nper-layer choices (unified metric, scored on the first calibration images in "
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "reach (default 6)")
     ptq.add_argument("--weight-rounding", choices=("gptq", "nearest"),
                      help="INT4 weights: GPTQ on the calibration images (default) or round to nearest")
+    ptq.add_argument("--int8-weights", action="append", metavar="MODULE",
+                     help="with --weight-bits 4 / mixed: the Linears / Conv2ds under this module path keep INT8 "
+                          "weights (repeatable; e.g. --int8-weights decode_head)")
     ptq.add_argument("--data-root")
     ptq.add_argument("--no-fold-norms", dest="fold_norms", action="store_false",
                      help="keep LayerNorm affines (default: fold them into the next Linear, exact)")

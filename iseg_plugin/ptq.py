@@ -153,14 +153,14 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
             softmax: str | None = None, decoder: str | None = None, data_root: str | None = None,
             batch_size: int = 8, fold_norms: bool = True, calib_set=None, force: bool = False,
             weight_bits: int | str | None = None, select: str | None = None, size_ratio: float | None = None,
-            weight_rounding: str | None = None) -> dict:
+            weight_rounding: str | None = None, int8_weights: list[str] | None = None) -> dict:
     """Calibrate on ``num_samples`` images (EMA update 0.05), make the per-layer choices asked for, convert,
     save; return a report.
 
     The float Segmenter is quantized op by op (:mod:`iseg_plugin.deploy.convert`). The images are the
     config's training set, or ``calib_set`` (test-pipeline outputs) if given; the deployed model is
     built for the size of the first of them. ``weight_bits`` (8, 4, "mixed"), ``select`` ("global",
-    "unified"), ``size_ratio`` and ``weight_rounding`` override the config's ``model.quant``
+    "unified"), ``size_ratio``, ``weight_rounding`` and ``int8_weights`` override the config's ``model.quant``
     (:func:`iseg_plugin.select.check_quant`); per-layer choices are scored on the first ``SCORE_IMAGES``
     calibration images, GPTQ takes the first ``ROUNDING_IMAGES``. ``out`` (and its
     calibration record) must not exist unless ``force``, nor be an input; both are checked first and
@@ -171,13 +171,18 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     for path in (out, sidecar(out)):
         check_output(path, [config, checkpoint], force)
     cfg = load_config(config, data_root, gelu, softmax, decoder, check_data=calib_set is None,
-                      weight_bits=weight_bits, select=select, size_ratio=size_ratio, weight_rounding=weight_rounding)
+                      weight_bits=weight_bits, select=select, size_ratio=size_ratio, weight_rounding=weight_rounding,
+                      int8_weights=int8_weights)
     quant = quant_options(cfg)
     if calib_set is None:
         calib_set = dataset(cfg, "train")
     if num_samples > len(calib_set):
         raise ValueError(f"--calib-samples {num_samples} is more than the {len(calib_set)} calibration images")
     model = build_model(cfg)
+    unknown = sorted(set(quant["int8_weights"]) - dict(model.named_modules()).keys())
+    if unknown:
+        raise ValueError(f"--int8-weights {unknown[0]}: the model has no such module (its top modules: "
+                         f"{', '.join(name for name, _ in model.named_children())})")
     kept_init = load_fp32_checkpoint(model, checkpoint)
     fp32 = state_size(model.state_dict())
     if fold_norms:

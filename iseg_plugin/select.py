@@ -23,7 +23,8 @@ Stage 2, assign: a GELU / softmax site takes the candidate with the largest
 value over the site's candidates; weights :class:`MetricWeights`). Weight widths with a size budget
 (:func:`assign_weight_bits`): INT4 goes first to the GEMMs with the least ``w_s * s + w_p * p`` (each
 term over its largest value among the GEMMs) per byte saved, until the GEMM weights are ``size_ratio``
-times smaller than in FP32. The choices are written into the sites' observers (``variant``,
+times smaller than in FP32. GEMMs under the module paths of ``int8_weights`` (:func:`keep_int8`) stay INT8
+whatever the width asked for. The choices are written into the sites' observers (``variant``,
 ``weight_bits``), which the lowering reads and the state dict carries.
 
 Stage 3, calibrate: the conversion computes each site's constants for its chosen candidate (Poly-GELU
@@ -127,6 +128,40 @@ def sites(prepared: fx.GraphModule, entries=CHOICES + GEMMS) -> list[ChoiceSite]
                 if isinstance(source, fx.Node) and is_observer(prepared, source) else None)
         found.append(ChoiceSite(node, entry.name, observer_of(prepared.get_submodule(out.target)), into))
     return found
+
+
+def module_path(prepared: fx.GraphModule, node: fx.Node) -> str:
+    """The path of the module an op of a prepared graph belongs to: a called module's own target; for a function
+    call, the innermost module of its ``nn_module_stack`` (PT2E) or of torch.ao's ``prepare_fx`` scopes."""
+    if node.op == "call_module":
+        return node.target
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return next(reversed(stack.values()))[0]
+    attrs = prepared.meta.get("_observed_graph_module_attrs")
+    scopes = getattr(attrs, "node_name_to_scope", {}) if attrs is not None else {}
+    return scopes.get(node.name, ("", None))[0]
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def keep_int8(prepared: fx.GraphModule, prefixes) -> list[str]:
+    """Pin the GEMMs (Linear / patch Conv2d) under the module paths ``prefixes`` (e.g. ``["decode_head"]``) of a
+    prepared graph (FX or PT2E) to INT8 weights: what W4A8 models commonly keep for the task head. Returns the
+    pinned sites' names; a prefix under which there is no GEMM is an error naming the model's top modules."""
+    found = sites(prepared, GEMMS)
+    pinned = []
+    for prefix in prefixes:
+        matched = [s for s in found if _under(module_path(prepared, s.node), prefix)]
+        if not matched:
+            tops = sorted({module_path(prepared, s.node).split(".")[0] for s in found})
+            raise ValueError(f"int8_weights: no Linear / Conv2d under {prefix!r}; the model's GEMMs are under {tops}")
+        for site in matched:
+            site.observer.weight_bits = 8
+            pinned.append(site.node.name)
+    return pinned
 
 
 def _demand(prepared: fx.GraphModule, node: fx.Node) -> int:
@@ -266,10 +301,11 @@ def score_weight_bits(prepared: fx.GraphModule, inputs: list[tuple], low_bits: i
 
 
 def assign_weight_bits(rows: list[dict], size_ratio: float | None, weights: MetricWeights = MetricWeights(),
-                       low_bits: int = 4) -> list[dict]:
+                       low_bits: int = 4, pinned=()) -> list[dict]:
     """Stage 2 for the weights: ``size_ratio`` None puts every GEMM at ``low_bits``; otherwise INT4 goes to
     the GEMMs with the least metric per byte saved until the GEMM weights are ``size_ratio`` times smaller
-    than in FP32 (4 bytes a weight). Marks each row ``chosen`` (INT4) and returns the rows."""
+    than in FP32 (4 bytes a weight). The layers named in ``pinned`` stay INT8 (their bytes count). Marks each
+    row ``chosen`` (INT4) and returns the rows."""
     if size_ratio is not None and size_ratio <= 0:
         raise ValueError(f"size_ratio must be positive, got {size_ratio}")
     total = sum(r["numel"] for r in rows)
@@ -280,7 +316,7 @@ def assign_weight_bits(rows: list[dict], size_ratio: float | None, weights: Metr
                        + weights.perturbation * r["perturbation"] / top["perturbation"])
         r["chosen"] = False
     size = float(total)  # bytes with every weight at 8 bits
-    for r in sorted(rows, key=lambda r: -r["score"] / r["numel"]):
+    for r in sorted((r for r in rows if r["layer"] not in pinned), key=lambda r: -r["score"] / r["numel"]):
         if size <= budget:
             break
         r["chosen"] = True
@@ -320,8 +356,9 @@ def check_quant(quant: dict) -> dict:
     (registry variants: the global choice, and the start of a unified selection), ``weight_bits`` (8, 4 or
     "mixed"), ``select`` ("global" or "unified": per-layer GELU / softmax), ``size_ratio`` (FP32 / GEMM weight
     size that "mixed" reaches, default 6), ``weight_rounding`` of INT4 weights ("gptq", default, or "nearest";
-    in QAT, GPTQ rounds the frozen weights and the trained ones round to nearest)."""
-    known = ("gelu", "softmax", "weight_bits", "select", "size_ratio", "weight_rounding")
+    in QAT, GPTQ rounds the frozen weights and the trained ones round to nearest), ``int8_weights`` (module
+    paths whose GEMMs keep INT8 weights at W4 / mixed, e.g. ``["decode_head"]``; default none)."""
+    known = ("gelu", "softmax", "weight_bits", "select", "size_ratio", "weight_rounding", "int8_weights")
     unknown = sorted(set(quant) - set(known))
     if unknown:
         raise ValueError(f"quant=dict(...) takes {', '.join(known)}; got unknown key(s) {unknown} "
@@ -329,7 +366,13 @@ def check_quant(quant: dict) -> dict:
     options = dict(gelu=REGISTRY["gelu"].variant(quant.get("gelu", "poly")).name,
                    softmax=REGISTRY["softmax"].variant(quant.get("softmax", "bit-exp")).name,
                    weight_bits=quant.get("weight_bits", 8), select=quant.get("select", "global"),
-                   size_ratio=float(quant.get("size_ratio", 6.0)), weight_rounding=quant.get("weight_rounding", "gptq"))
+                   size_ratio=float(quant.get("size_ratio", 6.0)), weight_rounding=quant.get("weight_rounding", "gptq"),
+                   int8_weights=quant.get("int8_weights") or ())
+    if isinstance(options["int8_weights"], str) or not all(isinstance(p, str) and p
+                                                           for p in options["int8_weights"]):
+        raise ValueError(f"int8_weights is a list of module paths (e.g. ['decode_head']), got "
+                         f"{options['int8_weights']!r}")
+    options["int8_weights"] = tuple(options["int8_weights"])
     if options["weight_bits"] not in WEIGHT_CHOICES:
         raise ValueError(f"weight_bits must be one of {WEIGHT_CHOICES}, got {options['weight_bits']!r}")
     if options["select"] not in SELECTS:
@@ -355,10 +398,11 @@ def choose(prepared: fx.GraphModule, inputs: list[tuple], quant: dict, weights: 
     from .gptq import gptq
 
     rows = []
+    pinned = keep_int8(prepared, quant["int8_weights"]) if quant["weight_bits"] != 8 else []
     if quant["select"] == "unified":
         rows += score_variants(prepared, inputs, weights)
     if quant["weight_bits"] == "mixed":
-        rows += assign_weight_bits(score_weight_bits(prepared, inputs), quant["size_ratio"], weights)
+        rows += assign_weight_bits(score_weight_bits(prepared, inputs), quant["size_ratio"], weights, pinned=pinned)
     if rows:
         apply(prepared, rows)
     if rounding_inputs and quant["weight_rounding"] == "gptq":

@@ -23,7 +23,8 @@ model = dict(
     pretrained=None,
     # the most accurate integer operators here (IPTQ-ViT's Poly-GELU and bit-exp softmax; see
     # docs/results_camvid.md for lambda-ShiftGELU and Shiftmax, the I-Segmenter ones); also
-    # weight_bits=4 or 'mixed' (W4A8), select='unified' (per-layer GELU / softmax), size_ratio, weight_rounding
+    # weight_bits=4 or 'mixed' (W4A8), select='unified' (per-layer GELU / softmax), size_ratio, weight_rounding,
+    # int8_weights=['decode_head'] (W4A8 keeps the decoder's weights INT8: docs/results_camvid.md)
     quant=dict(gelu='poly', softmax='bit-exp'),
     # QAT learns from the FP32 model's class distributions (distillation), not from the labels (their loss
     # weight is 0 below): the FP32 decoder was trained on whole, unaugmented images, and the labels of the

@@ -62,6 +62,13 @@ def test_ptq_refuses_to_overwrite_its_checkpoint_before_building_anything(tmp_pa
     assert checkpoint.read_bytes() == before
 
 
+def test_ptq_refuses_an_unknown_int8_weights_module_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"--int8-weights decoder: the model has no such module \(.*decode_head"):
+        run_ptq(str(CONFIG), str(tmp_path / "unread.pth"), 1, str(tmp_path / "m.iseg"), calib_set=[None],
+                weight_bits=4, int8_weights=["decoder"])
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv,message", [
     (["ptq", CONFIG, "ckpt.pth", "--out", "x.iseg", "--calib-samples", "0"], "must be at least 1, got 0"),
     (["ptq", CONFIG, "ckpt.pth", "--out", "x.iseg", "--calib-samples", "-1"], "must be at least 1, got -1"),

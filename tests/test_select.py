@@ -73,6 +73,8 @@ def test_mixed_weight_widths_meet_the_size_budget():
     assert not any(r["chosen"] for r in select.assign_weight_bits(rows(), 4.0))  # INT8 already meets 4x
     with pytest.raises(ValueError, match="size_ratio"):
         select.assign_weight_bits(rows(), 0.0)
+    # b pinned to INT8: its 100 B count, the others go INT4 (c: 225 B, a: 175 B) and the budget is not reached
+    assert [r["chosen"] for r in select.assign_weight_bits(rows(), 6.0, pinned=("b",))] == [True, False, True]
 
 
 def test_int4_packing_round_trips_two_a_byte():
@@ -217,8 +219,25 @@ def test_qconfig_pt2e_and_per_module_weight_widths():
         fxp.get_iseg_qconfig_mapping(weight_bits=3)
 
 
+@pytest.mark.parametrize("prepare", [fxp.prepare, fxp.prepare_pt2e], ids=["fx", "pt2e"])
+def test_int8_weights_pin_the_gemms_under_a_module(prepare):
+    """W4A8 with one block kept at INT8 weights, found by module path on FX (called modules) and PT2E (function
+    calls, their ``nn_module_stack``) graphs alike; a path with no GEMM under it is refused by name."""
+    torch.manual_seed(0)
+    model = HandViT().eval()
+    prepared, x = calibrated(model, (2, 3, 32, 32), prepare=prepare, weight_bits=4)
+    pinned = select.keep_int8(prepared, ["blocks.1"])
+    in_block = sum(isinstance(m, nn.Linear) for m in model.blocks[1].modules())
+    assert len(pinned) == in_block == 4  # qkv, proj, fc1, fc2
+    widths = [m.weight_bits for m in fxp.convert(prepared, (x,)).graph_module.modules() if isinstance(m, M.Linear)]
+    assert sorted(widths) == [4] * (len(widths) - in_block) + [8] * in_block
+    with pytest.raises(ValueError, match=r"no Linear / Conv2d under 'blocks.2'.*\['blocks', 'head', 'patch'\]"):
+        select.keep_int8(prepared, ["blocks.2"])
+
+
 @pytest.mark.parametrize("quant,error", [(dict(weight_bits=2), "weight_bits"), (dict(select="best"), "select"),
-                                         (dict(size_ratio=-1), "size_ratio"), (dict(bits=4), "unknown key")])
+                                         (dict(size_ratio=-1), "size_ratio"), (dict(bits=4), "unknown key"),
+                                         (dict(int8_weights="decode_head"), "list of module paths")])
 def test_bad_quant_options_are_refused(quant, error):
     with pytest.raises(ValueError, match=error):
         select.check_quant(quant)
@@ -237,6 +256,19 @@ def test_the_mmseg_model_makes_the_choices_when_calibrated():
     assert any(k.endswith("gemm_weight_bits") and int(v) == 4 for k, v in state.items())  # checkpoints keep it
     deployed = model.eval().deploy((64, 64))
     assert any(isinstance(m, M.Linear) and m.weight_bits == 4 for m in deployed.graph.modules())
+
+
+def test_the_mmseg_model_keeps_its_decoder_weights_int8_at_w4():
+    from iseg_plugin.mmseg import calibrate
+    from test_quant_model import images, loader
+
+    model = build(dict(weight_bits=4, int8_weights=["decode_head"]))
+    model.load_state_dict(trained_like(build(None)).state_dict(), strict=False)
+    calibrate(model, loader(images(2, seed=1)), num_samples=2, show_progress=False)
+    deployed = model.eval().deploy((64, 64))
+    widths = {name: m.weight_bits for name, m in deployed.graph.named_modules() if isinstance(m, M.Linear)}
+    assert {w for n, w in widths.items() if n.startswith("decode_head")} == {8}
+    assert {w for n, w in widths.items() if n.startswith("backbone")} == {4}
 
 
 def test_gptq_rounds_with_less_output_error_than_nearest():
