@@ -182,6 +182,15 @@ def test_distillation_teacher_is_frozen_at_the_first_step_and_trains_the_student
         assert not torch.allclose(model.decode_head.cls_emb, float_model.decode_head.cls_emb)
 
 
+def test_diverged_qat_weights_are_named_as_the_cause():
+    _, model = calibrated_pair()
+    model.train()
+    with torch.no_grad():
+        model.decode_head.dec_proj.weight.mul_(1e15)  # what a diverged step leaves
+    with pytest.raises(RuntimeError, match="the weights have diverged: lower the learning rate"):
+        model.loss(images(2, seed=6), labelled(2, torch.randint(0, 7, (1, 64, 64))))
+
+
 def test_bad_distill_options_are_refused():
     with pytest.raises(ValueError, match="not \\['alpha'\\]"):
         build({}, distill=dict(alpha=0.5))

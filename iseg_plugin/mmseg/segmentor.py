@@ -186,8 +186,13 @@ class ISegmenter(EncoderDecoder):
         """The integer model's logits (their real values) for normalised images, as mmseg passes them."""
         pixels = self._pixels(inputs)
         if self.training:
-            graph = lower(self._prepared, (inputs,), dict(zip(("mean", "std"), self._normalisation())),
-                          trainable=True, observe=self.observe_in_training)
+            try:
+                graph = lower(self._prepared, (inputs,), dict(zip(("mean", "std"), self._normalisation())),
+                              trainable=True, observe=self.observe_in_training)
+            except ValueError as err:  # the graph is relowered from the current weights at every step
+                raise RuntimeError(f"QAT: the integer model of the current weights cannot be built ({err}); if "
+                                   "earlier steps trained, the weights have diverged: lower the learning rate "
+                                   "(optim_wrapper.optimizer.lr)") from err
             (scale,) = graph.output_scales
             return (graph(pixels) * scale).float()
         size = tuple(inputs.shape[-2:])
