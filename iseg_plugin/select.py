@@ -151,12 +151,12 @@ def keep_int8(prepared: fx.GraphModule, prefixes) -> list[str]:
     """Pin the GEMMs (Linear / patch Conv2d) under the module paths ``prefixes`` (e.g. ``["decode_head"]``) of a
     prepared graph (FX or PT2E) to INT8 weights: what W4A8 models commonly keep for the task head. Returns the
     pinned sites' names; a prefix under which there is no GEMM is an error naming the model's top modules."""
-    found = sites(prepared, GEMMS)
+    paths = [(site, module_path(prepared, site.node)) for site in sites(prepared, GEMMS)]
     pinned = []
     for prefix in prefixes:
-        matched = [s for s in found if _under(module_path(prepared, s.node), prefix)]
+        matched = [site for site, path in paths if _under(path, prefix)]
         if not matched:
-            tops = sorted({module_path(prepared, s.node).split(".")[0] for s in found})
+            tops = sorted({path.split(".")[0] for _, path in paths})
             raise ValueError(f"int8_weights: no Linear / Conv2d under {prefix!r}; the model's GEMMs are under {tops}")
         for site in matched:
             site.observer.weight_bits = 8
