@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ptq_camvid import CONFIG, RUNS, fp32_miou, label_of  # noqa: E402
+from ptq_camvid import CONFIG, RESULTS, RUNS, fp32_miou, label_of  # noqa: E402
 
 
 def float_logits(calib: dict, cfg, items) -> list:
@@ -48,7 +48,7 @@ def measure(names: list[str], results: dict, limit: int, data_root: str | None) 
 
     rows, references = {}, {}
     for name in names:
-        calib = torch.load(sidecar(results[name]["model"]), map_location="cpu", weights_only=True)
+        calib = torch.load(sidecar(str(REPO / results[name]["model"])), map_location="cpu", weights_only=True)
         meta = calib["meta"]
         cfg = load_config(str(CONFIG), data_root, decoder=meta["decoder"], **meta["quant"])
         val = dataset(cfg, "val")
@@ -56,7 +56,7 @@ def measure(names: list[str], results: dict, limit: int, data_root: str | None) 
         print(f"== {name} ({len(items)} images)", flush=True)
         if meta["decoder"] not in references:  # runs of one decoder checkpoint share their float model
             references[meta["decoder"]] = float_logits(calib, cfg, items)
-        deployed = load_deployed(results[name]["model"])
+        deployed = load_deployed(str(REPO / results[name]["model"]))
         error = energy = 0.0
         same = total = 0
         bar = ProgressBar(len(items))
@@ -124,18 +124,18 @@ def main() -> None:
     parser.add_argument("--runs", help="ptq_camvid runs (default: every saved run whose file is on disk)")
     parser.add_argument("--limit", type=int, default=30, help="the first N val images (default 30)")
     parser.add_argument("--data-root")
-    parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "ptq_camvid"))
+    parser.add_argument("--ptq-results", default=str(RESULTS), help="benchmarks/ptq_camvid.py's saved runs")
     parser.add_argument("--docs", default=str(REPO / "docs"))
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from iseg_plugin.ops.gemm import cpu_isa
 
-    saved = Path(args.work_dir) / "results.json"
+    saved = Path(args.ptq_results)
     if not saved.is_file():
         sys.exit(f"no {saved}: run benchmarks/ptq_camvid.py first")
     results = json.loads(saved.read_text())
     names = args.runs.split(",") if args.runs else [n for n in RUNS if n in results]
-    missing = [n for n in names if n not in results or not Path(results[n]["model"]).is_file()]
+    missing = [n for n in names if n not in results or not (REPO / results[n]["model"]).is_file()]
     if missing:
         sys.exit(f"no deployed model for {', '.join(missing)}: run benchmarks/ptq_camvid.py --runs {','.join(missing)}")
     isa = cpu_isa()

@@ -1,7 +1,7 @@
 """Batch-1 latency, model sizes and GEMM memory traffic of FP32 vs integer-only Segmenters at 512x512.
 
     .venv/bin/python benchmarks/latency.py [--models vit-t,vit-s,vit-b] [--runs 5] [--skip-torch-int] [--tvm-models vit-t,vit-s,vit-b]
-    .venv/bin/python benchmarks/latency.py --report-only   # rewrite the report from the saved models
+    .venv/bin/python benchmarks/latency.py --report-only   # rewrite the report from the saved models (docs/latency.json)
     .venv/bin/python benchmarks/latency.py --graph-only    # recompute only GEMM traffic and op profiles (no timing)
     .venv/bin/python benchmarks/latency.py --qonnx-only    # only the QONNX export's qonnx inference cost
 
@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -400,18 +401,18 @@ def main() -> None:
     parser.add_argument("--skip-torch-int", action="store_true", help="do not time the deployed PyTorch model")
     parser.add_argument("--tvm-models", default="vit-t,vit-s,vit-b", help="models to compile and time with TVM")
     parser.add_argument("--docs", default=str(REPO / "docs"))
-    parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "latency"))
     parser.add_argument("--note", default="", help="a sentence for the report about the run's conditions")
-    parser.add_argument("--report-only", action="store_true", help="no run: rewrite the report from results.json")
+    parser.add_argument("--results", default=str(REPO / "docs" / "latency.json"),
+                        help="the saved measurements the report is written from (kept in the repository); "
+                             "models accumulate across invocations")
+    parser.add_argument("--report-only", action="store_true", help="no run: rewrite the report from --results")
     parser.add_argument("--qonnx-only", action="store_true",
                         help="only the QONNX export's qonnx inference cost of --models (minutes per model)")
     parser.add_argument("--graph-only", action="store_true",
                         help="recompute only the GEMM traffic and the profiles of --models (no end-to-end timing)")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    saved = work / "results.json"  # models accumulate across invocations (one report for all)
+    saved = Path(args.results)
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in [] if args.report_only else args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -425,6 +426,8 @@ def main() -> None:
                 results[name] = run(name, args.runs, Path(tmp), not args.skip_torch_int, name in args.tvm_models.split(","))
                 results[name]["note"] = args.note
         saved.write_text(json.dumps(results, indent=1))
+    if not results:
+        sys.exit(f"no saved runs in {saved}: nothing to report (run some first)")
     write_report([results[k] for k in sorted(results)], Path(args.docs))
 
 

@@ -1,7 +1,7 @@
 """PTQ on CamVid val (the paper's Tables 2, 3 and 5 on real data): writes docs/results_camvid.md + PNG.
 
     .venv/bin/python benchmarks/ptq_camvid.py [--runs main,lambda_bitexp,lambda,shift,s_all,paper,paper_poly] [--limit N]
-    .venv/bin/python benchmarks/ptq_camvid.py --report-only   # rewrite the report from the saved runs
+    .venv/bin/python benchmarks/ptq_camvid.py --report-only   # rewrite the report from the saved runs (docs/ptq_camvid.json)
 
 Each run calibrates with `iseg ptq` in a subprocess (wall time and peak memory measured), then
 evaluates with `iseg eval`'s library call on CamVid val. The main run evaluates all three forms
@@ -22,6 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
 CKPT = REPO / "checkpoints"
+# every run's measurements, from which the report is written: in the repository (not work_dirs/), so that a
+# rerun of some runs on a fresh checkout keeps the other runs' rows
+RESULTS = REPO / "docs" / "ptq_camvid.json"
 FIGURES = "ptq_figures"  # under docs/; class maps only (CamVid's licence keeps its images out)
 # name: (decoder checkpoint, calibration images, gelu, softmax, decoder, forms[, quant options])
 # quant options: `iseg ptq`'s --select / --weight-bits (default: global choice, W8A8)
@@ -83,8 +86,14 @@ def ptq(name: str, out_dir: Path, data_root: str | None) -> dict:
         raise RuntimeError(f"iseg ptq failed for {name}:\n{output[-3000:]}")
     line = [ln for ln in output.splitlines() if ln.startswith("deployed integer model")][-1]
     table = [ln for ln in output.splitlines() if ln.startswith("|")]
-    return dict(model=str(model), ptq_seconds=time.perf_counter() - start, peak_rss_mb=usage.ru_maxrss / 1024,
+    return dict(model=repo_path(model), ptq_seconds=time.perf_counter() - start, peak_rss_mb=usage.ru_maxrss / 1024,
                 summary=line, file_bytes=model.stat().st_size, selection_table=table)
+
+
+def repo_path(path: Path) -> str:
+    """A path as the saved results keep it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def main() -> None:
@@ -94,7 +103,9 @@ def main() -> None:
     parser.add_argument("--data-root")
     parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "ptq_camvid"))
     parser.add_argument("--docs", default=str(REPO / "docs"))
-    parser.add_argument("--report-only", action="store_true", help="no run: rewrite the report from results.json")
+    parser.add_argument("--results", default=str(RESULTS),
+                        help="the saved runs the report is written from; runs accumulate across invocations")
+    parser.add_argument("--report-only", action="store_true", help="no run: rewrite the report from --results")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -102,7 +113,7 @@ def main() -> None:
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    saved = work / "results.json"  # runs accumulate across invocations (one report for all)
+    saved = Path(args.results)
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in [] if args.report_only else args.runs.split(","):
         print(f"== {name}: PTQ", flush=True)
@@ -110,7 +121,7 @@ def main() -> None:
         print(f"   {run['summary']}\n== {name}: eval", flush=True)
         forms = RUNS[name][5]
         out_dir = Path(args.docs) / FIGURES if name == "main" else work / name
-        earlier = {n: r for n, r in results.items() if n != name and Path(r["model"]).is_file()}
+        earlier = {n: r for n, r in results.items() if n != name and (REPO / r["model"]).is_file()}
         twin = same_model(run, forms, earlier)
         if twin is not None:  # the same integers in the same graph: its evaluation holds for this run too
             print(f"   the same deployed model as {twin} (checksum and graph): its evaluation is reused", flush=True)
@@ -119,10 +130,12 @@ def main() -> None:
             run["same_as"] = twin
         else:
             # no CamVid image or label in the committed figures (its licence keeps them out of the repository)
-            run["eval"] = evaluate(str(CONFIG), run["model"], args.data_root, args.limit, str(out_dir), forms,
+            run["eval"] = evaluate(str(CONFIG), str(REPO / run["model"]), args.data_root, args.limit, str(out_dir), forms,
                                    dataset_panels=False)
         results[name] = run
         saved.write_text(json.dumps(results, indent=1))
+    if not results:
+        sys.exit(f"no saved runs in {saved}: nothing to report (run some first)")
     write_report(results, Path(args.docs))
 
 
@@ -130,7 +143,7 @@ def model_identity(path: str) -> tuple:
     """What makes two deployed files compute the same integers: the tensors' checksum and the graph."""
     import torch
 
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = torch.load(REPO / path, map_location="cpu", weights_only=True)
     return blob["sha256"], repr(blob["model"]["graph"])
 
 

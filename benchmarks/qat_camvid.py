@@ -2,7 +2,7 @@
 docs/results_camvid.md + docs/qat_camvid.png (training curves from mmengine's logs).
 
     .venv/bin/python benchmarks/qat_camvid.py [--runs paper_w8,best_w8,paper_w4,best_w4]
-    .venv/bin/python benchmarks/qat_camvid.py --report-only   # rewrite the section from the saved runs
+    .venv/bin/python benchmarks/qat_camvid.py --report-only   # rewrite the section from the saved runs (docs/qat_camvid.json)
 
 Each run trains with `mim train mmseg CONFIG` as a user would (the config's schedule; `--cfg-options` only
 for the weight width), deploys its last checkpoint with `iseg deploy` and evaluates the deployed model on
@@ -22,9 +22,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ptq_camvid import QAT_MARKER, RUNS as PTQ_RUNS, fp32_miou  # noqa: E402
+from ptq_camvid import QAT_MARKER, RESULTS as PTQ_RESULTS, RUNS as PTQ_RUNS, fp32_miou, repo_path  # noqa: E402
 
 CONFIGS = REPO / "mmseg_configs"
+# every run's measurements, from which the section is written (in the repository, as ptq_camvid.py's)
+RESULTS = REPO / "docs" / "qat_camvid.json"
 # name: (config, weight bits, the ptq_camvid run that is its PTQ S=1 row)
 RUNS = {
     "paper_w8": ("isegmenter_vit-s_camvid_paper.py", 8, "paper"),
@@ -54,7 +56,7 @@ def train(name: str, work: Path) -> dict:
     checkpoint = Path((work / "last_checkpoint").read_text().strip())
     return dict(command="mim " + " ".join(cmd[1:]).replace(str(REPO) + "/", ""), **schedule(work / config),
                 train_seconds=time.perf_counter() - start,
-                peak_rss_mb=usage.ru_maxrss / 1024, checkpoint=str(checkpoint), config=str(work / config),
+                peak_rss_mb=usage.ru_maxrss / 1024, checkpoint=repo_path(checkpoint), config=repo_path(work / config),
                 curves=curves(work))
 
 
@@ -99,13 +101,14 @@ def deploy_and_evaluate(run: dict, work: Path, check_images: int) -> dict:
     from iseg_plugin.evaluate import evaluate
 
     model = work / "qat.iseg"
-    cmd = [tool("iseg"), "deploy", run["config"], run["checkpoint"], "--out", str(model), "--force"]
+    config = str(REPO / run["config"])
+    cmd = [tool("iseg"), "deploy", config, str(REPO / run["checkpoint"]), "--out", str(model), "--force"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"iseg deploy failed: {done.stderr[-2000:]}")
-    report = evaluate(run["config"], str(model), forms=("deployed",), out_dir=str(work / "eval"), dataset_panels=False)
+    report = evaluate(config, str(model), forms=("deployed",), out_dir=str(work / "eval"), dataset_panels=False)
     if check_images:
-        check = evaluate(run["config"], str(model), limit=check_images, forms=("fake-quant", "deployed"))
+        check = evaluate(config, str(model), limit=check_images, forms=("fake-quant", "deployed"))
         report["fake_quant_check"] = dict(images=check["images"], **check["pixel_agreement"],
                                           **{form: r["mIoU"] for form, r in check["forms"].items()})
     return report
@@ -115,9 +118,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "qat_camvid"))
-    parser.add_argument("--ptq-results", default=str(REPO / "work_dirs" / "ptq_camvid" / "results.json"))
+    parser.add_argument("--results", default=str(RESULTS),
+                        help="the saved runs the section is written from; runs accumulate across invocations")
+    parser.add_argument("--ptq-results", default=str(PTQ_RESULTS), help="benchmarks/ptq_camvid.py's saved runs")
     parser.add_argument("--docs", default=str(REPO / "docs"))
-    parser.add_argument("--report-only", action="store_true", help="no run: rewrite the section from results.json")
+    parser.add_argument("--report-only", action="store_true", help="no run: rewrite the section from --results")
     parser.add_argument("--fake-quant-images", type=int, default=10,
                         help="the first run's fake-quant form vs its deployed model on the first N val images")
     args = parser.parse_args()
@@ -126,8 +131,9 @@ def main() -> None:
 
     root = Path(args.work_dir)
     root.mkdir(parents=True, exist_ok=True)
-    saved = root / "results.json"
+    saved = Path(args.results)
     results = json.loads(saved.read_text()) if saved.is_file() else {}
+    ptq = json.loads(Path(args.ptq_results).read_text()) if Path(args.ptq_results).is_file() else {}
     for i, name in enumerate([] if args.report_only else args.runs.split(",")):
         work = root / name
         work.mkdir(exist_ok=True)
@@ -136,13 +142,23 @@ def main() -> None:
         print(f"   {run['train_seconds'] / 60:.0f} min; == {name}: iseg deploy + eval", flush=True)
         run["eval"] = deploy_and_evaluate(run, work, args.fake_quant_images if i == 0 else 0)
         run["isa"] = kernels.describe()
+        run["baseline"] = baseline(name, ptq)
         results[name] = run
         saved.write_text(json.dumps(results, indent=1))
-    ptq = json.loads(Path(args.ptq_results).read_text()) if Path(args.ptq_results).is_file() else {}
-    write_section(results, ptq, Path(args.docs))
+    if not results:
+        sys.exit(f"no saved runs in {saved}: nothing to report (run some first)")
+    write_section(results, Path(args.docs))
 
 
-def write_section(results: dict, ptq: dict, docs: Path) -> None:
+def baseline(name: str, ptq: dict) -> dict:
+    """A run's FP32 and PTQ S=1 mIoU from benchmarks/ptq_camvid.py's saved runs (None where none evaluated them);
+    kept with the run, so that its row does not depend on the PTQ results still being there."""
+    _, _, ptq_name = RUNS[name]
+    return dict(fp32=fp32_miou(ptq, PTQ_RUNS[ptq_name][4]),
+                ptq=ptq.get(ptq_name, {}).get("eval", {}).get("forms", {}).get("deployed", {}).get("mIoU"))
+
+
+def write_section(results: dict, docs: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,19 +167,15 @@ def write_section(results: dict, ptq: dict, docs: Path) -> None:
     names = [n for n in RUNS if n in results]
     rows = []
     for name in names:
-        config, bits, ptq_name = RUNS[name]
+        config, bits, _ = RUNS[name]
         run = results[name]
-        fp32 = fp32_miou(ptq, PTQ_RUNS[ptq_name][4])
-        before = ptq.get(ptq_name, {}).get("eval", {}).get("forms", {}).get("deployed", {}).get("mIoU")
+        fp32, before = run["baseline"]["fp32"], run["baseline"]["ptq"]
         after = run["eval"]["forms"]["deployed"]["mIoU"]
         closed = (f"{100 * (after - before) / (fp32 - before):.0f} %"
                   if None not in (fp32, before) and fp32 > before else "n/a (no gap)")
         last_val = run["curves"]["mIoU"][-1][1] if run["curves"]["mIoU"] else float("nan")
         show = (lambda v: "-" if v is None else f"{v:.2f}")
-        described = {key: run[key] for key in ("ranges", "objective") if key in run}
-        if len(described) < 2:  # a run saved before these were recorded: its config says
-            described = {**schedule(Path(run["config"])), **described}
-        rows.append(f"| {OPERATORS[config]} | W{bits}A8 | {described['ranges']} | {described['objective']} | "
+        rows.append(f"| {OPERATORS[config]} | W{bits}A8 | {run['ranges']} | {run['objective']} | "
                     f"{show(fp32)} | {show(before)} | {after:.2f} | {closed} | {last_val:.2f} | {run['train_seconds'] / 60:.0f} | "
                     f"{run['peak_rss_mb']:.0f} |")
     lines = [
@@ -203,8 +215,9 @@ def write_section(results: dict, ptq: dict, docs: Path) -> None:
             ax_miou.plot(*zip(*miou), marker="o", label=name) if miou else None
         ax_loss.set(xlabel="iteration", ylabel="training loss (integer model; the table's QAT loss)", yscale="log")
         ax_miou.set(xlabel="iteration", ylabel="val mIoU (%), integer model")
-        ax_loss.legend(fontsize=8)
-        ax_miou.legend(fontsize=8)
+        for ax in (ax_loss, ax_miou):
+            if ax.get_legend_handles_labels()[0]:  # a reconstructed run has no loss curve
+                ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(docs / "qat_camvid.png", dpi=110)
         plt.close(fig)
