@@ -78,27 +78,29 @@ def schedule(config: Path) -> dict:
     labels = cfg.model.decode_head.loss_decode.get("loss_weight", 1.0) > 0
     loss = ("distillation + labels" if labels else "distillation") if cfg.model.get("distill") else "labels"
     optimizer = cfg.optim_wrapper.optimizer
+    clip = cfg.optim_wrapper.get("clip_grad") or {}
+    clipped = f", grad norm clipped at {clip['max_norm']:g}" if "max_norm" in clip else ""
     trained = cfg.model.backbone.get("frozen_exclude", ["all"])  # mmseg's rule: "all" trains the whole encoder
     custom = cfg.optim_wrapper.get("paramwise_cfg", {}).get("custom_keys", {})
     encoder_lr = custom.get("backbone", {}).get("lr_mult", 1)
     which = "all" if "all" in trained else ", ".join(name.strip(".") for name in trained)
     encoder = f" + encoder {which} (lr x{encoder_lr:g})" if trained else ""
     return dict(ranges=f"{calib.num_samples} {source}{'s' if calib.num_samples > 1 else ''}, {kept}",
-                objective=f"{loss}, {optimizer['type']} {optimizer['lr']:g}",
+                objective=f"{loss}, {optimizer['type']} {optimizer['lr']:g}{clipped}",
                 trains=f"decoder{encoder}, {cfg.train_cfg.max_iters} it")
 
 
 def curves(work: Path) -> dict:
-    """Loss per logged iteration and validation mIoU, from mmengine's scalars.json (the newest run)."""
+    """Loss and gradient norm (before clipping; logged where the config clips) per logged iteration, and
+    validation mIoU, from mmengine's scalars.json (the newest run)."""
     scalars = sorted(work.glob("*/vis_data/scalars.json"))[-1]
-    loss, miou = [], []
+    found = dict(loss=[], grad_norm=[], mIoU=[])
     for line in scalars.read_text().splitlines():
         record = json.loads(line)
-        if "loss" in record:
-            loss.append((record["step"], record["loss"]))
-        if "mIoU" in record:
-            miou.append((record["step"], record["mIoU"]))
-    return dict(loss=loss, mIoU=miou)
+        for key, points in found.items():
+            if key in record:
+                points.append((record["step"], record[key]))
+    return found
 
 
 def deploy_and_evaluate(run: dict, work: Path, check_images: int) -> dict:
@@ -181,7 +183,7 @@ def write_section(results: dict, docs: Path) -> None:
         run = results[name]
         fp32, before = run["baseline"]["fp32"], run["baseline"]["ptq"]
         after = run["eval"]["forms"]["deployed"]["mIoU"]
-        closed = (f"{100 * (after - before) / (fp32 - before):.0f} %"
+        closed = (f"{100 * (after - before) / (fp32 - before):.0f} % of {fp32 - before:.2f}"
                   if None not in (fp32, before) and fp32 > before else "n/a (no gap)")
         last_val = run["curves"]["mIoU"][-1][1] if run["curves"]["mIoU"] else float("nan")
         show = (lambda v: "-" if v is None else f"{v:.2f}")
@@ -204,7 +206,8 @@ def write_section(results: dict, docs: Path) -> None:
         "then `iseg deploy`",
         "of the last checkpoint, evaluated deployed integer-only on all 101 CamVid val images. PTQ S=1: `iseg ptq`",
         "of the same FP32 checkpoint (benchmarks/ptq_camvid.py; GPTQ for INT4). \"mmseg val\": the last validation",
-        "of `mim train` (mmseg's `IoUMetric` on the same integer model). Gap closed: (QAT - PTQ) / (FP32 - PTQ).",
+        "of `mim train` (mmseg's `IoUMetric` on the same integer model). Gap closed: (QAT - PTQ) / (FP32 - PTQ)",
+        "\"of\" the gap FP32 - PTQ in mIoU points.",
         "",
         "| operators | weights | trains | ranges | QAT loss | FP32 | PTQ S=1 | QAT | gap closed | mmseg val | train (min) | "
         "peak RSS (MB) |",
@@ -219,16 +222,22 @@ def write_section(results: dict, docs: Path) -> None:
                          f"on the first {check['images']} val images (mIoU there: fake-quant {check['fake-quant']:.2f}, "
                          f"deployed {check['deployed']:.2f}).")
     if names:
-        lines += [f"* Kernels: {results[names[0]].get('isa', '?')}. Command of the first run: "
-                  f"`{results[names[0]]['command']}`.", "", "![QAT training curves](qat_camvid.png)", ""]
-        fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(11, 4))
+        kernels = {}  # runs saved on different machines name their own ISA
         for name in names:
-            loss, miou = results[name]["curves"]["loss"], results[name]["curves"]["mIoU"]
-            ax_loss.plot(*zip(*loss), label=name) if loss else None
-            ax_miou.plot(*zip(*miou), marker="o", label=name) if miou else None
+            kernels.setdefault(results[name].get("isa", "?"), []).append(name)
+        lines += ["* Kernels: " + "; ".join(f"{isa} ({', '.join(runs)})" for isa, runs in kernels.items()) +
+                  f". Command of the first run: `{results[names[0]]['command']}`.", "",
+                  "![QAT training curves](qat_camvid.png)", ""]
+        fig, (ax_loss, ax_grad, ax_miou) = plt.subplots(1, 3, figsize=(16, 4))
+        for name in names:
+            for ax, key, style in ((ax_loss, "loss", {}), (ax_grad, "grad_norm", {}), (ax_miou, "mIoU", {"marker": "o"})):
+                points = results[name]["curves"].get(key)
+                if points:
+                    ax.plot(*zip(*points), label=name, **style)
         ax_loss.set(xlabel="iteration", ylabel="training loss (integer model; the table's QAT loss)", yscale="log")
+        ax_grad.set(xlabel="iteration", ylabel="gradient norm before clipping (log mean)", yscale="log")
         ax_miou.set(xlabel="iteration", ylabel="val mIoU (%), integer model")
-        for ax in (ax_loss, ax_miou):
+        for ax in (ax_loss, ax_grad, ax_miou):
             if ax.get_legend_handles_labels()[0]:  # a reconstructed run has no loss curve
                 ax.legend(fontsize=8)
         fig.tight_layout()
