@@ -229,11 +229,11 @@ def write_section(results: dict, docs: Path) -> None:
                   f". Command of the first run: `{results[names[0]]['command']}`.", "",
                   "![QAT training curves](qat_camvid.png)", ""]
         fig, (ax_loss, ax_grad, ax_miou) = plt.subplots(1, 3, figsize=(16, 4))
-        for name in names:
+        for i, name in enumerate(names):  # one colour per run in every panel, also where a run has no curve
             for ax, key, style in ((ax_loss, "loss", {}), (ax_grad, "grad_norm", {}), (ax_miou, "mIoU", {"marker": "o"})):
                 points = results[name]["curves"].get(key)
                 if points:
-                    ax.plot(*zip(*points), label=name, **style)
+                    ax.plot(*zip(*points), label=name, color=f"C{i}", **style)
         ax_loss.set(xlabel="iteration", ylabel="training loss (integer model; the table's QAT loss)", yscale="log")
         ax_grad.set(xlabel="iteration", ylabel="gradient norm before clipping (log mean)", yscale="log")
         ax_miou.set(xlabel="iteration", ylabel="val mIoU (%), integer model")
