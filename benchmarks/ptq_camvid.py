@@ -96,6 +96,11 @@ def repo_path(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def saved_report(report: dict) -> dict:
+    """An :func:`iseg_plugin.evaluate.evaluate` report as the saved results keep it: plot paths as `repo_path`."""
+    return dict(report, plots=[repo_path(p) for p in report["plots"]]) if "plots" in report else report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=",".join(RUNS))
@@ -130,8 +135,8 @@ def main() -> None:
             run["same_as"] = twin
         else:
             # no CamVid image or label in the committed figures (its licence keeps them out of the repository)
-            run["eval"] = evaluate(str(CONFIG), str(REPO / run["model"]), args.data_root, args.limit, str(out_dir), forms,
-                                   dataset_panels=False)
+            run["eval"] = saved_report(evaluate(str(CONFIG), str(REPO / run["model"]), args.data_root, args.limit,
+                                                str(out_dir), forms, dataset_panels=False))
         results[name] = run
         saved.write_text(json.dumps(results, indent=1))
     if not results:

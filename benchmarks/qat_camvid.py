@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ptq_camvid import QAT_MARKER, RESULTS as PTQ_RESULTS, RUNS as PTQ_RUNS, fp32_miou, repo_path  # noqa: E402
+from ptq_camvid import QAT_MARKER, RESULTS as PTQ_RESULTS, RUNS as PTQ_RUNS, fp32_miou, repo_path, saved_report  # noqa: E402
 
 CONFIGS = REPO / "mmseg_configs"
 # every run's measurements, from which the section is written (in the repository, as ptq_camvid.py's)
@@ -114,7 +114,8 @@ def deploy_and_evaluate(run: dict, work: Path, check_images: int) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"iseg deploy failed: {done.stderr[-2000:]}")
-    report = evaluate(config, str(model), forms=("deployed",), out_dir=str(work / "eval"), dataset_panels=False)
+    report = saved_report(evaluate(config, str(model), forms=("deployed",), out_dir=str(work / "eval"),
+                                   dataset_panels=False))
     if check_images:
         check = evaluate(config, str(model), limit=check_images, forms=("fake-quant", "deployed"))
         report["fake_quant_check"] = dict(images=check["images"], **check["pixel_agreement"],
