@@ -13,9 +13,11 @@ The scales are chosen first (per channel, the activation-aware clip search of
 of decreasing ``diag(H)`` ("act order"); ``H`` is damped by 1 % of its mean diagonal. The result, the
 integers and their scales, is stored in the observer of the layer's output (``weight_int``,
 ``weight_scale``), where the lowering takes it instead of rounding the float weight; calibration
-records and checkpoints carry it. Weights that train (QAT) keep rounding to nearest, their integers
-following the float weights at each step; QAT rounds its frozen weights (e.g. a frozen encoder's) with
-GPTQ at its calibration, as PTQ does. A patch Conv2d is the GEMM of its patches (``F.unfold``) and is
+records and checkpoints carry it. QAT rounds every narrow weight with GPTQ at its calibration too: a
+frozen one (e.g. a frozen encoder's) keeps the integers, as in PTQ; a weight that trains is set to them
+(integers times scales) and keeps only the scales (``weight_scale`` without ``weight_int``), so QAT starts
+from the PTQ model and its integers then follow the float weight, rounded to nearest on GPTQ's scales
+(a clip search at each step would move them off GPTQ's grid at the first step). A patch Conv2d is the GEMM of its patches (``F.unfold``) and is
 rounded the same way. Each layer's inputs come from the float model (not from the layers rounded before
 it, as in GPTQ's sequential form).
 """
@@ -56,11 +58,11 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, damping: float = D
     return restored, scale
 
 
-def gptq(prepared: fx.GraphModule, inputs: list[tuple], frozen_only: bool = False) -> int:
+def gptq(prepared: fx.GraphModule, inputs: list[tuple], for_training: bool = False) -> int:
     """GPTQ for every Linear / patch Conv2d of a calibrated prepared graph whose weights are narrower than 8 bits (its
-    output observer's ``weight_bits``), on the float model's inputs to it over ``inputs``; the integers are
-    stored in that observer. ``frozen_only`` (before QAT): only the weights that do not train (a trainable
-    weight's integers follow it at every step). Returns the number of layers rounded."""
+    output observer's ``weight_bits``), on the float model's inputs to it over ``inputs``; the integers and scales
+    are stored in that observer. ``for_training`` (before QAT): a weight that trains is set to its integers times
+    its scales instead, and its observer keeps the scales only. Returns the number of layers rounded."""
     found = [s for s in sites(prepared, GEMMS) if s.observer.weight_bits < 8]
     if not found:
         return 0
@@ -85,10 +87,12 @@ def gptq(prepared: fx.GraphModule, inputs: list[tuple], frozen_only: bool = Fals
         for args in inputs:
             Probe(prepared, taps=taps).run(*args)
         for site in found:
-            if frozen_only and weights[site.node].requires_grad:
-                continue
-            q, scale = gptq_quantize(weights[site.node], grams[site.node], site.observer.weight_bits)
-            site.observer.weight_int = q.to(torch.int8).reshape(weights[site.node].shape[0], -1)
+            weight = weights[site.node]
+            q, scale = gptq_quantize(weight, grams[site.node], site.observer.weight_bits)
             site.observer.weight_scale = scale
+            if for_training and weight.requires_grad:
+                weight.copy_((q * scale[:, None]).reshape(weight.shape))
+            else:
+                site.observer.weight_int = q.to(torch.int8).reshape(weight.shape[0], -1)
             rounded += 1
     return rounded

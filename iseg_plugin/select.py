@@ -356,7 +356,7 @@ def check_quant(quant: dict) -> dict:
     (registry variants: the global choice, and the start of a unified selection), ``weight_bits`` (8, 4 or
     "mixed"), ``select`` ("global" or "unified": per-layer GELU / softmax), ``size_ratio`` (FP32 / GEMM weight
     size that "mixed" reaches, default 6), ``weight_rounding`` of INT4 weights ("gptq", default, or "nearest";
-    in QAT, GPTQ rounds the frozen weights and the trained ones round to nearest), ``int8_weights`` (module
+    in QAT, the trained weights start at GPTQ's integers and round to nearest on its scales), ``int8_weights`` (module
     paths whose GEMMs keep INT8 weights at W4 / mixed, e.g. ``["decode_head"]``; default none)."""
     known = ("gelu", "softmax", "weight_bits", "select", "size_ratio", "weight_rounding", "int8_weights")
     unknown = sorted(set(quant) - set(known))
@@ -390,10 +390,10 @@ def prepare_options(quant: dict) -> dict:
 
 
 def choose(prepared: fx.GraphModule, inputs: list[tuple], quant: dict, weights: MetricWeights = MetricWeights(),
-           rounding_inputs: list[tuple] | None = None, frozen_only: bool = False) -> list[dict] | None:
+           rounding_inputs: list[tuple] | None = None, for_training: bool = False) -> list[dict] | None:
     """Stages 1 and 2 for what a checked ``quant`` dict asks (unified GELU / softmax, mixed weight widths),
     scored on ``inputs`` and written into the calibrated ``prepared`` graph, then GPTQ of the INT4 weights on
-    ``rounding_inputs`` (None: no GPTQ; ``frozen_only``, before QAT: of the weights that do not train) if
+    ``rounding_inputs`` (None: no GPTQ; ``for_training``: before QAT, :func:`iseg_plugin.gptq.gptq`) if
     ``quant`` asks for it. Returns the table rows, or None when nothing is chosen per layer."""
     from .gptq import gptq
 
@@ -406,5 +406,5 @@ def choose(prepared: fx.GraphModule, inputs: list[tuple], quant: dict, weights: 
     if rows:
         apply(prepared, rows)
     if rounding_inputs and quant["weight_rounding"] == "gptq":
-        gptq(prepared, rounding_inputs, frozen_only)
+        gptq(prepared, rounding_inputs, for_training)
     return rows or None

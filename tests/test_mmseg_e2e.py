@@ -92,11 +92,14 @@ def test_iseg_deploy_writes_the_integer_model_of_the_qat_checkpoint(trained, tmp
     assert result.returncode == 1 and "iseg ptq" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("freeze_iter", [2, 0])  # 0: each process calibrated on its own shard, then rank 0's
-def test_mim_train_two_processes(workspace, freeze_iter):
+# 0: each process calibrated on its own shard, then rank 0's ranges; at W4A8 GPTQ also set each process's trained
+# weights from its own shard, then rank 0's (the freeze checks parameters and ranges both)
+@pytest.mark.parametrize("freeze_iter,weight_bits", [(2, 8), (0, 4)])
+def test_mim_train_two_processes(workspace, freeze_iter, weight_bits):
     root, data = workspace
     cfg = tiny_ade_config(root / f"cfg_dist{freeze_iter}.py", data, root / f"work_dist{freeze_iter}", iters=3,
-                          extra=f"custom_hooks[1]['freeze_iter'] = {freeze_iter}")
+                          extra=f"custom_hooks[1]['freeze_iter'] = {freeze_iter}\n"
+                                f"model['quant'] = dict(weight_bits={weight_bits})")
     result = run([mim(), "train", "mmseg", str(cfg), "--gpus", "2", "--launcher", "pytorch"], cwd=root)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]

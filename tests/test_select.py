@@ -312,21 +312,43 @@ def test_gptq_weights_lower_the_model_error_and_travel_with_the_state_dict():
         fxp.trainable(prepared, (x,))
 
 
-def test_gptq_before_qat_rounds_the_frozen_weights_only():
-    """QAT of a model with a frozen prefix at W4A8: GPTQ rounds the frozen GEMMs (as PTQ would), the trained
-    head keeps following its float weights; the trainable form gives the converted model's integers and
-    trains the head."""
+def test_qat_starts_from_the_gptq_model_and_trains_on_its_scales():
+    """QAT of a model with a frozen prefix at W4A8: GPTQ rounds every GEMM at the calibration, the frozen ones
+    keep its integers, the trained head is set to its integers times its scales. The starting integer model
+    is the PTQ (GPTQ) model to the bit; the trainable form gives the converted model's integers; an SGD step
+    moves the head's integers on the scales GPTQ chose."""
+    import copy
+
     torch.manual_seed(0)
     prepared, x = calibrated(HandViT(), (4, 3, 32, 32), weight_bits=4)
+    ptq = copy.deepcopy(prepared)
+    assert gptq(ptq, [(x,)]) == 10
+    ptq_model = fxp.convert(ptq, (x,))
     for name, p in prepared.named_parameters():
         p.requires_grad_(name.startswith("head"))
-    assert gptq(prepared, [(x,)], frozen_only=True) == 9  # the patch Conv2d and the 8 block Linears
-    rounded = {s.node.name for s in select.sites(prepared, select.GEMMS) if s.observer.weight_int.numel()}
+    assert gptq(prepared, [(x,)], for_training=True) == 10  # the patch Conv2d, 8 block Linears, the head
+    observers = {s.node.name: s.observer for s in select.sites(prepared, select.GEMMS)}
+    rounded = {name for name, o in observers.items() if o.weight_int.numel()}
     assert len(rounded) == 9 and not any(name.startswith("head") for name in rounded)
+    (head,) = [o for name, o in observers.items() if name.startswith("head")]
+    scales = head.weight_scale.clone()
+    assert scales.numel() == prepared.head.weight.shape[0]
+
     int_model = fxp.convert(prepared, (x,))
     (inputs,) = fxp.quantize_inputs(int_model, x)
+    assert torch.equal(int_model(inputs), ptq_model(inputs))
     qat = fxp.trainable(prepared, (x,))
     out = qat(inputs.double())
     assert torch.equal(out.detach(), int_model(inputs).double())
+
+    start = intops.quantize(prepared.head.weight.detach().double(), scales, 4, channel_dim=0)
     out.square().mean().backward()
-    assert prepared.head.weight.grad is not None and prepared.head.weight.grad.abs().sum() > 0
+    assert prepared.head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        prepared.head.weight -= 0.5 * scales[:, None].float() * prepared.head.weight.grad.sign()
+    moved = intops.quantize(prepared.head.weight.detach().double(), scales, 4, channel_dim=0)
+    assert torch.equal(head.weight_scale, scales) and not torch.equal(moved, start)
+    int_model = fxp.convert(prepared, (x,))
+    trained = fxp.trainable(prepared, (x,))(inputs.double())
+    assert torch.equal(trained.detach(), int_model(inputs).double())
+    assert not torch.equal(int_model(inputs), ptq_model(inputs))

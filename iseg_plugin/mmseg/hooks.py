@@ -22,8 +22,8 @@ def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_
               train_padding: bool = False, for_training: bool = False) -> int:
     """Run ``num_samples`` images through the observers of an ``ISegmenter(quant=...)`` (EMA update
     ``momentum``), in eval mode, then make the per-layer choices its ``quant`` asks for (scored on the first
-    ``SCORE_IMAGES`` images) and GPTQ of its INT4 weights (``for_training``, before QAT: of the frozen
-    ones; the others train from their float values). Returns the number of images seen.
+    ``SCORE_IMAGES`` images) and GPTQ of its INT4 weights (``for_training``, before QAT: the trained ones
+    start at GPTQ's integers and keep its scales). Returns the number of images seen.
 
     ``train_padding`` pads batches as in training (to the crop size: for loaders with the train
     pipeline's random crops); otherwise as in testing (e.g. to a multiple of the patch)."""
@@ -101,6 +101,8 @@ class CalibrationHook(Hook):
             )
         seen = calibrate(runner.model, loader, self.num_samples, self.momentum,
                          train_padding=self.pipeline == "train", for_training=self.before == "train")
+        if self.before == "train":  # GPTQ set the trained INT4 weights from this process's own calibration images
+            share_parameters(_unwrap(runner.model))
         runner.logger.info(f"calibrated the quantized model on {seen} images (EMA update {self.momentum})")
 
     def before_train(self, runner) -> None:
@@ -151,18 +153,27 @@ class QATHook(Hook):
 
 
 def share_ranges(model) -> int:
-    """Give every process rank 0's observers (ranges, samples, per-layer choices) and check that they now
-    agree bit for bit (a digest of each process's state); returns the number of processes."""
+    """Give every process rank 0's observers (ranges, samples, per-layer choices) and check that they and
+    the parameters now agree bit for bit (a digest of each process's state); returns the number of processes."""
     processes = dist.get_world_size()
     if processes == 1:
         return 1
     state = [model.observers.state_dict() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(state, src=0)
     model.observers.load_state_dict(state[0])
-    digests = dist.all_gather_object(_digest(model.observers.state_dict()))
+    parameters = {f"parameter.{name}": p for name, p in model.named_parameters()}
+    digests = dist.all_gather_object(_digest({**model.observers.state_dict(), **parameters}))
     if len(set(digests)) != 1:
-        raise RuntimeError(f"the activation ranges differ between processes after the freeze: {digests}")
+        raise RuntimeError(f"the activation ranges or parameters differ between processes after the freeze: {digests}")
     return processes
+
+
+def share_parameters(model) -> None:
+    """Give every process rank 0's parameters (after a calibration that changed them: DDP synchronised them
+    only when it wrapped the model)."""
+    if dist.get_world_size() > 1:
+        for parameter in model.parameters():
+            dist.broadcast(parameter.data, src=0)
 
 
 def _digest(state: dict) -> str:

@@ -130,12 +130,12 @@ class ISegmenter(EncoderDecoder):
 
     def choose_layers(self, inputs: Tensor, for_training: bool = False) -> list[dict] | None:
         """The per-layer choices of ``quant`` (``select='unified'``, ``weight_bits='mixed'``), scored on a batch of
-        normalised calibration images, and GPTQ of INT4 weights on them (``for_training``, before QAT: of the
-        frozen weights only) (:func:`iseg_plugin.select.choose`); written into the observers, so checkpoints
+        normalised calibration images, and GPTQ of INT4 weights on them (``for_training``, before QAT: the trained
+        weights start at GPTQ's integers) (:func:`iseg_plugin.select.choose`); written into the observers, so checkpoints
         keep them. Returns the table rows (None: nothing is chosen per layer)."""
         self._require_quant()
         images = [(image[None],) for image in inputs]
-        rows = choose(self._prepared, images, self.quant, rounding_inputs=images, frozen_only=for_training)
+        rows = choose(self._prepared, images, self.quant, rounding_inputs=images, for_training=for_training)
         self._forget_deployed()
         return rows
 

@@ -67,12 +67,14 @@ def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tup
     an asymmetric GELU output into int8, and the bias takes it back (exact). The weight width is the site's
     choice (its output observer's ``weight_bits``: 8, or 4 for W4A8)."""
     bits = site.observer.weight_bits
-    calibrated = site.observer.weight_int  # GPTQ's integers (iseg_plugin.gptq), if a PTQ step computed them
+    calibrated, fixed = site.observer.weight_int, site.observer.weight_scale  # GPTQ's (iseg_plugin.gptq), if any
     if calibrated.numel():
         if site.lowering.trainable and weight.requires_grad:
             raise site.refuse("its weights hold PTQ-calibrated (GPTQ) integers, which QAT cannot train: "
                               "freeze them, or prepare the model again without them")
-        w_int, w_scale = calibrated.float(), site.observer.weight_scale
+        w_int, w_scale = calibrated.float(), fixed
+    elif fixed.numel():  # a weight trained from GPTQ's integers keeps GPTQ's scales
+        w_int, w_scale = intops.quantize(weight.double().flatten(1), fixed, bits, channel_dim=0).float(), fixed
     else:
         w_int, w_scale = quantize_weight(weight, bits, input_energy(x.observer, weight))
     acc_scale = x.scale * w_scale
