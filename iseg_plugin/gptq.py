@@ -16,10 +16,10 @@ integers and their scales, is stored in the observer of the layer's output (``we
 records and checkpoints carry it. QAT rounds every narrow weight with GPTQ at its calibration too: a
 frozen one (e.g. a frozen encoder's) keeps the integers, as in PTQ; a weight that trains is set to them
 (integers times scales) and keeps only the scales (``weight_scale`` without ``weight_int``), so QAT starts
-from the PTQ model and its integers then follow the float weight, rounded to nearest on GPTQ's scales
-(a clip search at each step would move them off GPTQ's grid at the first step). A patch Conv2d is the GEMM of its patches (``F.unfold``) and is
-rounded the same way. Each layer's inputs come from the float model (not from the layers rounded before
-it, as in GPTQ's sequential form).
+from the PTQ model and its integers then follow the float weight, rounded to nearest on GPTQ's scales (a
+clip search at each step would choose other scales, off GPTQ's grid). A patch Conv2d is the GEMM of its
+patches (``F.unfold``) and is rounded the same way. Each layer's inputs come from the float model (not
+from the layers rounded before it, as in GPTQ's sequential form).
 """
 from __future__ import annotations
 

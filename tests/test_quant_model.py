@@ -182,6 +182,22 @@ def test_distillation_teacher_is_frozen_at_the_first_step_and_trains_the_student
         assert not torch.allclose(model.decode_head.cls_emb, float_model.decode_head.cls_emb)
 
 
+def test_distillation_teacher_is_the_float_model_from_before_gptq_rounds_the_trained_weights():
+    """At W4A8 the calibration for QAT sets the trained weights to GPTQ's integers times its scales; the
+    teacher is the float model from before that."""
+    float_model = trained_like(build(None))
+    model = build({"weight_bits": 4}, dict())
+    model.load_state_dict(float_model.state_dict(), strict=False)
+    calibrate(model, loader(images(4, seed=1)), num_samples=4, show_progress=False, for_training=True)
+    float_model.eval()
+    assert not torch.equal(model.decode_head.dec_proj.weight, float_model.decode_head.dec_proj.weight)
+    x = images(2, seed=5)
+    model.train()
+    model.loss(x, labelled(2, torch.randint(0, 7, (1, 64, 64))))  # the first training step
+    with torch.no_grad():
+        assert torch.allclose(model._teacher(x), float_model._forward(x), atol=1e-5)
+
+
 def test_diverged_qat_weights_are_named_as_the_cause():
     _, model = calibrated_pair()
     model.train()

@@ -106,7 +106,7 @@ class CalibrationHook(Hook):
         runner.logger.info(f"calibrated the quantized model on {seen} images (EMA update {self.momentum})")
 
     def before_train(self, runner) -> None:
-        if self.before == "train":
+        if self.before == "train" and runner.iter == 0:  # a resumed run keeps its checkpoint's ranges and weights
             self._calibrate(runner)
 
     def before_val(self, runner) -> None:

@@ -16,8 +16,9 @@ as ``iseg ptq`` builds. With ``quant=dict(gelu=..., softmax=...)`` (and ``weight
   follow the float model's activations on each batch (EMA);
 * ``distill=dict(weight=1.0, temperature=1.0)`` adds a distillation loss (``decode.loss_kd``): the KL
   divergence of the integer model's class distribution per pixel from the float model's, the float model
-  being a frozen copy of this one as it was at the first training step (``load_from``: the FP32 checkpoint;
-  on ``--resume``, the resumed weights). The labels' loss stays (its weight: ``loss_decode``'s);
+  being a frozen copy of this one as it was before QAT changed it: at the calibration for training, before
+  GPTQ sets the trained INT4 weights to its integers, else at the first training step (``load_from``: the
+  FP32 checkpoint; on ``--resume``, the resumed weights). The labels' loss stays (its weight: ``loss_decode``'s);
 * evaluation (``predict`` / ``tensor``): the deployed integer-only model (uint8 pixels in, integer
   logits out), lowered once per input size and kept until the model trains or loads a checkpoint.
 
@@ -87,7 +88,7 @@ class ISegmenter(EncoderDecoder):
         self.distill = _check_distill(distill)
         if self.distill is not None and self.quant is None:
             raise ValueError("distill=... is for QAT: set quant=dict(...) too, or remove distill")
-        self._teacher: _FloatTeacher | None = None  # made at the first training step (distill)
+        self._teacher: _FloatTeacher | None = None  # made before QAT changes the float weights (distill)
         self.observe_in_training = False  # the QATHook's warm-up switch
         self._deployed: dict[tuple[int, ...], DeployedSegmenter] = {}
         if self.quant is not None:
@@ -134,6 +135,8 @@ class ISegmenter(EncoderDecoder):
         weights start at GPTQ's integers) (:func:`iseg_plugin.select.choose`); written into the observers, so checkpoints
         keep them. Returns the table rows (None: nothing is chosen per layer)."""
         self._require_quant()
+        if for_training and self.distill is not None and self._teacher is None:
+            self._keep_teacher()  # the float weights, before GPTQ rounds the trained ones
         images = [(image[None],) for image in inputs]
         rows = choose(self._prepared, images, self.quant, rounding_inputs=images, for_training=for_training)
         self._forget_deployed()
@@ -159,11 +162,14 @@ class ISegmenter(EncoderDecoder):
             losses["decode.loss_kd"] = self._distillation_loss(inputs, logits, data_samples)
         return losses
 
+    def _keep_teacher(self) -> None:
+        object.__setattr__(self, "_teacher", _FloatTeacher(self))  # not a submodule: not trained, not saved
+
     def _distillation_loss(self, inputs: Tensor, logits: Tensor, data_samples) -> Tensor:
         """Mean KL(float || integer) of the per-pixel class distributions (at temperature T, times T^2 as in
         Hinton et al.) over the labelled pixels (the head's ``ignore_index`` and padding are left out)."""
         if self._teacher is None:
-            object.__setattr__(self, "_teacher", _FloatTeacher(self))  # not a submodule: not trained, not saved
+            self._keep_teacher()
         labels = torch.stack([sample.gt_sem_seg.data for sample in data_samples])[:, 0]
         student = resize(logits, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         teacher = resize(self._teacher(inputs), size=labels.shape[-2:], mode="bilinear",
