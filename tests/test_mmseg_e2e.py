@@ -50,6 +50,20 @@ def test_mim_train_runs_qat_with_calibration(trained):
     assert any(k.startswith("observers.") and k.endswith(".min_val") for k in checkpoint["state_dict"])
 
 
+def test_resumed_training_keeps_the_checkpoint_ranges(trained, tmp_path):
+    """`--resume` goes on from the last checkpoint without calibrating again (the checkpoint holds the ranges
+    and the trained weights)."""
+    root, cfg, _ = trained
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    result = run([mim(), "train", "mmseg", str(cfg), "--gpus", "0", "--resume", "--work-dir", str(work),
+                  "--cfg-options", f"train_cfg.max_iters={ITERS + 1}"], cwd=root)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert f"resumed epoch: 0, iter: {ITERS}" in log and "calibrated the quantized model" not in log
+    assert len(losses(log)) == 1
+
+
 def test_mim_test_reproduces_the_validation_score(trained):
     root, cfg, train_log = trained
     result = run([mim(), "test", "mmseg", str(cfg), "--checkpoint", str(root / "work" / f"iter_{ITERS}.pth"),
