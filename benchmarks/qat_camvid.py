@@ -202,8 +202,8 @@ def write_section(results: dict, docs: Path) -> None:
         "encoder is frozen), for how many iterations; \"QAT loss\": what it minimises (distillation: KL from the FP32",
         "model's class distributions), with which optimizer and learning rate; \"ranges\": the calibration image and",
         "whether the ranges then follow an EMA of the training crops before they freeze,",
-        "[qat_diagnostics.md](qat_diagnostics.md); at W4A8, GPTQ rounds the frozen weights at the calibration, the",
-        "trained ones train rounded to nearest),",
+        "[qat_diagnostics.md](qat_diagnostics.md); at W4A8, GPTQ rounds the INT4 weights at the calibration, the",
+        "frozen ones keep its integers and the trained ones start from them, rounded to nearest on its scales),",
         "then `iseg deploy`",
         "of the last checkpoint, evaluated deployed integer-only on all 101 CamVid val images. PTQ S=1: `iseg ptq`",
         "of the same FP32 checkpoint (benchmarks/ptq_camvid.py; GPTQ for INT4). \"mmseg val\": the last validation",
@@ -222,6 +222,8 @@ def write_section(results: dict, docs: Path) -> None:
             lines.append(f"* {name}: deployed vs fake-quant pixel agreement **{check['deployed vs fake-quant']:.3f} %** "
                          f"on the first {check['images']} val images (mIoU there: fake-quant {check['fake-quant']:.2f}, "
                          f"deployed {check['deployed']:.2f}).")
+        if "note" in results[name]:  # what the saved run's own fields cannot tell, e.g. code that changed since
+            lines.append(f"* {name}: {results[name]['note']}")
     if names:
         kernels = {}  # runs saved on different machines name their own ISA
         for name in names:
