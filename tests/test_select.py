@@ -350,5 +350,8 @@ def test_qat_starts_from_the_gptq_model_and_trains_on_its_scales():
     assert torch.equal(head.weight_scale, scales) and not torch.equal(moved, start)
     int_model = fxp.convert(prepared, (x,))
     trained = fxp.trainable(prepared, (x,))(inputs.double())
-    assert torch.equal(trained.detach(), int_model(inputs).double())
-    assert not torch.equal(int_model(inputs), ptq_model(inputs))
+    with torch.no_grad(), OpAudit() as audit:  # the head's integers on GPTQ's scales: still integer-only
+        out = int_model(inputs)
+    assert audit.float_ops() == [] and not out.dtype.is_floating_point
+    assert torch.equal(trained.detach(), out.double())
+    assert not torch.equal(out, ptq_model(inputs))
