@@ -152,20 +152,29 @@ def test_qat_loss_goes_down_on_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_distillation_loss_is_the_kl_from_the_float_model_at_the_start():
-    float_model, model = calibrated_pair(distill=dict(weight=2.0, temperature=3.0))
+@pytest.mark.parametrize("class_weight", [None, [1.0, 4.0, 0.5, 1.0, 2.0, 1.0, 0.25]])
+def test_distillation_loss_is_the_kl_from_the_float_model_at_the_start(class_weight):
+    float_model, model = calibrated_pair(distill=dict(weight=2.0, temperature=3.0, class_weight=class_weight))
     model.train()
     x = images(2, seed=4)
     label = torch.randint(0, 7, (1, 64, 64))
+    label[..., 32:] = 1  # the dark half is one class: a class weight then changes the loss
     label[..., :8, :] = 255  # ignored pixels are left out
     losses = model.loss(x, labelled(2, label))
     with torch.no_grad():
         student, teacher = model.integer_logits(x), float_model._forward(x)
     p_teacher = torch.softmax(teacher.double() / 3, 1)
     kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student.double() / 3, 1))).sum(1)
-    expected = 2.0 * 9 * kl[:, 8:, :].mean()  # the head's logits are at the label size here
+    # the head's logits are at the label size here; each labelled pixel weighs its label's class weight
+    w = torch.ones(64, 64, dtype=torch.float64)
+    if class_weight is not None:
+        w = torch.tensor(class_weight, dtype=torch.float64)[label[0].clamp(max=6)]
+    w[:8] = 0
+    expected = 2.0 * 9 * (kl * w).sum() / (2 * w.sum())
     assert float(losses["decode.loss_kd"]) == pytest.approx(float(expected), rel=1e-4)
     assert float(expected) > 0 and "decode.loss_ce" in losses
+    if class_weight is not None:  # the weights change the loss: the unweighted mean is not it
+        assert float(losses["decode.loss_kd"]) != pytest.approx(float(2.0 * 9 * kl[:, 8:, :].mean()), rel=1e-2)
 
 
 def test_distillation_teacher_is_frozen_at_the_first_step_and_trains_the_student():
@@ -212,6 +221,10 @@ def test_bad_distill_options_are_refused():
         build({}, distill=dict(alpha=0.5))
     with pytest.raises(ValueError, match="must be positive"):
         build({}, distill=dict(temperature=0))
+    with pytest.raises(ValueError, match="one positive weight per class \\(7\\)"):
+        build({}, distill=dict(class_weight=[1.0] * 6))
+    with pytest.raises(ValueError, match="one positive weight per class"):
+        build({}, distill=dict(class_weight=[1.0] * 6 + [0.0]))
     with pytest.raises(ValueError, match="is for QAT"):
         build(None, distill=dict())
 

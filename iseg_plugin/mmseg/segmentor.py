@@ -15,7 +15,9 @@ as ``iseg ptq`` builds. With ``quant=dict(gelu=..., softmax=...)`` (and ``weight
   gradients reach the float parameters (QAT). Until the ``QATHook`` freezes them, the observers
   follow the float model's activations on each batch (EMA);
 * ``distill=dict(weight=1.0, temperature=1.0)`` adds a distillation loss (``decode.loss_kd``): the KL
-  divergence of the integer model's class distribution per pixel from the float model's, the float model
+  divergence of the integer model's class distribution per pixel from the float model's (with
+  ``class_weight=[...]``, one per class: a mean over the labelled pixels weighted by their label's class, as
+  ``CrossEntropyLoss(class_weight=...)`` weighs the labels' loss), the float model
   being a frozen copy of this one as it was before QAT changed it: at the calibration for training, before
   GPTQ sets the trained INT4 weights to its integers, else at the first training step (``load_from``: the
   FP32 checkpoint; on ``--resume``, the resumed weights). The labels' loss stays (its weight: ``loss_decode``'s);
@@ -50,15 +52,18 @@ def _stochastic_layers(model: nn.Module) -> list[str]:
             if (isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "drop_prob", 0.0) > 0]
 
 
-def _check_distill(distill: dict | None) -> dict | None:
+def _check_distill(distill: dict | None, num_classes: int) -> dict | None:
     if distill is None:
         return None
-    unknown = set(distill) - {"weight", "temperature"}
+    unknown = set(distill) - {"weight", "temperature", "class_weight"}
     if unknown:
-        raise ValueError(f"distill takes weight and temperature, not {sorted(unknown)}")
-    options = {"weight": 1.0, "temperature": 1.0, **distill}
+        raise ValueError(f"distill takes weight, temperature and class_weight, not {sorted(unknown)}")
+    options = {"weight": 1.0, "temperature": 1.0, "class_weight": None, **distill}
     if not (options["weight"] > 0 and options["temperature"] > 0):
         raise ValueError(f"distill weight and temperature must be positive, got {options}")
+    weights = options["class_weight"]
+    if weights is not None and (len(weights) != num_classes or not all(w > 0 for w in weights)):
+        raise ValueError(f"distill class_weight needs one positive weight per class ({num_classes}), got {weights}")
     return options
 
 
@@ -85,7 +90,7 @@ class ISegmenter(EncoderDecoder):
                  **kwargs):
         super().__init__(backbone=backbone, decode_head=decode_head, **kwargs)
         self.quant = None if quant is None else check_quant(quant)
-        self.distill = _check_distill(distill)
+        self.distill = _check_distill(distill, self.decode_head.num_classes)
         if self.distill is not None and self.quant is None:
             raise ValueError("distill=... is for QAT: set quant=dict(...) too, or remove distill")
         self._teacher: _FloatTeacher | None = None  # made before QAT changes the float weights (distill)
@@ -167,7 +172,8 @@ class ISegmenter(EncoderDecoder):
 
     def _distillation_loss(self, inputs: Tensor, logits: Tensor, data_samples) -> Tensor:
         """Mean KL(float || integer) of the per-pixel class distributions (at temperature T, times T^2 as in
-        Hinton et al.) over the labelled pixels (the head's ``ignore_index`` and padding are left out)."""
+        Hinton et al.) over the labelled pixels (the head's ``ignore_index`` and padding are left out),
+        weighted by the class of each pixel's label with ``class_weight``."""
         if self._teacher is None:
             self._keep_teacher()
         labels = torch.stack([sample.gt_sem_seg.data for sample in data_samples])[:, 0]
@@ -178,7 +184,10 @@ class ISegmenter(EncoderDecoder):
         divergence = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
                               reduction="none").sum(1)
         keep = labels != self.decode_head.ignore_index
-        return self.distill["weight"] * t * t * divergence[keep].sum() / keep.sum().clamp(min=1)
+        weights = keep.to(divergence.dtype)
+        if self.distill["class_weight"] is not None:
+            weights = weights * divergence.new_tensor(self.distill["class_weight"])[torch.where(keep, labels, 0)]
+        return self.distill["weight"] * t * t * (divergence * weights).sum() / weights.sum().clamp(min=1e-12)
 
     def encode_decode(self, inputs: Tensor, batch_img_metas: list[dict]) -> Tensor:
         if self.quant is None:
