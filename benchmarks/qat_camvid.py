@@ -60,6 +60,35 @@ def train(name: str, work: Path) -> dict:
                 curves=curves(work))
 
 
+def adopt(name: str, work: Path) -> dict:
+    """A `mim train` of the run's config that was run before, outside this benchmark (``--trained``): refused
+    unless its work dir's config is the run's (model, data, schedule, hooks); recorded as :func:`train` records
+    its own, with the wall time from mmengine's log (first to last line) and no peak memory (not measured)."""
+    from mmengine.config import Config
+
+    from iseg_plugin.select import check_quant
+
+    config, bits, _ = RUNS[name]
+    logs = sorted(work.glob("*/*.log"))
+    if not logs or not (work / "last_checkpoint").is_file():
+        sys.exit(f"--trained {work}: not a finished mim train work dir (no mmengine log or last_checkpoint)")
+    ran, expected = Config.fromfile(str(logs[-1].parent / "vis_data" / "config.py")), Config.fromfile(str(CONFIGS / config))
+    expected.merge_from_dict({"model.quant.weight_bits": bits})
+    for cfg in (ran, expected):
+        cfg.model.quant = check_quant(cfg.model.quant)
+    keys = ("model", "load_from", "train_dataloader", "optim_wrapper", "param_scheduler", "train_cfg", "custom_hooks")
+    differ = [key for key in keys if ran.get(key) != expected.get(key)]
+    if differ:
+        sys.exit(f"--trained {work}: its config differs from {config} at W{bits} in {differ}; train it with the benchmark")
+    stamps = [time.mktime(time.strptime(line[:19], "%Y/%m/%d %H:%M:%S"))
+              for line in logs[-1].read_text().splitlines() if re.match(r"\d{4}/\d\d/\d\d \d\d:", line)]
+    (work / config).write_text(Path(ran.filename).read_text())  # as train() leaves it, for schedule() and deploy
+    checkpoint = Path((work / "last_checkpoint").read_text().strip())
+    return dict(command=f"mim train mmseg mmseg_configs/{config} (run before, in {repo_path(work)})",
+                **schedule(work / config), train_seconds=stamps[-1] - stamps[0], peak_rss_mb=None,
+                checkpoint=repo_path(checkpoint), config=repo_path(work / config), curves=curves(work))
+
+
 def schedule(config: Path) -> dict:
     """A run's QAT schedule as its config says (read once): where its activation ranges come from (``ranges``:
     the CalibrationHook / QATHook, built, so that their own defaults fill what the config leaves out), what it
@@ -76,7 +105,9 @@ def schedule(config: Path) -> dict:
     source = "whole image" if calib.pipeline == "test" else "training crop"
     kept = "kept" if qat.freeze_iter == 0 else f"EMA {qat.momentum} for {qat.freeze_iter} it"
     labels = cfg.model.decode_head.loss_decode.get("loss_weight", 1.0) > 0
-    loss = ("distillation + labels" if labels else "distillation") if cfg.model.get("distill") else "labels"
+    distill = cfg.model.get("distill")
+    kd = "class-weighted distillation" if distill and distill.get("class_weight") else "distillation"
+    loss = (f"{kd} + labels" if labels else kd) if distill else "labels"
     optimizer = cfg.optim_wrapper.optimizer
     clip = cfg.optim_wrapper.get("clip_grad") or {}
     clipped = f", grad norm clipped at {clip['max_norm']:g}" if "max_norm" in clip else ""
@@ -132,6 +163,8 @@ def main() -> None:
     parser.add_argument("--ptq-results", default=str(PTQ_RESULTS), help="benchmarks/ptq_camvid.py's saved runs")
     parser.add_argument("--docs", default=str(REPO / "docs"))
     parser.add_argument("--report-only", action="store_true", help="no run: rewrite the section from --results")
+    parser.add_argument("--trained", help="a finished `mim train` work dir of the one run in --runs, trained "
+                        "outside the benchmark: deploy and evaluate it instead of training again")
     parser.add_argument("--fake-quant-images", type=int, default=10,
                         help="the first run's fake-quant form vs its deployed model on the first N val images")
     args = parser.parse_args()
@@ -143,11 +176,18 @@ def main() -> None:
     saved = Path(args.results)
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     ptq = json.loads(Path(args.ptq_results).read_text()) if Path(args.ptq_results).is_file() else {}
-    for i, name in enumerate([] if args.report_only else args.runs.split(",")):
-        work = root / name
-        work.mkdir(exist_ok=True)
-        print(f"== {name}: mim train (log: {work / 'train.log'})", flush=True)
-        run = train(name, work)
+    names = [] if args.report_only else args.runs.split(",")
+    if args.trained and len(names) != 1:
+        sys.exit("--trained takes one run: name it with --runs")
+    for i, name in enumerate(names):
+        if args.trained:
+            work = Path(args.trained)
+            run = adopt(name, work)
+        else:
+            work = root / name
+            work.mkdir(exist_ok=True)
+            print(f"== {name}: mim train (log: {work / 'train.log'})", flush=True)
+            run = train(name, work)
         print(f"   {run['train_seconds'] / 60:.0f} min; == {name}: iseg deploy + eval", flush=True)
         run["eval"] = deploy_and_evaluate(run, work, args.fake_quant_images if i == 0 else 0)
         run["isa"] = kernels.describe()
@@ -190,7 +230,7 @@ def write_section(results: dict, docs: Path) -> None:
         show = (lambda v: "-" if v is None else f"{v:.2f}")
         rows.append(f"| {OPERATORS[config]} | W{bits}A8 | {run['trains']} | {run['ranges']} | {run['objective']} | "
                     f"{show(fp32)} | {show(before)} | {after:.2f} | {closed} | {last_val:.2f} | {run['train_seconds'] / 60:.0f} | "
-                    f"{run['peak_rss_mb']:.0f} |")
+                    f"{'-' if run['peak_rss_mb'] is None else format(run['peak_rss_mb'], '.0f')} |")
     lines = [
         "",
         "## QAT through `mim train mmseg` (issue 18)",

@@ -17,7 +17,7 @@ as ``iseg ptq`` builds. With ``quant=dict(gelu=..., softmax=...)`` (and ``weight
 * ``distill=dict(weight=1.0, temperature=1.0)`` adds a distillation loss (``decode.loss_kd``): the KL
   divergence of the integer model's class distribution per pixel from the float model's (with
   ``class_weight=[...]``, one per class: a mean over the labelled pixels weighted by their label's class, as
-  ``CrossEntropyLoss(class_weight=...)`` weighs the labels' loss), the float model
+  torch's ``F.cross_entropy(weight=...)`` averages), the float model
   being a frozen copy of this one as it was before QAT changed it: at the calibration for training, before
   GPTQ sets the trained INT4 weights to its integers, else at the first training step (``load_from``: the
   FP32 checkpoint; on ``--resume``, the resumed weights). The labels' loss stays (its weight: ``loss_decode``'s);
