@@ -72,7 +72,8 @@ def adopt(name: str, work: Path) -> dict:
     logs = sorted(work.glob("*/*.log"))
     if not logs or not (work / "last_checkpoint").is_file():
         sys.exit(f"--trained {work}: not a finished mim train work dir (no mmengine log or last_checkpoint)")
-    ran, expected = Config.fromfile(str(logs[-1].parent / "vis_data" / "config.py")), Config.fromfile(str(CONFIGS / config))
+    dumped = logs[-1].parent / "vis_data" / "config.py"  # mmengine's dump of the config the run trained with
+    ran, expected = Config.fromfile(str(dumped)), Config.fromfile(str(CONFIGS / config))
     expected.merge_from_dict({"model.quant.weight_bits": bits})
     for cfg in (ran, expected):
         cfg.model.quant = check_quant(cfg.model.quant)
@@ -82,11 +83,10 @@ def adopt(name: str, work: Path) -> dict:
         sys.exit(f"--trained {work}: its config differs from {config} at W{bits} in {differ}; train it with the benchmark")
     stamps = [time.mktime(time.strptime(line[:19], "%Y/%m/%d %H:%M:%S"))
               for line in logs[-1].read_text().splitlines() if re.match(r"\d{4}/\d\d/\d\d \d\d:", line)]
-    (work / config).write_text(Path(ran.filename).read_text())  # as train() leaves it, for schedule() and deploy
     checkpoint = Path((work / "last_checkpoint").read_text().strip())
     return dict(command=f"mim train mmseg mmseg_configs/{config} (run before, in {repo_path(work)})",
-                **schedule(work / config), train_seconds=stamps[-1] - stamps[0], peak_rss_mb=None,
-                checkpoint=repo_path(checkpoint), config=repo_path(work / config), curves=curves(work))
+                **schedule(dumped), train_seconds=stamps[-1] - stamps[0], peak_rss_mb=None,
+                checkpoint=repo_path(checkpoint), config=repo_path(dumped), curves=curves(work))
 
 
 def schedule(config: Path) -> dict:
