@@ -1,33 +1,37 @@
-"""The exact integer GEMMs of the deployed modules, on every path this machine can run: the VNNI
-``torch._int_mm`` path (where the CPU has it) and the int32-matmul path, against an int64 product."""
+"""The exact integer GEMMs of the deployed modules, on every path this machine runs (gemm.GEMM_PATHS: the VNNI
+``torch._int_mm``, the kernels' AVX2 one, the int32 matmul), against an int64 product."""
 import pytest
 import torch
 
 from iseg_plugin.ops import gemm
 
-PATHS = [False] + ([True] if gemm._cpu_has_vnni() else [])  # (_int_mm without VNNI is a slow naive loop)
+PATHS = gemm.available_gemm_paths()
 
 
 def extremes(shape, generator):
     x = torch.randint(-128, 128, shape, generator=generator, dtype=torch.int8)
-    x.view(-1)[:3] = torch.tensor([-128, 127, -128], dtype=torch.int8)  # the corners of the range
+    corners = torch.tensor([-128, 127, -128], dtype=torch.int8)  # the corners of the range
+    x.view(-1)[:3] = corners[:x.numel()]
     return x
 
 
-@pytest.mark.parametrize("vnni", PATHS, ids=lambda v: "int_mm-vnni" if v else "int32-matmul")
-def test_int8_matmul_is_exact(monkeypatch, vnni):
-    monkeypatch.setattr(gemm, "INT8_KERNEL", vnni)
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_matmul_is_exact(monkeypatch, path):
+    monkeypatch.setattr(gemm, "GEMM", path)
     g = torch.Generator().manual_seed(0)
-    for shape_a, shape_b in (((17, 64), (64, 33)), ((2, 3, 20, 48), (2, 3, 48, 20))):
+    # odd K (the AVX2 kernel's int16 pairs), N beyond one 16-column panel, M beyond one 4-row tile and one 48-row
+    # task, K beyond one 256-deep cache block, empty K, batches
+    for shape_a, shape_b in (((17, 64), (64, 33)), ((2, 3, 20, 48), (2, 3, 48, 20)), ((1, 1), (1, 1)),
+                             ((53, 7), (7, 40)), ((100, 301), (301, 17)), ((6, 600), (600, 16)), ((3, 0), (0, 5))):
         a, b = extremes(shape_a, g), extremes(shape_b, g)
         assert torch.equal(gemm.int8_matmul(a, b).long(), a.long() @ b.long())
     worst = torch.full((4, 1024), -128, dtype=torch.int8)  # the largest sums: -128 * -128 * K
     assert torch.equal(gemm.int8_matmul(worst, worst.t().contiguous()).long(), worst.long() @ worst.long().t())
 
 
-@pytest.mark.parametrize("vnni", PATHS, ids=lambda v: "int_mm-vnni" if v else "int32-matmul")
-def test_uint16_probabilities_matmul_is_exact(monkeypatch, vnni):
-    monkeypatch.setattr(gemm, "INT8_KERNEL", vnni)
+@pytest.mark.parametrize("path", PATHS)
+def test_uint16_probabilities_matmul_is_exact(monkeypatch, path):
+    monkeypatch.setattr(gemm, "GEMM", path)
     g = torch.Generator().manual_seed(1)
     p = torch.randint(0, 2**15 + 1, (2, 3, 20, 20), generator=g)
     p[..., 0, :] = 2**15  # a one-hot row's full probability

@@ -187,20 +187,20 @@ def test_shift_gelus_equal_intops(scale, lam):
             assert torch.equal(kernels.sigmoid_gelu(x, i0, cap, fb, out, bounds, dtype), ref)
 
 
-@pytest.mark.parametrize("vnni", [False] + ([True] if gemm._cpu_has_vnni() else []),
-                         ids=lambda v: "int_mm-vnni" if v else "int32-matmul")
+@pytest.mark.parametrize("path", gemm.available_gemm_paths())
 @pytest.mark.parametrize("softmax", ["bit-exp", "shift"])
 @pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
-def test_fused_attention_equals_its_three_operators(monkeypatch, vnni, softmax, rows):
-    """On each GEMM path of this CPU: with VNNI the attention kernel runs, without it (its at::_int_mm
-    would be slow) the three fused modules do; both give the reference integers."""
-    monkeypatch.setattr(gemm, "INT8_KERNEL", vnni)
+@pytest.mark.parametrize("keys", [70, 1])  # 1: every probability is 2**15 (the AVX2 path's int16 edge)
+def test_fused_attention_equals_its_three_operators(monkeypatch, path, softmax, rows, keys):
+    """On each GEMM path of this CPU: on the int8 ones (VNNI ``_int_mm``, AVX2) the attention kernel runs, on the
+    int32 matmul the three fused modules do; both give the reference integers."""
+    monkeypatch.setattr(gemm, "GEMM", path)
     g = torch.Generator().manual_seed(rows)
     q = torch.randint(-128, 128, (2, 3, rows, 16), generator=g, dtype=torch.int8)
-    kt = torch.randint(-128, 128, (2, 3, 16, 70), generator=g, dtype=torch.int8)
-    v = torch.randint(-128, 128, (2, 3, 70, 16), generator=g, dtype=torch.int8)
-    q[0, 0, 0] = 127  # a row of huge scores: a one-hot softmax
-    kt[0, 0, :, 5] = 127
+    kt = torch.randint(-128, 128, (2, 3, 16, keys), generator=g, dtype=torch.int8)
+    v = torch.randint(-128, 128, (2, 3, keys, 16), generator=g, dtype=torch.int8)
+    q[0, 0, 0] = 127  # a row of huge scores: a near one-hot softmax
+    kt[0, 0, :, keys // 2] = 127
     scores = M.MatMul(False, M.Requant.between(1e-3, 2e-2, (-32768, 32767)))
     sm = M.BitExpSoftmax(intops.bit_exp_params(2e-2), 16, -1) if softmax == "bit-exp" else M.Shiftmax(
         intops.exp_i0(2e-2), 16, -1)
@@ -213,15 +213,15 @@ def test_fused_attention_equals_its_three_operators(monkeypatch, vnni, softmax, 
         fused = attention(q, kt, v)
         with kernels.reference():
             reference = attention(q, kt, v)
-    assert bool(calls) == vnni
+            assert (sm(scores(q, kt)) == 2**15).any() == (keys == 1)
+    assert bool(calls) == (path != "int32")
     assert fused.dtype == reference.dtype == torch.int8 and torch.equal(fused, reference)
 
 
-@pytest.mark.parametrize("vnni", [False] + ([True] if gemm._cpu_has_vnni() else []),
-                         ids=lambda v: "int_mm-vnni" if v else "int32-matmul")
+@pytest.mark.parametrize("path", gemm.available_gemm_paths())
 @pytest.mark.parametrize("gelu,softmax", [("poly", "bit-exp"), ("lambda-shift", "shift")])
-def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gelu, softmax, vnni):
-    monkeypatch.setattr(gemm, "INT8_KERNEL", vnni)  # each GEMM path this CPU has
+def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gelu, softmax, path):
+    monkeypatch.setattr(gemm, "GEMM", path)  # each GEMM path this CPU has
     torch.manual_seed(0)
     model = HandViT().eval()
     prepared, x = calibrated(model, (4, 3, 32, 32), gelu=gelu, softmax=softmax)

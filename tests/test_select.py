@@ -103,13 +103,11 @@ def test_int4_scales_clip_to_the_least_squared_error():
     assert torch.equal(intops.weight_scale(w, 8), intops.symmetric_scale(*intops.channel_minmax(w, 0), 8))
 
 
-@pytest.mark.parametrize("int8_kernel", [True, False])
-def test_the_4bit_gemm_is_exact_on_every_path(monkeypatch, int8_kernel):
-    """INT4 weights in the deployed Linear: the int8 kernel (VNNI ``_int_mm``) or the int32 matmul (AVX2
-    machines), the fused requantization and the intops reference all give the float64 products' integers."""
-    if int8_kernel and not gemm_module._cpu_has_vnni():
-        pytest.skip("no VNNI on this CPU: torch._int_mm would take its slow fallback (the result is the same)")
-    monkeypatch.setattr(gemm_module, "INT8_KERNEL", int8_kernel)
+@pytest.mark.parametrize("path", gemm_module.available_gemm_paths())
+def test_the_4bit_gemm_is_exact_on_every_path(monkeypatch, path):
+    """INT4 weights in the deployed Linear: each GEMM path of this CPU (VNNI ``_int_mm``, AVX2, int32 matmul), the
+    fused requantization and the intops reference all give the float64 products' integers."""
+    monkeypatch.setattr(gemm_module, "GEMM", path)
     g = torch.Generator().manual_seed(1)
     weight = torch.randint(-8, 8, (48, 384), generator=g, dtype=torch.int8)
     bias = torch.randint(-(2**20), 2**20, (48,), generator=g, dtype=torch.int32)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..ops.gemm import cpu_isa
+from ..ops.gemm import cpu_isa, gemm_path
 
 SOURCE = Path(__file__).with_name("fused.cpp")
 
@@ -139,13 +139,14 @@ ATTENTION_BLOCK = 64  # query rows per task: their scores and probabilities stay
 
 def attention(q, kt, v, scores_out, table, context_out, out_dtype, frac_bits: int = 15):
     """``context_out(uint16 p @ v)`` of ``p = softmax(scores_out(q @ kt))`` (the softmax's ``table``), fused by
-    blocks of query rows; q, kt, v: int8 (..., M, D), (..., D, N), (..., N, Dv) of one batch shape."""
+    blocks of query rows; q, kt, v: int8 (..., M, D), (..., D, N), (..., N, Dv) of one batch shape. Its GEMMs
+    are :func:`~iseg_plugin.ops.gemm.gemm_path`'s ("int_mm" or "avx2")."""
     batch = q.shape[:-2]
     out = torch.ops.iseg_kernels.attention(
         q.reshape(-1, *q.shape[-2:]), kt.reshape(-1, *kt.shape[-2:]), v.reshape(-1, *v.shape[-2:]),
         int(scores_out.multiplier), int(scores_out.shift), int(scores_out.bounds[0]), int(scores_out.bounds[1]),
         table.values, int(table.low), int(frac_bits), int(context_out.multiplier), int(context_out.shift),
-        int(context_out.bounds[0]), int(context_out.bounds[1]), out_dtype, ATTENTION_BLOCK)
+        int(context_out.bounds[0]), int(context_out.bounds[1]), out_dtype, ATTENTION_BLOCK, gemm_path() == "avx2")
     return out.reshape(*batch, *out.shape[-2:])
 
 

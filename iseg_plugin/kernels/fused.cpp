@@ -3,9 +3,17 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <limits>
 #include <vector>
 
@@ -298,6 +306,12 @@ std::vector<at::Tensor> split_uint16(const at::Tensor& p_) {
   return {high, low};
 }
 
+// out = clamp(round(acc * m / 2**e)) of int32 accumulators (the attention's p @ v on the AVX2 path), one thread
+template <typename Out>
+void requantize_rows(const int32_t* acc, int64_t m, int64_t e, int64_t qlo, int64_t qhi, Out* out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = Out(std::min(std::max(dyadic(acc[i], m, e), qlo), qhi));
+}
+
 // The two halves' int32 products put back together, (hi + 64 colsum) * 256 + lo + 128 colsum (= p @ v), and
 // requantized (a per-tensor dyadic). hi, lo: (B, M, N); colsum: (B, N), the column sums of v.
 template <typename Out>
@@ -404,62 +418,297 @@ at::Tensor argmax_channels(const at::Tensor& x_, int64_t ho, int64_t wo) {
   return out;
 }
 
+// Runs f(i) for i in [0, n) on this thread and at::get_num_threads() - 1 helpers from torch's inter-op thread pool
+// (at::launch). These kernels are built without OpenMP, so at::parallel_for runs inline on one thread
+// (docs/architecture.md); the GEMM and attention kernels are long enough per call to pay for waking pool
+// threads. Tasks are taken from a shared counter, so a helper that starts late finds none and never touches f;
+// the caller returns once every helper that took a task has finished it. Not nested: inside a task, f runs inline.
+thread_local bool in_pool_task = false;
+
+template <typename F>
+void pool_for(int64_t n, const F& f) {
+  const int64_t helpers = in_pool_task ? 0 : std::min<int64_t>(n, at::get_num_threads()) - 1;
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, busy{0};
+    std::mutex mu;
+    std::condition_variable idle;
+  };
+  const auto state = std::make_shared<State>();
+  const auto drain = [state, n, fp = &f]() {
+    state->busy.fetch_add(1);
+    in_pool_task = true;
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) (*fp)(i);
+    in_pool_task = false;
+    if (state->busy.fetch_sub(1) == 1) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->idle.notify_all();
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) at::launch(drain);
+  drain();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->idle.wait(lock, [&] { return state->busy.load() == 0; });
+}
+
+// Exact int8 x int8 -> int32 GEMM for CPUs without VNNI. at::_int_mm is oneDNN's VNNI kernel where the CPU has
+// VNNI and a naive loop elsewhere (~50x slower than FP32); AVX2's int8 instruction (vpmaddubsw) saturates its
+// int16 pair sums, so it is not exact. Here both operands are sign-extended to int16 and vpmaddwd multiplies
+// pairs along k: a pair sum is at most 2 * 128 * 128 = 2**15 in magnitude, exact in its int32 lane, and the int32
+// accumulator of k < 2**17 terms cannot overflow. B is packed once per product (16-column panels of int16 pairs
+// (k, k+1)), A as int16 rows; each task owns a block of rows, cache-blocked along k.
+#ifdef __AVX2__
+constexpr int64_t kTileRows = 4;     // the register tile: 4 x 16 int32 (8 accumulators, 2 B vectors, 1 A word)
+constexpr int64_t kTileCols = 16;
+constexpr int64_t kBlockPairs = 128; // k-pairs per cache block: a 16 x 256 int16 B panel (8 KiB) stays in L1
+constexpr int64_t kTaskRows = 48;    // rows per parallel task
+
+struct PackedB {
+  std::vector<int16_t> data;  // panel-major: panel p, pair t, column j -> data[((p * pairs + t) * 16 + j) * 2 + h]
+  int64_t n, pairs, panels;
+};
+
+PackedB pack_b(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
+  PackedB p{{}, n, (k + 1) / 2, (n + kTileCols - 1) / kTileCols};
+  p.data.assign(p.panels * p.pairs * 2 * kTileCols, 0);  // zeros pad an odd k and the last panel
+  at::parallel_for(0, p.panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, n - c0);
+      for (int64_t t = 0; t < p.pairs; ++t) {
+        int16_t* out = p.data.data() + (panel * p.pairs + t) * 2 * kTileCols;
+        for (int64_t h = 0; h < 2 && 2 * t + h < k; ++h) {
+          const int8_t* row = b + (2 * t + h) * n + c0;
+          for (int64_t j = 0; j < cols; ++j) out[2 * j + h] = row[j];
+        }
+      }
+    }
+  });
+  return p;
+}
+
+std::vector<int16_t> pack_a(const int8_t* a, int64_t m, int64_t k, int64_t pairs) {  // a: (m, k) row-major
+  std::vector<int16_t> out(m * 2 * pairs, 0);
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) std::copy(a + i * k, a + (i + 1) * k, out.begin() + i * 2 * pairs);
+  });
+  return out;
+}
+
+// C's row (cols <= 16 of its columns) = lo | hi, or += (add)
+__attribute__((always_inline)) inline void store_tile_row(int32_t* row, __m256i lo, __m256i hi, int64_t cols,
+                                                          bool add) {
+  if (cols == kTileCols) {
+    __m256i* dst = reinterpret_cast<__m256i*>(row);
+    if (add) {
+      lo = _mm256_add_epi32(lo, _mm256_loadu_si256(dst));
+      hi = _mm256_add_epi32(hi, _mm256_loadu_si256(dst + 1));
+    }
+    _mm256_storeu_si256(dst, lo);
+    _mm256_storeu_si256(dst + 1, hi);
+    return;
+  }
+  alignas(32) int32_t tile[kTileCols];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(tile), lo);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(tile + 8), hi);
+  for (int64_t j = 0; j < cols; ++j) row[j] = add ? row[j] + tile[j] : tile[j];
+}
+
+// R x 16 of C (cols of them kept) from pairs [t0, t1) of int16 rows a and one B panel; add: onto C. The
+// accumulators are two arrays indexed by constants only (the loops over r unroll), so they stay in registers.
+template <int R>
+__attribute__((noinline)) void gemm_tile(const int16_t* a, int64_t lda, const int16_t* b, int64_t t0, int64_t t1,
+                                         int32_t* c, int64_t ldc, int64_t cols, bool add) {
+  __m256i lo[R], hi[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+  for (int64_t t = t0; t < t1; ++t) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + t * 2 * kTileCols));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + t * 2 * kTileCols + kTileCols));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * t, sizeof pair);
+      const __m256i ar = _mm256_set1_epi32(pair);
+      lo[r] = _mm256_add_epi32(_mm256_madd_epi16(ar, b0), lo[r]);
+      hi[r] = _mm256_add_epi32(_mm256_madd_epi16(ar, b1), hi[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) store_tile_row(c + r * ldc, lo[r], hi[r], cols, add);
+}
+
+// c (m, b.n) int32 = a16 (m, 2 * b.pairs) int16 @ b
+void gemm_packed(const int16_t* a16, int64_t m, const PackedB& b, int32_t* c) {
+  const int64_t lda = 2 * b.pairs, ldc = b.n;
+  if (b.pairs == 0) {
+    std::fill(c, c + m * ldc, 0);
+    return;
+  }
+  pool_for((m + kTaskRows - 1) / kTaskRows, [&](int64_t task) {
+    const int64_t r0 = task * kTaskRows, r1 = std::min(m, r0 + kTaskRows);
+    for (int64_t t0 = 0; t0 < b.pairs; t0 += kBlockPairs) {
+      const int64_t t1 = std::min(b.pairs, t0 + kBlockPairs);
+      for (int64_t panel = 0; panel < b.panels; ++panel) {
+        const int16_t* bp = b.data.data() + panel * b.pairs * 2 * kTileCols;
+        const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, b.n - c0);
+        for (int64_t r = r0; r < r1; r += kTileRows) {
+          const int16_t* ar = a16 + r * lda;
+          int32_t* cr = c + r * ldc + c0;
+          switch (std::min(kTileRows, r1 - r)) {
+            case 4: gemm_tile<4>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
+            case 3: gemm_tile<3>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
+            case 2: gemm_tile<2>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
+            default: gemm_tile<1>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0);
+          }
+        }
+      }
+    }
+  });
+}
+
+// (m, k) int8 rows @ packed B -> (m, n) int32 at c
+void mm_packed(const int8_t* a, int64_t m, int64_t k, const PackedB& b, int32_t* c) {
+  gemm_packed(pack_a(a, m, k, b.pairs).data(), m, b, c);
+}
+#endif
+
+// The exact product of int8 (M, K) @ (K, N) or (B, M, K) @ (B, K, N) operands, int32, by the AVX2 kernel above.
+at::Tensor int8_mm_avx2(const at::Tensor& a_, const at::Tensor& b_) {
+#ifdef __AVX2__
+  const at::Tensor a = a_.contiguous(), b = b_.contiguous();
+  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar && a.dim() == b.dim() &&
+              (a.dim() == 2 || a.dim() == 3) && a.size(-1) == b.size(-2) && (a.dim() == 2 || a.size(0) == b.size(0)),
+              "int8_mm_avx2: int8 (M, K) @ (K, N), or (B, M, K) @ (B, K, N)");
+  const int64_t batch = a.dim() == 3 ? a.size(0) : 1, m = a.size(-2), k = a.size(-1), n = b.size(-1);
+  at::Tensor out = at::empty({batch, m, n}, a.options().dtype(at::kInt));
+  for (int64_t i = 0; i < batch; ++i)
+    mm_packed(a.data_ptr<int8_t>() + i * m * k, m, k, pack_b(b.data_ptr<int8_t>() + i * k * n, k, n),
+              out.data_ptr<int32_t>() + i * m * n);
+  return a.dim() == 3 ? out : out[0];
+#else
+  TORCH_CHECK(false, "int8_mm_avx2: these kernels were built for a CPU without AVX2");
+  return a_;
+#endif
+}
+
 // Attention, fused by blocks of query rows so that the scores, probabilities and their int8 halves stay in
 // cache: scores = requantize(q @ kT) (int32 GEMM, its requantization), the table softmax of table_softmax,
 // the probabilities split as split_uint16, their two int8 products with v recombined and requantized as
-// combine_requantize. The same integers as those steps one after the other (tested); the GEMMs are
-// torch's exact int8 ones (at::_int_mm: oneDNN, VNNI where the CPU has it).
+// combine_requantize. The same integers as those steps one after the other (tested). The GEMMs are torch's
+// exact int8 ones (at::_int_mm: oneDNN with VNNI) or, avx2_gemm, the AVX2 kernel above, with kT and v packed
+// once per batch entry and the blocks spread over torch's inter-op threads (pool_for).
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tensor& v_, int64_t m1, int64_t e1,
                      int64_t lo1, int64_t hi1, const at::Tensor& table_, int64_t low, int64_t out_frac_bits,
-                     int64_t m2, int64_t e2, int64_t lo2, int64_t hi2, at::ScalarType out_dtype, int64_t block) {
+                     int64_t m2, int64_t e2, int64_t lo2, int64_t hi2, at::ScalarType out_dtype, int64_t block,
+                     bool avx2_gemm) {
   const at::Tensor q = q_.contiguous(), kt = kt_.contiguous(), v = v_.contiguous();
   const at::Tensor table = table_.to(at::kLong).contiguous();
   TORCH_CHECK(q.dim() == 3 && kt.dim() == 3 && v.dim() == 3 && q.scalar_type() == at::kChar &&
               kt.scalar_type() == at::kChar && v.scalar_type() == at::kChar, "attention: int8 (B, M, D), (B, D, N), (B, N, Dv)");
-  const int64_t batch = q.size(0), rows = q.size(1), n = kt.size(2), dv = v.size(2);
-  TORCH_CHECK(kt.size(0) == batch && v.size(0) == batch && kt.size(1) == q.size(2) && v.size(1) == n, "attention: shapes");
-  const at::Tensor colsum = v.to(at::kLong).sum(1).contiguous();  // (B, Dv)
+  const int64_t batch = q.size(0), rows = q.size(1), d = q.size(2), n = kt.size(2), dv = v.size(2);
+  TORCH_CHECK(kt.size(0) == batch && v.size(0) == batch && kt.size(1) == d && v.size(1) == n, "attention: shapes");
+  TORCH_CHECK(!avx2_gemm || out_frac_bits <= 15, "attention: the AVX2 path takes probabilities of at most 2**15");
+  const at::Tensor colsum = avx2_gemm ? at::Tensor() : v.to(at::kLong).sum(1).contiguous();  // (B, Dv), _int_mm's halves
   at::Tensor out = at::empty({batch, rows, dv}, q.options().dtype(out_dtype));
   const int64_t blocks = (rows + block - 1) / block;
   const int64_t* tp = table.data_ptr<int64_t>();
   const int64_t half1 = e1 > 0 ? (int64_t(1) << (e1 - 1)) : 0;
   const int64_t shift = 62 - out_frac_bits, half = int64_t(1) << (shift - 1);
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> e(n);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
-      const at::Tensor acc = at::_int_mm(q[b].narrow(0, r0, rr), kt[b]);  // (rr, N) int32
-      at::Tensor high = at::empty({rr, n}, q.options()), lowh = at::empty({rr, n}, q.options());
-      const int32_t* ap = acc.data_ptr<int32_t>();
-      int8_t* hp = high.data_ptr<int8_t>();
-      int8_t* lp = lowh.data_ptr<int8_t>();
-      for (int64_t i = 0; i < rr; ++i) {
-        const int32_t* ar = ap + i * n;
-        int64_t top = std::numeric_limits<int64_t>::min();
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t sc = std::min(std::max((int64_t(ar[j]) * m1 + half1) >> e1, lo1), hi1);
-          e[j] = sc;
-          top = std::max(top, sc);
-        }
-        int64_t sum = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          e[j] = tp[std::max<int64_t>(e[j] - top, low) - low];
-          sum += e[j];
-        }
-        const int64_t recip = (int64_t(1) << 62) / sum;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t pr = (e[j] * recip + half) >> shift;
-          hp[i * n + j] = int8_t((pr >> 8) - 64);
-          lp[i * n + j] = int8_t((pr & 255) - 128);
-        }
-      }
-      const at::Tensor hi = at::_int_mm(high, v[b]), lo = at::_int_mm(lowh, v[b]);  // (rr, Dv) int32
-      const int64_t* c = colsum.data_ptr<int64_t>() + b * dv;
-      AT_DISPATCH_SWITCH(out_dtype, "attention_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), c, m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, 1, rr, dv); })
-        AT_DISPATCH_CASE(at::kShort, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), c, m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, 1, rr, dv); }));
+#ifdef __AVX2__
+  std::vector<PackedB> kts, vs;
+  if (avx2_gemm) {
+    for (int64_t b = 0; b < batch; ++b) {
+      kts.push_back(pack_b(kt.data_ptr<int8_t>() + b * d * n, d, n));
+      vs.push_back(pack_b(v.data_ptr<int8_t>() + b * n * dv, n, dv));
     }
-  });
+  }
+#else
+  TORCH_CHECK(!avx2_gemm, "attention: these kernels were built for a CPU without AVX2");
+#endif
+  // (rr, cols) int32 = rows of a (rr, k) int8 @ the batch entry's kT (first) or v (_int_mm only)
+  const auto product = [&](const at::Tensor& a, int64_t b, bool first) {
+#ifdef __AVX2__
+    if (avx2_gemm) {
+      at::Tensor c = at::empty({a.size(0), n}, a.options().dtype(at::kInt));
+      mm_packed(a.data_ptr<int8_t>(), a.size(0), a.size(1), kts[b], c.data_ptr<int32_t>());
+      return c;
+    }
+#endif
+    return at::_int_mm(a, first ? kt[b] : v[b]);
+  };
+  // the probabilities of the block's rows of scores acc (rr, N): store(i, j, p) with p in [0, 2**out_frac_bits]
+  const auto softmax_rows = [&](const int32_t* ap, int64_t rr, std::vector<int64_t>& e, const auto& store) {
+    for (int64_t i = 0; i < rr; ++i) {
+      const int32_t* ar = ap + i * n;
+      int64_t top = std::numeric_limits<int64_t>::min();
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t sc = std::min(std::max((int64_t(ar[j]) * m1 + half1) >> e1, lo1), hi1);
+        e[j] = sc;
+        top = std::max(top, sc);
+      }
+      int64_t sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        e[j] = tp[std::max<int64_t>(e[j] - top, low) - low];
+        sum += e[j];
+      }
+      const int64_t recip = (int64_t(1) << 62) / sum;
+      for (int64_t j = 0; j < n; ++j) store(i, j, (e[j] * recip + half) >> shift);
+    }
+  };
+  const auto run_block = [&](int64_t task, std::vector<int64_t>& e) {
+    const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
+    const at::Tensor acc = product(q[b].narrow(0, r0, rr), b, true);  // (rr, N) int32
+#ifdef __AVX2__
+    if (avx2_gemm) {
+      // The AVX2 GEMM takes int16 operands: the probabilities enter it whole, one GEMM where _int_mm needs one per
+      // int8 half. p = 2**15 (a one-hot row) does not fit int16: it enters as 2**15 - 1 and the row gets v's row
+      // once more. |p @ v| <= (2**15 + N) * 128 (rows sum to 2**15 up to rounding): no int32 overflow.
+      const int64_t lda = 2 * vs[b].pairs;
+      std::vector<int16_t> probs(rr * lda, 0);
+      std::vector<std::pair<int64_t, int64_t>> whole;  // (i, j) of the p = 2**15 entries
+      softmax_rows(acc.data_ptr<int32_t>(), rr, e, [&](int64_t i, int64_t j, int64_t pr) {
+        probs[i * lda + j] = int16_t(std::min<int64_t>(pr, 32767));
+        if (pr > 32767) whole.emplace_back(i, j);
+      });
+      std::vector<int32_t> pv(rr * dv);
+      gemm_packed(probs.data(), rr, vs[b], pv.data());
+      const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
+      for (const auto& [i, j] : whole)
+        for (int64_t col = 0; col < dv; ++col) pv[i * dv + col] += vb[j * dv + col];
+      AT_DISPATCH_SWITCH(out_dtype, "attention_out",
+        AT_DISPATCH_CASE(at::kChar, [&] { requantize_rows(pv.data(), m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, rr * dv); })
+        AT_DISPATCH_CASE(at::kShort, [&] { requantize_rows(pv.data(), m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, rr * dv); }));
+      return;
+    }
+#endif
+    at::Tensor high = at::empty({rr, n}, q.options()), lowh = at::empty({rr, n}, q.options());
+    int8_t* hp = high.data_ptr<int8_t>();
+    int8_t* lp = lowh.data_ptr<int8_t>();
+    softmax_rows(acc.data_ptr<int32_t>(), rr, e, [&](int64_t i, int64_t j, int64_t pr) {
+      hp[i * n + j] = int8_t((pr >> 8) - 64);
+      lp[i * n + j] = int8_t((pr & 255) - 128);
+    });
+    const at::Tensor hi = product(high, b, false), lo = product(lowh, b, false);  // (rr, Dv) int32
+    const int64_t* c = colsum.data_ptr<int64_t>() + b * dv;
+    AT_DISPATCH_SWITCH(out_dtype, "attention_out",
+      AT_DISPATCH_CASE(at::kChar, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), c, m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, 1, rr, dv); })
+      AT_DISPATCH_CASE(at::kShort, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), c, m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, 1, rr, dv); }));
+  };
+  if (avx2_gemm) {
+    pool_for(batch * blocks, [&](int64_t task) {
+      thread_local std::vector<int64_t> e;
+      e.resize(n);
+      run_block(task, e);
+    });
+  } else {
+    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> e(n);
+      for (int64_t task = begin; task < end; ++task) run_block(task, e);
+    });
+  }
   return out;
 }
 
@@ -526,9 +775,10 @@ TORCH_LIBRARY(iseg_kernels, m) {
   m.def("split_uint16(Tensor p) -> Tensor[]");
   m.def("combine_requantize(Tensor hi, Tensor lo, Tensor colsum, int m, int e, int lo_bound, int hi_bound, ScalarType out_dtype) -> Tensor");
   m.def("argmax_channels(Tensor x, int h, int w) -> Tensor");
-  m.def("attention(Tensor q, Tensor kt, Tensor v, int m1, int e1, int lo1, int hi1, Tensor table, int low, int out_frac_bits, int m2, int e2, int lo2, int hi2, ScalarType out_dtype, int block) -> Tensor");
+  m.def("attention(Tensor q, Tensor kt, Tensor v, int m1, int e1, int lo1, int hi1, Tensor table, int low, int out_frac_bits, int m2, int e2, int lo2, int hi2, ScalarType out_dtype, int block, bool avx2_gemm) -> Tensor");
   m.def("sigmoid_gelu(Tensor x, int i0, int cap, int frac_bits, int k_inter, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
   m.def("upsample(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
+  m.def("int8_mm_avx2(Tensor a, Tensor b) -> Tensor");
   m.def("poly_gelu(Tensor x, int clip, int pre_shift, int pm, int pe, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
 }
 
@@ -541,6 +791,7 @@ TORCH_LIBRARY_IMPL(iseg_kernels, CPU, m) {
   m.impl("upsample", &upsample);
   m.impl("sigmoid_gelu", &sigmoid_gelu);
   m.impl("attention", &attention);
+  m.impl("int8_mm_avx2", &int8_mm_avx2);
   m.impl("argmax_channels", &argmax_channels);
   m.impl("split_uint16", &split_uint16);
   m.impl("combine_requantize", &combine_requantize);

@@ -1,8 +1,8 @@
 """Exact integer GEMM kernels of the deployed modules, with their ONNX lowerings.
 
-Every GEMM is an exact int8 x int8 -> int32 product (:func:`int8_matmul`: ``torch._int_mm`` where the
-CPU has VNNI, an int32 matmul elsewhere; int64 matmul is ~50x slower). Softmax probabilities (up to
-2**15) enter :func:`uint16_matmul` as two int8 halves.
+Every GEMM is an exact int8 x int8 -> int32 product (:func:`int8_matmul`, on the fastest path of this CPU:
+see :func:`gemm_path`; int64 matmul is ~50x slower). Softmax probabilities (up to 2**15) enter
+:func:`uint16_matmul` as two int8 halves.
 Traced for ONNX, they are ``MatMulInteger`` nodes (uint8 x uint8 or uint8 x int8) or int32 ``MatMul``s
 (see :func:`onnx_gemm`).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -19,9 +20,9 @@ INT8, INT64 = torch.int8, torch.int64
 
 
 def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """Exact (..., M, K) @ (..., K, N) of int8 operands, int32 result: with VNNI one 2-D ``_int_mm``
-    per batch entry, written in place (no stacking copy), else an int32 matmul (see INT8_KERNEL).
-    Traced for ONNX export, it is one batched ``MatMulInteger`` (see :class:`_Int8MatMul`)."""
+    """Exact (..., M, K) @ (..., K, N) of int8 operands (equal batch shapes), int32 result, on
+    :func:`gemm_path`'s kernel. Traced for ONNX export, it is one batched ``MatMulInteger`` (see
+    :class:`_Int8MatMul`)."""
     if torch.jit.is_tracing():
         return _Int8MatMul.apply(a, b)
     return _int8_matmul_eager(a, b)
@@ -48,10 +49,28 @@ def cpu_isa() -> str:
     return "generic"
 
 
-# torch._int_mm is as fast as an FP32 matmul on CPUs with VNNI; without it (AVX2 only) it falls back
-# to a kernel measured ~50x slower than FP32, while a matmul of the int8 values as int32 is exact
-# (|sum| <= 128 * 128 * K < 2**31 for K < 2**17) and ~6x slower than FP32. Both give the same integers.
-INT8_KERNEL = _cpu_has_vnni()
+# The exact int8 GEMMs, fastest first where the CPU has them (gemm_path picks one at run time):
+# "int_mm": torch._int_mm, oneDNN's VNNI kernel, several times faster than FP32; without VNNI it falls back to
+#   a naive loop ~50x slower than FP32, so it is used only with VNNI.
+# "avx2": the kernels' own (iseg_plugin/kernels, int16 pairs by vpmaddwd, on torch's threads), ~0.9x of FP32 on
+#   2 AVX2 cores (docs/avx2/performance.md); needs the kernels built.
+# "int32": a matmul of the int8 values as int32 (|sum| <= 128 * 128 * K < 2**31 for K < 2**17), ~6x slower
+#   than FP32, on every CPU. All three give the same integers (tests/test_gemm_kernels.py).
+GEMM_PATHS = ("int_mm", "avx2", "int32")
+GEMM: str | None = None  # a path forced (tests, benchmarks); None: the fastest this CPU has
+
+
+def available_gemm_paths() -> list[str]:
+    """The GEMM paths this CPU runs fast and exactly, fastest first ("int32" always)."""
+    from .. import kernels
+
+    return [path for path, here in (("int_mm", _cpu_has_vnni()), ("avx2", "avx2" in _cpu_flags() and kernels.enabled()),
+                                    ("int32", True)) if here]
+
+
+def gemm_path() -> str:
+    """The GEMM path the deployed modules take: :data:`GEMM` if set, else the fastest available."""
+    return GEMM or available_gemm_paths()[0]
 
 
 # The ONNX form of the GEMMs, for one export (see onnx_gemm): "u8u8" runs exactly on every CPU; "u8s8"
@@ -83,14 +102,19 @@ def onnx_gemm(kind: str):
 
 
 def _int8_matmul_eager(a: Tensor, b: Tensor) -> Tensor:
-    if not INT8_KERNEL:
+    # traced for ONNX (inside _Int8MatMul, whose symbolic is the export): no custom op in the traced graph
+    path = "int32" if torch.jit.is_tracing() and gemm_path() == "avx2" else gemm_path()
+    if path == "int32":
         return torch.matmul(a.to(torch.int32), b.to(torch.int32))
     batch = a.shape[:-2]
-    a2 = a.reshape(-1, a.shape[-2], a.shape[-1])
-    b2 = b.reshape(-1, b.shape[-2], b.shape[-1])
-    out = torch.empty(a2.shape[0], a2.shape[1], b2.shape[2], dtype=torch.int32)
-    for i in range(a2.shape[0]):
-        torch._int_mm(a2[i].contiguous(), b2[i].contiguous(), out=out[i])
+    a3 = a.reshape(math.prod(batch), a.shape[-2], a.shape[-1])
+    b3 = b.reshape(math.prod(b.shape[:-2]), b.shape[-2], b.shape[-1])
+    if path == "avx2":
+        out = torch.ops.iseg_kernels.int8_mm_avx2(a3, b3)
+    else:  # one 2-D _int_mm per batch entry, written in place (no stacking copy)
+        out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=torch.int32)
+        for i in range(a3.shape[0]):
+            torch._int_mm(a3[i].contiguous(), b3[i].contiguous(), out=out[i])
     return out.reshape(*batch, out.shape[-2], out.shape[-1])
 
 

@@ -352,8 +352,8 @@ class Attention(nn.Module):
 
     def _fused_table(self, q: Tensor, kt: Tensor, v: Tensor):
         """The softmax's exponential table if the fused kernel takes these operands, else None."""
-        # (its GEMMs are at::_int_mm, fast with VNNI only: elsewhere the three modules run, each fused)
-        if not (gemm_kernels.INT8_KERNEL and kernels.use(q) and q.dim() >= 3 and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2]
+        # (its GEMMs are at::_int_mm or the AVX2 kernel: on the int32-matmul path the three modules run, each fused)
+        if not (gemm_kernels.gemm_path() != "int32" and kernels.use(q) and q.dim() >= 3 and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2]
                 and self.scores.out.multiplier.dim() == 0 and self.context.out.multiplier.dim() == 0
                 and storage_dtype(self.context.out.bounds) in (torch.int8, torch.int16)
                 and _last_dim(q, self.softmax.dim) and self.softmax.bits == 16):
