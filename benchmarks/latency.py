@@ -43,7 +43,7 @@ from iseg_plugin.deploy import calibrate_prepared, convert, prepare_segmenter
 from iseg_plugin.deploy.io import save_deployed
 from iseg_plugin.export import TvmMissingError, TvmModel, export_onnx_int, export_qonnx, onnx_session, qonnx_inference_cost
 from iseg_plugin import kernels
-from iseg_plugin.ops.gemm import INT8_KERNEL, cpu_isa, onnx_gemm_for_this_cpu
+from iseg_plugin.ops.gemm import cpu_isa, gemm_path, onnx_gemm_for_this_cpu
 from iseg_plugin.ptq import float_model_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,6 +52,19 @@ BITS = {TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, Tensor
         TensorProto.INT64: 64, TensorProto.INT16: 16}
 GEMMS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger")
 FORMS = {"u8u8": "uint8 x uint8", "u8s8": "uint8 x int8"}
+PYTORCH_GEMMS = {"int_mm": "torch._int_mm (oneDNN, VNNI)",
+                 "avx2": "the kernels' AVX2 int8 GEMM (no VNNI; int16 pairs by vpmaddwd, exact)",
+                 "int32": "int32 matmul (no VNNI: _int_mm is ~50x slower)"}
+# what limits the deployed model, per GEMM path (the profile paragraph of the report)
+PROFILE_NOTES = {
+    "int_mm": ["The probabilities enter _int_mm as two 8-bit halves: three GEMMs per head where FP32 has two.",
+               "Attention is half of the time: its softmax row work runs on one thread. That, not the GEMM kernels",
+               "(torch._int_mm is several times faster than FP32 here), is what keeps ViT-S / ViT-T from the 1.5x goal."],
+    "avx2": ["The probabilities enter the AVX2 GEMM whole (int16): two GEMMs per head, as FP32. Without VNNI the GEMMs",
+             "are the limit: the exact AVX2 kernel (int16 pairs, 16 products per vpmaddwd) runs about as fast as torch's",
+             "FP32 matmul (ratio above), so the integer model is about as fast as FP32 PyTorch, without VNNI's margin."],
+    "int32": ["The GEMMs run as int32 matmuls (the kernels did not build), several times slower than FP32's."],
+}
 
 
 def build(name: str):
@@ -149,6 +162,34 @@ def gemm_kernel_speedup(runs: int, m: int = 1024, k: int = 768, n: int = 3072) -
         feed = {"a": rng.integers(0, 256, (m, k)).astype(dtype), "b": rng.integers(-128, 128, (k, n)).astype(right_dtype)}
         times[name] = median_seconds(lambda: sess.run(None, feed), max(runs, 10))
     return dict(shape=[m, k, n], seconds=times, form=form, speedup=times["fp32"] / times[form])
+
+
+def torch_gemm_note(result: dict) -> str:
+    """The measured speed of PyTorch's integer GEMM against FP32 (absent from runs before it was measured)."""
+    if "torch_gemm" not in result:
+        return ""
+    t = result["torch_gemm"]
+    return (f", {t['speedup']:.2f}x the speed of torch's FP32 matmul on one {'x'.join(map(str, t['shape'][:2]))} @ "
+            f"{t['shape'][1]}x{t['shape'][2]} product")
+
+
+def torch_gemm_speedup(runs: int, m: int = 1024, k: int = 768, n: int = 3072) -> dict:
+    """The deployed modules' exact int8 GEMM (``gemm.int8_matmul`` on this CPU's path) against torch's FP32
+    matmul on the same product as :func:`gemm_kernel_speedup`'s, timed in turns."""
+    from iseg_plugin.ops.gemm import int8_matmul
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8)
+    af, bf = a.float(), b.float()
+    times = {"fp32": [], "int8": []}
+    for _ in range(max(runs, 10)):
+        for name, product in (("fp32", lambda: af @ bf), ("int8", lambda: int8_matmul(a, b))):
+            start = time.perf_counter()
+            product()
+            times[name].append(time.perf_counter() - start)
+    seconds = {name: float(np.median(t)) for name, t in times.items()}
+    return dict(shape=[m, k, n], seconds=seconds, path=gemm_path(), speedup=seconds["fp32"] / seconds["int8"])
 
 
 def ort_int8_qdq(fp32_path: Path, out: Path, feed: dict) -> Path:
@@ -270,8 +311,9 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
                 with kernels.reference():
                     seconds["integer PyTorch, intops"] = median_seconds(lambda: deployed(image), max(1, runs // 2))
     result["seconds"] = seconds
-    result["kernels"], result["isa"] = kernels.describe(), cpu_isa()
+    result["kernels"], result["isa"], result["gemm"] = kernels.describe(), cpu_isa(), gemm_path()
     result["gemm_kernel"] = gemm_kernel_speedup(runs)
+    result["torch_gemm"] = torch_gemm_speedup(runs)
     print(f"   {seconds}", flush=True)
     return result
 
@@ -292,11 +334,12 @@ def write_report(results: list[dict], docs: Path) -> None:
         f"process, {torch.get_num_threads()} threads, on `{platform.processor() or platform.machine()}` with "
         f"{', '.join(flags)}; onnxruntime {ort.__version__}, torch {torch.__version__}. Random weights (time does not",
         "depend on their values); mmseg's Segmenter ADE20K configs (150 classes) with the plugin's decoder.",
-        f"PyTorch's integer GEMM here: {'torch._int_mm (VNNI)' if INT8_KERNEL else 'int32 matmul (no VNNI: _int_mm is ~50x slower)'};",
+        f"PyTorch's integer GEMM here: {PYTORCH_GEMMS[results[0].get('gemm', 'int32')]}{torch_gemm_note(results[0])};",
         f"onnxruntime's: MatMulInteger {FORMS[results[0]['gemm_kernel'].get('form', 'u8u8')]} (`iseg export --gemm auto`; "
         "its uint8 x int8 kernel, exact with AVX-512 VNNI, saturates without).",
         f"Integer PyTorch: the deployed model with {results[0].get('kernels', 'the intops reference')} (ISA path "
-        f"{results[0].get('isa', cpu_isa())}); \"intops\": the same model on the intops reference path (same integers).",
+        f"{results[0].get('isa', cpu_isa())}); \"intops\": the same model on the intops reference path (same integers,",
+        "same GEMMs).",
         "onnxruntime INT8 QDQ: onnxruntime's `quantize_static` of the FP32 graph (QDQ, per-channel INT8 weights, the",
         "same calibration image): INT8 GEMMs with float softmax / GELU / LayerNorm between them, not integer-only.",
         *sorted({f"{r['model']}: {r['note']}" for r in results if r.get("note")}),
@@ -369,12 +412,10 @@ def write_report(results: list[dict], docs: Path) -> None:
                      f"{r['seconds']['FP32 onnxruntime']:.2f} s for all of FP32: "
                      f"{rest / r['seconds']['FP32 onnxruntime']:.1f}x")
     lines += ["", "Where the deployed integer PyTorch model (fused kernels) spends its time (share per module type of",
-              "its graph, one run after a warm-up; Linear = int8 GEMM + requantization epilogue; Attention = three int8",
-              "GEMMs, q @ k^T and the two 8-bit halves of the 16-bit probabilities @ v, with the table softmax between",
-              "them, whose row work runs on one thread). Attention is half of the time: where FP32 has two GEMMs per",
-              "head, the integer model has three (the probabilities are 16-bit), and its softmax is not parallel. That,",
-              "not the GEMM kernels (torch._int_mm is several times faster than FP32 here), is what keeps ViT-S / ViT-T",
-              "from the 1.5x goal; times also vary by up to ~30 % between runs on this shared machine.", ""]
+              "its graph, one run after a warm-up; Linear = int8 GEMM + requantization epilogue; Attention = q @ k^T and",
+              "the 16-bit probabilities @ v, with the table softmax between them).",
+              *PROFILE_NOTES[results[0].get("gemm", "int32")],
+              "Times vary by up to ~30 % between runs on this shared machine.", ""]
     for r in results:
         if "profile_torch" in r:
             lines.append(f"* {r['model']}: " + ", ".join(f"{op} {pct:.1f} %" for op, pct in list(r["profile_torch"].items())[:8]))

@@ -8,8 +8,8 @@ model = dict(
     # QAT also trains the last 4 encoder blocks (6-9), where lambda-ShiftGELU errs most, at a tenth of the
     # decoder's learning rate: the decoder alone recovered 27 % of this model's PTQ loss at W8A8, with the
     # blocks 43 % (W4A8: 47 % -> 58 %; docs/qat_diagnostics.md, fourth and fifth rounds). It costs 20-25 s per
-    # iteration instead of 9 (backward through 4 blocks; AVX-512 VNNI, 28-37 s on an AVX2-only CPU), so 100
-    # iterations instead of 200.
+    # iteration instead of 9 (backward through 4 blocks; AVX-512 VNNI; 28-37 s on an AVX2-only CPU before the
+    # kernels had an AVX2 GEMM), so 100 iterations instead of 200.
     backbone=dict(frozen_exclude=['layers.6.', 'layers.7.', 'layers.8.', 'layers.9.']),
     # The distillation weighs each labelled pixel by its class, sqrt(median frequency / frequency) of the classes
     # in the CamVid train labels (pole, sign, fence, pedestrian and bicyclist are 0.3-1.2 % of the pixels each):
