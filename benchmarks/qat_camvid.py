@@ -32,10 +32,11 @@ RUNS = {
     "paper_w8": ("isegmenter_vit-s_camvid_paper.py", 8, "paper"),
     "best_w8": ("isegmenter_vit-s_camvid.py", 8, "main"),
     "paper_w4": ("isegmenter_vit-s_camvid_paper.py", 4, "paper_w4"),
-    "best_w4": ("isegmenter_vit-s_camvid.py", 4, "w4"),
+    "best_w4": ("isegmenter_vit-s_camvid_w4.py", 4, "w4"),
 }
 OPERATORS = {"isegmenter_vit-s_camvid_paper.py": "paper: lambda-ShiftGELU, Shiftmax, nearest, no L2",
-             "isegmenter_vit-s_camvid.py": "best: Poly-GELU, bit-exp softmax, bilinear + L2"}
+             "isegmenter_vit-s_camvid.py": "best: Poly-GELU, bit-exp softmax, bilinear + L2",
+             "isegmenter_vit-s_camvid_w4.py": "best: Poly-GELU, bit-exp softmax, bilinear + L2"}
 
 
 def tool(name: str) -> str:

@@ -11,11 +11,10 @@ model = dict(
     # iteration instead of 9 (backward through 4 blocks; AVX-512 VNNI; 28-37 s on an AVX2-only CPU before the
     # kernels had an AVX2 GEMM), so 100 iterations instead of 200.
     backbone=dict(frozen_exclude=['layers.6.', 'layers.7.', 'layers.8.', 'layers.9.']),
-    # The distillation weighs each labelled pixel by its class, sqrt(median frequency / frequency) of the classes
-    # in the CamVid train labels (pole, sign, fence, pedestrian and bicyclist are 0.3-1.2 % of the pixels each):
-    # mIoU weighs the 11 classes equally, the unweighted KL the frequent ones most. W8A8: 52.18 at 100 iterations
-    # in one run, against 50.12-51.45 for three runs without the weights (docs/qat_diagnostics.md, seventh round).
-    distill=dict(class_weight=[0.516, 0.439, 2.136, 0.376, 1.0, 0.679, 1.956, 1.995, 0.875, 2.649, 3.922]),
+    # The distillation weighs each labelled pixel by its class (the base config's distill_class_weight). W8A8:
+    # 52.18 at 100 iterations in one run, against 50.12-51.45 for three runs without the weights
+    # (docs/qat_diagnostics.md, seventh round).
+    distill=dict(class_weight={{_base_.distill_class_weight}}),
 )
 optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=0.1)}))
 train_cfg = dict(max_iters=100, val_interval=50)
