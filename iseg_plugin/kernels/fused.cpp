@@ -306,12 +306,6 @@ std::vector<at::Tensor> split_uint16(const at::Tensor& p_) {
   return {high, low};
 }
 
-// out = clamp(round(acc * m / 2**e)) of int32 accumulators (the attention's p @ v on the AVX2 path), one thread
-template <typename Out>
-void requantize_rows(const int32_t* acc, int64_t m, int64_t e, int64_t qlo, int64_t qhi, Out* out, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) out[i] = Out(std::min(std::max(dyadic(acc[i], m, e), qlo), qhi));
-}
-
 // The two halves' int32 products put back together, (hi + 64 colsum) * 256 + lo + 128 colsum (= p @ v), and
 // requantized (a per-tensor dyadic). hi, lo: (B, M, N); colsum: (B, N), the column sums of v.
 template <typename Out>
@@ -679,8 +673,8 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
       for (const auto& [i, j] : whole)
         for (int64_t col = 0; col < dv; ++col) pv[i * dv + col] += vb[j * dv + col];
       AT_DISPATCH_SWITCH(out_dtype, "attention_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { requantize_rows(pv.data(), m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, rr * dv); })
-        AT_DISPATCH_CASE(at::kShort, [&] { requantize_rows(pv.data(), m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, rr * dv); }));
+        AT_DISPATCH_CASE(at::kChar, [&] { requantize_rows<int32_t, scalar_t>(pv.data(), nullptr, &m2, &e2, false, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, rr, dv); })
+        AT_DISPATCH_CASE(at::kShort, [&] { requantize_rows<int32_t, scalar_t>(pv.data(), nullptr, &m2, &e2, false, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, rr, dv); }));
       return;
     }
 #endif

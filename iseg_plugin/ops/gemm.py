@@ -60,12 +60,13 @@ GEMM_PATHS = ("int_mm", "avx2", "int32")
 GEMM: str | None = None  # a path forced (tests, benchmarks); None: the fastest this CPU has
 
 
-def available_gemm_paths() -> list[str]:
-    """The GEMM paths this CPU runs fast and exactly, fastest first ("int32" always)."""
+@functools.lru_cache(maxsize=None)
+def available_gemm_paths() -> tuple[str, ...]:
+    """The GEMM paths this CPU runs fast and exactly, fastest first ("int32" always); found once per process."""
     from .. import kernels
 
-    return [path for path, here in (("int_mm", _cpu_has_vnni()), ("avx2", "avx2" in _cpu_flags() and kernels.enabled()),
-                                    ("int32", True)) if here]
+    return tuple(path for path, here in (("int_mm", _cpu_has_vnni()),
+                                         ("avx2", "avx2" in _cpu_flags() and kernels.enabled()), ("int32", True)) if here)
 
 
 def gemm_path() -> str:
@@ -102,8 +103,9 @@ def onnx_gemm(kind: str):
 
 
 def _int8_matmul_eager(a: Tensor, b: Tensor) -> Tensor:
-    # traced for ONNX (inside _Int8MatMul, whose symbolic is the export): no custom op in the traced graph
-    path = "int32" if torch.jit.is_tracing() and gemm_path() == "avx2" else gemm_path()
+    path = gemm_path()
+    if path == "avx2" and torch.jit.is_tracing():  # inside _Int8MatMul, whose symbolic is the export: no custom op
+        path = "int32"                              # in the traced graph
     if path == "int32":
         return torch.matmul(a.to(torch.int32), b.to(torch.int32))
     batch = a.shape[:-2]
