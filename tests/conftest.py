@@ -1,4 +1,5 @@
-"""Shared hypothesis settings: deterministic, bounded, fast enough for a 2-core CI machine."""
+"""Shared hypothesis settings (deterministic, bounded, fast enough for a 2-core CI machine) and fixtures."""
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -12,3 +13,19 @@ def pytest_configure(config):
     from mmseg.utils import register_all_modules
 
     register_all_modules(init_default_scope=True)
+
+
+def _gemm_paths():
+    from iseg_plugin.ops import gemm
+
+    return gemm.runnable_gemm_paths()
+
+
+@pytest.fixture(params=_gemm_paths())
+def gemm_path(request):
+    """Runs a test once per GEMM path this machine computes exactly, forced (``int_mm``, ``avx2``, ``int32``: see
+    iseg_plugin.ops.gemm), so that a machine of either kind tests the paths it does not pick by itself."""
+    from iseg_plugin.ops import gemm
+
+    with gemm.forced(request.param):
+        yield request.param

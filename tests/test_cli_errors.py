@@ -27,7 +27,7 @@ def run(capsys, *argv):
     return code, captured.err
 
 
-def test_an_existing_output_is_kept_unless_forced(model_file, tmp_path, capsys):
+def test_an_existing_output_is_kept_unless_forced(model_file, tmp_path, capsys, gemm_path):
     out = tmp_path / "m.onnx"
     out.write_bytes(b"precious")
     code, err = run(capsys, "export", model_file, "--out", out)

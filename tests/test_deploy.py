@@ -37,7 +37,7 @@ def deployed_pair(variants=("poly", "bit-exp"), head_extra=None, size=(64, 64)):
 
 
 @pytest.mark.parametrize("variants,head_extra", VARIANTS)
-def test_deployed_is_integer_only_bit_exact_and_close_to_float(variants, head_extra):
+def test_deployed_is_integer_only_bit_exact_and_close_to_float(variants, head_extra, gemm_path):
     model, deployed = deployed_pair(variants, head_extra)
     assert all(not t.dtype.is_floating_point for t in deployed.state_dict().values())
     test = pixels(2, 5)

@@ -1,4 +1,5 @@
 """ONNX exports: integer-only ONNX (every tensor integer-typed, onnxruntime and TVM bit-exact) and QONNX (qonnx bit-exact)."""
+import functools
 import io
 import sys
 
@@ -57,11 +58,23 @@ def right_operand_types(proto: onnx.ModelProto) -> set[int]:
     return {types[n.input[1]] for n in proto.graph.node if n.op_type == "MatMulInteger"}
 
 
+@functools.cache
+def deployed_variant(index: int):
+    """The deployed model of EXPORT_VARIANTS[index], built once (exports do not change it)."""
+    return deployed_pair(*EXPORT_VARIANTS[index])[1]
+
+
+@functools.cache
+def exported_variant(index: int, form: str) -> onnx.ModelProto:
+    """Its integer-only export in the GEMM form ``form``: one per model, whatever the GEMM path (see
+    test_the_export_is_the_same_graph_on_every_gemm_path)."""
+    return export_onnx_int(deployed_variant(index), gemm=form)
+
+
 @pytest.mark.parametrize("form", EXACT_GEMMS)
-@pytest.mark.parametrize("variants,head_extra", EXPORT_VARIANTS)
-def test_onnxruntime_is_bit_exact_with_the_deployed_model(variants, head_extra, form):
-    _, deployed = deployed_pair(variants, head_extra)
-    proto = export_onnx_int(deployed, gemm=form)
+@pytest.mark.parametrize("index", range(len(EXPORT_VARIANTS)))
+def test_onnxruntime_is_bit_exact_with_the_deployed_model(index, form, gemm_path):
+    deployed, proto = deployed_variant(index), exported_variant(index, form)
     assert right_operand_types(proto) == {TensorProto.INT8 if form == "u8s8" else TensorProto.UINT8}
     sess = onnx_session(proto)
     for image in adversarial_images():
@@ -70,6 +83,28 @@ def test_onnxruntime_is_bit_exact_with_the_deployed_model(variants, head_extra, 
         assert logits.dtype == np.int16
         assert np.array_equal(logits, ref_logits.numpy())
         assert np.array_equal(classes, ref_classes.numpy())
+
+
+def graph_parts(proto: onnx.ModelProto) -> dict[str, list[bytes]]:
+    return {"nodes": [n.SerializeToString() for n in proto.graph.node],
+            "initializers": [t.SerializeToString() for t in proto.graph.initializer]}
+
+
+def test_the_export_is_the_same_graph_on_every_gemm_path(tmp_path):
+    """The exported graphs depend on the deployed model and the ONNX GEMM form only, never on the GEMM path (or
+    kernels) of the exporting CPU: each form exported under each path this machine runs, forced, node for node."""
+    deployed = deployed_variant(1)
+    exports = {"u8u8": functools.partial(export_onnx_int, deployed, gemm="u8u8"),
+               "qonnx": functools.partial(export_qonnx, deployed)}
+    for name, export in exports.items():
+        graphs = {}
+        for path in gemm.runnable_gemm_paths():
+            with gemm.forced(path):
+                graphs[path] = graph_parts(export(tmp_path / f"{name}-{path}.onnx"))
+        first, *others = graphs
+        assert len(graphs[first]["nodes"]) > 100, name
+        for path in others:
+            assert graphs[path] == graphs[first], f"{name}: the graph exported on {path} differs from {first}'s"
 
 
 @pytest.mark.parametrize("variants,head_extra", EXPORT_VARIANTS[:2])
@@ -181,8 +216,8 @@ def test_exporting_a_model_that_is_not_deployed_is_refused():
         export_onnx_int(build(None))
 
 
-def test_cli_export(tmp_path, capsys):
-    _, deployed = deployed_pair()
+def test_cli_export(tmp_path, capsys, gemm_path):
+    deployed = deployed_variant(1)
     save_deployed(deployed, tmp_path / "m.iseg")
     assert main(["export", str(tmp_path / "m.iseg"), "--format", "onnx-int", "--gemm", "u8u8",
                  "--out", str(tmp_path / "m.onnx")]) == 0
@@ -193,7 +228,7 @@ def test_cli_export(tmp_path, capsys):
 
 
 def test_qonnx_executes_bit_exact_with_qonnx(tmp_path):
-    _, deployed = deployed_pair(("poly", "bit-exp"), {"l2_norm": True, "upsample": "bilinear"})
+    deployed = deployed_variant(1)
     proto = export_qonnx(deployed, tmp_path / "m.qonnx.onnx")
     custom = {n.op_type for n in proto.graph.node if n.domain == "iseg_plugin.export.qonnx_ops"}
     assert custom == {"DyadicRequant", "ResidualAdd", "ILayerNorm", "PolyGELU", "BitExpSoftmax", "IntL2Norm", "IntResize"}
@@ -213,8 +248,8 @@ def test_qonnx_export_refuses_a_non_deployed_model(tmp_path):
         export_qonnx(build(None), tmp_path / "m.onnx")
 
 
-@pytest.mark.parametrize("variants,head_extra", EXPORT_VARIANTS)
-def test_qonnx_tools_read_the_export_as_it_is(tmp_path, variants, head_extra):
+@pytest.mark.parametrize("index", range(len(EXPORT_VARIANTS)))
+def test_qonnx_tools_read_the_export_as_it_is(tmp_path, index):
     """qonnx's own first steps on the file, with no patch: cleanup, shape and datatype inference, inference
     cost, execution (bit-exact after cleanup)."""
     from qonnx.core.datatype import DataType
@@ -224,7 +259,7 @@ def test_qonnx_tools_read_the_export_as_it_is(tmp_path, variants, head_extra):
     from qonnx.transformation.infer_shapes import InferShapes
     from qonnx.util.cleanup import cleanup_model
 
-    _, deployed = deployed_pair(variants, head_extra)
+    deployed = deployed_variant(index)
     export_qonnx(deployed, tmp_path / "m.qonnx.onnx")
     model = cleanup_model(ModelWrapper(str(tmp_path / "m.qonnx.onnx")))
     model = model.transform(InferShapes()).transform(InferDataTypes())

@@ -1,12 +1,9 @@
-"""The exact integer GEMMs of the deployed modules, on every path this machine runs (gemm.GEMM_PATHS: the VNNI
-``torch._int_mm``, the kernels' AVX2 one, the int32 matmul), against an int64 product."""
+"""The exact integer GEMMs of the deployed modules, on every path this machine runs when forced (the
+``gemm_path`` fixture: ``torch._int_mm``, the kernels' AVX2 one, the int32 matmul), against an int64 product."""
 import pytest
 import torch
 
 from iseg_plugin.ops import gemm
-
-PATHS = gemm.available_gemm_paths()
-
 
 def extremes(shape, generator):
     x = torch.randint(-128, 128, shape, generator=generator, dtype=torch.int8)
@@ -15,9 +12,7 @@ def extremes(shape, generator):
     return x
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_int8_matmul_is_exact(monkeypatch, path):
-    monkeypatch.setattr(gemm, "GEMM", path)
+def test_int8_matmul_is_exact(gemm_path):
     g = torch.Generator().manual_seed(0)
     # odd K (the AVX2 kernel's int16 pairs), N beyond one 16-column panel, M beyond one 4-row tile and one 48-row
     # task, K beyond one 256-deep cache block, empty K, batches
@@ -29,9 +24,7 @@ def test_int8_matmul_is_exact(monkeypatch, path):
     assert torch.equal(gemm.int8_matmul(worst, worst.t().contiguous()).long(), worst.long() @ worst.long().t())
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_uint16_probabilities_matmul_is_exact(monkeypatch, path):
-    monkeypatch.setattr(gemm, "GEMM", path)
+def test_uint16_probabilities_matmul_is_exact(gemm_path):
     g = torch.Generator().manual_seed(1)
     p = torch.randint(0, 2**15 + 1, (2, 3, 20, 20), generator=g)
     p[..., 0, :] = 2**15  # a one-hot row's full probability

@@ -6,7 +6,6 @@ import torch
 import fx_patterns as fxp
 from iseg_plugin import intops, kernels
 from iseg_plugin.intops.exp import bit_exp_table, row_span, shiftmax_table
-from iseg_plugin.ops import gemm
 from iseg_plugin.ops import modules as M
 
 from test_fx_per_op import HandViT, calibrated
@@ -187,14 +186,12 @@ def test_shift_gelus_equal_intops(scale, lam):
             assert torch.equal(kernels.sigmoid_gelu(x, i0, cap, fb, out, bounds, dtype), ref)
 
 
-@pytest.mark.parametrize("path", gemm.available_gemm_paths())
 @pytest.mark.parametrize("softmax", ["bit-exp", "shift"])
 @pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
 @pytest.mark.parametrize("keys", [70, 1])  # 1: every probability is 2**15 (the AVX2 path's int16 edge)
-def test_fused_attention_equals_its_three_operators(monkeypatch, path, softmax, rows, keys):
-    """On each GEMM path of this CPU: on the int8 ones (VNNI ``_int_mm``, AVX2) the attention kernel runs, on the
-    int32 matmul the three fused modules do; both give the reference integers."""
-    monkeypatch.setattr(gemm, "GEMM", path)
+def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, keys):
+    """On each GEMM path this CPU runs (forced): on the int8 ones (``_int_mm``, AVX2) the attention kernel runs, on
+    the int32 matmul the three fused modules do; both give the reference integers."""
     g = torch.Generator().manual_seed(rows)
     q = torch.randint(-128, 128, (2, 3, rows, 16), generator=g, dtype=torch.int8)
     kt = torch.randint(-128, 128, (2, 3, 16, keys), generator=g, dtype=torch.int8)
@@ -214,14 +211,12 @@ def test_fused_attention_equals_its_three_operators(monkeypatch, path, softmax, 
         with kernels.reference():
             reference = attention(q, kt, v)
             assert (sm(scores(q, kt)) == 2**15).any() == (keys == 1)
-    assert bool(calls) == (path != "int32")
+    assert bool(calls) == (gemm_path != "int32")
     assert fused.dtype == reference.dtype == torch.int8 and torch.equal(fused, reference)
 
 
-@pytest.mark.parametrize("path", gemm.available_gemm_paths())
 @pytest.mark.parametrize("gelu,softmax", [("poly", "bit-exp"), ("lambda-shift", "shift")])
-def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gelu, softmax, path):
-    monkeypatch.setattr(gemm, "GEMM", path)  # each GEMM path this CPU has
+def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gelu, softmax, gemm_path):
     torch.manual_seed(0)
     model = HandViT().eval()
     prepared, x = calibrated(model, (4, 3, 32, 32), gelu=gelu, softmax=softmax)

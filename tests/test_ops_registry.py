@@ -85,7 +85,7 @@ def test_every_entry_has_a_case():
 
 
 @pytest.mark.parametrize("entry,variant", list(_cases()))
-def test_entry_is_integer_only_exact_and_close(entry, variant):
+def test_entry_is_integer_only_exact_and_close(entry, variant, gemm_path):
     torch.manual_seed(0)
     options = {VARIANT_OPTIONS[entry]: variant} if variant else {}
     model = _model(entry).eval()

@@ -11,7 +11,6 @@ from iseg_plugin.deploy import OpAudit, calibrate_prepared, convert, prepare_seg
 from iseg_plugin.deploy.io import load_deployed, save_deployed
 from iseg_plugin.gptq import gptq, gptq_quantize
 from iseg_plugin.ops import REGISTRY, Variant
-from iseg_plugin.ops import gemm as gemm_module
 from iseg_plugin.ops import modules as M
 
 from test_deploy import batch, pixels
@@ -103,11 +102,9 @@ def test_int4_scales_clip_to_the_least_squared_error():
     assert torch.equal(intops.weight_scale(w, 8), intops.symmetric_scale(*intops.channel_minmax(w, 0), 8))
 
 
-@pytest.mark.parametrize("path", gemm_module.available_gemm_paths())
-def test_the_4bit_gemm_is_exact_on_every_path(monkeypatch, path):
-    """INT4 weights in the deployed Linear: each GEMM path of this CPU (VNNI ``_int_mm``, AVX2, int32 matmul), the
-    fused requantization and the intops reference all give the float64 products' integers."""
-    monkeypatch.setattr(gemm_module, "GEMM", path)
+def test_the_4bit_gemm_is_exact_on_every_path(gemm_path):
+    """INT4 weights in the deployed Linear: each GEMM path this CPU runs (forced: ``_int_mm``, AVX2, int32 matmul),
+    the fused requantization and the intops reference all give the float64 products' integers."""
     g = torch.Generator().manual_seed(1)
     weight = torch.randint(-8, 8, (48, 384), generator=g, dtype=torch.int8)
     bias = torch.randint(-(2**20), 2**20, (48,), generator=g, dtype=torch.int32)

@@ -11,8 +11,10 @@ opset 18: qonnx's ``cleanup_model``, ``InferShapes``, ``InferDataTypes``, ``infe
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import json
+import random
 import warnings
 from pathlib import Path
 
@@ -102,13 +104,25 @@ def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
                                       input_names=["pixels"], output_names=["logits", "classes"])
         finally:
             torch.onnx.unregister_custom_op_symbolic("iseg::qonnx_node", OPSET)
-        wrapper = _annotate_gemm_operands(static_shapes(expand_shifts(onnx.load(str(tmp)))))
+        with _seeded_random():  # qonnx names new tensors with random strings: the same model gives the same file
+            wrapper = _annotate_gemm_operands(static_shapes(expand_shifts(onnx.load(str(tmp)))))
         wrapper.model.ir_version = IR_VERSION
         wrapper.save(str(tmp))
         exported.append(wrapper.model)
 
     atomic_write(path, write)
     return exported[0]
+
+
+@contextlib.contextmanager
+def _seeded_random(seed: int = 0):
+    """Python's ``random`` seeded inside the block, its state restored after (the caller's draws are untouched)."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def static_shapes(proto: onnx.ModelProto):

@@ -69,9 +69,28 @@ def available_gemm_paths() -> tuple[str, ...]:
                                          ("avx2", "avx2" in _cpu_flags() and kernels.enabled()), ("int32", True)) if here)
 
 
+def runnable_gemm_paths() -> tuple[str, ...]:
+    """Every GEMM path this machine computes exactly when forced through :data:`GEMM` (the tests run each): the
+    available ones and ``int_mm`` also without VNNI, where torch's naive loop is exact but ~50x slower than FP32."""
+    return tuple(path for path in GEMM_PATHS if path == "int_mm" or path in available_gemm_paths())
+
+
 def gemm_path() -> str:
     """The GEMM path the deployed modules take: :data:`GEMM` if set, else the fastest available."""
     return GEMM or available_gemm_paths()[0]
+
+
+@contextlib.contextmanager
+def forced(path: str):
+    """Take the GEMM path ``path`` (one of :func:`runnable_gemm_paths`) inside this block (tests, benchmarks)."""
+    global GEMM
+    if path not in runnable_gemm_paths():
+        raise ValueError(f"GEMM path {path!r} does not run here; this CPU runs: {', '.join(runnable_gemm_paths())}")
+    before, GEMM = GEMM, path
+    try:
+        yield
+    finally:
+        GEMM = before
 
 
 # The ONNX form of the GEMMs, for one export (see onnx_gemm): "u8u8" runs exactly on every CPU; "u8s8"
@@ -102,10 +121,8 @@ def onnx_gemm(kind: str):
         _onnx_gemm = before
 
 
-def _int8_matmul_eager(a: Tensor, b: Tensor) -> Tensor:
-    path = gemm_path()
-    if path == "avx2" and torch.jit.is_tracing():  # inside _Int8MatMul, whose symbolic is the export: no custom op
-        path = "int32"                              # in the traced graph
+def _int8_matmul_eager(a: Tensor, b: Tensor, path: str | None = None) -> Tensor:
+    path = path or gemm_path()
     if path == "int32":
         return torch.matmul(a.to(torch.int32), b.to(torch.int32))
     batch = a.shape[:-2]
@@ -153,7 +170,10 @@ class _Int8MatMul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
-        return _int8_matmul_eager(a, b)
+        # Traced for export, the graph is the symbolic's whatever this CPU's path is: the value is computed by the
+        # int32 matmul, which traces as plain aten ops (a traced custom op or per-batch _int_mm with out= broke
+        # the exporter's peephole pass).
+        return _int8_matmul_eager(a, b, "int32")
 
     @staticmethod
     def symbolic(g, a, b):
