@@ -78,7 +78,7 @@ def _both_paths(model, shape, gelu, softmax):
     (Encoder(), (2, 17, 32), "poly", "bit-exp"), (Encoder(), (2, 17, 32), "lambda-shift", "shift"),
     (FunctionalBlock(), (2, 17, 32), "shift", "bit-exp"), (HandViT(dim=32, heads=2), (2, 3, 32, 32), "poly", "shift")],
     ids=["modules-poly-bitexp", "modules-lambda-shiftmax", "functions-shift-bitexp", "hand-vit-conv-cls-pos-mean"])
-def test_swapped_model_gives_the_fx_integers(model, shape, gelu, softmax):
+def test_swapped_model_gives_the_fx_integers(model, shape, gelu, softmax, gemm_path):
     torch.manual_seed(0)
     int_model, swapped = _both_paths(model, shape, gelu, softmax)
     kinds = {type(m) for m in swapped.modules()}

@@ -143,7 +143,7 @@ def check_integer_model(model, prepared, x, min_cosine, pixels=None, min_ops=50)
 
 
 @pytest.mark.parametrize("gelu,softmax", [("poly", "bit-exp"), ("lambda-shift", "shift"), ("shift", "shift")])
-def test_hand_written_vit_becomes_integer_only(gelu, softmax):
+def test_hand_written_vit_becomes_integer_only(gelu, softmax, gemm_path):
     torch.manual_seed(0)
     model = HandViT()
     prepared, x = calibrated(model, (4, 3, 32, 32), gelu=gelu, softmax=softmax)

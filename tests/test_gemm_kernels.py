@@ -30,3 +30,10 @@ def test_uint16_probabilities_matmul_is_exact(gemm_path):
     p[..., 0, :] = 2**15  # a one-hot row's full probability
     v = extremes((2, 3, 20, 16), g)
     assert torch.equal(gemm.uint16_matmul(p, v).long(), p @ v.long())
+
+
+def test_a_path_this_cpu_cannot_run_is_refused_by_name():
+    with pytest.raises(ValueError, match="GEMM path 'vnni512' does not run here; this CPU runs: int_mm"):
+        with gemm.forced("vnni512"):
+            pass
+    assert gemm.GEMM is None and gemm.runnable_gemm_paths()[-1] == "int32"

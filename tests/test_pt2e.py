@@ -18,7 +18,7 @@ needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers")
 
 
 @pytest.mark.parametrize("model_class,shape", [(HandViT, (2, 3, 32, 32)), (FunctionalViT, (2, 3, 16, 16))])
-def test_pt2e_gives_the_integers_of_the_fx_flow(model_class, shape):
+def test_pt2e_gives_the_integers_of_the_fx_flow(model_class, shape, gemm_path):
     torch.manual_seed(0)
     model = model_class().eval()
     via_fx, x = calibrated(model, shape)
