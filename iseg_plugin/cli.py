@@ -9,8 +9,20 @@ import warnings
 from pathlib import Path
 
 
+def _write_json(path: str, report: dict, force: bool) -> None:
+    from .files import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=1)), replace=force)
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_report, run_demo
+    from .demo import CHECKPOINT, CONFIG, format_report, outputs, run_demo
+    from .files import OutputError, check_output
+
+    if args.json:
+        if Path(args.json).resolve() in {path.resolve() for path in outputs(args.out_dir)}:
+            raise OutputError(f"--json {args.json} is a file the demo writes itself: choose another path")
+        check_output(args.json, [CONFIG, CHECKPOINT], args.force, "--json")
 
     print("iseg demo: one-shot PTQ (1 calibration image) of the CamVid Segmenter (DINOv2 ViT-S/14 encoder), "
           "then FP32 vs the deployed integer-only model")
@@ -18,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        _write_json(args.json, report, args.force)
     return 0
 
 
@@ -57,8 +69,14 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from . import kernels
-    from .evaluate import evaluate
+    from .evaluate import PLOTS, evaluate
+    from .files import check_output
 
+    inputs = [args.config, args.model]  # (and their calibration records: check_output)
+    for plot in PLOTS:  # checked before the evaluation, as --json
+        check_output(Path(args.out_dir) / plot, inputs, args.force, "--out-dir")
+    if args.json:
+        check_output(args.json, inputs, args.force, "--json")
     forms = ("fp32", "fake-quant", "deployed") if args.fake_quant else ("fp32", "deployed")
     report = evaluate(args.config, args.model, args.data_root, args.limit, args.out_dir, forms)
     print()
@@ -79,7 +97,7 @@ def _eval(args: argparse.Namespace) -> int:
         print("per-layer choices in the model: " + ", ".join(f"{name} x{n}" for name, n in variants.items())
               + (f"; INT4 weights in {int4} of {gemms} GEMMs" if gemms else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        _write_json(args.json, report, args.force)
     return 0
 
 
@@ -145,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", help="also write the report as JSON")
     demo.set_defaults(func=_demo)
 
+    demo.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     ptq = sub.add_parser("ptq", help="calibrate a Segmenter and write the deployed integer-only model")
     ptq.add_argument("config")
     ptq.add_argument("checkpoint", help="FP32 checkpoint (plugin or stock mmseg keys)")
@@ -191,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also the fake-quant form (the same graph on float64: ~10x slower than the deployed one) "
                          "and its pixel agreement with the deployed model")
     ev.set_defaults(func=_eval)
+    ev.add_argument("--force", action="store_true", help="overwrite an existing --json file and the plots in --out-dir")
 
     export = sub.add_parser("export", help="export a deployed model to integer-only ONNX or QONNX")
     export.add_argument("model", help="deployed model written by `iseg ptq`")

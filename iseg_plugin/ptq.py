@@ -15,8 +15,8 @@ from mmseg.registry import DATASETS, MODELS
 from torch.utils.data import DataLoader
 
 from .deploy import calibrate_prepared, convert, prepare_segmenter
-from .deploy.io import save_deployed
-from .files import atomic_write, check_output, unreadable
+from .deploy.io import deployed_blob
+from .files import check_output, content_digest, sidecar, unreadable, write_together
 from .models import CheckpointMismatchError
 from .models.fold import fold_layernorms
 from .quiet import quiet
@@ -25,10 +25,43 @@ from .select import ROUNDING_IMAGES, SCORE_IMAGES, check_quant, choose, prepare_
 DECODERS = {"paper": dict(l2_norm=False, upsample="nearest"), "bilinear-l2": dict(l2_norm=True, upsample="bilinear")}
 
 
-def sidecar(model_path: str | Path) -> Path:
-    """The calibration record written next to a deployed model (float weights and observed ranges, from
-    which `iseg eval` rebuilds the FP32 and fake-quant forms)."""
-    return Path(f"{model_path}.calib.pth")
+def save_with_record(deployed, state_dict: dict, meta: dict, out: str | Path, force: bool) -> int:
+    """Write the deployed model and its calibration record (:func:`sidecar`: float weights, observed ranges,
+    ``meta``) as one: the record holds the model's digest and its own checksum, and both files are moved
+    into place together (:func:`iseg_plugin.files.write_together`). Returns the model's size in bytes."""
+    blob = deployed_blob(deployed)
+    record = {"state_dict": state_dict, "meta": meta, "model_sha256": blob["sha256"]}
+    record["sha256"] = content_digest([meta, blob["sha256"]], state_dict)
+    write_together([(sidecar(out), lambda tmp: torch.save(record, tmp)), (out, lambda tmp: torch.save(blob, tmp))],
+                   replace=force)
+    return Path(out).stat().st_size
+
+
+def load_record(model_path: str | Path, model_sha256: str) -> dict:
+    """The calibration record of the deployed model at ``model_path`` whose digest is ``model_sha256``
+    (``load_deployed(...).sha256``): refused if damaged, unbound (earlier versions) or another model's."""
+    path = sidecar(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: it is written by `iseg ptq` next to the deployed model")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure: say what the file is not
+        raise ValueError(unreadable(path, err, "calibration record of `iseg ptq`")) from None
+    if not isinstance(record, dict) or "model_sha256" not in record:
+        raise ValueError(f"{path} is not bound to its model (written by an earlier version, or not a calibration "
+                         "record): write the model and it again with `iseg ptq`")
+    try:
+        intact = record.get("sha256") == content_digest([record.get("meta"), record["model_sha256"]],
+                                                        record.get("state_dict"))
+    except (TypeError, ValueError, AttributeError, RuntimeError):  # parts that are not what they should be
+        intact = False
+    if not intact:
+        raise ValueError(f"{path} is damaged: its content does not match the checksum written with it "
+                         "(write the model and it again with `iseg ptq`)")
+    if record["model_sha256"] != model_sha256:
+        raise ValueError(f"{path} belongs to another model than {model_path} (one of them was written by another or "
+                         f"an interrupted run): write both again with `iseg ptq ... --out {model_path} --force`")
+    return record
 
 
 def load_config(config: str, data_root: str | None = None, gelu: str | None = None, softmax: str | None = None,
@@ -198,11 +231,8 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     selection = choose(prepared, images[:SCORE_IMAGES], quant, rounding_inputs=images[:ROUNDING_IMAGES])
     select_seconds = time.perf_counter() - start
     deployed = convert(prepared, example, cfg.model.data_preprocessor.mean, cfg.model.data_preprocessor.std, selection)
-    size = save_deployed(deployed, out)
-    record = {"state_dict": prepared.state_dict(), "meta": dict(gelu=gelu, softmax=softmax, decoder=decoder,
-                                                                num_samples=num_samples, fold_norms=fold_norms,
-                                                                quant=quant)}
-    atomic_write(sidecar(out), lambda tmp: torch.save(record, tmp))
+    meta = dict(gelu=gelu, softmax=softmax, decoder=decoder, num_samples=num_samples, fold_norms=fold_norms, quant=quant)
+    size = save_with_record(deployed, prepared.state_dict(), meta, out, force)
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=fp32, calib_seconds=calib_seconds,
                 kept_init=sorted({key.split(".")[0] for key in kept_init}), kept_init_count=len(kept_init),
                 input_size=deployed.input_size, num_samples=num_samples, quant=quant, selection=selection,
@@ -234,10 +264,8 @@ def deploy_checkpoint(config: str, checkpoint: str, out: str, data_root: str | N
             f"unexpected {result.unexpected_keys[:3]} ({len(result.missing_keys)} / {len(result.unexpected_keys)})")
     example = example_input(model, dataset(cfg, "val")[0])
     deployed = model.deploy(tuple(example.shape[-2:]))
-    size = save_deployed(deployed, out)
-    record = {"state_dict": model.prepared.state_dict(),
-              "meta": dict(quant=quant, fold_norms=False, decoder=None, num_samples=None, checkpoint=str(checkpoint))}
-    atomic_write(sidecar(out), lambda tmp: torch.save(record, tmp))
+    meta = dict(quant=quant, fold_norms=False, decoder=None, num_samples=None, checkpoint=str(checkpoint))
+    size = save_with_record(deployed, model.prepared.state_dict(), meta, out, force)
     float_state = {k: v for k, v in model.state_dict().items() if not k.startswith("observers.")}
     return dict(out=str(out), deployed_bytes=size, fp32_bytes=state_size(float_state),
                 input_size=deployed.input_size, quant=quant)
