@@ -104,7 +104,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .deploy.io import load_deployed
     from .export import export_onnx_int, export_qonnx, qonnx_inference_cost
-    from .export.onnx_int import gemm_form
+    from .export.onnx_int import U8S8_NEEDS, gemm_form
     from .files import check_output
 
     suffix = ".int.onnx" if args.format == "onnx-int" else ".qonnx.onnx"
@@ -117,6 +117,8 @@ def _export(args: argparse.Namespace) -> int:
         gemm = gemm_form({p.key: p.value for p in proto.metadata_props})
         what = f"integer-only ONNX graph (every tensor integer-typed; GEMMs {gemm})"
     print(f"{what}: {out} ({out.stat().st_size / 2**20:.1f} MB, {len(proto.graph.node)} nodes); ops: {', '.join(ops)}")
+    if args.format == "onnx-int" and gemm == "u8s8":
+        print(f"note: this file needs {U8S8_NEEDS}")
     if args.format == "qonnx":
         cost = qonnx_inference_cost(out)
         macs = ", ".join(f"{k[len('op_mac_'):].replace('_', ' x ')}: {v / 1e9:.3g} G" for k, v in cost.items()
