@@ -67,6 +67,28 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
     return report
 
 
+def check_label(item: dict, classes: int, ignore: int) -> torch.Tensor:
+    """The label map of a test-pipeline output, refused (naming its file) if it is not one channel of class
+    ids below ``classes`` (or ``ignore``) at the size of its image."""
+    sample = item["data_samples"]
+    label, where = sample.gt_sem_seg.data, sample.get("seg_map_path", "a label")
+    if label.shape[0] != 1:
+        raise ValueError(f"{where} has {label.shape[0]} channels: labels must be single-channel PNGs of class ids "
+                         f"(0..{classes - 1}, {ignore} ignored), not colour images")
+    size, image = tuple(label.shape[-2:]), tuple(item["inputs"].shape[-2:])
+    if size != image and size != tuple(sample.ori_shape):
+        raise ValueError(f"{where} is {size[0]}x{size[1]} but its image {sample.img_path} is "
+                         f"{sample.ori_shape[0]}x{sample.ori_shape[1]}: each label must have its image's size")
+    if size != image:
+        raise ValueError(f"test_pipeline resizes the images to {image[0]}x{image[1]} but not their labels "
+                         f"({size[0]}x{size[1]}): put LoadAnnotations before Resize in the config's test_pipeline")
+    ids = label[label != ignore]
+    if ids.numel() and int(ids.max()) >= classes:
+        raise ValueError(f"{where} holds class id {int(ids.max())}, but the dataset has {classes} classes (ids "
+                         f"0..{classes - 1}, {ignore} ignored): check the labels or the dataset's classes")
+    return label[0]
+
+
 def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 255, out_dir: str | None = None,
             dataset_panels: bool = True, note: str | None = None) -> dict:
     """Run every form on ``items`` (mmseg test-pipeline outputs); mIoU where the items carry labels.
@@ -83,10 +105,7 @@ def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 
     confusion = torch.zeros(k, k, dtype=torch.int64)  # rows: ground truth, columns: deployed prediction
     bar = ProgressBar(len(items))
     for item in items:
-        gt = item["data_samples"].gt_sem_seg.data[0] if labelled else None
-        if gt is not None and gt.shape != item["inputs"].shape[-2:]:
-            raise ValueError(f"the test pipeline gives {tuple(item['inputs'].shape[-2:])} images but "
-                             f"{tuple(gt.shape)} labels: put LoadAnnotations before Resize in test_pipeline")
+        gt = check_label(item, k, ignore) if labelled else None
         preds = {}
         for form, model in models.items():
             data = model.data_preprocessor(dict(inputs=[item["inputs"]], data_samples=[item["data_samples"]]), False)

@@ -10,11 +10,12 @@ import pickle
 import platform
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
-
 import torch
+
 
 class OutputError(ValueError):
     """An output path that must not or cannot be written."""
@@ -157,5 +158,9 @@ def unreadable(path: str | Path, err: Exception, what: str) -> str:
                 "loading those could run code (refused)")
     if isinstance(err, pickle.UnpicklingError):  # (torch's text here is advice to load it unsafely)
         return f"{path} is not a readable {what}: not a file torch.save wrote, or damaged"
+    if Path(path).stat().st_size == 0:
+        return f"{path} is empty (0 bytes), not a {what}: an interrupted copy? Copy or write it again"
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives (torch's errors here name no file)
+        return f"{path} is not a {what}: not a file torch.save wrote (a text or other file?), or damaged"
     reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-    return f"{path} is not a readable {what} ({type(err).__name__}: {reason})"
+    return f"{path} is not a readable {what}, or is damaged ({type(err).__name__}: {reason})"

@@ -68,7 +68,12 @@ def load_config(config: str, data_root: str | None = None, gelu: str | None = No
                 decoder: str | None = None, check_data: bool = True, **quant) -> Config:
     """The config with the CLI's overrides (``gelu`` / ``softmax``: registry variants; ``quant``: the other
     keys of ``model.quant``, e.g. ``weight_bits``, ``select``; None leaves the config's)."""
-    cfg = Config.fromfile(config)
+    try:
+        cfg = Config.fromfile(config)
+    except SyntaxError as err:  # (mmengine parses the text without its file name)
+        where = err.filename if err.filename and not err.filename.startswith("<") else config
+        raise ValueError(f"config {where}, line {err.lineno}: Python syntax error ({err.msg}): fix the "
+                         "config file") from None
     init_default_scope(cfg.get("default_scope", "mmseg"))
     if data_root is not None:
         for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
@@ -141,7 +146,27 @@ def checkpoint_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     tensors = {k.removeprefix("module."): v for k, v in (state or {}).items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointMismatchError(f"{checkpoint} holds no tensors (expected {{'state_dict': {{name: tensor}}}})")
+    check_finite(tensors, checkpoint)
     return tensors
+
+
+ABSURD = 1e6  # no trained weight, bias or observed range comes near this; its integers' scales would overflow
+
+
+def check_finite(tensors: dict, checkpoint: str | Path) -> None:
+    """Refuse NaN, infinite or absurdly large (|x| > ``ABSURD``) floats, naming the first tensor that holds
+    them: before any calibration, which would turn them into meaningless integer scales."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        bad = tensor.isnan() | (tensor.abs() > ABSURD)
+        if name.endswith((".min_val", ".max_val")):  # an observer that saw no data keeps its initial +-inf
+            bad &= ~tensor.isinf()
+        if bad.any():
+            value = tensor[bad].flatten()[0].item()
+            raise CheckpointMismatchError(f"{checkpoint}: tensor '{name}' holds {value:g} ({int(bad.sum())} of "
+                                          f"{tensor.numel()} values NaN, infinite or beyond {ABSURD:g}): the "
+                                          "checkpoint is damaged or its training diverged; use another checkpoint")
 
 
 def float_model_config(cfg: Config):

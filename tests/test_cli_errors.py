@@ -1,4 +1,5 @@
 """Bad and careless use of the `iseg` command: short errors without a traceback, and no file lost."""
+import re
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,72 @@ def test_a_pickle_with_code_is_refused_without_offering_to_load_it(tmp_path):
         load_deployed(path)
     message = str(raised.value)
     assert "could run code (refused)" in message and "weights_only" not in message and "can still" not in message
+
+
+# issue 37, case 9: each message says what was wrong and how to fix it
+
+def test_a_text_file_or_an_empty_file_as_the_model_is_named_as_such(tmp_path, capsys):
+    text = tmp_path / "notes.iseg"
+    text.write_text("export the model tomorrow")  # 'e' (101) is a pickle opcode torch reads as a key
+    code, err = run(capsys, "export", text)
+    assert code == 1 and "notes.iseg is not a deployed model: not a file torch.save wrote (a text or other " \
+                          "file?), or damaged" in err and "KeyError" not in err
+    empty = tmp_path / "empty.iseg"
+    empty.write_bytes(b"")
+    code, err = run(capsys, "export", empty)
+    assert code == 1 and "empty.iseg is empty (0 bytes), not a deployed model: an interrupted copy? Copy or write " \
+                          "it again" in err and "EOFError" not in err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
+def test_a_checkpoint_with_nan_inf_or_absurd_values_is_refused_naming_the_tensor(tmp_path, value):
+    from iseg_plugin.models import CheckpointMismatchError
+    from iseg_plugin.ptq import checkpoint_tensors
+
+    weight = torch.randn(4, 4)
+    weight[1, 2] = value
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {"decode_head.fc.weight": weight, "decode_head.fc.bias": torch.zeros(4),
+                               "observers.a.min_val": torch.tensor(float("inf"))}}, path)  # (an unobserved range)
+    message = (f"ckpt.pth: tensor 'decode_head.fc.weight' holds {value:g} (1 of 16 values NaN, infinite or beyond "
+               "1e+06): the checkpoint is damaged or its training diverged; use another checkpoint")
+    with pytest.raises(CheckpointMismatchError, match=re.escape(message)):
+        checkpoint_tensors(path)
+
+
+def test_a_config_with_a_syntax_error_is_named(tmp_path, capsys):
+    config = tmp_path / "broken.py"
+    config.write_text("model = dict(\n    type='ISegmenter',\n    quant=dict(gelu='poly'\n")
+    code, err = run(capsys, "ptq", config, "ckpt.pth", "--out", tmp_path / "m.iseg")
+    assert code == 1 and "error: config " in err and "broken.py, line" in err and "Python syntax error" in err
+
+
+def _label_item(label, image_size=(8, 8), ori_shape=None):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    sample = SegDataSample(metainfo=dict(img_path="img/a.png", seg_map_path="ann/a.png",
+                                         ori_shape=ori_shape or image_size))
+    sample.gt_sem_seg = PixelData(data=label)
+    return dict(inputs=torch.zeros(3, *image_size, dtype=torch.uint8), data_samples=sample)
+
+
+def test_bad_labels_are_named_with_what_to_fix():
+    from iseg_plugin.evaluate import check_label
+
+    good = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    good[0, 0, 0] = 255
+    assert check_label(_label_item(good), 11, 255).shape == (8, 8)
+    out_of_range = good.clone()
+    out_of_range[0, 1, 1] = 40
+    with pytest.raises(ValueError, match=r"ann/a.png holds class id 40, but the dataset has 11 classes \(ids 0..10, "
+                                         r"255 ignored\): check the labels or the dataset's classes"):
+        check_label(_label_item(out_of_range), 11, 255)
+    with pytest.raises(ValueError, match="ann/a.png has 3 channels: labels must be single-channel PNGs of class ids"):
+        check_label(_label_item(torch.zeros(3, 8, 8, dtype=torch.uint8)), 11, 255)
+    with pytest.raises(ValueError, match=r"ann/a.png is 6x8 but its image img/a.png is 8x8: each label must have "
+                                         "its image's size"):
+        check_label(_label_item(torch.zeros(1, 6, 8, dtype=torch.uint8)), 11, 255)
+    with pytest.raises(ValueError, match=r"test_pipeline resizes the images to 4x4 but not their labels \(8x8\): put "
+                                         "LoadAnnotations before Resize"):
+        check_label(_label_item(good, image_size=(4, 4), ori_shape=(8, 8)), 11, 255)
