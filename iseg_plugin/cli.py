@@ -42,7 +42,7 @@ def _ptq(args: argparse.Namespace) -> int:
     report = run_ptq(args.config, args.checkpoint, args.calib_samples, args.out, args.gelu, args.softmax,
                      args.decoder, args.data_root, fold_norms=args.fold_norms, force=args.force,
                      weight_bits=args.weight_bits, select=args.select, size_ratio=args.size_ratio,
-                     weight_rounding=args.weight_rounding, int8_weights=args.int8_weights)
+                     weight_rounding=args.weight_rounding, int8_weights=args.int8_weights, strict=args.strict)
     mb = 2**20
     if report["selection"]:
         print(f"\nper-layer choices (unified metric, scored on the first calibration images in "
@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out-dir", default="work_dirs/demo", help="where the deployed model and the overlays go")
     demo.add_argument("--data-root", help="CamVid (train/, val/ with labels); default: the config's, if present")
     demo.add_argument("--json", help="also write the report as JSON")
+    demo.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     demo.set_defaults(func=_demo)
 
-    demo.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     ptq = sub.add_parser("ptq", help="calibrate a Segmenter and write the deployed integer-only model")
     ptq.add_argument("config")
     ptq.add_argument("checkpoint", help="FP32 checkpoint (plugin or stock mmseg keys)")
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep LayerNorm affines (default: fold them into the next Linear, exact)")
     ptq.add_argument("--out", required=True, help="the deployed model (and OUT.calib.pth beside it)")
     ptq.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    ptq.add_argument("--strict", action="store_true", help="refuse a degenerate calibration (near-constant images, "
+                     "collapsed ranges) instead of warning")
     ptq.set_defaults(func=_ptq)
 
     deploy = sub.add_parser("deploy", help="write the deployed integer-only model of a QAT checkpoint (mim train)")
@@ -208,11 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
     ev.add_argument("--out-dir", default="work_dirs/eval", help="confusion matrix and overlay PNGs")
     ev.add_argument("--json", help="also write the report as JSON")
+    ev.add_argument("--force", action="store_true", help="overwrite an existing --json file and the plots in --out-dir")
     ev.add_argument("--fake-quant", action="store_true",
                     help="also the fake-quant form (the same graph on float64: ~10x slower than the deployed one) "
                          "and its pixel agreement with the deployed model")
     ev.set_defaults(func=_eval)
-    ev.add_argument("--force", action="store_true", help="overwrite an existing --json file and the plots in --out-dir")
 
     export = sub.add_parser("export", help="export a deployed model to integer-only ONNX or QONNX")
     export.add_argument("model", help="deployed model written by `iseg ptq`")
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for message in _NOISE:
         warnings.filterwarnings("ignore", message=message)
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"iseg {args.command}: warning: {message}\n"  # one line
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -251,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         print("  (iseg --debug ... shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":

@@ -211,7 +211,7 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
             softmax: str | None = None, decoder: str | None = None, data_root: str | None = None,
             batch_size: int = 8, fold_norms: bool = True, calib_set=None, force: bool = False,
             weight_bits: int | str | None = None, select: str | None = None, size_ratio: float | None = None,
-            weight_rounding: str | None = None, int8_weights: list[str] | None = None) -> dict:
+            weight_rounding: str | None = None, int8_weights: list[str] | None = None, strict: bool = False) -> dict:
     """Calibrate on ``num_samples`` images (EMA update 0.05), make the per-layer choices asked for, convert,
     save; return a report.
 
@@ -222,7 +222,8 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     (:func:`iseg_plugin.select.check_quant`); per-layer choices are scored on the first ``SCORE_IMAGES``
     calibration images, GPTQ takes the first ``ROUNDING_IMAGES``. ``out`` (and its
     calibration record) must not exist unless ``force``, nor be an input; both are checked first and
-    written whole or not at all.
+    written whole or not at all. ``strict``: refuse a degenerate calibration instead of warning
+    (:func:`iseg_plugin.deploy.calibrate_prepared`).
     """
     if num_samples < 1:
         raise ValueError(f"--calib-samples must be at least 1, got {num_samples}")
@@ -249,7 +250,7 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
     prepared = prepare_segmenter(model, example, **prepare_options(quant))
     loader = DataLoader(calib_set, batch_size=min(batch_size, num_samples), shuffle=False, collate_fn=pseudo_collate)
     start = time.perf_counter()
-    calibrate_prepared(prepared, model.data_preprocessor, loader, num_samples)
+    calibrate_prepared(prepared, model.data_preprocessor, loader, num_samples, strict=strict)
     calib_seconds = time.perf_counter() - start
     start = time.perf_counter()
     images = [(example_input(model, calib_set[i]),) for i in range(min(max(SCORE_IMAGES, ROUNDING_IMAGES), num_samples))]

@@ -1,5 +1,6 @@
 """Bad and careless use of the `iseg` command: short errors without a traceback, and no file lost."""
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,47 @@ def test_bad_labels_are_named_with_what_to_fix():
     with pytest.raises(ValueError, match=r"test_pipeline resizes the images to 4x4 but not their labels \(8x8\): put "
                                          "LoadAnnotations before Resize"):
         check_label(_label_item(good, image_size=(4, 4), ori_shape=(8, 8)), 11, 255)
+
+
+# issue 37, case 5: a degenerate calibration is named (or refused with --strict)
+
+def test_a_constant_calibration_image_is_warned_about_or_refused_when_strict():
+    from iseg_plugin.deploy import calibrate_prepared, prepare_segmenter
+    from iseg_plugin.deploy.convert import CalibrationWarning
+
+    from test_deploy import batch, pixels
+    from test_quant_model import build, trained_like
+
+    model = trained_like(build(None)).eval()
+    constant = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
+    example = model.data_preprocessor(batch(constant), False)["inputs"]
+    prepared = prepare_segmenter(model, example)
+    with pytest.warns(CalibrationWarning, match=r"calibration image\(s\) 2 of 2 are \(near\) constant: their ranges "
+                                                "do not fit real images; calibrate on real, varied images"):
+        calibrate_prepared(prepared, model.data_preprocessor, [batch(torch.cat([pixels(1, 1), constant]))], 2,
+                           show_progress=False)
+    with pytest.raises(ValueError, match=r"calibration image\(s\) 1 of 1 are \(near\) constant.*\(refused: --strict\)"):
+        calibrate_prepared(prepare_segmenter(model, example), model.data_preprocessor, [batch(constant)], 1,
+                           show_progress=False, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)  # real images: no warning
+        calibrate_prepared(prepare_segmenter(model, example), model.data_preprocessor, [batch(pixels(2, 1))], 2,
+                           show_progress=False)
+
+
+def test_collapsed_ranges_are_named_by_their_op():
+    from iseg_plugin.deploy import calibrate_prepared, prepare_segmenter
+    from iseg_plugin.deploy.convert import CalibrationWarning, collapsed_ranges
+
+    from test_deploy import batch, pixels
+    from test_quant_model import build, trained_like
+
+    model = trained_like(build(None)).eval()
+    example = model.data_preprocessor(batch(pixels(1, 1)), False)["inputs"]
+    prepared = prepare_segmenter(model, example)
+    calibrate_prepared(prepared, model.data_preprocessor, [batch(pixels(1, 1))], 1, show_progress=False)
+    assert collapsed_ranges(prepared) == []
+    node = next(n for n in prepared.graph.nodes if n.op == "call_module" and "activation_post_process" in n.target)
+    observer = prepared.get_submodule(node.target)  # the (padded) image's range, as if every pixel were one value
+    observer.max_val.copy_(observer.min_val)
+    assert collapsed_ranges(prepared) == ["pad"]
