@@ -70,6 +70,9 @@ def run_demo(out_dir: str | Path, data_root: str | None = None) -> dict:
     root = Path(cfg.val_dataloader.dataset.data_root)
     model_path = out_dir / MODEL_NAME
     labelled = (root / "val").is_dir() and (root / "train").is_dir()
+    if data_root is not None and not labelled:  # asked for CamVid: no falling back to the photos
+        raise FileNotFoundError(f"--data-root {data_root} has no train/ and val/ folders: give the CamVid folder, "
+                                "or leave --data-root out to use the sample photos")
     if labelled:
         ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), data_root=data_root, force=True)
         report = evaluate(str(CONFIG), str(model_path), data_root, SHOWN, str(out_dir), forms=("fp32", "deployed"))

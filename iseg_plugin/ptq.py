@@ -265,6 +265,29 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
                 select_seconds=select_seconds)
 
 
+def check_trained_as_configured(asked: dict, observers: dict, quant: dict, checkpoint: str | Path) -> None:
+    """Refuse a QAT checkpoint whose operators or weight widths are not those of the config's ``quant``:
+    loading it keeps its own (its observers hold them), which would deploy another model than the config
+    says. ``asked``: each observer's (variant, weight bits) as the config built it, before loading."""
+    found = {name: (observer.variant, observer.weight_bits) for name, observer in observers.items()}
+    if quant["select"] == "global":
+        for name, (variant, _) in asked.items():
+            if found[name][0] != variant:
+                raise CheckpointMismatchError(
+                    f"{checkpoint} holds {found[name][0]} operators where the config's quant asks for {variant} "
+                    f"({name}): deploy it with the config it was trained with (or quantize the float model with iseg ptq)")
+    if quant["weight_bits"] == "mixed":
+        return
+    narrowed = [name for name, (_, bits) in asked.items() if bits == 8 and found[name][1] == 4]
+    widened = [name for name, (_, bits) in asked.items() if bits == 4 and found[name][1] == 8]
+    int4 = sum(bits == 4 for _, bits in asked.values())
+    if narrowed or (widened and (not quant["int8_weights"] or len(widened) == int4)):
+        got = 4 if narrowed else 8
+        raise CheckpointMismatchError(
+            f"{checkpoint} holds INT{got} weights where the config's quant asks for weight_bits={quant['weight_bits']}: "
+            "deploy it with the config it was trained with")
+
+
 def deploy_checkpoint(config: str, checkpoint: str, out: str, data_root: str | None = None,
                       force: bool = False) -> dict:
     """The deployed integer-only model of a QAT checkpoint (``mim train`` of an ``ISegmenter(quant=...)``
@@ -283,11 +306,13 @@ def deploy_checkpoint(config: str, checkpoint: str, out: str, data_root: str | N
                                       f"float checkpoint; quantize it with `iseg ptq {config} {checkpoint}`")
     with quiet_mmengine_info():
         model = MODELS.build(copy.deepcopy(cfg.model))
+    asked = {name: (observer.variant, observer.weight_bits) for name, observer in model.observers.items()}
     result = model.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointMismatchError(
             f"{checkpoint} is not a checkpoint of this config's model: missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]} ({len(result.missing_keys)} / {len(result.unexpected_keys)})")
+    check_trained_as_configured(asked, model.observers, quant, checkpoint)
     example = example_input(model, dataset(cfg, "val")[0])
     deployed = model.deploy(tuple(example.shape[-2:]))
     meta = dict(quant=quant, fold_norms=False, decoder=None, num_samples=None, checkpoint=str(checkpoint))

@@ -269,3 +269,35 @@ def test_collapsed_ranges_are_named_by_their_op():
     observer = prepared.get_submodule(node.target)  # the (padded) image's range, as if every pixel were one value
     observer.max_val.copy_(observer.min_val)
     assert collapsed_ranges(prepared) == ["pad"]
+
+
+# issue 37, case 10
+
+def test_deploy_refuses_a_checkpoint_trained_with_other_quant_options():
+    from iseg_plugin.models import CheckpointMismatchError
+    from iseg_plugin.ops.observer import IsegObserver
+    from iseg_plugin.ptq import check_trained_as_configured
+    from iseg_plugin.select import check_quant
+
+    def observers(gelu, bits):
+        return {"gelu": IsegObserver(variant=gelu), "fc": IsegObserver(weight_bits=bits)}
+
+    asked = {name: (o.variant, o.weight_bits) for name, o in observers("shift", 8).items()}
+    check_trained_as_configured(asked, observers("shift", 8), check_quant(dict(gelu="shift")), "ok.pth")
+    with pytest.raises(CheckpointMismatchError, match="qat.pth holds poly operators where the config's quant asks for "
+                                                      r"shift \(gelu\): deploy it with the config it was trained with"):
+        check_trained_as_configured(asked, observers("poly", 8), check_quant(dict(gelu="shift")), "qat.pth")
+    asked_w4 = {name: (o.variant, o.weight_bits) for name, o in observers("poly", 4).items()}
+    with pytest.raises(CheckpointMismatchError, match="qat.pth holds INT8 weights where the config's quant asks for "
+                                                      "weight_bits=4: deploy it with the config it was trained with"):
+        check_trained_as_configured(asked_w4, observers("poly", 8), check_quant(dict(weight_bits=4)), "qat.pth")
+    with pytest.raises(CheckpointMismatchError, match="holds INT4 weights where the config's quant asks for "
+                                                      "weight_bits=8"):
+        check_trained_as_configured(asked, observers("shift", 4), check_quant(dict(gelu="shift")), "qat.pth")
+
+
+def test_demo_refuses_a_data_root_without_camvid_before_any_work(tmp_path, capsys):
+    code, err = run(capsys, "demo", "--data-root", tmp_path / "camvdi", "--out-dir", tmp_path / "demo")
+    assert code == 1 and "--data-root" in err and "camvdi has no train/ and val/ folders: give the CamVid folder, " \
+                                                  "or leave --data-root out to use the sample photos" in err
+    assert not (tmp_path / "demo").exists()
