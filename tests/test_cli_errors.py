@@ -240,11 +240,11 @@ def test_a_constant_calibration_image_is_warned_about_or_refused_when_strict():
     constant = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
     example = model.data_preprocessor(batch(constant), False)["inputs"]
     prepared = prepare_segmenter(model, example)
-    with pytest.warns(CalibrationWarning, match=r"calibration image\(s\) 2 of 2 are \(near\) constant: their ranges "
-                                                "do not fit real images; calibrate on real, varied images"):
+    with pytest.warns(CalibrationWarning, match=r"calibration image 2 of 2 is \(near\) constant: the ranges observed "
+                                                "on it do not fit real images; calibrate on real, varied images"):
         calibrate_prepared(prepared, model.data_preprocessor, [batch(torch.cat([pixels(1, 1), constant]))], 2,
                            show_progress=False)
-    with pytest.raises(ValueError, match=r"calibration image\(s\) 1 of 1 are \(near\) constant.*\(refused: --strict\)"):
+    with pytest.raises(ValueError, match=r"calibration image 1 of 1 is \(near\) constant.*\(refused: --strict\)"):
         calibrate_prepared(prepare_segmenter(model, example), model.data_preprocessor, [batch(constant)], 1,
                            show_progress=False, strict=True)
     with warnings.catch_warnings():

@@ -31,7 +31,7 @@ class CalibrationWarning(UserWarning):
     """Calibration data from which no useful ranges can come (a flat image, a range of one value)."""
 
 
-FLAT_STD = 0.05  # a normalised image whose every channel's std is below this (~3 grey levels) is near-constant
+FLAT_STD = 3.0  # an image whose every channel's std is below this many grey levels is near-constant
 
 
 def calibrate_prepared(prepared, preprocessor, loader, num_samples: int, show_progress: bool = True,
@@ -50,8 +50,9 @@ def calibrate_prepared(prepared, preprocessor, loader, num_samples: int, show_pr
         for data in loader:
             inputs = preprocessor(data, train_padding)["inputs"][: num_samples - seen]
             prepared(inputs)
-            stds = inputs.flatten(2).std(-1).amax(-1)  # each image's most varied channel
-            flat += [seen + 1 + int(i) for i in torch.nonzero(stds < FLAT_STD).flatten()]
+            # each image's most varied channel, on its pixels as read (the batch's padding is constant)
+            stds = [image.float().flatten(1).std(-1).max() for image in data["inputs"][: inputs.shape[0]]]
+            flat += [seen + 1 + i for i, std in enumerate(stds) if std < FLAT_STD]
             seen += inputs.shape[0]
             for _ in range(inputs.shape[0] if bar is not None else 0):
                 bar.update()
@@ -61,8 +62,9 @@ def calibrate_prepared(prepared, preprocessor, loader, num_samples: int, show_pr
         raise ValueError("the calibration set is empty: check the dataset's data_root and split")
     problems = []
     if flat:
-        problems.append(f"calibration image(s) {', '.join(map(str, flat[:5]))} of {seen} are (near) constant: their "
-                        "ranges do not fit real images; calibrate on real, varied images")
+        which = f"image {flat[0]} of {seen} is" if len(flat) == 1 else f"images {', '.join(map(str, flat[:5]))} of {seen} are"
+        problems.append(f"calibration {which} (near) constant: the ranges observed on it do not fit real images; "
+                        "calibrate on real, varied images")
     collapsed = collapsed_ranges(prepared)
     if collapsed:
         problems.append(f"the observed range of {len(collapsed)} ops collapsed to one value ({', '.join(collapsed[:4])}"
