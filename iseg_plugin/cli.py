@@ -110,7 +110,10 @@ def _export(args: argparse.Namespace) -> int:
     suffix = ".int.onnx" if args.format == "onnx-int" else ".qonnx.onnx"
     out = check_output(args.out or Path(args.model).with_suffix(suffix), [args.model], args.force)
     model = load_deployed(args.model)
-    proto = export_onnx_int(model, out, args.gemm) if args.format == "onnx-int" else export_qonnx(model, out)
+    if args.format == "onnx-int":
+        proto = export_onnx_int(model, out, args.gemm, replace=args.force)
+    else:
+        proto = export_qonnx(model, out, replace=args.force)
     ops = sorted({(f"{node.domain}::" if node.domain else "") + node.op_type for node in proto.graph.node})
     what = "QONNX graph"
     if args.format == "onnx-int":

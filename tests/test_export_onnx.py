@@ -131,7 +131,7 @@ def test_a_u8s8_file_says_it_needs_vnni_and_is_refused_elsewhere_without_its_met
 
     operands = (torch.ones(2, 3, dtype=torch.int8), torch.ones(3, 2, dtype=torch.int8), torch.ones(2, 3, dtype=torch.int64))
 
-    def export_products(model, path, form):  # (the CLI's export, on a small integer module)
+    def export_products(model, path, form, replace=True):  # (the CLI's export, on a small integer module)
         proto = export_integer_module(Products(), operands, ["a", "b", "p"], ["ab", "pb"], gemm=form)
         onnx.save(proto, str(path))
         return proto
@@ -152,6 +152,24 @@ def test_a_u8s8_file_says_it_needs_vnni_and_is_refused_elsewhere_without_its_met
     assert not onnx_int.has_u8s8_gemms(u8u8) and onnx_int.REQUIRES_KEY not in {p.key for p in u8u8.metadata_props}
     assert main(["export", str(tmp_path / "m.iseg"), "--gemm", "u8u8", "--out", str(tmp_path / "m2.onnx")]) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+def test_an_export_does_not_replace_a_file_another_run_wrote_meanwhile(tmp_path, monkeypatch, capsys):
+    _, deployed = deployed_pair()
+    save_deployed(deployed, tmp_path / "m.iseg")
+    out = tmp_path / "m.onnx"
+
+    def other_run_writes_first(*args, **kwargs):  # this run passed the early check; the other one finishes first
+        out.write_bytes(b"the other run's export")
+        return export_integer_module(Products(), (torch.ones(2, 3, dtype=torch.int8), torch.ones(3, 2, dtype=torch.int8),
+                                                  torch.ones(2, 3, dtype=torch.int64)), ["a", "b", "p"], ["ab", "pb"])
+
+    monkeypatch.setattr(onnx_int, "export_integer_module", other_run_writes_first)
+    assert main(["export", str(tmp_path / "m.iseg"), "--gemm", "u8u8", "--out", str(out)]) == 1
+    assert "m.onnx appeared while this run was working (another run wrote it): it is kept" in capsys.readouterr().err
+    assert out.read_bytes() == b"the other run's export"
+    assert main(["export", str(tmp_path / "m.iseg"), "--gemm", "u8u8", "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() != b"the other run's export"
 
 
 class Shifts(nn.Module):

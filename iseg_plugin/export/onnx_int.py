@@ -245,17 +245,18 @@ def export_integer_module(module: torch.nn.Module, example_inputs: tuple, input_
     return check_integer_only(proto)
 
 
-def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None, gemm: str = "auto") -> onnx.ModelProto:
+def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None, gemm: str = "auto",
+                    replace: bool = True) -> onnx.ModelProto:
     """Trace a deployed model into an integer-only ONNX graph (batch 1 of uint8 RGB pixels in; integer
-    logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given.
-    ``gemm`` as in :func:`export_integer_module`."""
+    logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given
+    (``replace=False``: not over a file another run wrote meanwhile). ``gemm`` as in :func:`export_integer_module`."""
     if not isinstance(model, DeployedSegmenter):
         raise TypeError(f"export_onnx_int takes a DeployedSegmenter (iseg ptq's output, or "
                         f"iseg_plugin.deploy.convert's), got {type(model).__name__}")
     pixels = torch.zeros(1, 3, *model.input_size, dtype=torch.uint8)
     proto = export_integer_module(model, (pixels,), ["pixels"], ["logits", "classes"], gemm)
     if path is not None:
-        atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
+        atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)), replace)
     return proto
 
 
