@@ -219,3 +219,23 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next_write(tmp_path):
     write_together([(tmp_path / "out.bin", lambda tmp: tmp.write_bytes(b"whole"))])
     assert not dead.exists() and alive.exists() and other_host.exists()
     assert (tmp_path / "out.bin").read_bytes() == b"whole"
+
+
+def test_a_file_of_the_earlier_format_is_read_with_a_warning(saved, tmp_path):
+    """v3 files (checksum of the tensors only) stay readable, saying that their metadata is not checked."""
+    from iseg_plugin.deploy.io import _tensor_checksum
+
+    path, x, logits = saved
+    blob = torch.load(path, weights_only=True)
+    blob["format"], blob["sha256"] = "iseg-deployed-v3", _tensor_checksum(blob["state_dict"])
+    old = tmp_path / "v3.iseg"
+    torch.save(blob, old)
+    with pytest.warns(UserWarning, match="v3.iseg is a iseg-deployed-v3 file, whose checksum covers its tensors only: "
+                                         "write it again with `iseg ptq`"):
+        model = load_deployed(old)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], logits)
+    blob["sha256"] = blob["sha256"][::-1]
+    torch.save(blob, old)
+    with pytest.raises(DeployedFileError, match="is damaged"):
+        load_deployed(old)
