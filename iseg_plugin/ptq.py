@@ -150,18 +150,18 @@ def checkpoint_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-ABSURD = 1e6  # no trained weight, bias or observed range comes near this; its integers' scales would overflow
+ABSURD = 1e6  # no trained weight or bias comes near this; its integers' scales would overflow
+# an observer's statistics (QAT checkpoints): energies are squares, and a range that saw no data is +-inf
+OBSERVER_STATS = (".min_val", ".max_val", ".samples", ".channel_energy", ".weight_scale")
 
 
 def check_finite(tensors: dict, checkpoint: str | Path) -> None:
-    """Refuse NaN, infinite or absurdly large (|x| > ``ABSURD``) floats, naming the first tensor that holds
-    them: before any calibration, which would turn them into meaningless integer scales."""
+    """Refuse NaN, infinite or absurdly large (|x| > ``ABSURD``) floats (observers' statistics: NaN), naming
+    the first tensor that holds them: before any calibration, which would turn them into meaningless scales."""
     for name, tensor in tensors.items():
         if not tensor.is_floating_point() or tensor.numel() == 0:
             continue
-        bad = tensor.isnan() | (tensor.abs() > ABSURD)
-        if name.endswith((".min_val", ".max_val")):  # an observer that saw no data keeps its initial +-inf
-            bad &= ~tensor.isinf()
+        bad = tensor.isnan() if name.endswith(OBSERVER_STATS) else tensor.isnan() | (tensor.abs() > ABSURD)
         if bad.any():
             value = tensor[bad].flatten()[0].item()
             raise CheckpointMismatchError(f"{checkpoint}: tensor '{name}' holds {value:g} ({int(bad.sum())} of "

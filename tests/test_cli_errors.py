@@ -182,10 +182,14 @@ def test_a_checkpoint_with_nan_inf_or_absurd_values_is_refused_naming_the_tensor
     weight[1, 2] = value
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": {"decode_head.fc.weight": weight, "decode_head.fc.bias": torch.zeros(4),
-                               "observers.a.min_val": torch.tensor(float("inf"))}}, path)  # (an unobserved range)
+                               "observers.a.min_val": torch.tensor(float("inf")),  # (an unobserved range)
+                               "observers.a.channel_energy": torch.tensor([4e6])}}, path)  # (a square: 2000 ** 2)
     message = (f"ckpt.pth: tensor 'decode_head.fc.weight' holds {value:g} (1 of 16 values NaN, infinite or beyond "
                "1e+06): the checkpoint is damaged or its training diverged; use another checkpoint")
     with pytest.raises(CheckpointMismatchError, match=re.escape(message)):
+        checkpoint_tensors(path)
+    torch.save({"state_dict": {"observers.a.max_val": torch.tensor(float("nan"))}}, path)
+    with pytest.raises(CheckpointMismatchError, match="tensor 'observers.a.max_val' holds nan"):
         checkpoint_tensors(path)
 
 
