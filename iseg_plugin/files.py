@@ -88,7 +88,7 @@ def write_together(outputs: list[tuple[str | Path, Callable[[Path], None]]], rep
                 os.replace(tmp, path)
                 continue
             try:
-                os.link(tmp, path)
+                _claim(tmp, path)
             except FileExistsError:
                 for written in paths[:i]:
                     written.unlink()
@@ -98,6 +98,18 @@ def write_together(outputs: list[tuple[str | Path, Callable[[Path], None]]], rep
         for tmp in temps:
             tmp.unlink(missing_ok=True)
     return paths
+
+
+def _claim(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` at ``path`` only if no file is there (FileExistsError otherwise): a hard link, or on a
+    filesystem without them an exclusive create of ``path`` that ``tmp`` then replaces."""
+    try:
+        os.link(tmp, path)
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):  # (EEXIST: FileExistsError)
+            raise
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
 
 
 def _writer() -> str:

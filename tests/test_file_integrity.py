@@ -1,5 +1,6 @@
 """Issue 37: no silent wrong model, no lost file, the model and its calibration record as one."""
 import copy
+import errno
 import os
 import random
 import zipfile
@@ -196,6 +197,18 @@ def test_two_runs_cannot_both_claim_one_output(pair, tmp_path):
     with pytest.raises(OutputError, match="appeared while this run was working"):
         save_with_record(deployed, model.state_dict(), {}, path, force=False)
     assert path.read_bytes() == b"the other run's model"
+
+
+def test_the_claim_works_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    (path,) = write_together([(tmp_path / "out.bin", lambda tmp: tmp.write_bytes(b"first"))], replace=False)
+    assert path.read_bytes() == b"first"
+    with pytest.raises(OutputError, match="appeared while this run was working"):
+        write_together([(path, lambda tmp: tmp.write_bytes(b"second"))], replace=False)
+    assert path.read_bytes() == b"first" and sorted(os.listdir(tmp_path)) == ["out.bin"]
 
 
 def test_outputs_keep_the_umask_permissions(tmp_path):
