@@ -72,9 +72,9 @@ def check_label(item: dict, classes: int, ignore: int) -> torch.Tensor:
     ids below ``classes`` (or ``ignore``) at the size of its image."""
     sample = item["data_samples"]
     label, where = sample.gt_sem_seg.data, sample.get("seg_map_path", "a label")
-    if label.shape[0] != 1:
-        raise ValueError(f"{where} has {label.shape[0]} channels: labels must be single-channel PNGs of class ids "
-                         f"(0..{classes - 1}, {ignore} ignored), not colour images")
+    if label.shape[0] != 1:  # (mmseg packs an (H, W, 3) colour label as it is)
+        raise ValueError(f"{where} is not a single-channel label (read as {tuple(label.shape)}): labels must be "
+                         f"single-channel PNGs of class ids (0..{classes - 1}, {ignore} ignored), not colour images")
     size, image = tuple(label.shape[-2:]), tuple(item["inputs"].shape[-2:])
     if size != image and size != tuple(sample.ori_shape):
         raise ValueError(f"{where} is {size[0]}x{size[1]} but its image {sample.img_path} is "

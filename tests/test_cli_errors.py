@@ -211,6 +211,9 @@ def _label_item(label, image_size=(8, 8), ori_shape=None):
 
 
 def test_bad_labels_are_named_with_what_to_fix():
+    import numpy as np
+    from mmseg.datasets.transforms import PackSegInputs
+
     from iseg_plugin.evaluate import check_label
 
     good = torch.zeros(1, 8, 8, dtype=torch.uint8)
@@ -221,8 +224,12 @@ def test_bad_labels_are_named_with_what_to_fix():
     with pytest.raises(ValueError, match=r"ann/a.png holds class id 40, but the dataset has 11 classes \(ids 0..10, "
                                          r"255 ignored\): check the labels or the dataset's classes"):
         check_label(_label_item(out_of_range), 11, 255)
-    with pytest.raises(ValueError, match="ann/a.png has 3 channels: labels must be single-channel PNGs of class ids"):
-        check_label(_label_item(torch.zeros(3, 8, 8, dtype=torch.uint8)), 11, 255)
+    with pytest.warns(UserWarning, match="usually the segmentation map is 2D"):  # (mmseg's own word, not a refusal)
+        colour = PackSegInputs()(dict(img=np.zeros((8, 8, 3), np.uint8), gt_seg_map=np.zeros((8, 8, 3), np.uint8),
+                                      img_path="img/a.png", seg_map_path="ann/a.png", img_shape=(8, 8), ori_shape=(8, 8)))
+    with pytest.raises(ValueError, match=r"ann/a.png is not a single-channel label \(read as \(8, 8, 3\)\): labels must "
+                                         "be single-channel PNGs of class ids"):
+        check_label(colour, 11, 255)
     with pytest.raises(ValueError, match=r"ann/a.png is 6x8 but its image img/a.png is 8x8: each label must have "
                                          "its image's size"):
         check_label(_label_item(torch.zeros(1, 6, 8, dtype=torch.uint8)), 11, 255)
