@@ -44,11 +44,12 @@ def measure(names: list[str], results: dict, limit: int, data_root: str | None) 
     from mmengine.utils import ProgressBar
 
     from iseg_plugin.deploy.io import load_deployed
-    from iseg_plugin.ptq import dataset, load_config, sidecar
+    from iseg_plugin.ptq import dataset, load_config, load_record
 
     rows, references = {}, {}
     for name in names:
-        calib = torch.load(sidecar(str(REPO / results[name]["model"])), map_location="cpu", weights_only=True)
+        deployed = load_deployed(str(REPO / results[name]["model"]))
+        calib = load_record(str(REPO / results[name]["model"]), deployed.sha256)  # checked, and this model's
         meta = calib["meta"]
         cfg = load_config(str(CONFIG), data_root, decoder=meta["decoder"], **meta["quant"])
         val = dataset(cfg, "val")
@@ -56,7 +57,6 @@ def measure(names: list[str], results: dict, limit: int, data_root: str | None) 
         print(f"== {name} ({len(items)} images)", flush=True)
         if meta["decoder"] not in references:  # runs of one decoder checkpoint share their float model
             references[meta["decoder"]] = float_logits(calib, cfg, items)
-        deployed = load_deployed(str(REPO / results[name]["model"]))
         error = energy = 0.0
         same = total = 0
         bar = ProgressBar(len(items))

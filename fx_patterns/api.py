@@ -135,6 +135,11 @@ class IntegerModel(nn.Module):
             if tuple(x.shape) != shape:
                 raise ValueError(f"input {i} has shape {tuple(x.shape)}; this integer model was converted for "
                                  f"{shape}: convert it again with example inputs of that shape")
+            low, high = self.input_formats[i][1]
+            if x.numel() and (int(x.min()) < low or int(x.max()) > high):  # (a wider integer dtype would wrap)
+                need = "pass uint8 RGB pixels" if self.pixels else "make it with fx_patterns.quantize_inputs(model, x)"
+                raise ValueError(f"input {i} holds {int(x.min())}..{int(x.max())}, outside the integer model's input "
+                                 f"grid {low}..{high}: {need}, not by rounding the float input")
         return self.graph_module(*inputs)
 
 

@@ -9,8 +9,20 @@ import warnings
 from pathlib import Path
 
 
+def _write_json(path: str, report: dict, force: bool) -> None:
+    from .files import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=1)), replace=force)
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_report, run_demo
+    from .demo import CHECKPOINT, CONFIG, format_report, outputs, run_demo
+    from .files import OutputError, check_output
+
+    if args.json:
+        if Path(args.json).resolve() in {path.resolve() for path in outputs(args.out_dir)}:
+            raise OutputError(f"--json {args.json} is a file the demo writes itself: choose another path")
+        check_output(args.json, [CONFIG, CHECKPOINT], args.force, "--json")
 
     print("iseg demo: one-shot PTQ (1 calibration image) of the CamVid Segmenter (DINOv2 ViT-S/14 encoder), "
           "then FP32 vs the deployed integer-only model")
@@ -18,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        _write_json(args.json, report, args.force)
     return 0
 
 
@@ -30,7 +42,7 @@ def _ptq(args: argparse.Namespace) -> int:
     report = run_ptq(args.config, args.checkpoint, args.calib_samples, args.out, args.gelu, args.softmax,
                      args.decoder, args.data_root, fold_norms=args.fold_norms, force=args.force,
                      weight_bits=args.weight_bits, select=args.select, size_ratio=args.size_ratio,
-                     weight_rounding=args.weight_rounding, int8_weights=args.int8_weights)
+                     weight_rounding=args.weight_rounding, int8_weights=args.int8_weights, strict=args.strict)
     mb = 2**20
     if report["selection"]:
         print(f"\nper-layer choices (unified metric, scored on the first calibration images in "
@@ -57,8 +69,14 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from . import kernels
-    from .evaluate import evaluate
+    from .evaluate import PLOTS, evaluate
+    from .files import check_output
 
+    inputs = [args.config, args.model]  # (and their calibration records: check_output)
+    for plot in PLOTS:  # checked before the evaluation, as --json
+        check_output(Path(args.out_dir) / plot, inputs, args.force, "--out-dir")
+    if args.json:
+        check_output(args.json, inputs, args.force, "--json")
     forms = ("fp32", "fake-quant", "deployed") if args.fake_quant else ("fp32", "deployed")
     report = evaluate(args.config, args.model, args.data_root, args.limit, args.out_dir, forms)
     print()
@@ -79,26 +97,31 @@ def _eval(args: argparse.Namespace) -> int:
         print("per-layer choices in the model: " + ", ".join(f"{name} x{n}" for name, n in variants.items())
               + (f"; INT4 weights in {int4} of {gemms} GEMMs" if gemms else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        _write_json(args.json, report, args.force)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from .deploy.io import load_deployed
     from .export import export_onnx_int, export_qonnx, qonnx_inference_cost
-    from .export.onnx_int import gemm_form
+    from .export.onnx_int import U8S8_NEEDS, gemm_form
     from .files import check_output
 
     suffix = ".int.onnx" if args.format == "onnx-int" else ".qonnx.onnx"
     out = check_output(args.out or Path(args.model).with_suffix(suffix), [args.model], args.force)
     model = load_deployed(args.model)
-    proto = export_onnx_int(model, out, args.gemm) if args.format == "onnx-int" else export_qonnx(model, out)
+    if args.format == "onnx-int":
+        proto = export_onnx_int(model, out, args.gemm, replace=args.force)
+    else:
+        proto = export_qonnx(model, out, replace=args.force)
     ops = sorted({(f"{node.domain}::" if node.domain else "") + node.op_type for node in proto.graph.node})
     what = "QONNX graph"
     if args.format == "onnx-int":
         gemm = gemm_form({p.key: p.value for p in proto.metadata_props})
         what = f"integer-only ONNX graph (every tensor integer-typed; GEMMs {gemm})"
     print(f"{what}: {out} ({out.stat().st_size / 2**20:.1f} MB, {len(proto.graph.node)} nodes); ops: {', '.join(ops)}")
+    if args.format == "onnx-int" and gemm == "u8s8":
+        print(f"note: this file needs {U8S8_NEEDS}")
     if args.format == "qonnx":
         cost = qonnx_inference_cost(out)
         macs = ", ".join(f"{k[len('op_mac_'):].replace('_', ' x ')}: {v / 1e9:.3g} G" for k, v in cost.items()
@@ -143,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out-dir", default="work_dirs/demo", help="where the deployed model and the overlays go")
     demo.add_argument("--data-root", help="CamVid (train/, val/ with labels); default: the config's, if present")
     demo.add_argument("--json", help="also write the report as JSON")
+    demo.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     demo.set_defaults(func=_demo)
 
     ptq = sub.add_parser("ptq", help="calibrate a Segmenter and write the deployed integer-only model")
@@ -170,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep LayerNorm affines (default: fold them into the next Linear, exact)")
     ptq.add_argument("--out", required=True, help="the deployed model (and OUT.calib.pth beside it)")
     ptq.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    ptq.add_argument("--strict", action="store_true", help="refuse a degenerate calibration (near-constant images, "
+                     "collapsed ranges) instead of warning")
     ptq.set_defaults(func=_ptq)
 
     deploy = sub.add_parser("deploy", help="write the deployed integer-only model of a QAT checkpoint (mim train)")
@@ -187,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
     ev.add_argument("--out-dir", default="work_dirs/eval", help="confusion matrix and overlay PNGs")
     ev.add_argument("--json", help="also write the report as JSON")
+    ev.add_argument("--force", action="store_true", help="overwrite an existing --json file and the plots in --out-dir")
     ev.add_argument("--fake-quant", action="store_true",
                     help="also the fake-quant form (the same graph on float64: ~10x slower than the deployed one) "
                          "and its pixel agreement with the deployed model")
@@ -215,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for message in _NOISE:
         warnings.filterwarnings("ignore", message=message)
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"iseg {args.command}: warning: {message}\n"  # one line
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -229,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         print("  (iseg --debug ... shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ import importlib.util
 from pathlib import Path
 
 import mmcv
-import torch
 from mmseg.datasets.transforms import PackSegInputs
 
 from . import kernels
 from .deploy.io import load_deployed
-from .evaluate import compare, evaluate
-from .ptq import build_model, load_config, run_ptq, sidecar
+from .evaluate import PLOTS, compare, evaluate
+from .files import sidecar
+from .ptq import build_model, load_config, load_record, run_ptq
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "mmseg_configs" / "isegmenter_vit-s_camvid.py"
@@ -30,6 +30,7 @@ CHECKPOINT = REPO / "checkpoints" / "camvid_dinov2s14_decoder_bilinear-l2.pth"
 PHOTOS = ("motorcycle_left.png", "motorcycle_right.png", "coffee.png", "chelsea.png", "astronaut.png")
 SHOWN = 4
 CAMVID_SIZE = (480, 360)  # (width, height) of every CamVid image
+MODEL_NAME = "camvid_int.iseg"
 
 
 def packaged_photos() -> list[Path]:
@@ -56,13 +57,22 @@ def photo_items(paths: list[Path]) -> list[dict]:
     return items
 
 
+def outputs(out_dir: str | Path) -> list[Path]:
+    """The files the demo writes into ``out_dir`` (overwriting its own earlier ones)."""
+    model_path = Path(out_dir) / MODEL_NAME
+    return [model_path, sidecar(model_path), *(Path(out_dir) / name for name in PLOTS)]
+
+
 def run_demo(out_dir: str | Path, data_root: str | None = None) -> dict:
     """PTQ (S=1) of the embedded default, then FP32 vs deployed integer-only on a few images."""
     out_dir = Path(out_dir)
     cfg = load_config(str(CONFIG), data_root, check_data=False)
     root = Path(cfg.val_dataloader.dataset.data_root)
-    model_path = out_dir / "camvid_int.iseg"
+    model_path = out_dir / MODEL_NAME
     labelled = (root / "val").is_dir() and (root / "train").is_dir()
+    if data_root is not None and not labelled:  # asked for CamVid: no falling back to the photos
+        raise FileNotFoundError(f"--data-root {data_root} has no train/ and val/ folders: give the CamVid folder, "
+                                "or leave --data-root out to use the sample photos")
     if labelled:
         ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), data_root=data_root, force=True)
         report = evaluate(str(CONFIG), str(model_path), data_root, SHOWN, str(out_dir), forms=("fp32", "deployed"))
@@ -71,12 +81,12 @@ def run_demo(out_dir: str | Path, data_root: str | None = None) -> dict:
         items = photo_items(packaged_photos())
         ptq = run_ptq(str(CONFIG), str(CHECKPOINT), 1, str(model_path), calib_set=items[:1], force=True)
         fp32 = build_model(cfg)
-        state = torch.load(sidecar(model_path), map_location="cpu", weights_only=True)["state_dict"]
-        fp32.load_state_dict(state, strict=False)
+        deployed = load_deployed(model_path)
+        fp32.load_state_dict(load_record(model_path, deployed.sha256)["state_dict"], strict=False)
         meta = dict(classes=cfg.metainfo["classes"], palette=cfg.metainfo["palette"])
         note = ("public-domain photos, not street scenes: CamVid's classes on them only show that the FP32 and "
                 "the integer model agree")
-        report = compare({"fp32": fp32}, {"deployed": load_deployed(model_path)}, items[1:], meta, out_dir=str(out_dir),
+        report = compare({"fp32": fp32}, {"deployed": deployed}, items[1:], meta, out_dir=str(out_dir),
                          note=note)
         report["source"] = (f"no CamVid at {root} (pass --data-root for mIoU): scikit-image photos "
                             f"{', '.join(PHOTOS[1:])} (unlabelled), calibration on {PHOTOS[0]}")

@@ -11,11 +11,12 @@ from mmseg.evaluation import IoUMetric
 
 from .deploy import convert, prepare_segmenter
 from .deploy.io import load_deployed
-from .files import unreadable
+from .files import atomic_write
 from .select import prepare_options
-from .ptq import build_model, dataset, example_input, load_config, quiet_mmengine_info, quant_options, sidecar
+from .ptq import build_model, dataset, example_input, load_config, load_record, quiet_mmengine_info, quant_options
 
 FORMS = ("fp32", "fake-quant", "deployed")
+PLOTS = ("overlays.png", "confusion_matrix.png")  # what save_plots may write into its folder
 
 
 def _metric(ignore: int, meta) -> IoUMetric:
@@ -38,20 +39,14 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
     The FP32 and fake-quant forms come from the calibration record ``iseg ptq`` writes next to the
     deployed model: the float weights, and the observed ranges from which the fake-quant form is
     lowered again (run on float64 tensors holding integers)."""
-    calib_path = sidecar(model_path)
-    if not calib_path.is_file():
-        raise FileNotFoundError(f"{calib_path} is missing: it is written by `iseg ptq` next to the deployed model")
-    try:
-        calib = torch.load(calib_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure: say what the file is not
-        raise ValueError(unreadable(calib_path, err, "calibration record of `iseg ptq`")) from None
+    deployed = load_deployed(model_path)
+    calib = load_record(model_path, deployed.sha256)
     meta = calib["meta"]
     quant = meta.get("quant", {k: meta.get(k) for k in ("gelu", "softmax")})  # (records older than the quant dict)
     cfg = load_config(config, data_root, decoder=meta.get("decoder"), **quant)
     val = dataset(cfg, "val")
     n = len(val) if limit is None else min(limit, len(val))
     items = [val[i] for i in range(n)]
-    deployed = load_deployed(model_path) if "deployed" in forms else None
     models, integer_forms = {}, {}
     if "fp32" in forms or "fake-quant" in forms:
         float_model = build_model(cfg, fold_norms=meta.get("fold_norms", False))
@@ -64,12 +59,34 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
             integer_forms["fake-quant"] = convert(prepared, example, preproc.mean, preproc.std).fake_quant
         if "fp32" in forms:
             models["fp32"] = float_model
-    if deployed is not None:
+    if "deployed" in forms:
         integer_forms["deployed"] = deployed
     report = compare(models, integer_forms, items, val.metainfo, cfg.val_evaluator.get("ignore_index", 255), out_dir,
                      dataset_panels)
-    report["selection"] = None if deployed is None else deployed.selection
+    report["selection"] = deployed.selection
     return report
+
+
+def check_label(item: dict, classes: int, ignore: int) -> torch.Tensor:
+    """The label map of a test-pipeline output, refused (naming its file) if it is not one channel of class
+    ids below ``classes`` (or ``ignore``) at the size of its image."""
+    sample = item["data_samples"]
+    label, where = sample.gt_sem_seg.data, sample.get("seg_map_path", "a label")
+    if label.shape[0] != 1:  # (mmseg packs an (H, W, 3) colour label as it is)
+        raise ValueError(f"{where} is not a single-channel label (read as {tuple(label.shape)}): labels must be "
+                         f"single-channel PNGs of class ids (0..{classes - 1}, {ignore} ignored), not colour images")
+    size, image = tuple(label.shape[-2:]), tuple(item["inputs"].shape[-2:])
+    if size != image and size != tuple(sample.ori_shape):
+        raise ValueError(f"{where} is {size[0]}x{size[1]} but its image {sample.img_path} is "
+                         f"{sample.ori_shape[0]}x{sample.ori_shape[1]}: each label must have its image's size")
+    if size != image:
+        raise ValueError(f"test_pipeline resizes the images to {image[0]}x{image[1]} but not their labels "
+                         f"({size[0]}x{size[1]}): put LoadAnnotations before Resize in the config's test_pipeline")
+    ids = label[label != ignore]
+    if ids.numel() and int(ids.max()) >= classes:
+        raise ValueError(f"{where} holds class id {int(ids.max())}, but the dataset has {classes} classes (ids "
+                         f"0..{classes - 1}, {ignore} ignored): check the labels or the dataset's classes")
+    return label[0]
 
 
 def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 255, out_dir: str | None = None,
@@ -88,10 +105,7 @@ def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 
     confusion = torch.zeros(k, k, dtype=torch.int64)  # rows: ground truth, columns: deployed prediction
     bar = ProgressBar(len(items))
     for item in items:
-        gt = item["data_samples"].gt_sem_seg.data[0] if labelled else None
-        if gt is not None and gt.shape != item["inputs"].shape[-2:]:
-            raise ValueError(f"the test pipeline gives {tuple(item['inputs'].shape[-2:])} images but "
-                             f"{tuple(gt.shape)} labels: put LoadAnnotations before Resize in test_pipeline")
+        gt = check_label(item, k, ignore) if labelled else None
         preds = {}
         for form, model in models.items():
             data = model.data_preprocessor(dict(inputs=[item["inputs"]], data_samples=[item["data_samples"]]), False)
@@ -172,8 +186,7 @@ def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta, dataset_pa
         if note:
             fig.suptitle(note, fontsize=9)
         fig.tight_layout(rect=(0, 0.08, 1, 0.95 if note else 1))
-        paths.append(str(out_dir / "overlays.png"))
-        fig.savefig(paths[-1], dpi=100)
+        paths.append(str(atomic_write(out_dir / PLOTS[0], lambda tmp: fig.savefig(tmp, format="png", dpi=100))))
         plt.close(fig)
     if confusion.sum() > 0:
         rates = (confusion.double() / confusion.sum(1, keepdim=True).clamp_min(1) * 100).numpy()
@@ -185,7 +198,6 @@ def save_plots(out_dir: Path, confusion: torch.Tensor, samples, meta, dataset_pa
         ax.set_ylabel("ground truth")
         fig.colorbar(im, label="% of the true class's pixels")
         fig.tight_layout()
-        paths.append(str(out_dir / "confusion_matrix.png"))
-        fig.savefig(paths[-1], dpi=100)
+        paths.append(str(atomic_write(out_dir / PLOTS[1], lambda tmp: fig.savefig(tmp, format="png", dpi=100))))
         plt.close(fig)
     return paths

@@ -1,4 +1,6 @@
 """Bad and careless use of the `iseg` command: short errors without a traceback, and no file lost."""
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,159 @@ def test_a_pickle_with_code_is_refused_without_offering_to_load_it(tmp_path):
         load_deployed(path)
     message = str(raised.value)
     assert "could run code (refused)" in message and "weights_only" not in message and "can still" not in message
+
+
+# issue 37, case 9: each message says what was wrong and how to fix it
+
+def test_a_text_file_or_an_empty_file_as_the_model_is_named_as_such(tmp_path, capsys):
+    text = tmp_path / "notes.iseg"
+    text.write_text("export the model tomorrow")  # 'e' (101) is a pickle opcode torch reads as a key
+    code, err = run(capsys, "export", text)
+    assert code == 1 and "notes.iseg is not a deployed model: not a file torch.save wrote (a text or other " \
+                          "file?), or damaged" in err and "KeyError" not in err
+    empty = tmp_path / "empty.iseg"
+    empty.write_bytes(b"")
+    code, err = run(capsys, "export", empty)
+    assert code == 1 and "empty.iseg is empty (0 bytes), not a deployed model: an interrupted copy? Copy or write " \
+                          "it again" in err and "EOFError" not in err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
+def test_a_checkpoint_with_nan_inf_or_absurd_values_is_refused_naming_the_tensor(tmp_path, value):
+    from iseg_plugin.models import CheckpointMismatchError
+    from iseg_plugin.ptq import checkpoint_tensors
+
+    weight = torch.randn(4, 4)
+    weight[1, 2] = value
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {"decode_head.fc.weight": weight, "decode_head.fc.bias": torch.zeros(4),
+                               "observers.a.min_val": torch.tensor(float("inf")),  # (an unobserved range)
+                               "observers.a.channel_energy": torch.tensor([4e6])}}, path)  # (a square: 2000 ** 2)
+    message = (f"ckpt.pth: tensor 'decode_head.fc.weight' holds {value:g} (1 of 16 values NaN, infinite or beyond "
+               "1e+06): the checkpoint is damaged or its training diverged; use another checkpoint")
+    with pytest.raises(CheckpointMismatchError, match=re.escape(message)):
+        checkpoint_tensors(path)
+    torch.save({"state_dict": {"observers.a.max_val": torch.tensor(float("nan"))}}, path)
+    with pytest.raises(CheckpointMismatchError, match="tensor 'observers.a.max_val' holds nan"):
+        checkpoint_tensors(path)
+
+
+def test_a_config_with_a_syntax_error_is_named(tmp_path, capsys):
+    config = tmp_path / "broken.py"
+    config.write_text("model = dict(\n    type='ISegmenter',\n    quant=dict(gelu='poly'\n")
+    code, err = run(capsys, "ptq", config, "ckpt.pth", "--out", tmp_path / "m.iseg")
+    assert code == 1 and "error: config " in err and "broken.py, line" in err and "Python syntax error" in err
+
+
+def _label_item(label, image_size=(8, 8), ori_shape=None):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    sample = SegDataSample(metainfo=dict(img_path="img/a.png", seg_map_path="ann/a.png",
+                                         ori_shape=ori_shape or image_size))
+    sample.gt_sem_seg = PixelData(data=label)
+    return dict(inputs=torch.zeros(3, *image_size, dtype=torch.uint8), data_samples=sample)
+
+
+def test_bad_labels_are_named_with_what_to_fix():
+    import numpy as np
+    from mmseg.datasets.transforms import PackSegInputs
+
+    from iseg_plugin.evaluate import check_label
+
+    good = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    good[0, 0, 0] = 255
+    assert check_label(_label_item(good), 11, 255).shape == (8, 8)
+    out_of_range = good.clone()
+    out_of_range[0, 1, 1] = 40
+    with pytest.raises(ValueError, match=r"ann/a.png holds class id 40, but the dataset has 11 classes \(ids 0..10, "
+                                         r"255 ignored\): check the labels or the dataset's classes"):
+        check_label(_label_item(out_of_range), 11, 255)
+    with pytest.warns(UserWarning, match="usually the segmentation map is 2D"):  # (mmseg's own word, not a refusal)
+        colour = PackSegInputs()(dict(img=np.zeros((8, 8, 3), np.uint8), gt_seg_map=np.zeros((8, 8, 3), np.uint8),
+                                      img_path="img/a.png", seg_map_path="ann/a.png", img_shape=(8, 8), ori_shape=(8, 8)))
+    with pytest.raises(ValueError, match=r"ann/a.png is not a single-channel label \(read as \(8, 8, 3\)\): labels must "
+                                         "be single-channel PNGs of class ids"):
+        check_label(colour, 11, 255)
+    with pytest.raises(ValueError, match=r"ann/a.png is 6x8 but its image img/a.png is 8x8: each label must have "
+                                         "its image's size"):
+        check_label(_label_item(torch.zeros(1, 6, 8, dtype=torch.uint8)), 11, 255)
+    with pytest.raises(ValueError, match=r"test_pipeline resizes the images to 4x4 but not their labels \(8x8\): put "
+                                         "LoadAnnotations before Resize"):
+        check_label(_label_item(good, image_size=(4, 4), ori_shape=(8, 8)), 11, 255)
+
+
+# issue 37, case 5: a degenerate calibration is named (or refused with --strict)
+
+def test_a_constant_calibration_image_is_warned_about_or_refused_when_strict():
+    from iseg_plugin.deploy import calibrate_prepared, prepare_segmenter
+    from iseg_plugin.deploy.convert import CalibrationWarning
+
+    from test_deploy import batch, pixels
+    from test_quant_model import build, trained_like
+
+    model = trained_like(build(None)).eval()
+    constant = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
+    example = model.data_preprocessor(batch(constant), False)["inputs"]
+    prepared = prepare_segmenter(model, example)
+    with pytest.warns(CalibrationWarning, match=r"calibration image 2 of 2 is \(near\) constant: the ranges observed "
+                                                "on it do not fit real images; calibrate on real, varied images"):
+        calibrate_prepared(prepared, model.data_preprocessor, [batch(torch.cat([pixels(1, 1), constant]))], 2,
+                           show_progress=False)
+    with pytest.raises(ValueError, match=r"calibration image 1 of 1 is \(near\) constant.*\(refused: --strict\)"):
+        calibrate_prepared(prepare_segmenter(model, example), model.data_preprocessor, [batch(constant)], 1,
+                           show_progress=False, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)  # real images: no warning
+        calibrate_prepared(prepare_segmenter(model, example), model.data_preprocessor, [batch(pixels(2, 1))], 2,
+                           show_progress=False)
+
+
+def test_collapsed_ranges_are_named_by_their_op():
+    from iseg_plugin.deploy import calibrate_prepared, prepare_segmenter
+    from iseg_plugin.deploy.convert import CalibrationWarning, collapsed_ranges
+
+    from test_deploy import batch, pixels
+    from test_quant_model import build, trained_like
+
+    model = trained_like(build(None)).eval()
+    example = model.data_preprocessor(batch(pixels(1, 1)), False)["inputs"]
+    prepared = prepare_segmenter(model, example)
+    calibrate_prepared(prepared, model.data_preprocessor, [batch(pixels(1, 1))], 1, show_progress=False)
+    assert collapsed_ranges(prepared) == []
+    node = next(n for n in prepared.graph.nodes if n.op == "call_module" and "activation_post_process" in n.target)
+    observer = prepared.get_submodule(node.target)  # the (padded) image's range, as if every pixel were one value
+    observer.max_val.copy_(observer.min_val)
+    assert collapsed_ranges(prepared) == ["pad"]
+
+
+# issue 37, case 10
+
+def test_deploy_refuses_a_checkpoint_trained_with_other_quant_options():
+    from iseg_plugin.models import CheckpointMismatchError
+    from iseg_plugin.ops.observer import IsegObserver
+    from iseg_plugin.ptq import check_trained_as_configured
+    from iseg_plugin.select import check_quant
+
+    def observers(gelu, bits):
+        return {"gelu": IsegObserver(variant=gelu), "fc": IsegObserver(weight_bits=bits)}
+
+    asked = {name: (o.variant, o.weight_bits) for name, o in observers("shift", 8).items()}
+    check_trained_as_configured(asked, observers("shift", 8), check_quant(dict(gelu="shift")), "ok.pth")
+    with pytest.raises(CheckpointMismatchError, match="qat.pth holds poly operators where the config's quant asks for "
+                                                      r"shift \(gelu\): deploy it with the config it was trained with"):
+        check_trained_as_configured(asked, observers("poly", 8), check_quant(dict(gelu="shift")), "qat.pth")
+    asked_w4 = {name: (o.variant, o.weight_bits) for name, o in observers("poly", 4).items()}
+    with pytest.raises(CheckpointMismatchError, match="qat.pth holds INT8 weights where the config's quant asks for "
+                                                      "weight_bits=4: deploy it with the config it was trained with"):
+        check_trained_as_configured(asked_w4, observers("poly", 8), check_quant(dict(weight_bits=4)), "qat.pth")
+    with pytest.raises(CheckpointMismatchError, match="holds INT4 weights where the config's quant asks for "
+                                                      "weight_bits=8"):
+        check_trained_as_configured(asked, observers("shift", 4), check_quant(dict(gelu="shift")), "qat.pth")
+
+
+def test_demo_refuses_a_data_root_without_camvid_before_any_work(tmp_path, capsys):
+    code, err = run(capsys, "demo", "--data-root", tmp_path / "camvdi", "--out-dir", tmp_path / "demo")
+    assert code == 1 and "--data-root" in err and "camvdi has no train/ and val/ folders: give the CamVid folder, " \
+                                                  "or leave --data-root out to use the sample photos" in err
+    assert not (tmp_path / "demo").exists()

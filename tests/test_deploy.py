@@ -6,6 +6,7 @@ from mmseg.structures import SegDataSample
 
 from iseg_plugin.deploy import OpAudit, calibrate_prepared, convert, prepare_segmenter
 from iseg_plugin.deploy.io import FORMAT, DeployedFileError, load_deployed, save_deployed
+from iseg_plugin.files import content_digest
 from iseg_plugin.lowering import LoweringError
 
 from test_quant_model import build, images, trained_like
@@ -130,6 +131,7 @@ def test_a_file_names_only_allowed_ops(tmp_path):
     assert blob["format"] == FORMAT
     node = next(n for n in blob["model"]["graph"]["nodes"] if n["op"] == "call_function")
     node["target"] = "os.system"
+    blob["sha256"] = content_digest([blob["format"], blob["model"]], blob["state_dict"])  # a made file, not damage
     torch.save(blob, path)
     with pytest.raises(DeployedFileError, match="os.system.*not an allowed integer op"):
         load_deployed(path)

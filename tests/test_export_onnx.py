@@ -163,6 +163,52 @@ def test_onnx_session_refuses_uint8_by_int8_gemms_without_vnni(monkeypatch):
         export_integer_module(Products(), (), [], [], gemm="u4u4")
 
 
+def test_a_u8s8_file_says_it_needs_vnni_and_is_refused_elsewhere_without_its_metadata(tmp_path, monkeypatch, capsys):
+    import iseg_plugin.export
+
+    operands = (torch.ones(2, 3, dtype=torch.int8), torch.ones(3, 2, dtype=torch.int8), torch.ones(2, 3, dtype=torch.int64))
+
+    def export_products(model, path, form, replace=True):  # (the CLI's export, on a small integer module)
+        proto = export_integer_module(Products(), operands, ["a", "b", "p"], ["ab", "pb"], gemm=form)
+        onnx.save(proto, str(path))
+        return proto
+
+    _, deployed = deployed_pair()
+    save_deployed(deployed, tmp_path / "m.iseg")
+    monkeypatch.setattr(iseg_plugin.export, "export_onnx_int", export_products)
+    assert main(["export", str(tmp_path / "m.iseg"), "--gemm", "u8s8", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "note: this file needs a CPU with AVX-512 VNNI: onnxruntime's uint8 x int8 MatMulInteger gives wrong " \
+           "results elsewhere (export with --gemm u8u8 for any CPU)" in capsys.readouterr().out
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert {p.key: p.value for p in proto.metadata_props}[onnx_int.REQUIRES_KEY] == onnx_int.U8S8_NEEDS
+    del proto.metadata_props[:]  # stripped by a tool: the graph's own types still say uint8 x int8
+    monkeypatch.setattr(onnx_int, "onnx_gemm_for_this_cpu", lambda: "u8u8")
+    with pytest.raises(ValueError, match="exact in onnxruntime only with AVX-512 VNNI"):
+        onnx_session(proto)
+    u8u8 = export_products(None, tmp_path / "u8u8.onnx", "u8u8")
+    assert not onnx_int.has_u8s8_gemms(u8u8) and onnx_int.REQUIRES_KEY not in {p.key for p in u8u8.metadata_props}
+    assert main(["export", str(tmp_path / "m.iseg"), "--gemm", "u8u8", "--out", str(tmp_path / "m2.onnx")]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_an_export_does_not_replace_a_file_another_run_wrote_meanwhile(tmp_path, monkeypatch, capsys):
+    _, deployed = deployed_pair()
+    save_deployed(deployed, tmp_path / "m.iseg")
+    out = tmp_path / "m.onnx"
+
+    def other_run_writes_first(*args, **kwargs):  # this run passed the early check; the other one finishes first
+        out.write_bytes(b"the other run's export")
+        return export_integer_module(Products(), (torch.ones(2, 3, dtype=torch.int8), torch.ones(3, 2, dtype=torch.int8),
+                                                  torch.ones(2, 3, dtype=torch.int64)), ["a", "b", "p"], ["ab", "pb"])
+
+    monkeypatch.setattr(onnx_int, "export_integer_module", other_run_writes_first)
+    assert main(["export", str(tmp_path / "m.iseg"), "--gemm", "u8u8", "--out", str(out)]) == 1
+    assert "m.onnx appeared while this run was working (another run wrote it): it is kept" in capsys.readouterr().err
+    assert out.read_bytes() == b"the other run's export"
+    assert main(["export", str(tmp_path / "m.iseg"), "--gemm", "u8u8", "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() != b"the other run's export"
+
+
 class Shifts(nn.Module):
     def forward(self, x, shift, x32, small):
         return x >> shift, x >> 7, small << shift, small << 3, torch.clamp(x32, -128, 127), torch.sign(x)

@@ -154,6 +154,19 @@ def test_hand_written_vit_becomes_integer_only(gelu, softmax, gemm_path):
     assert {gelu_class, softmax_class, M.PatchConv, M.Linear, M.MatMul, M.Add, M.LayerNorm, M.Mean, M.Cat} <= used
 
 
+def test_the_integer_model_refuses_integers_off_its_input_grid():
+    torch.manual_seed(0)
+    prepared, x = calibrated(HandViT(depth=1), (2, 3, 32, 32))
+    int_model = fxp.convert(prepared, (x,))
+    (low, high) = int_model.input_formats[0][1]
+    with pytest.raises(ValueError, match=rf"input 0 holds -\d+..\d+, outside the integer model's input grid "
+                                         rf"{low}..{high}: make it with fx_patterns.quantize_inputs\(model, x\)"):
+        int_model((x * 1000).round().long())
+    with torch.no_grad():
+        int_model(*fxp.quantize_inputs(int_model, x))  # the grid's integers run
+        int_model(torch.full(x.shape, high, dtype=torch.int64))  # as do its bounds, in a wider dtype
+
+
 def test_functions_and_methods_use_every_registry_entry():
     torch.manual_seed(1)
     model = FunctionalViT()

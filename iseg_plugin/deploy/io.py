@@ -1,32 +1,37 @@
 """Deployed model files: integer tensors plus a plain-data record of the graph, loaded without code.
 
-A file is ``torch.save({'format': ..., 'model': record, 'state_dict': {...}, 'sha256': ...})``.
+A file is ``torch.save({'format': ..., 'model': record, 'state_dict': {...}, 'sha256': ...})``; the SHA-256
+covers everything the loader reads (format, record and tensors: :func:`iseg_plugin.files.content_digest`),
+so that a file changed anywhere is refused or loads as written (files before v4: the tensors only).
 INT4 weights (``Linear.weight_bits == 4``) are stored packed two a byte (``intops.pack_int4``; the record's
 ``packed_int4`` gives each one's shape) and unpacked to int8 on loading. The record also carries the
 per-layer choices of the model (``selection``: the table of :mod:`iseg_plugin.select`, or None).
 The record lists the lowered graph's nodes (op, target by name, arguments as plain values and node
 references) and its modules (class names of :mod:`iseg_plugin.ops.modules`, their plain attributes,
 buffer names, children). Loading uses ``torch.load(weights_only=True)``, resolves targets and classes
-only from allowlists (the registry's modules and shape ops), and checks the tensors' checksum first:
+only from allowlists (the registry's modules and shape ops), and checks the checksum first:
 a file is data, never code, and a damaged file is refused whole.
 """
 from __future__ import annotations
 
 import hashlib
 import operator
+import warnings
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from .. import intops
-from ..files import atomic_write, unreadable
+from ..files import atomic_write, content_digest, unreadable
 from ..ops import REGISTRY
 from ..ops import modules as M
 from .segmenter import DeployedSegmenter
 
-FORMAT = "iseg-deployed-v3"
-READABLE = ("iseg-deployed-v2", FORMAT)  # v3 added packed INT4 weights and the selection record
+FORMAT = "iseg-deployed-v4"
+# v3 added packed INT4 weights and the selection record, v4 the checksum of the whole content
+TENSOR_CHECKSUM_ONLY = ("iseg-deployed-v2", "iseg-deployed-v3")
+READABLE = (*TENSOR_CHECKSUM_ONLY, FORMAT)
 # the deployed modules of the registry (every nn.Module class defined in ops/modules.py) and two containers
 _CLASSES = {name: cls for name, cls in vars(M).items()
             if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == M.__name__}
@@ -182,7 +187,8 @@ def _graph_from_record(record: dict, state: dict) -> fx.GraphModule:
     return fx.GraphModule(root, graph, class_name="IntegerModel")
 
 
-def _checksum(state: dict) -> str:
+def _tensor_checksum(state: dict) -> str:
+    """The checksum of files before v4 (their tensors only)."""
     digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].reshape(-1)
@@ -206,8 +212,9 @@ def _unpack(state: dict, packed: dict) -> None:
         state[key] = intops.unpack_int4(tensor, numel).reshape(shape)
 
 
-def save_deployed(model: DeployedSegmenter, path: str | Path) -> int:
-    """Write the model (with its per-layer ``selection`` table, plain data); returns the file size in bytes."""
+def deployed_blob(model: DeployedSegmenter) -> dict:
+    """What a deployed model file holds (with its per-layer ``selection`` table, plain data); its
+    ``sha256`` is the model's digest, to which its calibration record is bound."""
     state = model.state_dict()
     floats = [k for k, v in state.items() if v.dtype.is_floating_point]
     if floats:
@@ -216,7 +223,12 @@ def save_deployed(model: DeployedSegmenter, path: str | Path) -> int:
     state.update({key: intops.pack_int4(state[key]) for key in packed})
     record = {"input_size": list(model.input_size), "logit_scale": model.logit_scale,
               "graph": _graph_record(model.graph), "packed_int4": packed, "selection": _encode(model.selection)}
-    blob = {"format": FORMAT, "model": record, "state_dict": state, "sha256": _checksum(state)}
+    return {"format": FORMAT, "model": record, "state_dict": state, "sha256": content_digest([FORMAT, record], state)}
+
+
+def save_deployed(model: DeployedSegmenter, path: str | Path) -> int:
+    """Write the model (:func:`deployed_blob`); returns the file size in bytes."""
+    blob = deployed_blob(model)
     return atomic_write(path, lambda tmp: torch.save(blob, tmp)).stat().st_size
 
 
@@ -234,11 +246,29 @@ def load_deployed(path: str | Path) -> DeployedSegmenter:
                                 f"again with `iseg ptq` (this version writes {FORMAT})")
     if not isinstance(blob, dict) or blob.get("format") not in READABLE:
         raise DeployedFileError(f"{path} is not an iseg deployed model (format {FORMAT!r} expected)")
-    state = blob.get("state_dict")
-    if not isinstance(state, dict) or blob.get("sha256") != _checksum(state):
-        raise DeployedFileError(f"{path} is damaged: its tensors do not match the checksum written with them")
-    record = blob["model"]
+    if blob.get("sha256") != _digest(blob):
+        raise DeployedFileError(f"{path} is damaged: its content does not match the checksum written with it "
+                                "(write it again with `iseg ptq`, or copy it again)")
+    if blob["format"] in TENSOR_CHECKSUM_ONLY:
+        warnings.warn(f"{path} is a {blob['format']} file, whose checksum covers its tensors only: write it again "
+                      f"with `iseg ptq` ({FORMAT}: the whole file is checked)", stacklevel=2)
+    state, record = blob["state_dict"], blob["model"]
     _unpack(state, record.get("packed_int4", {}))
     graph = _graph_from_record(record["graph"], state)
     selection = _decode(record.get("selection"), {})
-    return DeployedSegmenter(graph, tuple(record["input_size"]), record["logit_scale"], selection).eval()
+    model = DeployedSegmenter(graph, tuple(record["input_size"]), record["logit_scale"], selection).eval()
+    model.sha256 = blob["sha256"]  # the digest its calibration record is bound to
+    return model
+
+
+def _digest(blob: dict) -> str | None:
+    """The checksum of a loaded file's content, as its format computes it; None if it has no such parts."""
+    state = blob.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    if blob["format"] in TENSOR_CHECKSUM_ONLY:
+        return _tensor_checksum(state)
+    try:
+        return content_digest([blob["format"], blob.get("model")], state)
+    except (TypeError, ValueError):  # a record that is not plain data
+        return None

@@ -7,8 +7,9 @@ lowered here instead (registered only for the duration of the export):
 
 * int8 GEMMs become ``MatMulInteger`` (see :class:`~iseg_plugin.ops.gemm._Int8MatMul`): uint8 x int8 where
   the exporting CPU has AVX-512 VNNI (onnxruntime's fast kernel, exact there), else uint8 x uint8 (exact
-  everywhere); the form is recorded in the file and :func:`onnx_session` refuses a uint8 x int8 graph on a
-  CPU where it would not be exact;
+  everywhere); the form is recorded in the file (with what a uint8 x int8 graph requires) and
+  :func:`onnx_session` refuses a graph with uint8 x int8 GEMMs (read from its types) on a CPU where it
+  would not be exact;
 * arithmetic shifts become uint64 ``BitShift``s around an offset of 2**63 (``BitShift`` is unsigned
   only; see :func:`expand_shifts`), constant left shifts multiplications;
 * floor divisions become exact ``Div``s (``Div`` truncates toward zero; see :func:`_floor_div`);
@@ -41,6 +42,9 @@ INTEGER_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorP
 
 
 GEMM_KEY = "iseg_plugin.gemm"  # metadata: the MatMulIntegers' operand types (an entry of ONNX_GEMMS)
+REQUIRES_KEY = "iseg_plugin.requires"  # metadata: what a CPU needs for the graph's results to be exact
+U8S8_NEEDS = ("a CPU with AVX-512 VNNI: onnxruntime's uint8 x int8 MatMulInteger gives wrong results elsewhere "
+              "(export with --gemm u8u8 for any CPU)")
 
 # Placeholder nodes of the export, expanded into standard ops before the graph is checked or saved.
 SHIFT_DOMAIN = "iseg_plugin.lowering"
@@ -234,21 +238,25 @@ def export_integer_module(module: torch.nn.Module, example_inputs: tuple, input_
                           input_names=input_names, output_names=output_names, do_constant_folding=True)
     proto = expand_shifts(onnx.load_from_string(buffer.getvalue()))
     proto.ir_version = IR_VERSION
-    onnx.helper.set_model_props(proto, {GEMM_KEY: gemm})
+    props = {GEMM_KEY: gemm}
+    if gemm == "u8s8":
+        props[REQUIRES_KEY] = U8S8_NEEDS
+    onnx.helper.set_model_props(proto, props)
     return check_integer_only(proto)
 
 
-def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None, gemm: str = "auto") -> onnx.ModelProto:
+def export_onnx_int(model: DeployedSegmenter, path: str | Path | None = None, gemm: str = "auto",
+                    replace: bool = True) -> onnx.ModelProto:
     """Trace a deployed model into an integer-only ONNX graph (batch 1 of uint8 RGB pixels in; integer
-    logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given.
-    ``gemm`` as in :func:`export_integer_module`."""
+    logits and the class map out), checked with :func:`check_integer_only`; written to ``path`` if given
+    (``replace=False``: not over a file another run wrote meanwhile). ``gemm`` as in :func:`export_integer_module`."""
     if not isinstance(model, DeployedSegmenter):
         raise TypeError(f"export_onnx_int takes a DeployedSegmenter (iseg ptq's output, or "
                         f"iseg_plugin.deploy.convert's), got {type(model).__name__}")
     pixels = torch.zeros(1, 3, *model.input_size, dtype=torch.uint8)
     proto = export_integer_module(model, (pixels,), ["pixels"], ["logits", "classes"], gemm)
     if path is not None:
-        atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
+        atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)), replace)
     return proto
 
 
@@ -258,6 +266,15 @@ def gemm_form(metadata: dict[str, str]) -> str:
     if gemm not in ONNX_GEMMS:
         raise ValueError(f"unknown GEMM form {gemm!r} in the graph's {GEMM_KEY} metadata; known: {', '.join(ONNX_GEMMS)}")
     return gemm
+
+
+def has_u8s8_gemms(proto: onnx.ModelProto) -> bool:
+    """Whether a MatMulInteger of the graph takes an int8 second operand, read from the graph's types
+    (not from its metadata, which a tool may strip)."""
+    graph = check_integer_only(proto).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return any(types.get(node.input[1]) == TensorProto.INT8 for node in graph.node if node.op_type == "MatMulInteger")
 
 
 def onnx_session(model: onnx.ModelProto | str | Path, threads: int | None = None):
@@ -270,7 +287,8 @@ def onnx_session(model: onnx.ModelProto | str | Path, threads: int | None = None
         options.intra_op_num_threads = threads
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    if gemm_form(session.get_modelmeta().custom_metadata_map) == "u8s8" and onnx_gemm_for_this_cpu() != "u8s8":
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    if has_u8s8_gemms(proto) and onnx_gemm_for_this_cpu() != "u8s8":
         raise ValueError(f"this graph's uint8 x int8 GEMMs are exact in onnxruntime only with AVX-512 VNNI, and this "
                          f"CPU has {cpu_isa()}: re-export it here (iseg export --gemm u8u8)")
     return session

@@ -82,8 +82,9 @@ def _as_nodes(module: nn.Module, called: set[int]) -> None:
             _as_nodes(child, called)
 
 
-def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
-    """Export ``model`` (batch 1, uint8 RGB pixels in) to QONNX with Brevitas' exporter (TorchScript)."""
+def export_qonnx(model: DeployedSegmenter, path: str | Path, replace: bool = True) -> onnx.ModelProto:
+    """Export ``model`` (batch 1, uint8 RGB pixels in) to QONNX with Brevitas' exporter (TorchScript);
+    ``replace=False``: refuse to replace a ``path`` another run wrote meanwhile (:func:`iseg_plugin.files.write_together`)."""
     from brevitas.export import export_qonnx as brevitas_export_qonnx
 
     if not isinstance(model, DeployedSegmenter):
@@ -110,7 +111,7 @@ def export_qonnx(model: DeployedSegmenter, path: str | Path) -> onnx.ModelProto:
         wrapper.save(str(tmp))
         exported.append(wrapper.model)
 
-    atomic_write(path, write)
+    atomic_write(path, write, replace)
     return exported[0]
 
 
