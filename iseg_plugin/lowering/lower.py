@@ -47,6 +47,11 @@ class LoweringError(RuntimeError):
     """A node of the model has no integer lowering."""
 
 
+# node.meta key a front end sets on an op it leaves as it is, with the reason (torchao PT2E's attention rewrite):
+# the refusal of the op says it
+NO_LOWERING = "iseg_no_lowering"
+
+
 @dataclass(frozen=True)
 class Operand:
     """An integer tensor of the new graph (or a tuple of them, before getitem) and its real scale."""
@@ -372,8 +377,9 @@ class Lowering:
             return self._observed(node, observer_of(self.src.get_submodule(node.target)))
         entry = REGISTRY.entry_for(node, self.src)
         if entry is None:
-            raise LoweringError(f"{describe(node)} has no integer lowering: add a registry entry for it "
-                                "(iseg_plugin.ops) or keep it out of the quantized model")
+            why = node.meta.get(NO_LOWERING)  # a front end's reason for leaving the op as it is
+            raise LoweringError(f"{describe(node)} has no integer lowering" + (f": {why}" if why else "") +
+                                ": add a registry entry for it (iseg_plugin.ops) or keep it out of the quantized model")
         if entry.observation in ("share", "none"):
             source = next((self.env[a] for a in node.all_input_nodes if isinstance(self.env.get(a), Pending)), None)
             if source is not None and source.entry is None:  # a shape op on an input: after its quantization
