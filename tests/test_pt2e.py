@@ -243,3 +243,51 @@ def test_attention_masks_without_an_integer_lowering_are_refused_with_the_reason
         prepared, x = calibrated(Masked(mask), (2, 5, 16), prepare=fxp.prepare_pt2e)
         with pytest.raises(fxp.LoweringError, match=rf"(?s)node 'scaled_dot_product_attention'.*test_pt2e.py.*{why}"):
             fxp.convert(prepared, (x,))
+
+
+class TorchEncoderViT(nn.Module):
+    """A ViT from torch's own blocks: nn.TransformerEncoderLayer (nn.MultiheadAttention inside: its projections
+    are made ``.contiguous()`` before a ``view``) in both norm orders."""
+
+    def __init__(self, dim=32, heads=2, classes=5):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=norm_first) for norm_first in (True, False))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def test_torch_transformer_encoder_layers_keep_their_contiguous_before_view():
+    """nn.MultiheadAttention makes its q, k, v ``.contiguous()`` before a ``view``: dropped as an identity, the converted
+    model failed on its first call (view size is not compatible with input tensor's size and stride: issue 39)."""
+    torch.manual_seed(0)
+    model = TorchEncoderViT().eval()
+    prepared, x = _readme_pt2e(model, (2, 3, 32, 32))
+    assert torch.ops.aten.contiguous.default in {n.target for n in prepared.graph.nodes}
+    check_integer_model(model, prepared, x, 0.99)
+
+
+@pytest.mark.parametrize("prepare", [fxp.prepare, fxp.prepare_pt2e], ids=["fx", "pt2e"])
+def test_contiguous_copies_before_a_view_run_on_the_integers(prepare):
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.fc(x).unflatten(-1, (2, 8)).transpose(1, 2)
+            b, h, n, d = y.shape
+            return y.contiguous().view(b, h * n * d) + y.clone(memory_format=torch.contiguous_format).view(b, -1)
+
+    torch.manual_seed(0)
+    model = Heads().eval()
+    prepared, x = calibrated(model, (2, 5, 16), prepare=prepare)
+    check_integer_model(model, prepared, x, 0.99, min_ops=5)
