@@ -30,7 +30,7 @@ from brevitas.quant import Int8WeightPerChannelFloat, Int32Bias
 from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import Tensor, fx, nn
 
-from ..lowering import LoweringError, consumer_bits, describe, static_nodes
+from ..lowering import LoweringError, consumer_bits, describe, feeds_output, static_nodes
 from ..ops.registry import REGISTRY
 from .layers import (DyadicRequant, QuantCat, QuantGELU, QuantILayerNorm, QuantL2Norm, QuantMatMul, QuantMean,
                      QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
@@ -84,6 +84,9 @@ class _Swap:
         entry_of = lambda n: REGISTRY.entry_for(n, self.gm)  # noqa: E731
         self.demand = {n: consumer_bits(n, entry_of, lambda n: False, lambda u: u in self.static)
                        for n in self.graph.nodes if n.op != "output" and n not in self.static}
+        # the model's outputs: a grid covering every value calibration saw, as the FX lowering's
+        self.outputs = {n for n in self.demand
+                        if feeds_output(n, entry_of, lambda n: False, lambda u: u in self.static, self.static)}
         self.bits: dict[fx.Node, int] = {}  # node -> width of the IntQuantTensor it holds
         self.origin: dict[fx.Node, tuple[fx.Node, tuple[fx.Node, ...]]] = {}  # through shape ops
         self.probabilities: set[fx.Node] = set()  # QuantSoftmax outputs (UINT16, read as they are)
@@ -106,7 +109,8 @@ class _Swap:
     # -- helpers ----------------------------------------------------------------------------------
 
     def act(self, node: fx.Node, bits: int | None = None):
-        return iseg_act_quant(bits or self.demand[node], self.momentum)
+        """The output quantizer of ``node`` (or, with ``bits``, of its narrowing to ``bits``: the EMA grid)."""
+        return iseg_act_quant(bits or self.demand[node], self.momentum, output=bits is None and node in self.outputs)
 
     def _add_module(self, name: str, module: nn.Module) -> str:
         base = name = name.replace(".", "_")
@@ -178,8 +182,8 @@ class _Swap:
     # -- the graph --------------------------------------------------------------------------------
 
     def _input(self, node: fx.Node) -> None:
-        name = self._add_module(f"{node.name}_quant",
-                                QuantIdentity(act_quant=self.act(node), return_quant_tensor=True))
+        name = self._add_module(f"{node.name}_quant",  # (an input is quantized on its EMA grid, as in FX)
+                                QuantIdentity(act_quant=self.act(node, self.demand[node]), return_quant_tensor=True))
         with self.graph.inserting_after(node):
             new = self.graph.call_module(name, (node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
