@@ -160,15 +160,19 @@ def _is_export_guard(node: fx.Node) -> bool:
         node.op == "call_function" and node.target in _ASSERTIONS)
 
 
+def is_shape_query(n: fx.Node) -> bool:
+    """``x.shape`` / ``x.dtype`` / ``x.device`` / ``x.size()`` / ``x.dim()``: reads no value of ``x``."""
+    return (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")) or (
+        n.op == "call_method" and n.target in ("size", "dim"))
+
+
 def static_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose value does not depend on the input's values (only, at most, on its shape)."""
     static: set[fx.Node] = set()
     for n in graph.nodes:
         if n.op in ("placeholder", "output"):
             continue
-        shape_query = (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")) or (
-            n.op == "call_method" and n.target in ("size", "dim"))
-        if shape_query or n.op == "get_attr" or all(a in static for a in n.all_input_nodes):
+        if is_shape_query(n) or n.op == "get_attr" or all(a in static for a in n.all_input_nodes):
             static.add(n)
     return static
 
