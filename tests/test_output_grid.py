@@ -90,3 +90,26 @@ def test_output_grid_covers_every_calibration_batch_internal_values_keep_the_ema
     prepared.load_state_dict(state)
     assert head.seen_min.numel() == 0
     assert fxp.convert(prepared, (x,)).output_scales[0] == head.scale(16)
+
+
+def test_the_output_grid_reaches_through_shape_ops_resizes_and_scalar_products():
+    """The value that decides the output's integers is found through the ops that keep them (FX: an observer after a
+    shape op; a resize; a product with a number), and only that one gets the covering grid."""
+    class Tail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 16)
+
+        def forward(self, x):
+            y = self.fc(x).transpose(1, 2).reshape(2, 16, 2, 2)
+            return nn.functional.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False) * 0.5
+
+    torch.manual_seed(0)
+    model = Tail().eval()
+    for prepare in (fxp.prepare, fxp.prepare_pt2e):
+        prepared, x = calibrated(model, (2, 4, 8), batches=4, prepare=prepare)
+        fc = next(prepared.get_submodule(n.target) for n in prepared.graph.nodes if n.op == "call_module"
+                  and isinstance(prepared.get_submodule(n.target), IsegObserver) and n.args[0].name in ("fc", "linear"))
+        int_model = fxp.convert(prepared, (x,))
+        assert int_model.output_scales[0] == pytest.approx(fc.covering_scale(16) * 0.5, rel=1e-12)
+        assert fc.covering_scale(16) > fc.scale(16)
