@@ -16,6 +16,7 @@ from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
 from iseg_plugin.lowering import lower
+from iseg_plugin.lowering.trace import locate_trace_failure
 
 from .config import get_iseg_backend_config, get_iseg_qconfig_mapping
 
@@ -58,26 +59,10 @@ class FxTraceError(RuntimeError):
     """torch.fx could not trace a module of the model."""
 
 
-class _LocatingTracer(fx.Tracer):
-    """Traces like torch.ao and remembers which module it is inside."""
-
-    def __init__(self):
-        super().__init__()
-        self.stack: list[tuple[str, nn.Module]] = []
-
-    def call_module(self, m, forward, args, kwargs):
-        self.stack.append((self.path_of_module(m), m))
-        out = super().call_module(m, forward, args, kwargs)
-        self.stack.pop()
-        return out
-
-
 def _locate_trace_failure(model: nn.Module, err: Exception) -> FxTraceError | None:
-    tracer = _LocatingTracer()
-    try:
-        tracer.trace(model)
-    except Exception:  # noqa: BLE001 - any failure here is the one to explain
-        name, module = tracer.stack[-1] if tracer.stack else ("", model)
+    located = locate_trace_failure(model)
+    if located is not None:
+        name, module = located
         cls = type(module).__name__
         return FxTraceError(
             f"torch.fx cannot trace module '{name or '(root)'}' ({cls}): {type(err).__name__}: {err}\n"

@@ -21,11 +21,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from iseg_plugin.lowering.lower import NO_LOWERING
 from iseg_plugin.ops import REGISTRY, IsegObserver
 from iseg_plugin.ops.entries import WEIGHT_BITS
 from iseg_plugin.quiet import quiet
@@ -66,25 +68,53 @@ def _constant(gm: fx.GraphModule, node: fx.Node):
     env = {}
     for n in gm.graph.nodes:  # in topological order
         if n in ancestors:
-            env[n] = gm.get_parameter_or_buffer(n.target) if n.op == "get_attr" else n.target(
+            env[n] = operator.attrgetter(n.target)(gm) if n.op == "get_attr" else n.target(
                 *fx.map_arg(n.args, env.__getitem__), **fx.map_arg(n.kwargs, env.__getitem__))
     return env[node]
 
 
-def _no_op_mask(gm: fx.GraphModule, mask) -> bool:
-    """A mask that masks nothing: absent, all True, or all zero (Hugging Face passes ``arange >= 0``)."""
+# An additive mask entry at least this large is a masking constant (-inf, finfo.min, -1e4 for padding), not a
+# bias: added to the INT16 scores it would set their grid, and the scores would lose their resolution to it.
+MASKING_MAGNITUDE = 1e4
+
+
+def _attention_mask(gm: fx.GraphModule, mask) -> tuple[str, str | None]:
+    """How :func:`decompose_attention` takes SDPA's ``attn_mask``: ``("none", None)`` for a mask that masks
+    nothing (absent, all True, all zero: Hugging Face passes ``arange >= 0``), ``("add", None)`` for an
+    additive float mask computed from parameters and shapes alone (BEiT's relative position bias, Swin's
+    window mask), else ``("refuse", why)``."""
     if mask is None:
-        return True
-    value = _constant(gm, mask) if isinstance(mask, fx.Node) else None
-    return value is not None and bool(value.all() if value.dtype == torch.bool else (value == 0).all())
+        return "none", None
+    value = _constant(gm, mask) if isinstance(mask, fx.Node) else torch.as_tensor(mask)
+    if value is None:
+        return "refuse", ("its attn_mask depends on the model's input; only masks computed from parameters and "
+                          "shapes (a relative position bias, a window mask) are folded into the integer model")
+    value = value.detach()
+    if value.dtype == torch.bool:
+        if bool(value.all()):
+            return "none", None
+        return "refuse", ("its boolean attn_mask masks positions out, and the integer softmax has no -inf "
+                          "(an additive float mask of finite values is lowered)")
+    if bool((value == 0).all()):
+        return "none", None
+    if not value.is_floating_point():
+        return "refuse", f"its attn_mask is {value.dtype}, neither boolean nor an additive float mask"
+    largest = float(value.abs().max())
+    if not largest < MASKING_MAGNITUDE:  # (also inf and nan)
+        return "refuse", (f"its additive attn_mask holds masking constants (largest magnitude {largest:.3g}): added "
+                          "to the INT16 scores they would set the scores' grid and leave them no resolution, and "
+                          "the integer softmax has no masked form")
+    return "add", None
 
 
 def decompose_attention(gm: fx.GraphModule) -> fx.GraphModule:
-    """``scaled_dot_product_attention`` without mask, dropout or causality -> ``softmax(q k^T s) v``.
+    """``scaled_dot_product_attention`` without dropout or causality -> ``softmax(q k^T s [+ mask]) v``.
 
     Exact: SDPA is defined as this sequence; the integer model needs the probabilities as a value of
-    its own to observe and quantize. A call with a mask that masks something, dropout or ``is_causal``
-    is left as it is (and refused by the lowering, with its node).
+    its own to observe and quantize. An additive float mask computed from parameters and shapes alone
+    (relative position bias, window mask) becomes an ``add`` of that constant to the scaled scores, as
+    eager attention writes it. A call with any other mask, dropout or ``is_causal`` is left as it is
+    and refused by the lowering, with its node and the reason (``node.meta[NO_LOWERING]``).
     """
     graph = gm.graph
     for node in list(graph.nodes):
@@ -93,13 +123,22 @@ def decompose_attention(gm: fx.GraphModule) -> fx.GraphModule:
         q, k, v = node.args[:3]
         options = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), node.args[3:]))
         options.update(node.kwargs)
-        if not _no_op_mask(gm, options.get("attn_mask")) or options.get("dropout_p", 0.0) \
-                or options.get("is_causal") or options.get("enable_gqa"):
+        unsupported = [name for name in ("dropout_p", "is_causal", "enable_gqa") if options.get(name)]
+        if unsupported:
+            node.meta[NO_LOWERING] = (f"its {' and '.join(unsupported)} is not decomposed into integer ops (the "
+                                     "integer softmax has no masked form, and dropout is for training)")
+            continue
+        how, why = _attention_mask(gm, options.get("attn_mask"))
+        if how == "refuse":
+            node.meta[NO_LOWERING] = why
             continue
         scale = options.get("scale") or 1.0 / math.sqrt(q.meta["val"].shape[-1])
         with graph.inserting_before(node):
             scores = _insert(graph, node, aten.matmul.default, q, _insert(graph, node, aten.transpose.int, k, -2, -1))
-            probs = _insert(graph, node, aten.softmax.int, _insert(graph, node, aten.mul.Tensor, scores, scale), -1)
+            scores = _insert(graph, node, aten.mul.Tensor, scores, scale)
+            if how == "add":  # SDPA adds its float mask to the scaled scores
+                scores = _insert(graph, node, aten.add.Tensor, scores, options["attn_mask"])
+            probs = _insert(graph, node, aten.softmax.int, scores, -1)
             out = _insert(graph, node, aten.matmul.default, probs, v)
         node.replace_all_uses_with(out)
         graph.erase_node(node)

@@ -41,7 +41,7 @@ from torch.func import functional_call
 
 from . import intops, kernels
 from .deploy.audit import OpAudit
-from .lowering import consumer_bits, observer_of, output_grid, static_nodes
+from .lowering import consumer_bits, feeds_output, observer_of, output_grid, static_nodes
 from .ops import REGISTRY
 from .ops.entries import SOFTMAX_BITS, WEIGHT_BITS, quantize_weight, gelu_module, input_energy
 from .ops.modules import storage_dtype
@@ -185,7 +185,11 @@ def _deployed_candidate(prepared: fx.GraphModule, site: ChoiceSite, variant) -> 
         module = variant.build(in_scale, SOFTMAX_BITS, _softmax_dim(prepared, site.node))
         return module, in_scale, bits, 2.0 ** -(SOFTMAX_BITS - 1)
     out_node = next(u for u in site.node.users if is_observer(prepared, u))
-    scale, bounds = output_grid(site.observer, _demand(prepared, out_node), asymmetric=not site.observer.symmetric)
+    static = static_nodes(prepared.graph)
+    output = feeds_output(out_node, lambda n: REGISTRY.entry_for(n, prepared), lambda n: is_observer(prepared, n),
+                          lambda n: n in static, static)
+    scale, bounds = output_grid(site.observer, _demand(prepared, out_node), asymmetric=not site.observer.symmetric,
+                                output=output)
     module = gelu_module(variant.build, in_scale, scale, bounds, site.input_observer.samples)
     return module, in_scale, bits, scale
 

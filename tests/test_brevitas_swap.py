@@ -16,7 +16,7 @@ import fx_patterns as fxp
 from iseg_plugin.lowering import LoweringError
 from iseg_plugin.nn import DyadicRequant, QuantGELU, QuantILayerNorm, QuantMatMul, QuantSoftmax, quantize
 
-from test_fx_per_op import Block, HandViT
+from test_fx_per_op import Attention, Block, HandViT
 
 
 class Encoder(nn.Module):
@@ -52,6 +52,25 @@ class FunctionalBlock(nn.Module):
         return t + F.linear(F.gelu(F.linear(t, self.w1)), self.w2)
 
 
+class ShapeScaledAttention(Attention):
+    """The attention scale computed from the input's shape: ``(c // heads) ** -0.5`` with ``c`` from ``x.shape``."""
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def shape_scaled_vit():
+    """HandViT whose blocks take their attention scale from ``x.shape``, where ``x`` was computed from the cls token
+    and the position embedding (parameters): the swap refused the product (issue 39)."""
+    model = HandViT(dim=32, heads=2)
+    for block in model.blocks:
+        block.attn.__class__ = ShapeScaledAttention
+    return model
+
+
 def _batches(shape, count, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g).double() for _ in range(count)]  # float32 values, float64 model
@@ -76,8 +95,10 @@ def _both_paths(model, shape, gelu, softmax):
 
 @pytest.mark.parametrize("model,shape,gelu,softmax", [
     (Encoder(), (2, 17, 32), "poly", "bit-exp"), (Encoder(), (2, 17, 32), "lambda-shift", "shift"),
-    (FunctionalBlock(), (2, 17, 32), "shift", "bit-exp"), (HandViT(dim=32, heads=2), (2, 3, 32, 32), "poly", "shift")],
-    ids=["modules-poly-bitexp", "modules-lambda-shiftmax", "functions-shift-bitexp", "hand-vit-conv-cls-pos-mean"])
+    (FunctionalBlock(), (2, 17, 32), "shift", "bit-exp"), (HandViT(dim=32, heads=2), (2, 3, 32, 32), "poly", "shift"),
+    (shape_scaled_vit(), (2, 3, 32, 32), "poly", "bit-exp")],
+    ids=["modules-poly-bitexp", "modules-lambda-shiftmax", "functions-shift-bitexp", "hand-vit-conv-cls-pos-mean",
+         "hand-vit-scale-from-shape"])
 def test_swapped_model_gives_the_fx_integers(model, shape, gelu, softmax, gemm_path):
     torch.manual_seed(0)
     int_model, swapped = _both_paths(model, shape, gelu, softmax)
@@ -128,6 +149,36 @@ def test_an_op_the_swap_cannot_take_is_refused_with_its_node():
 
     with pytest.raises(LoweringError, match=r"node 'sigmoid'.*no integer lowering"):
         quantize(Gated())
+
+
+def test_a_model_torch_fx_cannot_trace_is_refused_naming_the_module():
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x  # data-dependent control flow
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.gate = nn.Linear(8, 8), nn.Sequential(nn.Identity(), Gate())
+
+        def forward(self, x):
+            return self.gate(self.fc(x))
+
+    with pytest.raises(LoweringError, match=r"(?s)cannot trace module 'gate.1' \(Gate\).*test_brevitas_swap.py:\d+.*"
+                                            r"TraceError: symbolically traced variables cannot be used as inputs to "
+                                            r"control flow.*prepare_pt2e"):
+        quantize(Net())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_a_hugging_face_model_is_refused_naming_the_module_not_with_a_bare_trace_error():
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    model = DeiTForImageClassification(DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                  intermediate_size=64, image_size=32, patch_size=8))
+    with pytest.raises(LoweringError, match=r"(?s)cannot trace module '\(root\)' \(DeiTForImageClassification\) with "
+                                            r"torch.fx at .*transformers.*TraceError: .*prepare_pt2e"):
+        quantize(model)
 
 
 CUSTOM_OPS = {"ILayerNorm", "ShiftGELU", "LambdaShiftGELU", "PolyGELU", "Shiftmax", "BitExpSoftmax", "ResidualAdd"}

@@ -47,6 +47,11 @@ class LoweringError(RuntimeError):
     """A node of the model has no integer lowering."""
 
 
+# node.meta key a front end sets on an op it leaves as it is, with the reason (torchao PT2E's attention rewrite):
+# the refusal of the op says it
+NO_LOWERING = "iseg_no_lowering"
+
+
 @dataclass(frozen=True)
 class Operand:
     """An integer tensor of the new graph (or a tuple of them, before getitem) and its real scale."""
@@ -155,15 +160,19 @@ def _is_export_guard(node: fx.Node) -> bool:
         node.op == "call_function" and node.target in _ASSERTIONS)
 
 
+def is_shape_query(n: fx.Node) -> bool:
+    """``x.shape`` / ``x.dtype`` / ``x.device`` / ``x.size()`` / ``x.dim()``: reads no value of ``x``."""
+    return (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")) or (
+        n.op == "call_method" and n.target in ("size", "dim"))
+
+
 def static_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose value does not depend on the input's values (only, at most, on its shape)."""
     static: set[fx.Node] = set()
     for n in graph.nodes:
         if n.op in ("placeholder", "output"):
             continue
-        shape_query = (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")) or (
-            n.op == "call_method" and n.target in ("size", "dim"))
-        if shape_query or n.op == "get_attr" or all(a in static for a in n.all_input_nodes):
+        if is_shape_query(n) or n.op == "get_attr" or all(a in static for a in n.all_input_nodes):
             static.add(n)
     return static
 
@@ -192,11 +201,43 @@ def consumer_bits(node: fx.Node, entry_of, transparent, ignored) -> int:
     return max(widths) if widths else 16
 
 
-def output_grid(observer: IsegObserver, bits: int, asymmetric: bool = False) -> tuple[float, tuple[int, int]]:
+# Consumers that pass their input's integers on unchanged (a scale change at most): what they output, their
+# input was already on the grid of (the shape ops are the entries of observation "share" / "none").
+SAME_INTEGERS = ("interpolate", "mul", "div")
+
+
+def feeds_output(node: fx.Node, entry_of, transparent, ignored, static=frozenset()) -> bool:
+    """Whether ``node``'s integers are the model's output: it reaches the output through consumers that keep
+    them (observers, shape ops, resizes, a product with a constant). ``entry_of`` / ``transparent`` /
+    ``ignored`` as for :func:`consumer_bits`; ``static``: the values that do not depend on the input (a
+    product with one of them keeps the integers or requantizes them to an output grid of its own)."""
+    for user in node.users:
+        if ignored(user):
+            continue
+        if user.op == "output":
+            return True
+        if transparent(user):
+            passes = True
+        else:
+            entry = entry_of(user)
+            passes = entry is not None and (entry.observation in ("share", "none") or entry.name in SAME_INTEGERS)
+            if passes and entry.name in ("mul", "div"):  # x * c only, not x * y
+                passes = all(a is node or a in static for a in user.all_input_nodes)
+        if passes and feeds_output(user, entry_of, transparent, ignored, static):
+            return True
+    return False
+
+
+def output_grid(observer: IsegObserver, bits: int, asymmetric: bool = False,
+                output: bool = False) -> tuple[float, tuple[int, int]]:
     """Scale and integer bounds of an observed value on a ``bits``-wide grid: symmetric, or with
     ``asymmetric`` an INT8 value on the 256 levels of ``[lo, lo + 255]`` over its observed range, where a
     symmetric grid would waste a bit on a one-sided range (GELU >= -0.17; a Linear consumer shifts it into
-    int8 and takes the shift back in its bias). INT16 values stay symmetric."""
+    int8 and takes the shift back in its bias). INT16 values stay symmetric. ``output``: the value is the
+    model's output (:func:`feeds_output`): a symmetric grid that covers every value calibration saw, with
+    headroom (:meth:`IsegObserver.covering_scale`), not the EMA range (it would clip the logits an argmax reads)."""
+    if output:
+        return observer.covering_scale(bits), intops.int_range(bits)
     if not asymmetric or bits != 8:
         return observer.scale(bits), intops.int_range(bits)
     scale = intops.asymmetric_scale(observer.min_val, observer.max_val, 8)
@@ -278,9 +319,15 @@ class Lowering:
         return consumer_bits(node, lambda n: REGISTRY.entry_for(n, self.src), self._is_observer,
                              lambda n: n in self.static or _is_export_guard(n))
 
+    def feeds_output(self, node: fx.Node) -> bool:
+        """Whether the value is the model's output (:func:`feeds_output`)."""
+        return feeds_output(node, lambda n: REGISTRY.entry_for(n, self.src), self._is_observer,
+                            lambda n: n in self.static or _is_export_guard(n), self.static)
+
     def output_format(self, observer: IsegObserver, node: fx.Node, asymmetric: bool = False) -> tuple[float, tuple[int, int]]:
-        """Scale and integer bounds of an op's output from its observer, at the width its consumers need."""
-        return output_grid(observer, self.demand(node), asymmetric)
+        """Scale and integer bounds of an op's output from its observer, at the width its consumers need (a model
+        output: on a grid covering every value calibration saw)."""
+        return output_grid(observer, self.demand(node), asymmetric, output=self.feeds_output(node))
 
     def need(self, operand: Operand | Const, bits: int, name: str) -> Operand:
         """``operand`` as integers of at most ``bits`` (a requantization is added where it is wider)."""
@@ -372,8 +419,9 @@ class Lowering:
             return self._observed(node, observer_of(self.src.get_submodule(node.target)))
         entry = REGISTRY.entry_for(node, self.src)
         if entry is None:
-            raise LoweringError(f"{describe(node)} has no integer lowering: add a registry entry for it "
-                                "(iseg_plugin.ops) or keep it out of the quantized model")
+            why = node.meta.get(NO_LOWERING)  # a front end's reason for leaving the op as it is
+            raise LoweringError(f"{describe(node)} has no integer lowering" + (f": {why}" if why else "") +
+                                ": add a registry entry for it (iseg_plugin.ops) or keep it out of the quantized model")
         if entry.observation in ("share", "none"):
             source = next((self.env[a] for a in node.all_input_nodes if isinstance(self.env.get(a), Pending)), None)
             if source is not None and source.entry is None:  # a shape op on an input: after its quantization

@@ -19,9 +19,11 @@ rule (:mod:`.quantizers`). Calibrated with Brevitas' ``calibration_mode`` on the
 gives the integers of the FX path's deployed model (tested). GELU outputs are symmetric INT8 here:
 Brevitas' ``QuantLinear`` carries no input zero point into its accumulator.
 
-An op with no integer lowering is refused with the node named, as by the FX front end.
+An op with no integer lowering is refused with the node named, as by the FX front end; a model torch.fx cannot
+trace, with the module (and line) where tracing failed and torch.fx's reason.
 """
 import copy
+import traceback
 from typing import Callable
 
 import torch
@@ -30,7 +32,8 @@ from brevitas.quant import Int8WeightPerChannelFloat, Int32Bias
 from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import Tensor, fx, nn
 
-from ..lowering import LoweringError, consumer_bits, describe, static_nodes
+from ..lowering import LoweringError, consumer_bits, describe, feeds_output, is_shape_query, static_nodes
+from ..lowering.trace import locate_trace_failure
 from ..ops.registry import REGISTRY
 from .layers import (DyadicRequant, QuantCat, QuantGELU, QuantILayerNorm, QuantL2Norm, QuantMatMul, QuantMean,
                      QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
@@ -74,9 +77,26 @@ def quantize(model: nn.Module, gelu: str = "poly", softmax: str = "bit-exp", mom
                  momentum).run()
 
 
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """``fx.symbolic_trace`` of a copy of ``model`` (the user's model stays as it is); a failure is refused naming
+    the module torch.fx could not trace and why."""
+    model = copy.deepcopy(model)
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as err:
+        name, module = locate_trace_failure(model) or ("", model)
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+        where = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+        raise LoweringError(
+            f"the Brevitas swap cannot trace module '{name or '(root)'}' ({type(module).__name__}) with torch.fx{where}: "
+            f"{type(err).__name__}: {err}\nRemove the data-dependent control flow (or Python-level use of traced "
+            "values) from its forward, or quantize the model through torch.export, which traces such code: "
+            "fx_patterns.prepare_pt2e(model, example_inputs), then fx_patterns.convert") from err
+
+
 class _Swap:
     def __init__(self, model: nn.Module, gelu: str, softmax: str, momentum: float):
-        self.gm = fx.symbolic_trace(copy.deepcopy(model))  # (the user's model stays as it is)
+        self.gm = _trace(model)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.graph = self.gm.graph
         self.gelu, self.softmax, self.momentum = gelu, softmax, momentum
@@ -84,12 +104,16 @@ class _Swap:
         entry_of = lambda n: REGISTRY.entry_for(n, self.gm)  # noqa: E731
         self.demand = {n: consumer_bits(n, entry_of, lambda n: False, lambda u: u in self.static)
                        for n in self.graph.nodes if n.op != "output" and n not in self.static}
+        # the model's outputs: a grid covering every value calibration saw, as the FX lowering's
+        self.outputs = {n for n in self.demand
+                        if feeds_output(n, entry_of, lambda n: False, lambda u: u in self.static, self.static)}
         self.bits: dict[fx.Node, int] = {}  # node -> width of the IntQuantTensor it holds
         self.origin: dict[fx.Node, tuple[fx.Node, tuple[fx.Node, ...]]] = {}  # through shape ops
         self.probabilities: set[fx.Node] = set()  # QuantSoftmax outputs (UINT16, read as they are)
         self.narrowed: dict[tuple[fx.Node, int], fx.Node] = {}
         self.input_bits: int | None = None  # of the registry entry being swapped
         self._names: set[str] = set(dict(self.gm.named_modules()))
+        self._parameter_reads: dict[fx.Node, bool] = {}
 
     def run(self) -> fx.GraphModule:
         for node in list(self.graph.nodes):
@@ -106,7 +130,8 @@ class _Swap:
     # -- helpers ----------------------------------------------------------------------------------
 
     def act(self, node: fx.Node, bits: int | None = None):
-        return iseg_act_quant(bits or self.demand[node], self.momentum)
+        """The output quantizer of ``node`` (or, with ``bits``, of its narrowing to ``bits``: the EMA grid)."""
+        return iseg_act_quant(bits or self.demand[node], self.momentum, output=bits is None and node in self.outputs)
 
     def _add_module(self, name: str, module: nn.Module) -> str:
         base = name = name.replace(".", "_")
@@ -178,8 +203,8 @@ class _Swap:
     # -- the graph --------------------------------------------------------------------------------
 
     def _input(self, node: fx.Node) -> None:
-        name = self._add_module(f"{node.name}_quant",
-                                QuantIdentity(act_quant=self.act(node), return_quant_tensor=True))
+        name = self._add_module(f"{node.name}_quant",  # (an input is quantized on its EMA grid, as in FX)
+                                QuantIdentity(act_quant=self.act(node, self.demand[node]), return_quant_tensor=True))
         with self.graph.inserting_after(node):
             new = self.graph.call_module(name, (node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
@@ -326,7 +351,13 @@ class _Swap:
         self._emit(node, layer, inputs, self.bits[value])
 
     def _reads_parameters(self, node: fx.Node) -> bool:
-        return node.op == "get_attr" or any(self._reads_parameters(n) for n in node.all_input_nodes)
+        """Whether ``node``'s value is computed from a parameter's or buffer's values. A shape query reads none:
+        ``(c // heads) ** -0.5`` with ``c`` from ``x.shape`` is a number, also where ``x`` was computed from a cls
+        token or a position embedding."""
+        if node not in self._parameter_reads:
+            self._parameter_reads[node] = not is_shape_query(node) and (
+                node.op == "get_attr" or any(self._reads_parameters(n) for n in node.all_input_nodes))
+        return self._parameter_reads[node]
 
     def _mul(self, node: fx.Node) -> None:
         self._scalar_mul(node, divide=False)

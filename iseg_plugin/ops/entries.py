@@ -345,7 +345,11 @@ def _lower_shape_op(site: Site) -> Operand | Const:
         if mode != "constant" or value not in (0, 0.0, None):
             raise site.refuse(f"only zero padding has an integer lowering; got mode={mode!r}, value={value}")
     if node.target in _IDENTITY_METHODS + _IDENTITY_ATEN:
-        return source
+        if node.kwargs.get("memory_format") != torch.contiguous_format:
+            return source
+        # a copy made contiguous (x.clone(memory_format=torch.contiguous_format)): a view after it needs that layout
+        new = site.lowering.shape_op("call_function", aten.contiguous.default, (source.node,), {})
+        return Operand(new, source.scale, source.bounds, source.observer)
     args = site.map_to_new(tuple(site.args))
     kwargs = {k: site.map_to_new(v) for k, v in site.kwargs.items()}
     new = site.lowering.shape_op(node.op, node.target, args, kwargs)
@@ -356,16 +360,18 @@ def _single(lower, doc: str) -> dict[str, Variant]:
     return {"default": Variant("default", lower, doc)}
 
 
-_IDENTITY_METHODS = ("contiguous", "float", "to", "type_as", "clone", "detach")
+_IDENTITY_METHODS = ("float", "to", "type_as", "clone", "detach")
 # (dtype casts too: the float model casts float32 to float32, the integer model must keep its integers)
-_IDENTITY_ATEN = (aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
-                  aten.to.dtype, aten._to_copy.default, aten.dropout.default)
+_IDENTITY_ATEN = (aten.clone.default, aten.alias.default, aten.detach.default, aten.to.dtype, aten._to_copy.default,
+                  aten.dropout.default)
+# ``contiguous`` is no identity: it is called on the integers, because a ``view`` after it needs its layout
+# (nn.MultiheadAttention: ``...transpose(...).contiguous().view(...)``)
 SHAPE_METHODS = ("reshape", "view", "permute", "transpose", "t", "flatten", "unflatten", "expand", "squeeze",
-                 "unsqueeze") + _IDENTITY_METHODS
+                 "unsqueeze", "contiguous") + _IDENTITY_METHODS
 SHAPE_ATEN = (aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default,
               aten.flatten.using_ints, aten.unflatten.int, aten.expand.default, aten.squeeze.dim, aten.squeeze.dims,
               aten.unsqueeze.default, aten.slice.Tensor, aten.select.int, aten.pad.default,
-              aten.constant_pad_nd.default)
+              aten.constant_pad_nd.default, aten.contiguous.default)
 
 REGISTRY.register(OpEntry(
     "linear", "INT8 x INT8 -> INT32 (+ INT32 bias), per-channel dyadic requantization to the output",

@@ -14,7 +14,12 @@ it) with what the integer lowering needs:
   output; Brevitas' ``QuantLinear`` carries no input zero point into its accumulator);
 * ``weight_bits``: the weight width of the GEMM whose output it observes (8, or 4 for W4A8), and that
   GEMM's calibrated weight integers and scales where a PTQ step computed them (``weight_int``,
-  ``weight_scale``: :mod:`iseg_plugin.gptq`; empty otherwise).
+  ``weight_scale``: :mod:`iseg_plugin.gptq`; empty otherwise);
+* the extremes of every batch it saw (``seen_min``, ``seen_max``): the EMA range stays near the first
+  batch's for the few batches of a calibration (0.05 of each later batch), so a grid on it clips the
+  values of the other batches that lie beyond it. Internal values tolerate that (the paper's rule); the
+  model's outputs do not (the logits an argmax reads): :meth:`covering_scale` is their grid (used by the
+  lowering for values the model outputs, and by the Brevitas swap).
 
 ``variant`` and ``weight_bits`` are the site's choices (a qconfig's, or the per-layer selection of
 :mod:`iseg_plugin.select`). They are held in integer buffers (the variant's name as its bytes), so they
@@ -34,6 +39,10 @@ from .. import intops
 
 SAMPLES_PER_BATCH = 4096
 MAX_SAMPLES = 65536
+# The output grid covers the extremes of calibration with one spare bit: values of calibration-like inputs a little
+# beyond them, and the integer model's own error at them, stay off the grid's limits (an INT16 output keeps 14 bits
+# for what calibration saw).
+OUTPUT_HEADROOM = 2.0
 
 
 class IsegObserver(MinMaxObserver):
@@ -55,6 +64,8 @@ class IsegObserver(MinMaxObserver):
         self.register_buffer("weight_int", torch.zeros(0, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("batches", torch.tensor(0))
+        self.register_buffer("seen_min", torch.zeros(0))  # (empty: a record written before they were kept)
+        self.register_buffer("seen_max", torch.zeros(0))
 
     def extra_repr(self) -> str:
         return (f"momentum={self.momentum}, variant={self.variant}, symmetric={self.symmetric}, "
@@ -85,6 +96,10 @@ class IsegObserver(MinMaxObserver):
         lo, hi = intops.ema_minmax(running, real, self.momentum)
         self.min_val.resize_(lo.shape).copy_(lo)
         self.max_val.resize_(hi.shape).copy_(hi)
+        cur_lo, cur_hi = intops.channel_minmax(real)
+        if int(self.batches) and self.seen_min.numel():
+            cur_lo, cur_hi = torch.minimum(self.seen_min, cur_lo), torch.maximum(self.seen_max, cur_hi)
+        self.seen_min, self.seen_max = cur_lo.reshape(1), cur_hi.reshape(1)
         if real.dim() >= 2:
             energy = real.pow(2).flatten(0, -2).mean(0)
             if int(self.batches) and self.channel_energy.shape == energy.shape:
@@ -97,10 +112,14 @@ class IsegObserver(MinMaxObserver):
         return x
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("samples", "channel_energy", "weight_int", "weight_scale", "variant_name", "gemm_weight_bits"):
+        for name in ("samples", "channel_energy", "weight_int", "weight_scale", "variant_name", "gemm_weight_bits",
+                     "seen_min", "seen_max"):
             key = prefix + name
             if key in state_dict:  # sizes vary: take the saved ones'
                 setattr(self, name, torch.empty_like(state_dict[key]))
+            elif name.startswith("seen_"):  # a record written before the extremes were kept: its EMA range only
+                state_dict[key] = torch.zeros(0)
+                setattr(self, name, torch.zeros(0))
             else:  # a record written before these existed keeps what this observer was built with
                 state_dict[key] = getattr(self, name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -114,3 +133,20 @@ class IsegObserver(MinMaxObserver):
     def scale(self, bits: int) -> float:
         """The symmetric scale of a signed ``bits``-wide grid over the observed range."""
         return float(intops.symmetric_scale(self.min_val.float(), self.max_val.float(), bits))
+
+    def covering_range(self) -> tuple[Tensor, Tensor]:
+        """The EMA range widened to every value seen (the EMA range alone for a record without the extremes)."""
+        lo, hi = self.min_val.float(), self.max_val.float()
+        if self.seen_min.numel():
+            lo = torch.minimum(lo, self.seen_min.float().reshape(lo.shape))
+            hi = torch.maximum(hi, self.seen_max.float().reshape(hi.shape))
+        return lo, hi
+
+    def covering_scale(self, bits: int) -> float:
+        """The symmetric scale of a model output's ``bits``-wide grid: every value seen in calibration, with
+        ``OUTPUT_HEADROOM`` (none of them reaches the grid's limits). A record written before the extremes were
+        kept has its EMA grid, as it had: the same integers."""
+        if not self.seen_min.numel():
+            return self.scale(bits)
+        lo, hi = self.covering_range()
+        return float(intops.symmetric_scale(lo * OUTPUT_HEADROOM, hi * OUTPUT_HEADROOM, bits))
