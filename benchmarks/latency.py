@@ -9,7 +9,8 @@ For each size (mmseg's Segmenter ViT-T/S/B ADE20K configs, 150 classes, the plug
 builds the float model with random weights (latency does not depend on their values), quantizes it
 op by op (calibration on one random image), deploys and exports it, then times,
 in one process on this CPU: FP32 PyTorch, FP32 onnxruntime (TorchScript export of the float
-model), onnxruntime's own static INT8 QDQ quantization of it (not integer-only), the integer-only ONNX graph in onnxruntime and in TVM (Relax with the plugin's CPU schedules,
+model), onnxruntime's own static INT8 QDQ quantization of it (not integer-only), OpenVINO on it in FP32, at its
+default precision and quantized to INT8 by NNCF (where the extra ``.[bench]`` is installed), the integer-only ONNX graph in onnxruntime and in TVM (Relax with the plugin's CPU schedules,
 no tuning; where apache-tvm is installed: the extra ``.[tvm]``) and the deployed integer model in PyTorch. Each time is
 the median of ``--runs`` runs after one warm-up. It profiles the
 integer onnxruntime graph by op type, computes the memory traffic of its Linear / Conv / MatMul
@@ -254,8 +255,30 @@ def qonnx_cost(name: str, work: Path) -> dict:
     return {k: v for k, v in cost.items() if k != "unsupported"}
 
 
+def openvino_runs(fp32_path: Path, feed: dict) -> dict:
+    """The peer a user on an x86 server picks for INT8 inference: OpenVINO on the same FP32 graph, in FP32 (the f32
+    precision hint), at its default precision (bf16 where the CPU has AMX or AVX-512 BF16) and after NNCF's
+    post-training INT8 quantization on the same calibration image (float softmax / GELU / LayerNorm between
+    its INT8 GEMMs: not integer-only). ``{row: run}``; empty, with a message, where openvino / nncf are absent
+    (the extra ``.[bench]``)."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as err:
+        print(f"   OpenVINO rows skipped ({err.name} is not installed: pip install -e '.[bench]')", flush=True)
+        return {}
+    core = ov.Core()
+    model = core.read_model(str(fp32_path))
+    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    int8 = nncf.quantize(model, nncf.Dataset([feed]), subset_size=1, model_type=nncf.ModelType.TRANSFORMER)
+    compiled = {"OpenVINO FP32": core.compile_model(model, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"}),
+                "OpenVINO default precision": core.compile_model(model, "CPU", config),
+                "OpenVINO INT8 (NNCF)": core.compile_model(int8, "CPU", config)}
+    return {row: (lambda c=c: c(feed)) for row, c in compiled.items()}
+
+
 def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = True, timing: bool = True) -> dict:
-    print(f"== {name}", flush=True)
+    print(f"== {name} (ISA {cpu_isa()}, GEMM path {gemm_path()}, {kernels.describe()})", flush=True)
     float_model, image, x, deployed = deployed_model(name)
 
     paths = {"fp32_ckpt": work / f"{name}_fp32.pth", "deployed": work / f"{name}.iseg",
@@ -292,6 +315,9 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
         seconds["FP32 onnxruntime"] = median_seconds(lambda: fp32_sess.run(None, fp32_feed), runs)
         print("   onnxruntime INT8 QDQ (quantize_static; not integer-only)", flush=True)
         seconds["onnxruntime INT8 QDQ"] = median_seconds(lambda: qdq_sess.run(None, fp32_feed), runs)
+        for row, infer in openvino_runs(paths["fp32_onnx"], fp32_feed).items():
+            print(f"   {row}", flush=True)
+            seconds[row] = median_seconds(infer, runs)
         print("   integer onnxruntime", flush=True)
         seconds["integer onnxruntime"] = median_seconds(lambda: int_sess.run(None, int_feed), runs)
         if tvm:
@@ -342,6 +368,10 @@ def write_report(results: list[dict], docs: Path) -> None:
         "same GEMMs).",
         "onnxruntime INT8 QDQ: onnxruntime's `quantize_static` of the FP32 graph (QDQ, per-channel INT8 weights, the",
         "same calibration image): INT8 GEMMs with float softmax / GELU / LayerNorm between them, not integer-only.",
+        "OpenVINO (the extra `.[bench]`; rows absent without it): the same FP32 graph, in FP32 (f32 precision hint), at",
+        "its default precision (bf16 where the CPU has AMX or AVX-512 BF16) and after NNCF's post-training INT8",
+        "(`nncf.quantize`, transformer preset, the same calibration image; float softmax / GELU / LayerNorm between",
+        "INT8 GEMMs, not integer-only); latency hint, as many inference threads as PyTorch's.",
         *sorted({f"{r['model']}: {r['note']}" for r in results if r.get("note")}),
         "A missing time: that form was not timed for that model (`--skip-torch-int`; TVM: not in `--tvm-models`,",
         "or apache-tvm absent). TVM: Relax with the plugin's CPU schedules (tiled, vectorised, parallel int32",
@@ -349,17 +379,18 @@ def write_report(results: list[dict], docs: Path) -> None:
         *[f"TVM compile time ({r['model']}): {r['tvm_compile_seconds']:.0f} s." for r in results if "tvm_compile_seconds" in r],
         "",
         "| model | " + " | ".join(f"{f} (s)" for f in forms)
-        + " | speed-up vs FP32 onnxruntime: integer onnxruntime | integer PyTorch |",
-        "|---" * (len(forms) + 3) + "|",
+        + " | speed-up vs FP32 onnxruntime: integer onnxruntime | integer PyTorch | integer PyTorch vs OpenVINO INT8 |",
+        "|---" * (len(forms) + 4) + "|",
     ]
 
-    def speedup(s: dict, form: str) -> str:
-        return f"{s['FP32 onnxruntime'] / s[form]:.2f}x" if form in s else "-"
+    def speedup(s: dict, form: str, peer: str = "FP32 onnxruntime") -> str:
+        return f"{s[peer] / s[form]:.2f}x" if form in s and peer in s else "-"
 
     for r in results:
         s = r["seconds"]
         lines.append(f"| {r['model']} | " + " | ".join(f"{s[f]:.3f}" if f in s else "-" for f in forms)
-                     + f" | {speedup(s, 'integer onnxruntime')} | {speedup(s, 'integer PyTorch')} |")
+                     + f" | {speedup(s, 'integer onnxruntime')} | {speedup(s, 'integer PyTorch')} | "
+                     f"{speedup(s, 'integer PyTorch', 'OpenVINO INT8 (NNCF)')} |")
     lines += ["", "| model | FP32 checkpoint (MB) | deployed integer file (MB) | size ratio | FP32 ONNX (MB) | "
               "integer ONNX (MB) | GEMM traffic FP32 (Gbit) | GEMM traffic integer (Gbit) | traffic ratio |",
               "|---|---|---|---|---|---|---|---|---|"]

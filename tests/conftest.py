@@ -2,6 +2,8 @@
 import pytest
 from hypothesis import HealthCheck, settings
 
+from iseg_plugin.ops import gemm
+
 settings.register_profile(
     "ci", max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -15,17 +17,12 @@ def pytest_configure(config):
     register_all_modules(init_default_scope=True)
 
 
-def _gemm_paths():
-    from iseg_plugin.ops import gemm
-
-    return gemm.runnable_gemm_paths()
-
-
-@pytest.fixture(params=_gemm_paths())
+@pytest.fixture(params=gemm.GEMM_PATHS)
 def gemm_path(request):
-    """Runs a test once per GEMM path this machine computes exactly, forced (``int_mm``, ``avx2``, ``int32``: see
-    iseg_plugin.ops.gemm), so that a machine of either kind tests the paths it does not pick by itself."""
-    from iseg_plugin.ops import gemm
-
+    """Runs a test once per GEMM path (iseg_plugin.ops.gemm.GEMM_PATHS), forced, so that a machine of either kind
+    tests the paths it does not pick by itself; skipped, naming the flag, where the CPU lacks the instructions."""
+    if request.param not in gemm.runnable_gemm_paths():
+        pytest.skip(f"the CPU lacks {gemm.NEEDS[request.param]} (or the kernels did not build): "
+                    f"GEMM path {request.param} cannot run here")
     with gemm.forced(request.param):
         yield request.param
