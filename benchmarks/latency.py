@@ -59,8 +59,10 @@ PYTORCH_GEMMS = {"int_mm": "torch._int_mm (oneDNN, VNNI)",
 # what limits the deployed model, per GEMM path (the profile paragraph of the report)
 PROFILE_NOTES = {
     "int_mm": ["The probabilities enter _int_mm as two 8-bit halves: three GEMMs per head where FP32 has two.",
-               "Attention is half of the time: its softmax row work runs on one thread. That, not the GEMM kernels",
-               "(torch._int_mm is several times faster than FP32 here), is what keeps ViT-S / ViT-T from the 1.5x goal."],
+               "Attention is half of the time or more: its softmax rows run on one thread (on torch's inter-op threads",
+               "beside _int_mm's spinning OpenMP workers they were slower: docs/architecture.md), and its small",
+               "per-block _int_mm calls run well below the large products' rate (the ratio above). OpenVINO INT8",
+               "keeps softmax, LayerNorm and GELU in float (its own kernels) between INT8 GEMMs: not integer-only."],
     "avx2": ["The probabilities enter the AVX2 GEMM whole (int16): two GEMMs per head, as FP32. Without VNNI the GEMMs",
              "are the limit: the exact AVX2 kernel (int16 pairs, 16 products per vpmaddwd) runs about as fast as torch's",
              "FP32 matmul (ratio above), so the integer model is about as fast as FP32 PyTorch, without VNNI's margin."],

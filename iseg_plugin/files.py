@@ -161,6 +161,15 @@ def content_digest(plain, tensors: dict) -> str:
     return digest.hexdigest()
 
 
+def load_data(path: str | Path, what: str, error: type[Exception] = ValueError):
+    """``torch.load(path, weights_only=True)`` of a file that is data (tensors and plain values); any failure is
+    ``error`` saying in one line what the file is not (:func:`unreadable`)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure: say what the file is not
+        raise error(unreadable(path, err, what)) from None
+
+
 def unreadable(path: str | Path, err: Exception, what: str) -> str:
     """Why ``torch.load(path, weights_only=True)`` failed, in one line. A pickle that holds more than
     tensors and plain values is refused as such: loading it could run code (torch's own message

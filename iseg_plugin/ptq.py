@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from .deploy import calibrate_prepared, convert, prepare_segmenter
 from .deploy.io import deployed_blob
-from .files import check_output, content_digest, sidecar, unreadable, write_together
+from .files import check_output, content_digest, load_data, sidecar, write_together
 from .models import CheckpointMismatchError
 from .models.fold import fold_layernorms
 from .quiet import quiet
@@ -43,10 +43,7 @@ def load_record(model_path: str | Path, model_sha256: str) -> dict:
     path = sidecar(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: it is written by `iseg ptq` next to the deployed model")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure: say what the file is not
-        raise ValueError(unreadable(path, err, "calibration record of `iseg ptq`")) from None
+    record = load_data(path, "calibration record of `iseg ptq`")
     if not isinstance(record, dict) or "model_sha256" not in record:
         raise ValueError(f"{path} is not bound to its model (written by an earlier version, or not a calibration "
                          "record): write the model and it again with `iseg ptq`")
@@ -135,10 +132,7 @@ def checkpoint_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     ``module.`` prefixes dropped); a missing file, a deployed model or a file without tensors is refused."""
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}")
-    try:
-        blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure: say what the file is not
-        raise CheckpointMismatchError(unreadable(checkpoint, err, "checkpoint")) from None
+    blob = load_data(checkpoint, "checkpoint", CheckpointMismatchError)
     if isinstance(blob, dict) and str(blob.get("format", "")).startswith("iseg-deployed"):
         raise CheckpointMismatchError(f"{checkpoint} is a deployed integer model ({blob['format']}), not a "
                                       "checkpoint: pass the checkpoint it was made from")

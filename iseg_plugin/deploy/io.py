@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .. import intops
-from ..files import atomic_write, content_digest, unreadable
+from ..files import atomic_write, content_digest, load_data
 from ..ops import REGISTRY
 from ..ops import modules as M
 from .segmenter import DeployedSegmenter
@@ -237,10 +237,7 @@ def load_deployed(path: str | Path) -> DeployedSegmenter:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no deployed model at {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure: say what the file is not
-        raise DeployedFileError(unreadable(path, err, "deployed model")) from None
+    blob = load_data(path, "deployed model", DeployedFileError)
     if isinstance(blob, dict) and str(blob.get("format", "")).startswith("iseg-deployed-") and blob["format"] not in READABLE:
         raise DeployedFileError(f"{path} is a {blob['format']} file, which this version cannot read: write it "
                                 f"again with `iseg ptq` (this version writes {FORMAT})")
