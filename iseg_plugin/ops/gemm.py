@@ -58,7 +58,7 @@ def cpu_isa() -> str:
 #   than FP32, on every CPU. All three give the same integers (tests/test_gemm_kernels.py).
 GEMM_PATHS = ("int_mm", "avx2", "int32")
 GEMM: str | None = None  # a path forced (tests, benchmarks); None: the fastest this CPU has
-NEEDS = {"int_mm": "avx512_vnni", "avx2": "avx2"}  # the CPU flag a path needs: to be fast (int_mm), to run (avx2)
+NEEDS = {"avx2": "avx2"}  # the CPU flag a path needs to run (int_mm and int32 run on every CPU)
 
 
 @functools.lru_cache(maxsize=None)
