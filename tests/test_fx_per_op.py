@@ -179,6 +179,32 @@ def test_functions_and_methods_use_every_registry_entry():
                                           "softmax", "l2_normalize", "interpolate", "mean", "cat", "shape", "split"}
 
 
+class ShiftedWindows(nn.Module):
+    """Permutations and repetitions of tokens (Swin's cyclic shift and its reverse, a flip, DPT's readout token
+    expanded to every patch, a repeat): value-preserving, so they run on the integers as they are."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.proj = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        feats = torch.roll(self.patch(x), shifts=(-1, -1), dims=(2, 3)).flip(-1)  # (B, C, H, W)
+        t = F.layer_norm(feats.flatten(2).transpose(1, 2), feats.shape[1:2])
+        readout = t.mean(1, keepdim=True).expand_as(t)
+        t = self.proj(torch.cat([t, readout], -1)).roll(2, 1)
+        return t.repeat(1, 2, 1)
+
+
+@pytest.mark.parametrize("front_end", ["fx", "pt2e"])
+def test_rolls_flips_and_repeats_run_on_the_integers(front_end):
+    torch.manual_seed(0)
+    model = ShiftedWindows()
+    prepared, x = calibrated(model, (2, 3, 16, 16), prepare=fxp.prepare if front_end == "fx" else fxp.prepare_pt2e)
+    int_model, (out,) = check_integer_model(model, prepared, x, 0.99, min_ops=10)
+    assert out.shape == (2, 32, 16)
+
+
 def test_the_plugin_segmenter_takes_uint8_pixels():
     model = fxp.traceable(trained_like(build(None, l2_norm=True, upsample="bilinear")).eval())
     prepared, x = calibrated(model, (2, 3, 64, 64), batches=2)

@@ -366,12 +366,14 @@ _IDENTITY_ATEN = (aten.clone.default, aten.alias.default, aten.detach.default, a
                   aten.dropout.default)
 # ``contiguous`` is no identity: it is called on the integers, because a ``view`` after it needs its layout
 # (nn.MultiheadAttention: ``...transpose(...).contiguous().view(...)``)
+# Permutations and repetitions (Swin's shifted windows roll, DPT's readout expand_as) move integers too.
 SHAPE_METHODS = ("reshape", "view", "permute", "transpose", "t", "flatten", "unflatten", "expand", "squeeze",
-                 "unsqueeze", "contiguous") + _IDENTITY_METHODS
+                 "unsqueeze", "contiguous", "roll", "flip", "repeat", "expand_as") + _IDENTITY_METHODS
 SHAPE_ATEN = (aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default,
               aten.flatten.using_ints, aten.unflatten.int, aten.expand.default, aten.squeeze.dim, aten.squeeze.dims,
               aten.unsqueeze.default, aten.slice.Tensor, aten.select.int, aten.pad.default,
-              aten.constant_pad_nd.default, aten.contiguous.default)
+              aten.constant_pad_nd.default, aten.contiguous.default, aten.roll.default, aten.flip.default,
+              aten.repeat.default, aten.expand_as.default)
 
 REGISTRY.register(OpEntry(
     "linear", "INT8 x INT8 -> INT32 (+ INT32 bias), per-channel dyadic requantization to the output",
@@ -437,9 +439,10 @@ REGISTRY.register(OpEntry(
     "cat", "concatenation at the output scale (constants such as cls tokens quantized to it)",
     functions=(torch.cat, torch.concat), aten=(aten.cat.default,), input_bits=None, variants=_single(_lower_cat, "requantize, then cat")))
 REGISTRY.register(OpEntry(
-    "shape", "reshape / permute / index / pad(0) / dropout in eval: the same call on the integers",
+    "shape", "reshape / permute / index / roll / flip / repeat / pad(0) / dropout in eval: the same call on the integers",
     modules=(nn.Dropout, nn.Identity), functions=(operator.getitem, torch.flatten, torch.transpose, torch.permute,
-                                                   torch.reshape, torch.squeeze, torch.unsqueeze, F.pad, F.dropout),
+                                                   torch.reshape, torch.squeeze, torch.unsqueeze, torch.roll,
+                                                   torch.flip, F.pad, F.dropout),
     methods=SHAPE_METHODS, aten=SHAPE_ATEN + _IDENTITY_ATEN, observation="share", input_bits=None, variants=_single(_lower_shape_op, "no arithmetic")))
 REGISTRY.register(OpEntry(
     "split", "chunk / split / unbind: tuples of integer tensors (not observed: torch.ao observes tensors only)",
