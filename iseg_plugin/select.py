@@ -164,10 +164,11 @@ def keep_int8(prepared: fx.GraphModule, prefixes) -> list[str]:
     return pinned
 
 
-def _demand(prepared: fx.GraphModule, node: fx.Node) -> int:
+def _consumer_rules(prepared: fx.GraphModule) -> tuple[tuple, set[fx.Node]]:
+    """:func:`consumer_bits` / :func:`feeds_output`'s rules for a prepared graph (entry_of, transparent, ignored)
+    and its static values."""
     static = static_nodes(prepared.graph)
-    return consumer_bits(node, lambda n: REGISTRY.entry_for(n, prepared), lambda n: is_observer(prepared, n),
-                         lambda n: n in static)
+    return (lambda n: REGISTRY.entry_for(n, prepared), lambda n: is_observer(prepared, n), lambda n: n in static), static
 
 
 def _softmax_dim(prepared: fx.GraphModule, node: fx.Node) -> int:
@@ -185,11 +186,9 @@ def _deployed_candidate(prepared: fx.GraphModule, site: ChoiceSite, variant) -> 
         module = variant.build(in_scale, SOFTMAX_BITS, _softmax_dim(prepared, site.node))
         return module, in_scale, bits, 2.0 ** -(SOFTMAX_BITS - 1)
     out_node = next(u for u in site.node.users if is_observer(prepared, u))
-    static = static_nodes(prepared.graph)
-    output = feeds_output(out_node, lambda n: REGISTRY.entry_for(n, prepared), lambda n: is_observer(prepared, n),
-                          lambda n: n in static, static)
-    scale, bounds = output_grid(site.observer, _demand(prepared, out_node), asymmetric=not site.observer.symmetric,
-                                output=output)
+    rules, static = _consumer_rules(prepared)
+    scale, bounds = output_grid(site.observer, consumer_bits(out_node, *rules), asymmetric=not site.observer.symmetric,
+                                output=feeds_output(out_node, *rules, static))
     module = gelu_module(variant.build, in_scale, scale, bounds, site.input_observer.samples)
     return module, in_scale, bits, scale
 

@@ -13,6 +13,7 @@ from iseg_plugin.deploy import OpAudit
 from iseg_plugin.ops import IsegObserver
 
 from test_fx_per_op import HandViT, calibrated, cosine, dequantized
+from test_pt2e import HFTensor
 
 needs_photos = pytest.mark.skipif(importlib.util.find_spec("skimage") is None or importlib.util.find_spec(
     "transformers") is None, reason="scikit-image's photos and transformers: `make test` installs them")
@@ -31,15 +32,6 @@ def _photos(size):
               .permute(2, 0, 1)[None] / 255.0) - mean) / std for name in PHOTOS]
 
 
-class _Logits(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).logits
-
-
 @needs_photos
 @pytest.mark.parametrize("kind", ["deit", "vit"])
 def test_classifier_logits_do_not_saturate_on_the_calibration_photos(kind):
@@ -52,7 +44,7 @@ def test_classifier_logits_do_not_saturate_on_the_calibration_photos(kind):
                  patch_size=8, num_labels=100)
     model = (DeiTForImageClassificationWithTeacher(DeiTConfig(**sizes)) if kind == "deit"
              else ViTForImageClassification(ViTConfig(**sizes)))
-    model = _Logits(model).eval()
+    model = HFTensor(model, "logits").eval()
     photos = _photos(32)
     prepared = fxp.prepare_pt2e(model, (photos[0],))
     with torch.no_grad():

@@ -29,15 +29,15 @@ def test_pt2e_gives_the_integers_of_the_fx_flow(model_class, shape, gemm_path):
     assert all(torch.equal(a, b) for a, b in zip(out_fx, out_export))
 
 
-class _Wrapped(nn.Module):
-    """A Hugging Face model's tensor output (its forward returns a ModelOutput)."""
+class HFTensor(nn.Module):
+    """A Hugging Face model's tensor output ``field`` (its forward returns a ModelOutput)."""
 
-    def __init__(self, model):
+    def __init__(self, model, field: str = "last_hidden_state"):
         super().__init__()
-        self.model = model
+        self.model, self.field = model, field
 
     def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).last_hidden_state
+        return getattr(self.model(pixel_values=pixel_values), self.field)
 
 
 @needs_transformers
@@ -48,7 +48,7 @@ def test_hugging_face_vit_becomes_integer_only(attention):
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                        image_size=32, patch_size=8, attn_implementation=attention)
-    model = _Wrapped(ViTModel(config, add_pooling_layer=False)).eval()
+    model = HFTensor(ViTModel(config, add_pooling_layer=False)).eval()
     prepared, x = calibrated(model, (2, 3, 32, 32), prepare=fxp.prepare_pt2e)
     check_integer_model(model, prepared, x, 0.999)
 
@@ -60,7 +60,7 @@ def test_hugging_face_dinov2_with_layer_scale_and_resized_positions():
     torch.manual_seed(0)
     config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=28,
                           patch_size=14, layerscale_value=0.5)
-    model = _Wrapped(Dinov2Model(config)).eval()  # 56 px: bicubic position embeddings, folded at conversion
+    model = HFTensor(Dinov2Model(config)).eval()  # 56 px: bicubic position embeddings, folded at conversion
     prepared, x = calibrated(model, (2, 3, 56, 56), prepare=fxp.prepare_pt2e)
     check_integer_model(model, prepared, x, 0.999)
 
@@ -202,7 +202,7 @@ def _tiny_beit(attention):
         for name, p in model.named_parameters():
             if name.endswith("relative_position_bias_table"):
                 p.normal_(0.0, 1.0)
-    return _Wrapped(model).eval()
+    return HFTensor(model).eval()
 
 
 @needs_transformers

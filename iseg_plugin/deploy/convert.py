@@ -15,7 +15,7 @@ from torch import Tensor, fx, nn
 
 import fx_patterns as fxp
 
-from ..lowering import lower
+from ..lowering import lower, static_nodes
 from ..ops.observer import IsegObserver
 from .segmenter import DeployedSegmenter
 
@@ -81,17 +81,15 @@ def collapsed_ranges(prepared) -> list[str]:
     name (ops of the parameters alone, e.g. a zero class token, are constants: exact on one value)."""
     if not isinstance(prepared, fx.GraphModule):
         return []
+    static = static_nodes(prepared.graph)  # what does not depend on the image's values
     modules = dict(prepared.named_modules())
-    from_image, names = set(), []
+    names = []
     for node in prepared.graph.nodes:
-        shape_only = (node.op == "call_method" and node.target in ("size", "dim")) or (
-            node.op == "call_function" and node.target is getattr)  # (x.shape: not the image's values)
-        if node.op == "placeholder" or (not shape_only and any(arg in from_image for arg in node.all_input_nodes)):
-            from_image.add(node)
         observer = modules.get(node.target) if node.op == "call_module" else None
-        if (isinstance(observer, IsegObserver) and node.args and node.args[0] in from_image and observer.calibrated()
-                and bool(observer.max_val.max() == observer.min_val.min())):
-            names.append(node.args[0].name)
+        observed = node.args[0] if node.args else None
+        if (isinstance(observer, IsegObserver) and isinstance(observed, fx.Node) and observed not in static
+                and observer.calibrated() and bool(observer.max_val.max() == observer.min_val.min())):
+            names.append(observed.name)
     return names
 
 

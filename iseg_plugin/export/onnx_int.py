@@ -287,8 +287,8 @@ def onnx_session(model: onnx.ModelProto | str | Path, threads: int | None = None
         options.intra_op_num_threads = threads
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    if has_u8s8_gemms(proto) and onnx_gemm_for_this_cpu() != "u8s8":
+    if onnx_gemm_for_this_cpu() != "u8s8" and has_u8s8_gemms(
+            model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))):  # (read only where it matters)
         raise ValueError(f"this graph's uint8 x int8 GEMMs are exact in onnxruntime only with AVX-512 VNNI, and this "
                          f"CPU has {cpu_isa()}: re-export it here (iseg export --gemm u8u8)")
     return session
