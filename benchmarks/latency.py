@@ -38,7 +38,7 @@ from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from onnx import TensorProto
 
-import iseg_plugin  # noqa: F401  (registers the plugin's models)
+import iseg_plugin.mmseg  # noqa: F401  (registers the plugin's models)
 from fx_patterns import SegmentorLogits
 from iseg_plugin.deploy import calibrate_prepared, convert, prepare_segmenter
 from iseg_plugin.deploy.io import save_deployed

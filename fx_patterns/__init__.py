@@ -17,11 +17,11 @@ fxp.ISegQuantizer())`` (or ``fxp.prepare_pt2e(model, example_inputs)``), calibra
 module FX cannot trace, and silence torch.ao's deprecation warning around their own calls only.
 QAT on the integer arithmetic itself: ``fxp.trainable(prepared, example_inputs)`` is the converted model
 in a form whose loss trains the float parameters (straight-through rounding); rebuild it every step.
-"""
-from iseg_plugin.lowering import LoweringError, quantize_inputs
 
-from .api import FxTraceError, IntegerModel, SegmentorLogits, convert, prepare, traceable, trainable
-from .config import get_iseg_backend_config, get_iseg_qconfig_mapping, iseg_qconfig
+The code is in :mod:`iseg_plugin.fx` (this package is its public name; it imports ``iseg_plugin``, never the reverse).
+"""
+from iseg_plugin.fx import (FxTraceError, IntegerModel, LoweringError, SegmentorLogits, convert, get_iseg_backend_config,
+                            get_iseg_qconfig_mapping, iseg_qconfig, prepare, quantize_inputs, traceable, trainable)
 
 __all__ = [
     "FxTraceError",
@@ -44,7 +44,7 @@ __all__ = [
 def __getattr__(name: str):
     """The PT2E front end imports torchao: loaded on first use only."""
     if name in ("ISegQuantizer", "prepare_pt2e"):
-        from . import pt2e
+        from iseg_plugin.fx import pt2e
 
         return getattr(pt2e, name)
     raise AttributeError(f"module 'fx_patterns' has no attribute {name!r}")

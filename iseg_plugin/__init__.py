@@ -1,9 +1,7 @@
 """iseg-plugin: an integer-only Segmenter for the quantization tools people already use.
 
-Importing the package registers its models and hooks with MMSegmentation (configs load it with
-``custom_imports = dict(imports=['iseg_plugin'])``).
+``import iseg_plugin`` loads neither MMSegmentation nor mmcv. The mmseg registrations (models, hooks) are in
+:mod:`iseg_plugin.mmseg`, which configs load with ``custom_imports = dict(imports=['iseg_plugin.mmseg'])``.
 """
 
 __version__ = "0.1.0"
-
-from . import mmseg as _mmseg_registration  # noqa: E402,F401  (registers with mmseg on import)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from . import intops
-from .select import GEMMS, Probe, sites
+from .sites import GEMMS, Probe, sites
 
 DAMPING = 0.01
 

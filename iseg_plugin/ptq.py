@@ -14,6 +14,7 @@ from mmengine.registry import init_default_scope
 from mmseg.registry import DATASETS, MODELS
 from torch.utils.data import DataLoader
 
+from . import mmseg as _registered  # noqa: F401  (the plugin's models in mmseg's registry)
 from .deploy import calibrate_prepared, convert, prepare_segmenter
 from .deploy.io import deployed_blob
 from .files import check_output, content_digest, load_data, sidecar, write_together

@@ -41,16 +41,16 @@ from torch.func import functional_call
 
 from . import intops, kernels
 from .deploy.audit import OpAudit
+from .gptq import gptq
 from .lowering import consumer_bits, feeds_output, observer_of, output_grid, static_nodes
 from .ops import REGISTRY
 from .ops.entries import SOFTMAX_BITS, WEIGHT_BITS, quantize_weight, gelu_module, input_energy
 from .ops.modules import storage_dtype
 from .ops.observer import IsegObserver
+from .sites import CHOICES, GEMMS, ChoiceSite, Probe, is_observer, sites  # noqa: F401 - the public names of choices
 
 SCORE_IMAGES = 2  # calibration images the candidates are scored on (each candidate runs the whole model)
 ROUNDING_IMAGES = 8  # calibration images whose GEMM inputs GPTQ takes (one float forward each)
-CHOICES = ("gelu", "softmax")  # the registry entries whose variants are chosen per layer
-GEMMS = ("linear", "conv2d")  # the entries whose weight width is chosen per layer
 SELECTS = ("global", "unified")  # the quant dict's options (check_quant)
 WEIGHT_CHOICES = (8, 4, "mixed")
 ROUNDINGS = ("gptq", "nearest")
@@ -70,64 +70,6 @@ class MetricWeights:
 def _relative_error(approx: Tensor, exact: Tensor) -> float:
     exact = exact.double()
     return float(((approx.double() - exact) ** 2).sum() / (exact**2).sum().clamp_min(1e-30))
-
-
-class Probe(fx.Interpreter):
-    """The calibrated prepared graph run as the float model (observers pass values through without
-    recording them), with one node's output replaced: ``replace(args, kwargs, float_output)``; ``taps``:
-    ``{node: fn(args, kwargs)}`` called with the arguments of those nodes (to collect their inputs)."""
-
-    def __init__(self, gm: fx.GraphModule, node: fx.Node | None = None, replace=None, taps: dict | None = None):
-        super().__init__(gm)
-        self.node, self.replace, self.taps = node, replace, taps or {}
-        self.exact = self.approx = None
-
-    def run_node(self, n: fx.Node):
-        if n.op == "call_module" and is_observer(self.module, n):
-            return self.env[n.args[0]]
-        if n in self.taps:
-            self.taps[n](*self.fetch_args_kwargs_from_env(n))
-        out = super().run_node(n)
-        if n is self.node:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            self.exact, out = out, self.replace(args, kwargs, out)
-            self.approx = out
-        return out
-
-
-def is_observer(gm: fx.GraphModule, n: fx.Node) -> bool:
-    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
-
-    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), (ObserverBase, FakeQuantizeBase))
-
-
-@dataclass
-class ChoiceSite:
-    """An op whose choice is made per layer: its node, registry entry and observers."""
-
-    node: fx.Node
-    entry: str
-    observer: IsegObserver  # its output's: where the choice is written
-    input_observer: IsegObserver | None
-
-
-def sites(prepared: fx.GraphModule, entries=CHOICES + GEMMS) -> list[ChoiceSite]:
-    """The ops of ``entries`` in a prepared graph that have an output observer (in graph order)."""
-    found = []
-    for node in prepared.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
-            continue
-        entry = REGISTRY.entry_for(node, prepared)
-        if entry is None or entry.name not in entries:
-            continue
-        out = next((u for u in node.users if is_observer(prepared, u)), None)
-        if out is None:
-            continue
-        source = node.args[0] if node.args else None
-        into = (observer_of(prepared.get_submodule(source.target))
-                if isinstance(source, fx.Node) and is_observer(prepared, source) else None)
-        found.append(ChoiceSite(node, entry.name, observer_of(prepared.get_submodule(out.target)), into))
-    return found
 
 
 def module_path(prepared: fx.GraphModule, node: fx.Node) -> str:
@@ -398,7 +340,6 @@ def choose(prepared: fx.GraphModule, inputs: list[tuple], quant: dict, weights: 
     scored on ``inputs`` and written into the calibrated ``prepared`` graph, then GPTQ of the INT4 weights on
     ``rounding_inputs`` (None: no GPTQ; ``for_training``: before QAT, :func:`iseg_plugin.gptq.gptq`) if
     ``quant`` asks for it. Returns the table rows, or None when nothing is chosen per layer."""
-    from .gptq import gptq
 
     rows = []
     pinned = keep_int8(prepared, quant["int8_weights"]) if quant["weight_bits"] != 8 else []

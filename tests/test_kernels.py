@@ -7,6 +7,7 @@ import fx_patterns as fxp
 from iseg_plugin import intops, kernels
 from iseg_plugin.intops.exp import bit_exp_table, row_span, shiftmax_table
 from iseg_plugin.ops import modules as M
+from iseg_plugin.ops.gemm import int8_matmul
 
 from test_fx_per_op import HandViT, calibrated
 
@@ -108,7 +109,7 @@ def test_layernorm_equals_intops(in_bits, out_bits):
         out = intops.dyadic_from_ratio(params.out_scale / (10 ** -float(torch.rand((), generator=g) * 3)))
         bounds = intops.int_range(out_bits)
         ref = intops.i_layernorm(x, w, b, eps=eps, out=out, out_bits=bounds).to(out_dtype)
-        assert torch.equal(kernels.layernorm(x, w, b, eps, out, bounds, out_dtype), ref)
+        assert torch.equal(kernels.layernorm(x, w, b, eps, out, bounds, out_dtype, 15), ref)
 
 
 @pytest.mark.parametrize("scale", [0.004, 0.03, 0.2])
@@ -122,7 +123,7 @@ def test_poly_gelu_equals_intops(scale):
             out = intops.dyadic_from_ratio(ratio)
             dtype = M.storage_dtype(bounds)
             ref = intops.requantize(intops.poly_gelu(x, params), out, bounds).to(dtype)
-            assert torch.equal(kernels.poly_gelu(x, params, out, bounds, dtype), ref)
+            assert torch.equal(kernels.poly_gelu(x, params, out, bounds, dtype, 8), ref)
 
 
 @pytest.mark.parametrize("bounds", [(-128, 127), (-32768, 32767)])
@@ -139,7 +140,7 @@ def test_probabilities_matmul_equals_intops(bounds):
         out = intops.dyadic_from_ratio(ratio)
         dtype = M.storage_dtype(bounds)
         ref = intops.requantize(uint16_matmul(p.long(), v), out, bounds).to(dtype)
-        assert torch.equal(kernels.uint16_matmul_requantize(p, v, out, bounds, dtype), ref)
+        assert torch.equal(kernels.uint16_matmul_requantize(p, v, out, bounds, dtype, int8_matmul), ref)
 
 
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
@@ -183,7 +184,7 @@ def test_shift_gelus_equal_intops(scale, lam):
                 i0, cap, fb = params
                 gelu = intops.lambda_shift_gelu(x, params)
             ref = intops.requantize(gelu, out, bounds).to(dtype)
-            assert torch.equal(kernels.sigmoid_gelu(x, i0, cap, fb, out, bounds, dtype), ref)
+            assert torch.equal(kernels.sigmoid_gelu(x, i0, cap, fb, out, bounds, dtype, intops.K_INTER_GELU, 8), ref)
 
 
 @pytest.mark.parametrize("softmax", ["bit-exp", "shift"])

@@ -9,7 +9,7 @@ from mmseg.models.decode_heads import SegmenterMaskTransformerHead
 from mmseg.registry import MODELS
 from torch import fx
 
-import iseg_plugin  # noqa: F401  (registers the plugin's modules)
+import iseg_plugin.mmseg  # noqa: F401  (registers the plugin's modules)
 from iseg_plugin.models import CheckpointMismatchError, ISegmenterMaskHead, IVisionTransformer
 
 VIT = dict(img_size=(64, 64), patch_size=16, embed_dims=192, num_layers=2, num_heads=3, final_norm=True,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fx_patterns as fxp
-from fx_patterns.pt2e import decompose_attention, fuse_l2_normalize
+from iseg_plugin.fx.pt2e import decompose_attention, fuse_l2_normalize
 from iseg_plugin.deploy import OpAudit
 
 from test_fx_per_op import FunctionalViT, HandViT, calibrated, check_integer_model, cosine, dequantized

@@ -6,7 +6,7 @@ from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-import iseg_plugin  # noqa: F401
+import iseg_plugin.mmseg  # noqa: F401
 from iseg_plugin.deploy import OpAudit
 from iseg_plugin.lowering import LoweringError
 from iseg_plugin.mmseg import calibrate

@@ -26,7 +26,7 @@ from mmengine.registry import init_default_scope
 from mmengine.utils import ProgressBar
 from mmseg.registry import DATASETS, MODELS
 
-import iseg_plugin  # noqa: F401  (registers the plugin)
+import iseg_plugin.mmseg  # noqa: F401  (registers the plugin)
 from iseg_plugin.ptq import float_model_config
 
 

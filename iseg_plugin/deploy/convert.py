@@ -13,7 +13,7 @@ import torch
 from mmengine.utils import ProgressBar
 from torch import Tensor, fx, nn
 
-import fx_patterns as fxp
+from .. import fx as fxp
 
 from ..lowering import lower, static_nodes
 from ..ops.observer import IsegObserver

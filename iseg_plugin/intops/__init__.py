@@ -11,6 +11,7 @@ which run once at conversion to turn real scales into integer constants.
 from .dyadic import Dyadic, dyadic_from_ratio, requantize, requantize_add
 from .exp import bit_exp_params, bit_exp_softmax, exp_i0, shift_exp, shiftmax
 from .gelu import (
+    K_INTER_GELU,
     LAMBDA_DEFAULT,
     LambdaGeluParams,
     PolyGeluParams,
@@ -49,6 +50,7 @@ __all__ = [
     "bit_exp_params",
     "bit_exp_softmax",
     "LAMBDA_DEFAULT",
+    "K_INTER_GELU",
     "shift_gelu",
     "lambda_shift_gelu",
     "LambdaGeluParams",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..ops.gemm import cpu_isa, gemm_path
+from .cpu import cpu_isa
 
 SOURCE = Path(__file__).with_name("fused.cpp")
 
@@ -86,22 +86,21 @@ def table_softmax(x, table, low: int, out_frac_bits: int):
     return torch.ops.iseg_kernels.table_softmax(x, table, int(low), int(out_frac_bits))
 
 
-def layernorm(x, weight, bias, eps: int, out_dyadic, bounds, out_dtype, norm_bits: int = 15):
+def layernorm(x, weight, bias, eps: int, out_dyadic, bounds, out_dtype, norm_bits: int):
     return torch.ops.iseg_kernels.layernorm(x, weight, bias, int(eps), int(out_dyadic.multiplier), int(out_dyadic.shift),
                                             int(bounds[0]), int(bounds[1]), int(norm_bits), out_dtype)
 
 
-def poly_gelu(x, params, out_dyadic, bounds, out_dtype, k_out: int = 8):
+def poly_gelu(x, params, out_dyadic, bounds, out_dtype, k_out: int):
     return torch.ops.iseg_kernels.poly_gelu(x, int(params.clip), int(params.pre_shift), int(params.poly.multiplier),
                                             int(params.poly.shift), int(k_out), int(out_dyadic.multiplier),
                                             int(out_dyadic.shift), int(bounds[0]), int(bounds[1]), out_dtype)
 
 
-def uint16_matmul_requantize(p, v, out_dyadic, bounds, out_dtype):
+def uint16_matmul_requantize(p, v, out_dyadic, bounds, out_dtype, int8_matmul):
     """``requantize(gemm.uint16_matmul(p, v))`` for probabilities ``p`` in [0, 2**15] and int8 ``v``: the halves
-    split in one pass, two int8 GEMMs, their products recombined and requantized in one pass."""
-    from ..ops.gemm import int8_matmul
-
+    split in one pass, two int8 GEMMs (``int8_matmul``: the caller's exact int8 GEMM), their products recombined
+    and requantized in one pass."""
     batch = torch.broadcast_shapes(p.shape[:-2], v.shape[:-2])
     p, v = p.expand(*batch, *p.shape[-2:]), v.expand(*batch, *v.shape[-2:]).to(torch.int8)
     high, low = torch.ops.iseg_kernels.split_uint16(p)
@@ -137,21 +136,21 @@ def class_map(logits, size: tuple[int, int]):
 ATTENTION_BLOCK = 64  # query rows per task: their scores and probabilities stay in cache
 
 
-def attention(q, kt, v, scores_out, table, context_out, out_dtype, frac_bits: int = 15):
+def attention(q, kt, v, scores_out, table, context_out, out_dtype, frac_bits: int, avx2_gemm: bool):
     """``context_out(uint16 p @ v)`` of ``p = softmax(scores_out(q @ kt))`` (the softmax's ``table``), fused by
     blocks of query rows; q, kt, v: int8 (..., M, D), (..., D, N), (..., N, Dv) of one batch shape. Its GEMMs
-    are :func:`~iseg_plugin.ops.gemm.gemm_path`'s ("int_mm" or "avx2")."""
+    are ``at::_int_mm``'s, or the kernels' own AVX2 GEMM (``avx2_gemm``: the caller's GEMM path)."""
     batch = q.shape[:-2]
     out = torch.ops.iseg_kernels.attention(
         q.reshape(-1, *q.shape[-2:]), kt.reshape(-1, *kt.shape[-2:]), v.reshape(-1, *v.shape[-2:]),
         int(scores_out.multiplier), int(scores_out.shift), int(scores_out.bounds[0]), int(scores_out.bounds[1]),
         table.values, int(table.low), int(frac_bits), int(context_out.multiplier), int(context_out.shift),
-        int(context_out.bounds[0]), int(context_out.bounds[1]), out_dtype, ATTENTION_BLOCK, gemm_path() == "avx2")
+        int(context_out.bounds[0]), int(context_out.bounds[1]), out_dtype, ATTENTION_BLOCK, bool(avx2_gemm))
     return out.reshape(*batch, *out.shape[-2:])
 
 
-def sigmoid_gelu(x, i0: int, cap: int | None, frac_bits: int, out_dyadic, bounds, out_dtype, k_inter: int = 23,
-                 k_out: int = 8):
+def sigmoid_gelu(x, i0: int, cap: int | None, frac_bits: int, out_dyadic, bounds, out_dtype, k_inter: int,
+                 k_out: int):
     """``requantize(intops.shift_gelu / lambda_shift_gelu(x))`` (``cap`` None: ShiftGELU) over rows of the last dim."""
     return torch.ops.iseg_kernels.sigmoid_gelu(x, int(i0), -1 if cap is None else int(cap), int(frac_bits), int(k_inter),
                                                int(k_out), int(out_dyadic.multiplier), int(out_dyadic.shift),

@@ -41,33 +41,7 @@ from ..ops.modules import (AsIntegers, Attention, BitExpSoftmax, MatMul, PixelsT
                            storage_dtype)
 from ..ops.observer import IsegObserver
 from ..ops.registry import REGISTRY, OpEntry
-
-
-class LoweringError(RuntimeError):
-    """A node of the model has no integer lowering."""
-
-
-# node.meta key a front end sets on an op it leaves as it is, with the reason (torchao PT2E's attention rewrite):
-# the refusal of the op says it
-NO_LOWERING = "iseg_no_lowering"
-
-
-@dataclass(frozen=True)
-class Operand:
-    """An integer tensor of the new graph (or a tuple of them, before getitem) and its real scale."""
-
-    node: fx.Node
-    scale: float
-    bounds: tuple[int, int]
-    observer: IsegObserver | None
-
-
-@dataclass(frozen=True)
-class Const:
-    """A value that does not depend on the input's values: a tensor (parameters) or a Python value."""
-
-    value: Any
-    observer: IsegObserver | None = None
+from ..ops.site import NO_LOWERING, Const, LoweringError, Operand, describe
 
 
 @dataclass
@@ -79,18 +53,6 @@ class Pending:
     node: fx.Node
     entry: OpEntry | None
     shape_ops: tuple[fx.Node, ...] = ()
-
-
-def describe(node: fx.Node) -> str:
-    """The node, its op and the source line it was traced from (where FX recorded it)."""
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    trace = (node.meta.get("stack_trace") or node.stack_trace or "").strip().splitlines()
-    files = [i for i, line in enumerate(trace) if line.strip().startswith("File ") and "/torch/" not in line]
-    where = ""
-    if files:
-        i = files[-1]
-        where = " at " + trace[i].strip() + (": " + trace[i + 1].strip() if i + 1 < len(trace) else "")
-    return f"node '{node.name}' ({node.op} {target}){where}"
 
 
 def observer_of(module: nn.Module) -> IsegObserver | None:
@@ -585,5 +547,3 @@ def quantize_inputs(model: fx.GraphModule, *inputs: Tensor) -> tuple[Tensor, ...
     return tuple(intops.quantize(x.float(), torch.tensor(scale), bounds).to(storage_dtype(bounds))
                  for x, (scale, bounds) in zip(inputs, model.input_formats))
 
-
-from ..ops import entries as _entries  # noqa: E402,F401 - the operators (they import this module)

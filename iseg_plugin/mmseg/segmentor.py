@@ -38,7 +38,7 @@ from mmseg.models.utils import resize
 from mmseg.utils import add_prefix
 from torch import Tensor, nn
 
-import fx_patterns as fxp
+from .. import fx as fxp
 
 from ..deploy.convert import convert
 from ..deploy.segmenter import DeployedSegmenter

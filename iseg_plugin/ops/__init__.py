@@ -4,4 +4,4 @@ from .observer import IsegObserver
 from .registry import REGISTRY, OpEntry, OpRegistry, UnknownVariantError, Variant
 
 __all__ = ["IsegObserver", "REGISTRY", "OpEntry", "OpRegistry", "UnknownVariantError", "Variant"]
-from ..lowering import lower as _lowering  # noqa: E402,F401 - loads the registry entries
+from . import entries as _entries  # noqa: E402,F401 - the registry's entries

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import intops
-from ..lowering.lower import Const, Operand, Site
 from . import modules as M
 from .registry import REGISTRY, OpEntry, Variant
+from .site import Const, Operand, OpSite as Site
 
 aten = torch.ops.aten
 WEIGHT_BITS = (8, 4)  # the GEMM weight widths a site may choose (INT8, or INT4 for W4A8)

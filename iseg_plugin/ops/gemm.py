@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .. import kernels
+from ..kernels.cpu import cpu_flags, cpu_has_vnni, cpu_isa  # noqa: F401 - cpu_isa: printed by benchmarks
 
 INT8, INT64 = torch.int8, torch.int64
 
@@ -26,27 +28,6 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
     if torch.jit.is_tracing():
         return _Int8MatMul.apply(a, b)
     return _int8_matmul_eager(a, b)
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        return frozenset(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return frozenset()
-
-
-def _cpu_has_vnni() -> bool:
-    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-def cpu_isa() -> str:
-    """The widest integer SIMD of this CPU that the kernels care about (printed by benchmarks)."""
-    flags = _cpu_flags()
-    for isa in ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2"):
-        if isa in flags:
-            return isa
-    return "generic"
 
 
 # The exact int8 GEMMs, fastest first where the CPU has them (gemm_path picks one at run time):
@@ -64,10 +45,8 @@ NEEDS = {"avx2": "avx2"}  # the CPU flag a path needs to run (int_mm and int32 r
 @functools.lru_cache(maxsize=None)
 def available_gemm_paths() -> tuple[str, ...]:
     """The GEMM paths this CPU runs fast and exactly, fastest first ("int32" always); found once per process."""
-    from .. import kernels
-
-    return tuple(path for path, here in (("int_mm", _cpu_has_vnni()),
-                                         ("avx2", "avx2" in _cpu_flags() and kernels.enabled()), ("int32", True)) if here)
+    return tuple(path for path, here in (("int_mm", cpu_has_vnni()),
+                                         ("avx2", "avx2" in cpu_flags() and kernels.enabled()), ("int32", True)) if here)
 
 
 def runnable_gemm_paths() -> tuple[str, ...]:
@@ -106,7 +85,7 @@ _onnx_gemm = "u8u8"
 
 def onnx_gemm_for_this_cpu() -> str:
     """The fastest exact ONNX GEMM form for onnxruntime on this CPU."""
-    return "u8s8" if "avx512_vnni" in _cpu_flags() else "u8u8"
+    return "u8s8" if "avx512_vnni" in cpu_flags() else "u8u8"
 
 
 @contextlib.contextmanager

@@ -143,7 +143,7 @@ class MatMul(nn.Module):
         if self.probabilities:
             if kernels.use(a) and self.out.multiplier.dim() == 0 and storage_dtype(self.out.bounds) != INT64:
                 return kernels.uint16_matmul_requantize(a, b, self.out.dyadic(), self.out.bounds,
-                                                        storage_dtype(self.out.bounds))
+                                                        storage_dtype(self.out.bounds), int8_matmul)
             return self.out(uint16_matmul(a.to(INT64), b.to(INT8)))
         acc = int8_matmul(a.to(INT8), b.to(INT8))
         return self.out(acc if kernels.use(acc) else acc.to(INT64))
@@ -180,56 +180,73 @@ class Mul(nn.Module):
 class LayerNorm(nn.Module):
     """I-LayerNorm over the last dimension, fused with its output requantization."""
 
-    def __init__(self, params: intops.LayerNormParams, eps: int, out: Requant):
+    norm_bits = 15  # fraction bits of the normalised value (files written before it was stored hold 15)
+
+    def __init__(self, params: intops.LayerNormParams, eps: int, out: Requant, norm_bits: int = 15):
         super().__init__()
         self.register_buffer("weight", narrow(params.weight, INT64))
         self.register_buffer("bias", narrow(params.bias, INT64))
         self.eps = int(eps)
+        self.norm_bits = int(norm_bits)
         self.out = out
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.takes(x, self.out.multiplier) and storage_dtype(self.out.bounds) in (torch.int8, torch.int16):
             return kernels.layernorm(x, self.weight, self.bias, self.eps, self.out.dyadic(), self.out.bounds,
-                                     storage_dtype(self.out.bounds))
-        y = intops.i_layernorm(x, self.weight, self.bias, eps=self.eps, out=self.out.dyadic(), out_bits=self.out.bounds)
+                                     storage_dtype(self.out.bounds), self.norm_bits)
+        y = intops.i_layernorm(x, self.weight, self.bias, eps=self.eps, out=self.out.dyadic(), out_bits=self.out.bounds,
+                               norm_bits=self.norm_bits)
         return narrow(y, storage_dtype(self.out.bounds))
 
 
-class ShiftGELU(nn.Module):
+class _SigmoidGELU(nn.Module):
+    """The GELUs of I-ViT's form ``x * sigmoid(1.702 x)``: their ShiftExp's width ``k_inter`` and the sigmoid's
+    output bits ``k_out`` (output at the input scale times 2**-(k_out - 1)), stored with the model."""
+
+    k_inter, k_out = intops.K_INTER_GELU, 8  # (files written before they were stored hold these)
+
+
+class ShiftGELU(_SigmoidGELU):
     """ShiftGELU (I-ViT): output at the input scale times 2**-7, then requantized."""
 
     def __init__(self, i0: int, out: Requant):
         super().__init__()
         self.i0, self.out = int(i0), out
+        self.k_inter, self.k_out = intops.K_INTER_GELU, 8
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.takes(x, self.out.multiplier) and storage_dtype(self.out.bounds) in (torch.int8, torch.int16):
             return kernels.sigmoid_gelu(x, self.i0, None, 0, self.out.dyadic(), self.out.bounds,
-                                        storage_dtype(self.out.bounds))
-        return self.out(intops.shift_gelu(x, self.i0))
+                                        storage_dtype(self.out.bounds), self.k_inter, self.k_out)
+        return self.out(intops.shift_gelu(x, self.i0, self.k_inter, self.k_out))
 
 
-class LambdaShiftGELU(nn.Module):
+class LambdaShiftGELU(_SigmoidGELU):
     """λ-ShiftGELU (I-Segmenter): ShiftGELU with its sigmoid reference capped at λ."""
 
     def __init__(self, params: intops.LambdaGeluParams, out: Requant):
         super().__init__()
         self.i0, self.cap, self.frac_bits = int(params.i0), int(params.cap), int(params.frac_bits)
+        self.k_inter, self.k_out = intops.K_INTER_GELU, 8
         self.out = out
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.takes(x, self.out.multiplier) and storage_dtype(self.out.bounds) in (torch.int8, torch.int16):
             return kernels.sigmoid_gelu(x, self.i0, self.cap, self.frac_bits, self.out.dyadic(), self.out.bounds,
-                                        storage_dtype(self.out.bounds))
-        return self.out(intops.lambda_shift_gelu(x, intops.LambdaGeluParams(self.i0, self.cap, self.frac_bits)))
+                                        storage_dtype(self.out.bounds), self.k_inter, self.k_out)
+        params = intops.LambdaGeluParams(self.i0, self.cap, self.frac_bits)
+        return self.out(intops.lambda_shift_gelu(x, params, self.k_inter, self.k_out))
 
 
 class PolyGELU(nn.Module):
     """Poly-GELU (IPTQ-ViT): the quartic erf fitted on the calibration data."""
 
-    def __init__(self, params: intops.PolyGeluParams, out: Requant):
+    k_out = 8  # output bits of its erf (output at S * 2**-(k_out - 1)); files written before it was stored hold 8
+
+    def __init__(self, params: intops.PolyGeluParams, out: Requant, k_out: int = 8):
         super().__init__()
         self.clip, self.pre_shift, self.i0 = int(params.clip), int(params.pre_shift), int(params.i0)
+        self.k_out = int(k_out)
         self.poly = Multiplier(params.poly)
         self.out = out
 
@@ -237,8 +254,9 @@ class PolyGELU(nn.Module):
         params = intops.PolyGeluParams(self.clip, self.pre_shift, self.poly.dyadic(), self.i0)
         if kernels.takes(x, self.poly.multiplier, self.out.multiplier) and storage_dtype(self.out.bounds) in (
                 torch.int8, torch.int16):
-            return kernels.poly_gelu(x, params, self.out.dyadic(), self.out.bounds, storage_dtype(self.out.bounds))
-        return self.out(intops.poly_gelu(x, params))
+            return kernels.poly_gelu(x, params, self.out.dyadic(), self.out.bounds, storage_dtype(self.out.bounds),
+                                     self.k_out)
+        return self.out(intops.poly_gelu(x, params, self.k_out))
 
 
 def _last_dim(x: Tensor, dim: int) -> bool:
@@ -366,7 +384,8 @@ class Attention(nn.Module):
         if table is None:
             return self.context(self.softmax(self.scores(q, kt)), v)
         return kernels.attention(q.to(INT8), kt.to(INT8), v.to(INT8), self.scores.out, table, self.context.out,
-                                 storage_dtype(self.context.out.bounds), self.softmax.bits - 1)
+                                 storage_dtype(self.context.out.bounds), self.softmax.bits - 1,
+                                 gemm_kernels.gemm_path() == "avx2")
 
 
 class AsIntegers(nn.Module):

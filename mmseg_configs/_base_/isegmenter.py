@@ -1,7 +1,7 @@
 # What I-Segmenter changes in a stock mmseg Segmenter config (I-Segmenter §3-§4.1). Only new
 # names live here (mmengine refuses a key defined by two bases); each config picks them up with
 # {{_base_.iseg_*}} so that it states only what differs from its mmseg:: base.
-iseg_custom_imports = dict(imports=['iseg_plugin'], allow_failed_imports=False)
+iseg_custom_imports = dict(imports=['iseg_plugin.mmseg'], allow_failed_imports=False)
 
 # Integer-only model: the per-op lowering of the float Segmenter (INT8 weights and GEMM inputs, INT16
 # residual stream and softmax input, I-LayerNorm), with I-Segmenter's operators: lambda-ShiftGELU and

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from iseg_plugin.lowering.lower import NO_LOWERING
-from iseg_plugin.ops import REGISTRY, IsegObserver
-from iseg_plugin.ops.entries import WEIGHT_BITS
-from iseg_plugin.quiet import quiet
+from ..ops.site import NO_LOWERING
+from ..ops import REGISTRY, IsegObserver
+from ..ops.entries import WEIGHT_BITS
+from ..quiet import quiet
 
 # torchao's CPU wheel logs a warning per CUDA library it cannot load, and torch's pytree one per enum
 # torchao registers: harmless here, so kept quiet during the import only.

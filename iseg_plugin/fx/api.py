@@ -15,8 +15,8 @@ from torch import Tensor, fx, nn
 from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
-from iseg_plugin.lowering import lower
-from iseg_plugin.lowering.trace import locate_trace_failure
+from ..lowering import lower
+from ..lowering.trace import locate_trace_failure
 
 from .config import get_iseg_backend_config, get_iseg_qconfig_mapping
 

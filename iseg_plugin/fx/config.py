@@ -18,8 +18,8 @@ from torch.ao.quantization.backend_config import BackendConfig, BackendPatternCo
 import torch.ao.quantization.backend_config.utils  # noqa: F401 - torch 2.13's lazy import (ecosystem B4)
 import torch.ao.nn.qat as nnqat
 import torch.ao.nn.quantized.reference as nnqr
-from iseg_plugin.ops import REGISTRY, IsegObserver
-from iseg_plugin.ops.entries import WEIGHT_BITS
+from ..ops import REGISTRY, IsegObserver
+from ..ops.entries import WEIGHT_BITS
 
 _DTYPES = DTypeConfig(input_dtype=torch.qint8, output_dtype=torch.qint8, weight_dtype=torch.qint8,
                       bias_dtype=torch.float)
