@@ -44,7 +44,9 @@ from .deploy.audit import OpAudit
 from .gptq import gptq
 from .lowering import consumer_bits, feeds_output, observer_of, output_grid, static_nodes
 from .ops import REGISTRY
-from .ops.entries import SOFTMAX_BITS, WEIGHT_BITS, quantize_weight, gelu_module, input_energy
+from .ops.entries import WEIGHT_BITS, input_energy, quantize_weight
+from .ops.grid import Grid
+from .ops.site import NodeCall
 from .ops.modules import storage_dtype
 from .ops.observer import IsegObserver
 from .sites import CHOICES, GEMMS, ChoiceSite, Probe, is_observer, sites  # noqa: F401 - the public names of choices
@@ -113,26 +115,23 @@ def _consumer_rules(prepared: fx.GraphModule) -> tuple[tuple, set[fx.Node]]:
     return (lambda n: REGISTRY.entry_for(n, prepared), lambda n: is_observer(prepared, n), lambda n: n in static), static
 
 
-def _softmax_dim(prepared: fx.GraphModule, node: fx.Node) -> int:
-    if node.op == "call_module":
-        return prepared.get_submodule(node.target).dim
-    return node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
-
-
 def _deployed_candidate(prepared: fx.GraphModule, site: ChoiceSite, variant) -> tuple[nn.Module, float, int, float]:
     """The deployed module of ``variant`` at ``site`` as the lowering would build it: (module, input scale,
     input width, output scale)."""
-    bits = REGISTRY[site.entry].input_bits
+    entry = REGISTRY[site.entry]
+    bits = entry.input_bits
     in_scale = site.input_observer.scale(bits)
+    inputs = (Grid.of(in_scale, intops.int_range(bits)),)
+    attributes = entry.read(NodeCall(site.node, prepared))
     if site.entry == "softmax":
-        module = variant.build(in_scale, SOFTMAX_BITS, _softmax_dim(prepared, site.node))
-        return module, in_scale, bits, 2.0 ** -(SOFTMAX_BITS - 1)
+        probabilities = Grid.probabilities()
+        return variant.build(attributes, inputs, None), in_scale, bits, probabilities.scale
     out_node = next(u for u in site.node.users if is_observer(prepared, u))
     rules, static = _consumer_rules(prepared)
-    scale, bounds = output_grid(site.observer, consumer_bits(out_node, *rules), asymmetric=not site.observer.symmetric,
-                                output=feeds_output(out_node, *rules, static))
-    module = gelu_module(variant.build, in_scale, scale, bounds, site.input_observer.samples)
-    return module, in_scale, bits, scale
+    out = Grid.of(*output_grid(site.observer, consumer_bits(out_node, *rules), asymmetric=not site.observer.symmetric,
+                               output=feeds_output(out_node, *rules, static)))
+    module = variant.build(dict(attributes, samples=site.input_observer.samples), inputs, out)
+    return module, in_scale, bits, out.scale
 
 
 def _integer_input(x: Tensor, scale: float, bits: int) -> Tensor:

@@ -11,6 +11,7 @@ from iseg_plugin.deploy import OpAudit, calibrate_prepared, convert, prepare_seg
 from iseg_plugin.deploy.io import load_deployed, save_deployed
 from iseg_plugin.gptq import gptq, gptq_quantize
 from iseg_plugin.ops import REGISTRY, Variant
+from iseg_plugin.ops.entries import gelu_build
 from iseg_plugin.ops import modules as M
 
 from test_deploy import batch, pixels
@@ -35,7 +36,7 @@ def _wrong_scale_gelu(scale, out, samples=None):
 
 
 def test_the_metric_ranks_a_deliberately_bad_candidate_last(monkeypatch):
-    monkeypatch.setitem(REGISTRY["gelu"].variants, "bad", Variant("bad", None, "wrong scale", _wrong_scale_gelu))
+    monkeypatch.setitem(REGISTRY["gelu"].variants, "bad", Variant("bad", None, "wrong scale", gelu_build(_wrong_scale_gelu)))
     torch.manual_seed(0)
     prepared, x = calibrated(MLP().eval(), (4, 8, 16))
     rows = select.score_variants(prepared, [(x,)], entries=("gelu",))

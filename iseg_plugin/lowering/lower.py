@@ -40,7 +40,8 @@ from .. import intops
 from ..ops.modules import (AsIntegers, Attention, BitExpSoftmax, MatMul, PixelsToInt8, Requant, Shiftmax,
                            storage_dtype)
 from ..ops.observer import IsegObserver
-from ..ops.registry import REGISTRY, OpEntry
+from ..ops.grid import Grid
+from ..ops.registry import REGISTRY, OpEntry, UnsupportedOpError
 from ..ops.site import NO_LOWERING, Const, LoweringError, Operand, describe
 
 
@@ -388,7 +389,8 @@ class Lowering:
             source = next((self.env[a] for a in node.all_input_nodes if isinstance(self.env.get(a), Pending)), None)
             if source is not None and source.entry is None:  # a shape op on an input: after its quantization
                 return Pending(source.node, None, source.shape_ops + (node,))
-            return entry.variant(None).lower(Site(self, node, entry, None))
+            variant = entry.variant(None)
+            return variant.lower(Site(self, node, entry, None), variant)
         return Pending(node, entry)
 
     def _input(self, node: fx.Node) -> Pending:
@@ -405,9 +407,11 @@ class Lowering:
             value = self._quantized_input(node, source.node, observer)
             for shape_op in source.shape_ops:
                 self.env[shape_op.all_input_nodes[0]] = value
-                value = REGISTRY.entry_for(shape_op, self.src).variant(None).lower(Site(self, shape_op, None, None))
+                entry = REGISTRY.entry_for(shape_op, self.src)
+                value = entry.variant(None).lower(Site(self, shape_op, entry, None), entry.variant(None))
             return value
-        return source.entry.variant(observer.variant).lower(Site(self, source.node, source.entry, observer, node))
+        variant = source.entry.variant(observer.variant)
+        return variant.lower(Site(self, source.node, source.entry, observer, node), variant)
 
     def _quantized_input(self, node: fx.Node, placeholder: fx.Node, observer: IsegObserver) -> Operand:
         if self.pixels is not None:
@@ -456,8 +460,13 @@ class Site:
         self.observer_node = observer_node
         self.name = node.name
         self.module = lowering.src.get_submodule(node.target) if node.op == "call_module" else None
+        self.target = None if node.op == "call_module" else node.target
         self.args = [self.resolve(a) for a in node.args]
         self.kwargs = {k: self.resolve(v) for k, v in node.kwargs.items()}
+        try:  # the op's attributes, refused here where its entry's check says so (both front ends share it)
+            self.attrs = entry.read(self) if entry is not None else {}
+        except UnsupportedOpError as err:
+            raise self.refuse(str(err)) from None
 
     def resolve(self, arg):
         if isinstance(arg, fx.Node):
@@ -489,8 +498,15 @@ class Site:
             bits = self.entry.input_bits or 16
         return self.lowering.need(value, bits, f"{self.name}_in{i}")
 
+    def input_shape(self, i: int = 0) -> tuple[int, ...]:
+        return self.lowering.shape(self.node.args[i])
+
     def output_format(self) -> tuple[float, tuple[int, int]]:
         return self.lowering.output_format(self.observer, self.observer_node)
+
+    def output_grid(self, asymmetric: bool = False) -> Grid:
+        """The output's grid from its observer (asymmetric INT8 where only GEMMs read it and ``asymmetric``)."""
+        return Grid.of(*self.lowering.output_format(self.observer, self.observer_node, asymmetric=asymmetric))
 
     def asymmetric_output_format(self) -> tuple[float, tuple[int, int]]:
         """The output on an asymmetric grid where INT8 consumers read it (see :func:`output_grid`)."""

@@ -1,7 +1,8 @@
 """The integer operators as Brevitas layers.
 
 Each layer reads the integers and scale of its ``IntQuantTensor`` input(s), builds the registry's deployed
-module for those scales (the constants computed as at conversion: :mod:`iseg_plugin.ops.entries`) and
+module for those scales with its entry's ``build`` (the constants computed as at conversion: the same call
+as the FX / PT2E lowering's) and
 runs it on float tensors holding the integers, where every step is an :mod:`iseg_plugin.intops`
 function with a straight-through gradient: the integers are those of the deployed model (one
 arithmetic), and QAT trains through them. The output is an ``IntQuantTensor`` at the scale of the
@@ -31,12 +32,12 @@ from torch import Tensor, nn
 
 from .. import intops
 from ..ops import modules as M
-from ..ops.entries import GELU_OUT_SHIFT, L2_FRAC_BITS, SOFTMAX_BITS, cat_requant, reduced_count
+from ..ops.entries import reduced_count
+from ..ops.grid import PROBABILITIES, PROBABILITY_SCALE, SOFTMAX_BITS, Grid
 from ..ops.observer import IsegObserver
 from ..ops.registry import REGISTRY
 
 Int16ActPerTensorFloat = Int8ActPerTensorFloat.let(bit_width=16)
-PROBABILITY_SCALE = 2.0 ** -(SOFTMAX_BITS - 1)  # softmax probabilities: integers in [0, 2**15]
 
 
 def _value(x) -> Tensor:
@@ -89,10 +90,20 @@ class _Grid:
     signed: bool
     bounds: tuple[int, int]
 
+    def value(self) -> Grid:
+        """The grid as the registry's builds take it."""
+        return Grid.of(float(self.scale.detach()), self.bounds)
+
     def tensor(self, integers: Tensor, training: bool) -> IntQuantTensor:
         integers = integers.to(self.scale.dtype)  # (the integer steps may widen to float64: back to the model's type)
         return IntQuantTensor(integers * self.scale, self.scale, torch.zeros_like(self.scale), self.bit_width,
                               self.signed, training)
+
+
+def _build(entry: str, variant: str | None, attributes: dict, inputs, out: _Grid | None) -> nn.Module:
+    """The registry's deployed module for these inputs (scales, or Grids where the kind matters) and output."""
+    inputs = tuple(g if g is None or isinstance(g, Grid) else Grid.of(g, (-32768, 32767)) for g in inputs)
+    return REGISTRY[entry].variant(variant).build(attributes, inputs, None if out is None else out.value())
 
 
 def _fixed_grid(scale: float, bits: int, signed: bool, like: Tensor) -> _Grid:
@@ -202,10 +213,8 @@ class QuantILayerNorm(_QuantOutput):
         return self._run(self.deployed(scale, grid), grid, integers)
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.LayerNorm:
-        # float32 affine, as the FX lowering quantizes it (same integers in a float64 model)
-        params = intops.layernorm_params(self.weight.float(), self.bias.float())
-        return M.LayerNorm(params, intops.layernorm_eps(self.eps, _per_tensor(in_scale, self, "input")),
-                           self.requant(params.out_scale, grid or self.grid()))
+        attributes = dict(weight=self.weight, bias=self.bias, eps=self.eps, channels=self.normalized_shape[0])
+        return _build("layer_norm", None, attributes, (_per_tensor(in_scale, self, "input"),), grid or self.grid())
 
 
 class QuantGELU(_QuantOutput):
@@ -232,8 +241,8 @@ class QuantGELU(_QuantOutput):
         scale, grid = _per_tensor(in_scale, self, "input"), grid or self.grid()
         key = (scale, float(grid.scale.detach()), grid.bounds, int(self.inputs.batches))
         if self._built is None or self._built[0] != key:
-            out = self.requant(scale * 2.0**-GELU_OUT_SHIFT, grid)
-            self._built = (key, self.variant.build(scale, out, self.inputs.samples.float()))
+            self._built = (key, _build("gelu", self.variant.name, dict(samples=self.inputs.samples.float()), (scale,),
+                                       grid))
         return self._built[1]
 
 
@@ -256,7 +265,7 @@ class QuantSoftmax(_Layer):
         return self._run(self.deployed(scale), _fixed_grid(PROBABILITY_SCALE, SOFTMAX_BITS, False, x.value), integers)
 
     def deployed(self, in_scale: Tensor) -> nn.Module:
-        return self.variant.build(_per_tensor(in_scale, self, "input"), SOFTMAX_BITS, self.dim)
+        return _build("softmax", self.variant.name, dict(dim=self.dim), (_per_tensor(in_scale, self, "input"),), None)
 
 
 class QuantResidualAdd(_QuantOutput):
@@ -286,9 +295,8 @@ class QuantResidualAdd(_QuantOutput):
         grid = grid or self.grid()
         if not grid.signed or grid.bounds != intops.int_range(int(grid.bit_width)):
             raise ValueError("QuantResidualAdd's act_quant must be signed and not narrow-range")
-        out = float(grid.scale.detach())
-        return M.Add(intops.dyadic_from_ratio(_per_tensor(scale_a, self, "operand") / out),
-                     intops.dyadic_from_ratio(_per_tensor(scale_b, self, "operand") / out), int(grid.bit_width))
+        scales = (_per_tensor(scale_a, self, "operand"), _per_tensor(scale_b, self, "operand"))
+        return _build("add", None, dict(alpha=1), scales, grid)
 
 
 class QuantMatMul(_QuantOutput):
@@ -309,7 +317,7 @@ class QuantMatMul(_QuantOutput):
         if not self.quantizing:
             return _value(self.output_quant(torch.matmul(_value(a), _value(b)) * self.alpha))
         (ia, sa), (ib, sb) = _integers(a, self), _integers(b, self)
-        probabilities = not a.signed and int(a.bit_width) == SOFTMAX_BITS and float(sa) == PROBABILITY_SCALE
+        probabilities = Grid.of(float(sa), intops.int_range(int(a.bit_width), signed=bool(a.signed))).kind == PROBABILITIES
         for name, t, ok in (("a", a, probabilities or (a.signed and int(a.bit_width) <= 8)),
                             ("b", b, b.signed and int(b.bit_width) <= 8)):
             if not ok:
@@ -319,8 +327,9 @@ class QuantMatMul(_QuantOutput):
         return self._run(self.deployed(sa, sb, probabilities, grid), grid, ia, ib)
 
     def deployed(self, scale_a: Tensor, scale_b: Tensor, probabilities: bool, grid: _Grid | None = None) -> M.MatMul:
-        in_scale = _per_tensor(scale_a, self, "operand") * _per_tensor(scale_b, self, "operand") * self.alpha
-        return M.MatMul(probabilities, self.requant(in_scale, grid or self.grid()))
+        a = Grid.probabilities() if probabilities else Grid.of(_per_tensor(scale_a, self, "operand"), (-128, 127))
+        b = Grid.of(_per_tensor(scale_b, self, "operand"), (-128, 127))
+        return _build("matmul", None, dict(alpha=self.alpha), (a, b), grid or self.grid())
 
 
 class QuantL2Norm(_QuantOutput):
@@ -345,8 +354,8 @@ class QuantL2Norm(_QuantOutput):
         return self._run(self.deployed(scale, grid), grid, self._check_dim(integers))
 
     def deployed(self, in_scale: Tensor, grid: _Grid | None = None) -> M.L2Norm:
-        _per_tensor(in_scale, self, "input")
-        return M.L2Norm(L2_FRAC_BITS, self.requant(2.0**-L2_FRAC_BITS, grid or self.grid()))
+        return _build("l2_normalize", None, dict(p=2, dim=self.dim), (_per_tensor(in_scale, self, "input"),),
+                      grid or self.grid())
 
 
 class QuantMean(_QuantOutput):
@@ -367,8 +376,8 @@ class QuantMean(_QuantOutput):
         return self._run(self.deployed(scale, reduced_count(x.value.shape, self.dim), grid), grid, integers)
 
     def deployed(self, in_scale: Tensor, count: int, grid: _Grid | None = None) -> M.Mean:
-        return M.Mean(self.dim, self.keepdim,
-                      self.requant(_per_tensor(in_scale, self, "input") / count, grid or self.grid()))
+        attributes = dict(dim=self.dim, keepdim=self.keepdim, count=count)
+        return _build("mean", None, attributes, (_per_tensor(in_scale, self, "input"),), grid or self.grid())
 
 
 class QuantCat(_QuantOutput):
@@ -400,10 +409,8 @@ class QuantCat(_QuantOutput):
 
     def deployed(self, parts: list, grid: _Grid | None = None) -> M.Cat:
         """``parts``: (scale, integer bounds) of each quantized part, None for a constant one (already on the grid)."""
-        grid = grid or self.grid()
-        scale = float(grid.scale.detach())
-        requants = [None if part is None else cat_requant(*part, scale, grid.bounds) for part in parts]
-        return M.Cat(self.dim, requants, M.storage_dtype(grid.bounds))
+        return _build("cat", None, dict(dim=self.dim), tuple(None if p is None else Grid.of(*p) for p in parts),
+                      grid or self.grid())
 
 
 class QuantScalarMul(_Layer):
@@ -463,4 +470,4 @@ class QuantUpsample(_Layer):
         return self._run(self.deployed(self._size(x.value, size)), grid, integers)
 
     def deployed(self, size: tuple[int, int]) -> M.Upsample:
-        return M.Upsample(self.mode, size, None)
+        return _build("interpolate", None, dict(mode=self.mode, align_corners=False, out_size=size), (1.0,), None)

@@ -34,7 +34,8 @@ from torch import Tensor, fx, nn
 
 from ..lowering import LoweringError, consumer_bits, describe, feeds_output, is_shape_query, static_nodes
 from ..lowering.trace import locate_trace_failure
-from ..ops.registry import REGISTRY
+from ..ops.registry import REGISTRY, UnsupportedOpError
+from ..ops.site import NodeCall
 from .layers import (DyadicRequant, QuantCat, QuantGELU, QuantILayerNorm, QuantL2Norm, QuantMatMul, QuantMean,
                      QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
 from .quantizers import iseg_act_quant
@@ -191,14 +192,12 @@ class _Swap:
     def _arg(self, node: fx.Node, i: int, name: str, default=None):
         return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
 
-    def _static_value(self, arg, node: fx.Node):
-        if arg is None or not isinstance(arg, fx.Node):
-            return arg
-        if arg.op != "get_attr":
-            raise LoweringError(f"{describe(node)}: its parameter {arg.name} is computed in the model; the Brevitas "
+    def _parameter(self, value, node: fx.Node):
+        """A parameter as the entry's attributes hold it: a tensor, None, or (computed in the model) a node."""
+        if isinstance(value, fx.Node):
+            raise LoweringError(f"{describe(node)}: its parameter {value.name} is computed in the model; the Brevitas "
                                 "swap takes parameters as they are (use the FX front end)")
-        return self.gm.get_parameter(arg.target) if arg.target in dict(self.gm.named_parameters()) else \
-            self.gm.get_buffer(arg.target)
+        return value
 
     # -- the graph --------------------------------------------------------------------------------
 
@@ -221,21 +220,19 @@ class _Swap:
         if entry is None:
             raise LoweringError(f"{describe(node)} has no integer lowering: add a registry entry for it "
                                 "(iseg_plugin.ops) or keep it out of the quantized model")
-        handler = getattr(self, f"_{entry.name}", None)
+        handler = LAYERS.get(entry.name)
         if handler is None:
             raise LoweringError(f"{describe(node)}: the registry's {entry.name!r} has no Brevitas layer yet; the "
                                 "FX front end (fx_patterns.prepare / convert) lowers it")
+        try:  # the entry's attributes and its one refusal predicate, as the FX / PT2E lowering reads them
+            attributes = entry.read(NodeCall(node, self.gm))
+        except UnsupportedOpError as err:
+            raise LoweringError(f"{describe(node)}: {err}") from None
         self.input_bits = entry.input_bits  # the width the entry's quantized inputs are brought to (need_input)
-        handler(node)
+        handler(self, node, attributes)
 
-    def _linear(self, node: fx.Node) -> None:
-        if node.op == "call_module":
-            m = self.gm.get_submodule(node.target)
-            x, weight, bias = node.args[0], m.weight, m.bias
-        else:
-            x = node.args[0]
-            weight = self._static_value(self._arg(node, 1, "weight"), node)
-            bias = self._static_value(self._arg(node, 2, "bias"), node)
+    def _linear(self, node: fx.Node, a: dict) -> None:
+        x, weight, bias = node.args[0], self._parameter(a["weight"], node), self._parameter(a["bias"], node)
         linear = QuantLinear(weight.shape[1], weight.shape[0], bias=bias is not None,
                              weight_quant=Int8WeightPerChannelFloat, bias_quant=Int32Bias, return_quant_tensor=True)
         with torch.no_grad():
@@ -245,25 +242,9 @@ class _Swap:
         module = nn.Sequential(linear, DyadicRequant(act_quant=self.act(node)))
         self._emit(node, module, [self.need_input(x, node)], self.demand[node])
 
-    def _layer_norm(self, node: fx.Node) -> None:
-        if node.op == "call_module":
-            m = self.gm.get_submodule(node.target)
-            shape, weight, bias, eps = m.normalized_shape, m.weight, m.bias, m.eps
-        else:
-            shape = self._arg(node, 1, "normalized_shape")
-            weight = self._static_value(self._arg(node, 2, "weight"), node)
-            bias = self._static_value(self._arg(node, 3, "bias"), node)
-            eps = self._arg(node, 4, "eps", 1e-5)
-        shape = tuple(shape) if isinstance(shape, (list, tuple)) else (shape,)
-        if len(shape) != 1:
-            raise LoweringError(f"{describe(node)}: I-LayerNorm normalises the last dimension only")
-        channels = shape[0] if isinstance(shape[0], int) else None
-        if channels is None and weight is not None:  # (x.shape[-1] in the trace: a node, the affine's size)
-            channels = weight.numel()
-        if channels is None:
-            raise LoweringError(f"{describe(node)}: the normalized size is computed in the model and there is no "
-                                "affine weight to read it from")
-        layer = QuantILayerNorm(channels, eps, act_quant=self.act(node))
+    def _layer_norm(self, node: fx.Node, a: dict) -> None:
+        weight, bias = self._parameter(a["weight"], node), self._parameter(a["bias"], node)
+        layer = QuantILayerNorm(a["channels"], a["eps"], act_quant=self.act(node))
         with torch.no_grad():
             if weight is not None:
                 layer.weight.copy_(weight)
@@ -271,25 +252,20 @@ class _Swap:
                 layer.bias.copy_(bias)
         self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
 
-    def _gelu(self, node: fx.Node) -> None:
+    def _gelu(self, node: fx.Node, a: dict) -> None:
         layer = QuantGELU(self.gelu, act_quant=self.act(node))
         self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
 
-    def _softmax(self, node: fx.Node) -> None:
-        dim = self.gm.get_submodule(node.target).dim if node.op == "call_module" else self._arg(node, 1, "dim")
-        if dim is None:
-            raise LoweringError(f"{describe(node)}: softmax needs an explicit dim")
-        new = self._emit(node, QuantSoftmax(self.softmax, dim), [self.need_input(node.args[0], node)], 16)
+    def _softmax(self, node: fx.Node, a: dict) -> None:
+        new = self._emit(node, QuantSoftmax(self.softmax, a["dim"]), [self.need_input(node.args[0], node)], 16)
         self.probabilities.add(new)
 
-    def _matmul(self, node: fx.Node) -> None:
+    def _matmul(self, node: fx.Node, a: dict) -> None:
         a, b = node.args[0], node.args[1]
         inputs = [self.need_input(a, node), self.need_input(b, node)]
         self._emit(node, QuantMatMul(act_quant=self.act(node)), inputs, self.demand[node])
 
-    def _add(self, node: fx.Node) -> None:
-        if self._arg(node, 2, "alpha", 1) != 1:
-            raise LoweringError(f"{describe(node)}: add with alpha != 1 has no integer lowering")
+    def _add(self, node: fx.Node, a: dict) -> None:
         # an operand computed from parameters alone (a position embedding) is a constant: INT16, as in FX
         constant = [a in self.static for a in node.args[:2]]
         if all(constant) or not all(isinstance(a, fx.Node) for a in node.args[:2]):
@@ -298,33 +274,23 @@ class _Swap:
         layer = QuantResidualAdd(act_quant=self.act(node), constant_bits=16 if any(constant) else None)
         self._emit(node, layer, inputs, self.demand[node])
 
-    def _cat(self, node: fx.Node) -> None:
-        parts, dim = self._arg(node, 0, "tensors"), self._arg(node, 1, "dim", 0)
+    def _cat(self, node: fx.Node, a: dict) -> None:
+        parts, dim = self._arg(node, 0, "tensors"), a["dim"]
         inputs = [p if isinstance(p, fx.Node) and p in self.static else self._quantized(p, node) for p in parts]
         self._emit(node, QuantCat(dim, act_quant=self.act(node)), inputs, self.demand[node])
 
-    def _l2_normalize(self, node: fx.Node) -> None:
-        p, dim = self._arg(node, 1, "p", 2.0), self._arg(node, 2, "dim", 1)
-        if p != 2 or not isinstance(dim, int):
-            raise LoweringError(f"{describe(node)}: integer L2 normalisation is over the last dimension with p=2; "
-                                f"got p={p}, dim={dim}")
-        layer = QuantL2Norm(dim, act_quant=self.act(node))  # (it checks that dim is the last at run time)
+    def _l2_normalize(self, node: fx.Node, a: dict) -> None:
+        layer = QuantL2Norm(a["dim"], act_quant=self.act(node))  # (it checks that dim is the last at run time)
         self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
 
-    def _mean(self, node: fx.Node) -> None:
-        dim, keepdim = self._arg(node, 1, "dim"), bool(self._arg(node, 2, "keepdim", False))
-        if dim is None:
-            raise LoweringError(f"{describe(node)}: mean over all dimensions: give dim")
-        layer = QuantMean(dim, keepdim, act_quant=self.act(node))
+    def _mean(self, node: fx.Node, a: dict) -> None:
+        layer = QuantMean(a["dim"], a["keepdim"], act_quant=self.act(node))
         self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
 
-    def _conv2d(self, node: fx.Node) -> None:
+    def _conv2d(self, node: fx.Node, a: dict) -> None:
         if node.op != "call_module":
             raise LoweringError(f"{describe(node)}: the Brevitas swap takes nn.Conv2d modules (F.conv2d: use FX)")
         c = self.gm.get_submodule(node.target)
-        if c.stride != c.kernel_size or c.padding not in ((0, 0), 0) or c.groups != 1 or c.dilation != (1, 1):
-            raise LoweringError(f"{describe(node)}: only patchifying Conv2d (kernel == stride, no padding, groups 1) "
-                                f"has an integer lowering; got kernel {c.kernel_size}, stride {c.stride}")
         conv = QuantConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, bias=c.bias is not None,
                            weight_quant=Int8WeightPerChannelFloat, bias_quant=Int32Bias, return_quant_tensor=True)
         with torch.no_grad():
@@ -359,21 +325,14 @@ class _Swap:
                 node.op == "get_attr" or any(self._reads_parameters(n) for n in node.all_input_nodes))
         return self._parameter_reads[node]
 
-    def _mul(self, node: fx.Node) -> None:
+    def _mul(self, node: fx.Node, a: dict) -> None:
         self._scalar_mul(node, divide=False)
 
-    def _div(self, node: fx.Node) -> None:
+    def _div(self, node: fx.Node, a: dict) -> None:
         self._scalar_mul(node, divide=True)
 
-    def _interpolate(self, node: fx.Node) -> None:
-        if node.op == "call_module":
-            m = self.gm.get_submodule(node.target)
-            size, factor, mode, align = m.size, m.scale_factor, m.mode, m.align_corners
-        else:
-            size, factor = self._arg(node, 1, "size"), self._arg(node, 2, "scale_factor")
-            mode, align = self._arg(node, 3, "mode", "nearest"), self._arg(node, 4, "align_corners")
-        if mode not in ("nearest", "bilinear") or (mode == "bilinear" and align):
-            raise LoweringError(f"{describe(node)}: integer upsampling is nearest or bilinear (align_corners=False)")
+    def _interpolate(self, node: fx.Node, a: dict) -> None:
+        size, factor, mode = a["size"], a["scale_factor"], a["mode"]
         x = self.need_input(node.args[0], node)
         computed = isinstance(size, fx.Node) or (isinstance(size, (list, tuple)) and
                                                  any(isinstance(v, fx.Node) for v in size))
@@ -382,7 +341,7 @@ class _Swap:
         else:
             self._emit(node, QuantUpsample(size, factor, mode), [x], self.bits[x])
 
-    def _shape(self, node: fx.Node) -> None:
+    def _shape(self, node: fx.Node, a: dict | None = None) -> None:
         value = self._quantized(node.args[0], node)
         if node.op != "call_module":  # (Dropout / Identity modules take an IntQuantTensor as they are)
             name = self._add_module(node.name, OnIntegers(node.target))
@@ -398,4 +357,11 @@ class _Swap:
             self.probabilities.add(node)
 
     _split = _shape
+
+
+# The Brevitas layer of each registry entry: how the swap puts it in (a table read by entry name; an entry without a
+# row here is refused with the FX front end named, and tests/test_ops_registry.py fails for it)
+LAYERS = {name: getattr(_Swap, f"_{name}") for name in (
+    "linear", "conv2d", "matmul", "add", "mul", "div", "layer_norm", "gelu", "softmax", "l2_normalize", "interpolate",
+    "mean", "cat", "shape", "split")}
 

@@ -1,9 +1,10 @@
 """The registry's entries: every integer operator, its float ops, its constants, its deployed module.
 
-Each ``_lower_*`` function is a variant's conversion step: it reads the observed scales of the op's
-inputs and output (a :class:`~iseg_plugin.lowering.lower.Site`), computes the integer constants once
-and emits the deployed module of :mod:`.modules`. Adding an operator or a variant is one ``register``
-call here.
+Per entry: ``*_attributes(call)`` reads the op's attributes (from the lowering's site or the Brevitas swap's
+node), ``*_check(attributes)`` says why they have no integer form, ``_build_*(attributes, input grids, output
+grid)`` computes the integer constants once and returns the deployed module of :mod:`.modules` (every front end
+calls it), and a ``_lower_*`` function places it in the lowered graph where :func:`lower_built` does not fit.
+Adding an operator is one ``register`` call here and its deployed module (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from torch import nn
 
 from .. import intops
 from . import modules as M
+from .grid import PROBABILITIES, SOFTMAX_BITS, Grid
 from .registry import REGISTRY, OpEntry, Variant
 from .site import Const, Operand, OpSite as Site
 
 aten = torch.ops.aten
 WEIGHT_BITS = (8, 4)  # the GEMM weight widths a site may choose (INT8, or INT4 for W4A8)
-SOFTMAX_BITS = 16  # probabilities in [0, 2**15], read by the next GEMM as two int8 halves
 L2_FRAC_BITS = 15  # the integer L2 norm's output: unit vectors at scale 2**-15
 
 
@@ -85,22 +86,38 @@ def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tup
     return M.Linear(site.lowering.integers(w_int, torch.int8), b_int, out, offset, bits), scale, bounds
 
 
+
 def _int8_offset(x) -> int:
-    """The shift that brings a 256-level operand (asymmetric grid) into int8; 0 for other operands."""
-    if isinstance(x, Operand) and x.bounds[1] - x.bounds[0] == 255 and x.bounds != (-128, 127):
-        return x.bounds[0] + 128
-    return 0
+    """The shift that brings an operand on an asymmetric 256-level grid into int8; 0 for other operands."""
+    return x.grid.int8_offset if isinstance(x, Operand) else 0
 
 
-def _lower_linear(site: Site) -> Operand:
+_AS_IS = lambda value, dtype: value  # noqa: E731 - a build's ``integers`` outside the lowering: the tensor as it is
+
+
+def lower_built(site: Site, variant: Variant) -> Operand:
+    """The usual lowering: the variant's ``build`` from the input's grid (at the entry's input width), the op's
+    attributes and its output grid (the observed one; an op without an observer keeps its input's grid)."""
+    x = site.input(0)
+    out = site.output_grid() if site.observer is not None else None
+    module = variant.build(site.attrs, (x.grid,), out, site.lowering.integers)
+    grid = out or x.grid
+    return site.out(site.emit(module, x.node), grid.scale, grid.bounds)
+
+
+# -- linear, conv2d --------------------------------------------------------------------------------
+
+def _lower_linear(site: Site, variant: Variant) -> Operand:
     offset = _int8_offset(site.args[0])
     x = site.args[0] if offset else site.input(0)
-    if site.module is not None:
-        weight, bias = site.module.weight, site.module.bias
-    else:
-        weight, bias = site.arg(1, "weight"), site.arg(2, "bias")
-    module, scale, bounds = _linear_module(site, x, weight, bias, offset)
+    module, scale, bounds = _linear_module(site, x, site.attrs["weight"], site.attrs["bias"], offset)
     return site.out(site.emit(module, x.node), scale, bounds)
+
+
+def _linear_attributes(call) -> dict:
+    if call.module is not None:
+        return dict(weight=call.module.weight, bias=call.module.bias)
+    return dict(weight=call.arg(1, "weight"), bias=call.arg(2, "bias"))
 
 
 def _pair(value) -> tuple[int, int]:
@@ -108,52 +125,80 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) * (2 // len(value)) if isinstance(value, (list, tuple)) else (value, value)
 
 
-def _conv_args(site: Site):
-    if site.module is not None:
-        c = site.module
-        return c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups
-    return (site.arg(1, "weight"), site.arg(2, "bias"), site.arg(3, "stride", 1), site.arg(4, "padding", 0),
-            site.arg(5, "dilation", 1), site.arg(6, "groups", 1))
+def _conv_attributes(call) -> dict:
+    if call.module is not None:
+        c = call.module
+        weight, bias, stride, padding, dilation, groups = c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups
+    else:
+        weight, bias, stride, padding, dilation, groups = (
+            call.arg(1, "weight"), call.arg(2, "bias"), call.arg(3, "stride", 1), call.arg(4, "padding", 0),
+            call.arg(5, "dilation", 1), call.arg(6, "groups", 1))
+    return dict(weight=weight, bias=bias, kernel=tuple(weight.shape[-2:]), stride=stride, padding=padding,
+                dilation=dilation, groups=groups, input_shape=call.input_shape(0))
 
 
-def _lower_patch_conv(site: Site) -> Operand:
-    weight, bias, stride, padding, dilation, groups = _conv_args(site)
-    kernel = tuple(weight.shape[-2:])
-    if _pair(stride) != kernel or _pair(padding) != (0, 0) or groups != 1 or _pair(dilation) != (1, 1):
-        raise site.refuse("only patchifying Conv2d (kernel == stride, no padding, groups 1) has an integer "
-                          f"lowering; got kernel {kernel}, stride {stride}, padding {padding}")
-    _, _, h, w = site.lowering.shape(site.node.args[0])
-    if h % kernel[0] or w % kernel[1]:
-        raise site.refuse(f"input {h}x{w} is not a multiple of the patch {kernel}: pad it first")
+def _conv_check(a: dict) -> str | None:
+    kernel, padding = a["kernel"], a["padding"]
+    unpadded = padding == "valid" or (not isinstance(padding, str) and _pair(padding) == (0, 0))
+    if _pair(a["stride"]) != kernel or not unpadded or a["groups"] != 1 or _pair(a["dilation"]) != (1, 1):
+        return ("only patchifying Conv2d (kernel == stride, no padding, groups 1) has an integer lowering; got "
+                f"kernel {kernel}, stride {a['stride']}, padding {a['padding']}")
+    shape = a["input_shape"]
+    if shape is not None and (shape[-2] % kernel[0] or shape[-1] % kernel[1]):
+        return f"input {shape[-2]}x{shape[-1]} is not a multiple of the patch {kernel}: pad it first"
+    return None
+
+
+def _lower_patch_conv(site: Site, variant: Variant) -> Operand:
     x = site.input(0)
-    module, scale, bounds = _linear_module(site, x, weight, bias)  # patches flatten as (in, kh, kw)
-    return site.out(site.emit(M.PatchConv(module, kernel), x.node), scale, bounds)
+    module, scale, bounds = _linear_module(site, x, site.attrs["weight"], site.attrs["bias"])  # patches: (in, kh, kw)
+    return site.out(site.emit(M.PatchConv(module, site.attrs["kernel"]), x.node), scale, bounds)
 
 
-def _lower_matmul(site: Site) -> Operand:
+# -- matmul, add, mul ------------------------------------------------------------------------------
+
+def _build_matmul(a: dict, inputs: tuple[Grid, Grid], out: Grid, integers=_AS_IS) -> M.MatMul:
+    """``alpha * (a @ b)`` (``a["alpha"]``, default 1: a scale the requantization takes); ``a`` may be softmax
+    probabilities (two int8 halves), else both operands are INT8."""
+    in_scale = inputs[0].scale * inputs[1].scale * a.get("alpha", 1.0)
+    return M.MatMul(inputs[0].kind == PROBABILITIES, M.Requant.between(in_scale, out.scale, out.bounds))
+
+
+def _lower_matmul(site: Site, variant: Variant) -> Operand:
     a = site.args[0]
-    probabilities = isinstance(a, Operand) and a.bounds == (0, 1 << (SOFTMAX_BITS - 1))
-    a = a if probabilities else site.input(0, 8)
+    a = a if isinstance(a, Operand) and a.grid.kind == PROBABILITIES else site.input(0, 8)
     b = site.input(1, 8)
-    out, scale, bounds = site.requant_to_output(a.scale * b.scale)
-    return site.out(site.emit(M.MatMul(probabilities, out), a.node, b.node), scale, bounds)
+    out = site.output_grid()
+    module = variant.build(site.attrs, (a.grid, b.grid), out)
+    return site.out(site.emit(module, a.node, b.node), out.scale, out.bounds)
 
 
-def _lower_add(site: Site) -> Operand:
-    if site.node.kwargs.get("alpha", 1) != 1:
-        raise site.refuse("add with alpha != 1 has no integer lowering")
-    scale, bounds = site.output_format()
-    bits = 16 if bounds[1] > 127 else 8
+def _add_attributes(call) -> dict:
+    return dict(alpha=call.arg(2, "alpha", 1))
+
+
+def _build_add(a: dict, inputs: tuple[Grid, Grid], out: Grid, integers=_AS_IS) -> M.Add:
+    """Both operands requantized to the output's signed 8- or 16-bit grid, summed, saturated."""
+    bits = 16 if out.bounds[1] > 127 else 8
+    if out.bounds != intops.int_range(bits):
+        raise ValueError(f"an integer add's output grid is signed INT8 or INT16, got bounds {out.bounds}")
+    return M.Add(intops.dyadic_from_ratio(inputs[0].scale / out.scale),
+                 intops.dyadic_from_ratio(inputs[1].scale / out.scale), bits)
+
+
+def _lower_add(site: Site, variant: Variant) -> Operand:
+    out = site.output_grid()
+    bits = 16 if out.bounds[1] > 127 else 8
     parts = [site.args[0], site.args[1]]
     if not all(isinstance(p, (Operand, Const)) for p in parts):
         raise site.refuse("adding a Python number to a quantized tensor has no integer lowering")
     a, b = (p if isinstance(p, Operand) else site.lowering.quantized_constant(p, 16, f"{site.name}_const")
             for p in parts)
-    module = M.Add(intops.dyadic_from_ratio(a.scale / scale), intops.dyadic_from_ratio(b.scale / scale), bits)
-    return site.out(site.emit(module, a.node, b.node), scale, bounds)
+    module = variant.build(site.attrs, (a.grid, b.grid), out)
+    return site.out(site.emit(module, a.node, b.node), out.scale, out.bounds)
 
 
-def _lower_mul(site: Site, divide: bool = False) -> Operand:
+def _lower_mul(site: Site, variant: Variant, divide: bool = False) -> Operand:
     a, b = site.args[0], site.args[1]
     if not isinstance(a, Operand):
         a, b = b, a
@@ -174,27 +219,42 @@ def _lower_mul(site: Site, divide: bool = False) -> Operand:
     return site.out(site.emit(M.Mul(out), a.node, b.node), scale, bounds)
 
 
-def _layer_norm_args(site: Site):
-    if site.module is not None:
-        m = site.module
-        return m.normalized_shape, m.weight, m.bias, m.eps
-    return site.arg(1, "normalized_shape"), site.arg(2, "weight"), site.arg(3, "bias"), site.arg(4, "eps", 1e-5)
+# -- layer_norm, gelu, softmax, l2_normalize -------------------------------------------------------
+
+def _layer_norm_attributes(call) -> dict:
+    if call.module is not None:
+        m = call.module
+        shape, weight, bias, eps = m.normalized_shape, m.weight, m.bias, m.eps
+    else:
+        shape, weight, bias, eps = call.arg(1, "normalized_shape"), call.arg(2, "weight"), call.arg(3, "bias"), \
+            call.arg(4, "eps", 1e-5)
+    shape = tuple(shape) if isinstance(shape, (list, tuple, torch.Size)) else (shape,)
+    input_shape = call.input_shape(0)
+    channels = input_shape[-1] if input_shape is not None else next(
+        (n for n in (shape[-1] if isinstance(shape[-1], int) else None, None if weight is None else weight.numel())
+         if n is not None), None)  # (a traced model's x.shape[-1] is a node: the affine's size then)
+    return dict(normalized_shape=shape, weight=weight, bias=bias, eps=eps, channels=channels)
 
 
-def _lower_layer_norm(site: Site) -> Operand:
-    shape, weight, bias, eps = _layer_norm_args(site)
-    channels = site.lowering.shape(site.node.args[0])[-1]
-    if tuple(shape) != (channels,):
-        raise site.refuse(f"I-LayerNorm normalises the last dimension only; got normalized_shape {tuple(shape)}")
-    weight = torch.ones(channels) if weight is None else weight
-    bias = torch.zeros(channels) if bias is None else bias
-    x = site.input(0)
+def _layer_norm_check(a: dict) -> str | None:
+    shape, channels = a["normalized_shape"], a["channels"]
+    if len(shape) != 1 or (isinstance(shape[0], int) and channels is not None and shape != (channels,)):
+        return f"I-LayerNorm normalises the last dimension only; got normalized_shape {shape}"
+    if channels is None:
+        return "the normalized size is computed in the model and there is no affine weight to read it from"
+    return None
+
+
+def _build_layer_norm(a: dict, inputs: tuple[Grid], out: Grid, integers=_AS_IS) -> M.LayerNorm:
+    """I-LayerNorm: the affine as INT16 integers with its own scale (float32, as torch's LayerNorm computes it),
+    the epsilon on the input's grid, the output requantization fused."""
+    channels = a["channels"]
+    weight = torch.ones(channels) if a["weight"] is None else a["weight"]
+    bias = torch.zeros(channels) if a["bias"] is None else a["bias"]
     params = intops.layernorm_params(weight.float(), bias.float())
-    params = params._replace(weight=site.lowering.integers(params.weight, torch.int64),
-                             bias=site.lowering.integers(params.bias, torch.int64))
-    out, scale, bounds = site.requant_to_output(params.out_scale)
-    module = M.LayerNorm(params, intops.layernorm_eps(eps, x.scale), out)
-    return site.out(site.emit(module, x.node), scale, bounds)
+    params = params._replace(weight=integers(params.weight, torch.int64), bias=integers(params.bias, torch.int64))
+    return M.LayerNorm(params, intops.layernorm_eps(a["eps"], inputs[0].scale),
+                       M.Requant.between(params.out_scale, out.scale, out.bounds))
 
 
 GELU_OUT_SHIFT = 7  # the GELUs' output is at S * 2**-7 before its requantization
@@ -204,25 +264,26 @@ class NoSamplesError(ValueError):
     """An operator fitted to calibration samples of its input saw none."""
 
 
-def gelu_module(build, in_scale: float, out_scale: float, bounds: tuple[int, int], samples) -> nn.Module:
-    """The deployed GELU that a variant's ``build`` makes for an input scale and an output grid (the GELUs
-    compute at ``S_in * 2**-7``, then requantize to the grid)."""
-    return build(in_scale, M.Requant.between(in_scale * 2.0**-GELU_OUT_SHIFT, out_scale, bounds), samples)
+def gelu_build(make):
+    """A GELU variant's build: ``make(in_scale, out requantization, samples)``; the GELUs compute at
+    ``S_in * 2**-7``, then requantize to the output grid. ``a["samples"]``: the input's calibration samples."""
+    def build(a: dict, inputs: tuple[Grid], out: Grid, integers=_AS_IS) -> nn.Module:
+        scale = inputs[0].scale
+        return make(scale, M.Requant.between(scale * 2.0**-GELU_OUT_SHIFT, out.scale, out.bounds), a.get("samples"))
+
+    return build
 
 
-def _gelu_lowering(build):
-    def lower(site: Site) -> Operand:
-        x = site.input(0)
-        # INT8 on an asymmetric grid where only GEMMs read it (unless the observer asks for a symmetric one)
-        asymmetric = not getattr(site.observer, "symmetric", False)
-        scale, bounds = site.asymmetric_output_format() if asymmetric else site.output_format()
-        try:
-            module = gelu_module(build, x.scale, scale, bounds, None if x.observer is None else x.observer.samples)
-        except NoSamplesError as err:
-            raise site.refuse(str(err)) from None
-        return site.out(site.emit(module, x.node), scale, bounds)
-
-    return lower
+def _lower_gelu(site: Site, variant: Variant) -> Operand:
+    x = site.input(0)
+    # INT8 on an asymmetric grid where only GEMMs read it (unless the observer asks for a symmetric one)
+    out = site.output_grid(asymmetric=not getattr(site.observer, "symmetric", False))
+    samples = None if x.observer is None else x.observer.samples
+    try:
+        module = variant.build(dict(site.attrs, samples=samples), (x.grid,), out)
+    except NoSamplesError as err:
+        raise site.refuse(str(err)) from None
+    return site.out(site.emit(module, x.node), out.scale, out.bounds)
 
 
 def _poly_gelu(scale: float, out: M.Requant, samples) -> M.PolyGELU:
@@ -240,58 +301,76 @@ def _shift_gelu(scale: float, out: M.Requant, samples=None) -> M.ShiftGELU:
     return M.ShiftGELU(intops.exp_i0(scale), out)
 
 
-def _bit_exp_softmax(scale: float, bits: int, dim: int) -> M.BitExpSoftmax:
-    return M.BitExpSoftmax(intops.bit_exp_params(scale), bits, dim)
+def _softmax_attributes(call) -> dict:
+    return dict(dim=call.module.dim if call.module is not None else call.arg(1, "dim"))
 
 
-def _shiftmax(scale: float, bits: int, dim: int) -> M.Shiftmax:
-    return M.Shiftmax(intops.exp_i0(scale), bits, dim)
+def _softmax_check(a: dict) -> str | None:
+    return "softmax needs an explicit dim" if a["dim"] is None else None
 
 
-def _softmax_dim(site: Site) -> int:
-    dim = site.module.dim if site.module is not None else site.arg(1, "dim")
-    if dim is None:
-        raise site.refuse("softmax needs an explicit dim")
-    return dim
+def _bit_exp_softmax(a: dict, inputs: tuple[Grid], out=None, integers=_AS_IS) -> M.BitExpSoftmax:
+    return M.BitExpSoftmax(intops.bit_exp_params(inputs[0].scale), SOFTMAX_BITS, a["dim"])
 
 
-def _softmax_lowering(build):
-    def lower(site: Site) -> Operand:
-        x = site.input(0)
-        module = build(x.scale, SOFTMAX_BITS, _softmax_dim(site))
-        return site.out(site.emit(module, x.node), 2.0 ** -(SOFTMAX_BITS - 1), (0, 1 << (SOFTMAX_BITS - 1)))
-
-    return lower
+def _shiftmax(a: dict, inputs: tuple[Grid], out=None, integers=_AS_IS) -> M.Shiftmax:
+    return M.Shiftmax(intops.exp_i0(inputs[0].scale), SOFTMAX_BITS, a["dim"])
 
 
-def _lower_normalize(site: Site) -> Operand:
-    p, dim = site.arg(1, "p", 2.0), site.arg(2, "dim", 1)
-    rank = len(site.lowering.shape(site.node.args[0]))
-    if p != 2 or dim not in (-1, rank - 1):
-        raise site.refuse(f"integer L2 normalisation is over the last dimension with p=2; got p={p}, dim={dim}")
+def _lower_softmax(site: Site, variant: Variant) -> Operand:
     x = site.input(0)
-    out, scale, bounds = site.requant_to_output(2.0**-L2_FRAC_BITS)
-    return site.out(site.emit(M.L2Norm(L2_FRAC_BITS, out), x.node), scale, bounds)
+    out = Grid.probabilities()
+    return site.out(site.emit(variant.build(site.attrs, (x.grid,), None), x.node), out.scale, out.bounds)
 
 
-def _interpolate_mode(site: Site) -> tuple[str, bool | None]:
-    if site.module is not None:
-        return site.module.mode, site.module.align_corners
-    if site.node.target == aten.upsample_nearest2d.vec:
-        return "nearest", None
-    if site.node.target == aten.upsample_bilinear2d.vec:
-        return "bilinear", site.arg(2, "align_corners")
-    return site.arg(3, "mode", "nearest"), site.arg(4, "align_corners", None)
+def _normalize_attributes(call) -> dict:
+    shape = call.input_shape(0)
+    return dict(p=call.arg(1, "p", 2.0), dim=call.arg(2, "dim", 1), rank=None if shape is None else len(shape))
 
 
-def _lower_interpolate(site: Site) -> Operand:
-    mode, align = _interpolate_mode(site)
-    if mode not in ("nearest", "bilinear") or (mode == "bilinear" and align):
-        raise site.refuse(f"integer upsampling is nearest or bilinear (align_corners=False); got mode={mode!r}, "
-                          f"align_corners={align}")
+def _normalize_check(a: dict) -> str | None:
+    last = (-1,) if a["rank"] is None else (-1, a["rank"] - 1)
+    if a["p"] != 2 or not isinstance(a["dim"], int) or (a["rank"] is not None and a["dim"] not in last):
+        return f"integer L2 normalisation is over the last dimension with p=2; got p={a['p']}, dim={a['dim']}"
+    return None
+
+
+def _build_l2_norm(a: dict, inputs: tuple[Grid], out: Grid, integers=_AS_IS) -> M.L2Norm:
+    return M.L2Norm(L2_FRAC_BITS, M.Requant.between(2.0**-L2_FRAC_BITS, out.scale, out.bounds))
+
+
+# -- interpolate, mean, cat, shape ops -------------------------------------------------------------
+
+def _interpolate_attributes(call) -> dict:
+    if call.module is not None:
+        m = call.module
+        return dict(mode=m.mode, align_corners=m.align_corners, size=m.size, scale_factor=m.scale_factor)
+    target = getattr(call, "target", None)
+    if target == aten.upsample_nearest2d.vec:
+        return dict(mode="nearest", align_corners=None, size=call.arg(1, "output_size"), scale_factor=None)
+    if target == aten.upsample_bilinear2d.vec:
+        return dict(mode="bilinear", align_corners=call.arg(2, "align_corners"), size=call.arg(1, "output_size"),
+                    scale_factor=None)
+    return dict(mode=call.arg(3, "mode", "nearest"), align_corners=call.arg(4, "align_corners", None),
+                size=call.arg(1, "size"), scale_factor=call.arg(2, "scale_factor"))
+
+
+def _interpolate_check(a: dict) -> str | None:
+    if a["mode"] not in ("nearest", "bilinear") or (a["mode"] == "bilinear" and a["align_corners"]):
+        return (f"integer upsampling is nearest or bilinear (align_corners=False); got mode={a['mode']!r}, "
+                f"align_corners={a['align_corners']}")
+    return None
+
+
+def _build_upsample(a: dict, inputs: tuple[Grid], out=None, integers=_AS_IS) -> M.Upsample:
+    """Nearest or integer bilinear resize to ``a["out_size"]`` (h, w), on the input's grid."""
+    return M.Upsample(a["mode"], a["out_size"], None)
+
+
+def _lower_interpolate(site: Site, variant: Variant) -> Operand:
     x = site.input(0, 16)
-    size = site.shape()[-2:]
-    return site.out(site.emit(M.Upsample(mode, size, None), x.node), x.scale, x.bounds)
+    module = variant.build(dict(site.attrs, out_size=site.shape()[-2:]), (x.grid,), None)
+    return site.out(site.emit(module, x.node), x.scale, x.bounds)
 
 
 def reduced_count(shape, dim) -> int:
@@ -299,51 +378,53 @@ def reduced_count(shape, dim) -> int:
     return math.prod(shape[d] for d in (dim if isinstance(dim, (list, tuple)) else (dim,)))
 
 
-def _lower_mean(site: Site) -> Operand:
-    dim, keepdim = site.arg(1, "dim"), bool(site.arg(2, "keepdim", False))
-    if dim is None:
-        raise site.refuse("mean over all dimensions: give dim")
-    count = reduced_count(site.lowering.shape(site.node.args[0]), dim)
-    x = site.input(0)
-    out, scale, bounds = site.requant_to_output(x.scale / count)
-    return site.out(site.emit(M.Mean(dim, keepdim, out), x.node), scale, bounds)
+def _mean_attributes(call) -> dict:
+    shape, dim = call.input_shape(0), call.arg(1, "dim")
+    return dict(dim=dim, keepdim=bool(call.arg(2, "keepdim", False)),
+                count=None if shape is None or dim is None else reduced_count(shape, dim))
 
 
-def cat_requant(part_scale: float, part_bounds: tuple[int, int], scale: float,
-                bounds: tuple[int, int]) -> M.Requant | None:
-    """How a part enters a concatenation at ``scale`` / ``bounds``: as it is (None) if it is already there."""
-    if part_scale == scale and bounds[0] <= part_bounds[0] and part_bounds[1] <= bounds[1]:
+def _mean_check(a: dict) -> str | None:
+    return "mean over all dimensions: give dim" if a["dim"] is None else None
+
+
+def _build_mean(a: dict, inputs: tuple[Grid], out: Grid, integers=_AS_IS) -> M.Mean:
+    """An int64 sum of ``a["count"]`` elements, requantized by ``S_in / (count S_out)``."""
+    return M.Mean(a["dim"], a["keepdim"], M.Requant.between(inputs[0].scale / a["count"], out.scale, out.bounds))
+
+
+def cat_requant(part: Grid, out: Grid) -> M.Requant | None:
+    """How a part enters a concatenation on ``out``: as it is (None) if it is already there."""
+    if part.scale == out.scale and out.bounds[0] <= part.bounds[0] and part.bounds[1] <= out.bounds[1]:
         return None
-    return M.Requant.between(part_scale, scale, bounds)
+    return M.Requant.between(part.scale, out.scale, out.bounds)
 
 
-def _lower_cat(site: Site) -> Operand:
+def _cat_attributes(call) -> dict:
+    return dict(dim=call.arg(1, "dim", 0))
+
+
+def _build_cat(a: dict, inputs: tuple[Grid | None, ...], out: Grid, integers=_AS_IS) -> M.Cat:
+    """Each part requantized to the output grid unless it is on it (None: a constant already quantized to it)."""
+    return M.Cat(a["dim"], [None if g is None else cat_requant(g, out) for g in inputs], M.storage_dtype(out.bounds))
+
+
+def _lower_cat(site: Site, variant: Variant) -> Operand:
     parts = site.args[0] if site.args else site.kwargs["tensors"]  # Operands and Consts, not unwrapped
-    dim = site.arg(1, "dim", 0)
-    scale, bounds = site.output_format()
-    bits = 16 if bounds[1] > 127 else 8
-    nodes, requants = [], []
-    for i, part in enumerate(parts):
-        if isinstance(part, Const):
-            part = site.lowering.quantized_constant(part, bits, f"{site.name}_const{i}", scale=scale)
-        requants.append(cat_requant(part.scale, part.bounds, scale, bounds))
-        nodes.append(part.node)
-    module = M.Cat(dim, requants, M.storage_dtype(bounds))
-    return site.out(site.emit(module, *nodes), scale, bounds)
+    out = site.output_grid()
+    bits = 16 if out.bounds[1] > 127 else 8
+    parts = [site.lowering.quantized_constant(p, bits, f"{site.name}_const{i}", scale=out.scale)
+             if isinstance(p, Const) else p for i, p in enumerate(parts)]
+    module = variant.build(site.attrs, tuple(p.grid for p in parts), out)
+    return site.out(site.emit(module, *(p.node for p in parts)), out.scale, out.bounds)
 
 
-def _lower_shape_op(site: Site) -> Operand | Const:
+def _lower_shape_op(site: Site, variant: Variant) -> Operand | Const:
     """Shape ops move integers without changing them: the same call on the integer tensor."""
     source = next(a for a in site.args + list(site.kwargs.values()) if isinstance(a, Operand))
     node = site.node
     if node.op == "call_module":  # Dropout / Identity in eval: nothing
         return source
-    if node.target in (F.pad, aten.pad.default, aten.constant_pad_nd.default):
-        constant = node.target is aten.constant_pad_nd.default
-        mode, value = ("constant", site.arg(2, "value", 0)) if constant else (site.arg(2, "mode", "constant"),
-                                                                               site.arg(3, "value", 0))
-        if mode != "constant" or value not in (0, 0.0, None):
-            raise site.refuse(f"only zero padding has an integer lowering; got mode={mode!r}, value={value}")
     if node.target in _IDENTITY_METHODS + _IDENTITY_ATEN:
         if node.kwargs.get("memory_format") != torch.contiguous_format:
             return source
@@ -356,8 +437,23 @@ def _lower_shape_op(site: Site) -> Operand | Const:
     return Operand(new, source.scale, source.bounds, source.observer)
 
 
-def _single(lower, doc: str) -> dict[str, Variant]:
-    return {"default": Variant("default", lower, doc)}
+def _pad_attributes(call) -> dict:
+    target = getattr(call, "target", None)
+    if target not in (F.pad, aten.pad.default, aten.constant_pad_nd.default):
+        return {}
+    if target is aten.constant_pad_nd.default:
+        return dict(mode="constant", value=call.arg(2, "value", 0))
+    return dict(mode=call.arg(2, "mode", "constant"), value=call.arg(3, "value", 0))
+
+
+def _pad_check(a: dict) -> str | None:
+    if a and (a["mode"] != "constant" or a["value"] not in (0, 0.0, None)):
+        return f"only zero padding has an integer lowering; got mode={a['mode']!r}, value={a['value']}"
+    return None
+
+
+def _single(doc: str, lower=lower_built, build=None) -> dict[str, Variant]:
+    return {"default": Variant("default", lower, doc, build)}
 
 
 _IDENTITY_METHODS = ("float", "to", "type_as", "clone", "detach")
@@ -378,74 +474,86 @@ SHAPE_ATEN = (aten.view.default, aten.reshape.default, aten.permute.default, ate
 REGISTRY.register(OpEntry(
     "linear", "INT8 x INT8 -> INT32 (+ INT32 bias), per-channel dyadic requantization to the output",
     modules=(nn.Linear,), functions=(F.linear,), aten=(aten.linear.default,), input_bits=8,
-    variants=_single(_lower_linear, "int8 GEMM, requantization fused in the module")))
+    variants=_single("int8 GEMM, requantization fused in the module", _lower_linear),
+    attributes=_linear_attributes, emits=("Linear",)))
 REGISTRY.register(OpEntry(
-    "conv2d", "patchifying Conv2d (kernel == stride) as one INT8 GEMM over patches",
-    modules=(nn.Conv2d,), aten=(aten.conv2d.default,), input_bits=8,
-    variants=_single(_lower_patch_conv, "patches @ W^T")))
+    "conv2d", "patchifying Conv2d (kernel == stride, no padding) as one INT8 GEMM over patches",
+    modules=(nn.Conv2d,), aten=(aten.conv2d.default, aten.conv2d.padding), input_bits=8,
+    variants=_single("patches @ W^T", _lower_patch_conv), attributes=_conv_attributes, check=_conv_check,
+    emits=("PatchConv", "Linear")))
 REGISTRY.register(OpEntry(
     "matmul", "activation @ activation: INT8 x INT8, or UINT16 probabilities x INT8 (two int8 halves)",
     functions=(torch.matmul, operator.matmul, torch.bmm), methods=("matmul", "bmm"),
     aten=(aten.matmul.default, aten.bmm.default), input_bits=8,
-    variants=_single(_lower_matmul, "int32 accumulator, requantized")))
+    variants=_single("int32 accumulator, requantized", _lower_matmul, _build_matmul), emits=("MatMul",)))
 REGISTRY.register(OpEntry(
     "add", "residual / embedding add: both operands requantized to the output scale (INT16 stream)",
     functions=(operator.add, torch.add, operator.iadd), methods=("add",), aten=(aten.add.Tensor,), input_bits=None,
-    variants=_single(_lower_add, "requantize_add")))
+    variants=_single("requantize_add", _lower_add, _build_add), attributes=_add_attributes,
+    check=lambda a: "add with alpha != 1 has no integer lowering" if a["alpha"] != 1 else None, emits=("Add",)))
 REGISTRY.register(OpEntry(
     "mul", "x * c (scalar: a scale change, no op; per channel: one requantization) or x * y, and x / c",
     functions=(operator.mul, torch.mul), methods=("mul",), aten=(aten.mul.Tensor,), input_bits=None,
-    variants=_single(_lower_mul, "dyadic rescale")))
+    variants=_single("dyadic rescale", _lower_mul), emits=("Mul", "Requant")))
 REGISTRY.register(OpEntry(
     "div", "x / c for a constant c: a scale change",
     functions=(operator.truediv, torch.div), methods=("div",), aten=(aten.div.Tensor,), input_bits=None,
-    variants=_single(lambda site: _lower_mul(site, divide=True), "dyadic rescale")))
+    variants=_single("dyadic rescale", lambda site, variant: _lower_mul(site, variant, divide=True)),
+    emits=("Requant",)))
 REGISTRY.register(OpEntry(
     "layer_norm", "I-LayerNorm over the last dimension, fused with its output requantization",
     modules=(nn.LayerNorm,), functions=(F.layer_norm,), aten=(aten.layer_norm.default,), input_bits=16,
-    variants=_single(_lower_layer_norm, "exact isqrt, INT16 gamma, int64 sums")))
+    variants=_single("exact isqrt, INT16 gamma, int64 sums", build=_build_layer_norm),
+    attributes=_layer_norm_attributes, check=_layer_norm_check, emits=("LayerNorm",)))
 REGISTRY.register(OpEntry(
     "gelu", "integer GELU of INT8 input, output S * 2**-7 requantized",
     modules=(nn.GELU,), functions=(F.gelu,), aten=(aten.gelu.default,), input_bits=8,
     variants={
-        "poly": Variant("poly", _gelu_lowering(_poly_gelu), "Poly-GELU (IPTQ-ViT): quartic erf fitted on calibration data",
-                        _poly_gelu),
-        "lambda-shift": Variant("lambda-shift", _gelu_lowering(_lambda_shift_gelu),
-                                "lambda-ShiftGELU (I-Segmenter): sigmoid reference capped at lambda = 6", _lambda_shift_gelu),
-        "shift": Variant("shift", _gelu_lowering(_shift_gelu), "ShiftGELU (I-ViT): x * sigmoid(1.6875 x) by ShiftExp",
-                         _shift_gelu),
-    }))
+        "poly": Variant("poly", _lower_gelu, "Poly-GELU (IPTQ-ViT): quartic erf fitted on calibration data",
+                        gelu_build(_poly_gelu)),
+        "lambda-shift": Variant("lambda-shift", _lower_gelu,
+                                "lambda-ShiftGELU (I-Segmenter): sigmoid reference capped at lambda = 6",
+                                gelu_build(_lambda_shift_gelu)),
+        "shift": Variant("shift", _lower_gelu, "ShiftGELU (I-ViT): x * sigmoid(1.6875 x) by ShiftExp",
+                         gelu_build(_shift_gelu)),
+    }, emits=("PolyGELU", "LambdaShiftGELU", "ShiftGELU")))
 REGISTRY.register(OpEntry(
     "softmax", "integer softmax of INT16 logits; probabilities UINT16-range [0, 2**15], scale 2**-15",
     modules=(nn.Softmax,), functions=(F.softmax, torch.softmax), methods=("softmax",),
     aten=(aten.softmax.int, aten._softmax.default), input_bits=16,
     variants={
-        "bit-exp": Variant("bit-exp", _softmax_lowering(_bit_exp_softmax),
+        "bit-exp": Variant("bit-exp", _lower_softmax,
                            "bit-exp softmax (IPTQ-ViT, our reading): exact log2 e, quadratic 2**u", _bit_exp_softmax),
-        "shift": Variant("shift", _softmax_lowering(_shiftmax), "Shiftmax (I-ViT)", _shiftmax),
-    }))
+        "shift": Variant("shift", _lower_softmax, "Shiftmax (I-ViT)", _shiftmax),
+    }, attributes=_softmax_attributes, check=_softmax_check, emits=("BitExpSoftmax", "Shiftmax")))
 REGISTRY.register(OpEntry(
     "l2_normalize", "integer L2 normalisation over the last dimension (F.normalize, p=2)",
-    functions=(F.normalize,), input_bits=16, variants=_single(_lower_normalize, "exact isqrt, 15 fraction bits")))
+    functions=(F.normalize,), input_bits=16, variants=_single("exact isqrt, 15 fraction bits", build=_build_l2_norm),
+    attributes=_normalize_attributes, check=_normalize_check, emits=("L2Norm",)))
 REGISTRY.register(OpEntry(
     "interpolate", "nearest, or integer bilinear with exact rational weights (align_corners=False)",
     modules=(nn.Upsample,), functions=(F.interpolate,),
     aten=(aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec), input_bits=16,
-    variants=_single(_lower_interpolate, "same scale as the input")))
+    variants=_single("same scale as the input", _lower_interpolate, _build_upsample),
+    attributes=_interpolate_attributes, check=_interpolate_check, emits=("Upsample",)))
 REGISTRY.register(OpEntry(
     "mean", "mean over dims: int64 sum, one requantization by S_in / (n S_out)",
-    functions=(torch.mean,), methods=("mean",), aten=(aten.mean.dim,), input_bits=16, variants=_single(_lower_mean, "sum + requant")))
+    functions=(torch.mean,), methods=("mean",), aten=(aten.mean.dim,), input_bits=16,
+    variants=_single("sum + requant", build=_build_mean), attributes=_mean_attributes, check=_mean_check,
+    emits=("Mean",)))
 REGISTRY.register(OpEntry(
     "cat", "concatenation at the output scale (constants such as cls tokens quantized to it)",
-    functions=(torch.cat, torch.concat), aten=(aten.cat.default,), input_bits=None, variants=_single(_lower_cat, "requantize, then cat")))
+    functions=(torch.cat, torch.concat), aten=(aten.cat.default,), input_bits=None,
+    variants=_single("requantize, then cat", _lower_cat, _build_cat), attributes=_cat_attributes, emits=("Cat",)))
 REGISTRY.register(OpEntry(
     "shape", "reshape / permute / index / roll / flip / repeat / pad(0) / dropout in eval: the same call on the integers",
     modules=(nn.Dropout, nn.Identity), functions=(operator.getitem, torch.flatten, torch.transpose, torch.permute,
                                                    torch.reshape, torch.squeeze, torch.unsqueeze, torch.roll,
                                                    torch.flip, F.pad, F.dropout),
-    methods=SHAPE_METHODS, aten=SHAPE_ATEN + _IDENTITY_ATEN, observation="share", input_bits=None, variants=_single(_lower_shape_op, "no arithmetic")))
+    methods=SHAPE_METHODS, aten=SHAPE_ATEN + _IDENTITY_ATEN, observation="share", input_bits=None,
+    variants=_single("no arithmetic", _lower_shape_op), attributes=_pad_attributes, check=_pad_check))
 REGISTRY.register(OpEntry(
     "split", "chunk / split / unbind: tuples of integer tensors (not observed: torch.ao observes tensors only)",
     functions=(torch.chunk, torch.split, torch.unbind), methods=("chunk", "split", "unbind"),
     aten=(aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int), observation="none",
-    input_bits=None, variants=_single(_lower_shape_op, "no arithmetic")))
+    input_bits=None, variants=_single("no arithmetic", _lower_shape_op)))

@@ -1,18 +1,28 @@
 """The operator registry: one entry per integer operator, the one place an operator is defined.
 
-An :class:`OpEntry` says which float ops it replaces (modules, functions and tensor methods in a
-torch.ao FX graph; ATen operators in a ``torch.export`` / torchao PT2E graph), how its
-output is observed (its own observer, or the input's for shape ops), the bit width its quantized
-inputs must have, and its variants. A :class:`Variant` turns the observed scales into integer
-constants once, at conversion (``lower``: in the style of torch.ao's ``from_observed`` / TFLite's
-Prepare), and returns the deployed module of :mod:`.modules` that computes it; the arithmetic itself
-is in :mod:`iseg_plugin.intops`. The torch.ao BackendConfig, the qconfig mapping, the lowering pass
-and the docs' table of supported ops are all read from here.
+An :class:`OpEntry` owns its operator:
+
+* which float ops it replaces (modules, functions and tensor methods in a torch.ao FX graph; ATen
+  operators in a ``torch.export`` / torchao PT2E graph), how its output is observed (its own observer,
+  or the input's for shape ops) and the bit width its quantized inputs must have;
+* ``attributes(call)``: the op's attributes read from a call of it (the lowering's site or the Brevitas
+  swap's node), and ``check(attributes)``: the one refusal predicate, the reason no integer form exists;
+* its variants (the first is the default): a :class:`Variant`'s ``build`` turns the input scales, the
+  output :class:`~.grid.Grid` and the attributes into the deployed module of :mod:`.modules`, integer
+  constants computed once (TFLite's Prepare; torch.ao's ``from_observed``), and its ``lower`` places it
+  in the lowered graph (most entries: :func:`lower_built`);
+* ``float_op(attributes, *inputs)``: the float op itself, which the generic Brevitas layer runs while it
+  observes (entries without a layer of their own);
+* ``emits``: the deployed module classes it builds (each describes its QONNX node: :mod:`.modules`);
+* its doc line.
+
+The torch.ao BackendConfig, the qconfig mapping, the PT2E annotator, the lowering pass, the Brevitas swap
+and layers, both QONNX exports, the per-layer choice and the docs' operator table are all read from here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from torch import fx, nn
 
@@ -21,13 +31,27 @@ class UnknownVariantError(ValueError):
     """A variant name the registry does not know."""
 
 
+class UnsupportedOpError(ValueError):
+    """An op whose attributes have no integer form (the entry's ``check``); the front end names the node."""
+
+
+class OpCall(Protocol):
+    """A call of an op, as an entry's ``attributes`` reads it: from the lowering's site (values known) or the Brevitas
+    swap's traced node (shapes unknown: ``input_shape`` gives None)."""
+
+    module: nn.Module | None  # the called module, for a module call
+    target: object  # the called function, ATen operator or method name (None for a module call)
+
+    def arg(self, i: int, name: str | None = None, default=None): ...  # an argument's value (constants unwrapped)
+    def input_shape(self, i: int = 0) -> tuple[int, ...] | None: ...
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
-    lower: Callable  # (Site) -> Operand: constants from the observed scales, the deployed module emitted
+    lower: Callable  # (Site) -> Operand: the deployed module placed in the lowered graph
     doc: str
-    # The deployed module from scales alone, for front ends without an FX site (the Brevitas layers of
-    # iseg_plugin.nn); its arguments are the entry's (GELU: in_scale, out, samples; softmax: in_scale, bits, dim).
+    # (attributes, input scales, output Grid or None) -> the deployed module: what every front end runs
     build: Callable | None = None
 
 
@@ -43,6 +67,22 @@ class OpEntry:
     input_bits: int | None = 16  # width its quantized inputs are brought to (None: any integers)
     variants: dict[str, Variant] = field(default_factory=dict)  # the first is the default
     onnx: str = "traced: the deployed module's intops, with the exporter's integer lowerings"
+    attributes: Callable = lambda call: {}  # (call) -> dict: the op's attributes (see OpCall)
+    check: Callable = lambda attributes: None  # (attributes) -> why it has no integer form, or None
+    float_op: Callable | None = None  # (attributes, *inputs) -> the float op's result (the generic Brevitas layer)
+    emits: tuple[str, ...] = ()  # the deployed module classes (ops.modules) it builds
+
+    @property
+    def default(self) -> str:
+        return next(iter(self.variants))
+
+    def read(self, call) -> dict:
+        """The op's attributes from ``call``, refused (:class:`UnsupportedOpError`) where ``check`` says why."""
+        attributes = self.attributes(call)
+        why = self.check(attributes)
+        if why:
+            raise UnsupportedOpError(why)
+        return attributes
 
     def variant(self, name: str | None) -> Variant:
         if name is None:

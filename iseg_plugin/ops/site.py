@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from torch import fx, nn
 
+from .grid import Grid
 from .observer import IsegObserver
 
 
@@ -29,6 +30,10 @@ class Operand:
     scale: float
     bounds: tuple[int, int]
     observer: IsegObserver | None
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.of(self.scale, self.bounds)
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,10 @@ class OpSite(Protocol):
 
     def arg(self, i: int, name: str | None = None, default=None): ...
     def input(self, i: int = 0, bits: int | None = None) -> Operand: ...
+    attrs: dict  # the op's attributes (its entry's ``attributes``), checked
+    def input_shape(self, i: int = 0) -> tuple[int, ...]: ...
     def output_format(self) -> tuple[float, tuple[int, int]]: ...
+    def output_grid(self, asymmetric: bool = False) -> Grid: ...
     def asymmetric_output_format(self) -> tuple[float, tuple[int, int]]: ...
     def requant_to_output(self, in_scale, asymmetric: bool = False): ...
     def emit(self, module: nn.Module, *inputs: fx.Node) -> fx.Node: ...
@@ -72,3 +80,28 @@ class OpSite(Protocol):
     def refuse(self, why: str) -> LoweringError: ...
     def shape(self) -> tuple[int, ...]: ...
     def map_to_new(self, value): ...
+
+
+class NodeCall:
+    """A node of a traced graph as an entry's ``attributes`` reads it (the registry's ``OpCall``), for front ends
+    that have the graph but not its values (the Brevitas swap, the per-layer choice): arguments as the graph
+    holds them, a parameter or buffer (``get_attr``) as its tensor, other computed values as their nodes; no
+    shapes (``input_shape`` gives None)."""
+
+    def __init__(self, node: fx.Node, root: nn.Module):
+        self.node, self.root = node, root
+        self.module = root.get_submodule(node.target) if node.op == "call_module" else None
+        self.target = None if self.module is not None else node.target
+
+    def _value(self, n: fx.Node):
+        if n.op != "get_attr":
+            return n
+        owner, _, name = n.target.rpartition(".")
+        return getattr(self.root.get_submodule(owner), name)
+
+    def arg(self, i: int, name: str | None = None, default=None):
+        value = self.node.args[i] if i < len(self.node.args) else self.node.kwargs.get(name, default)
+        return fx.map_arg(value, self._value) if isinstance(value, (fx.Node, list, tuple, dict)) else value
+
+    def input_shape(self, i: int = 0) -> None:
+        return None
