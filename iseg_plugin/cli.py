@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .ops import REGISTRY
+
 
 def _write_json(path: str, report: dict, force: bool) -> None:
     from .files import atomic_write
@@ -173,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("config")
     ptq.add_argument("checkpoint", help="FP32 checkpoint (plugin or stock mmseg keys)")
     ptq.add_argument("--calib-samples", type=_positive_int, default=1, help="calibration images (1 = one-shot PTQ)")
-    ptq.add_argument("--gelu", choices=("lambda-shift", "shift", "poly"))
-    ptq.add_argument("--softmax", choices=("shift", "bit-exp"))
+    ptq.add_argument("--gelu", choices=tuple(REGISTRY["gelu"].variants))
+    ptq.add_argument("--softmax", choices=tuple(REGISTRY["softmax"].variants))
     ptq.add_argument("--decoder", choices=("paper", "bilinear-l2"))
     ptq.add_argument("--weight-bits", type=_weight_bits, help="GEMM weights: 8 (W8A8, default), 4 (W4A8, "
                      "per-channel INT4 packed two a byte) or mixed (INT4 where the unified metric allows, "

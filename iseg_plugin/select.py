@@ -307,8 +307,8 @@ def check_quant(quant: dict) -> dict:
     if unknown:
         raise ValueError(f"quant=dict(...) takes {', '.join(known)}; got unknown key(s) {unknown} "
                          "(activation widths are chosen per op by the lowering: INT8 into GEMMs, INT16 elsewhere)")
-    options = dict(gelu=REGISTRY["gelu"].variant(quant.get("gelu", "poly")).name,
-                   softmax=REGISTRY["softmax"].variant(quant.get("softmax", "bit-exp")).name,
+    options = dict(gelu=REGISTRY["gelu"].variant(quant.get("gelu")).name,
+                   softmax=REGISTRY["softmax"].variant(quant.get("softmax")).name,
                    weight_bits=quant.get("weight_bits", 8), select=quant.get("select", "global"),
                    size_ratio=float(quant.get("size_ratio", 6.0)), weight_rounding=quant.get("weight_rounding", "gptq"),
                    int8_weights=quant.get("int8_weights") or ())

@@ -61,6 +61,7 @@ CASES = {  # entry -> (forward of Op, input shape, minimum cosine to the float o
                     0.999),
     "mean": (lambda m, y: y.mean(1), (2, 8, 16), 0.999),
     "cat": (lambda m, y: torch.cat([y, m.fc(y)], -1), (2, 8, 16), 0.999),
+    "clamp": (lambda m, y: F.hardtanh(y, -0.2, 0.3), (2, 8, 16), 0.999),
     "shape": (lambda m, y: y.transpose(1, 2).reshape(2, -1)[:, 3:], (2, 8, 16), 0.999),
     "split": (_split, (2, 8, 16), 0.998),  # two INT8 halves requantized into one sum
 }
@@ -94,6 +95,7 @@ def test_entry_is_integer_only_exact_and_close(entry, variant, gemm_path):
     int_model, out = check_integer_model(model, prepared, x, min_cosine, min_ops=1)
     emitted = {type(m) for m in int_model.modules()}
     assert EMITS[entry].get(variant, EMITS[entry].get(None, set())) <= emitted, emitted
+    _check_qonnx_nodes(int_model, quantize_inputs(int_model, x))
     # the entry's ONNX lowering: its deployed module traced, integer-only, the same integers in onnxruntime
     inputs = quantize_inputs(int_model, x)
     proto = export_integer_module(int_model, inputs, ["x"], [f"y{i}" for i in range(len(out))])
@@ -103,13 +105,55 @@ def test_entry_is_integer_only_exact_and_close(entry, variant, gemm_path):
         assert np.array_equal(o.numpy(), r), entry
 
 
+def _check_qonnx_nodes(int_model, inputs):
+    """Each deployed module that is a QONNX node, rebuilt from its node attributes alone (what both QONNX exports
+    write and qonnx runs), gives the module's integers on the inputs it saw."""
+    from iseg_plugin.export.qonnx_ops import OP_TYPE_OF, node_attributes, run_node
+
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, args, out)))
+             for m in int_model.modules() if type(m).__name__ in OP_TYPE_OF]
+    try:
+        with torch.no_grad():
+            int_model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    for module, args, out in seen:
+        if type(module).__name__ == "Upsample" and module.out is not None:
+            continue
+        op_type, attributes = node_attributes(module)
+        assert torch.equal(run_node(op_type, attributes, list(args)), out.long()), op_type
+
+
 EMITS = {  # entry -> {variant: deployed modules it must emit}; div by a constant is a scale change, no module
     "linear": {None: {M.Linear}}, "conv2d": {None: {M.PatchConv}}, "matmul": {None: {M.MatMul}},
     "add": {None: {M.Add}}, "mul": {None: {M.Mul, M.Requant}}, "div": {}, "layer_norm": {None: {M.LayerNorm}},
     "gelu": {"poly": {M.PolyGELU}, "lambda-shift": {M.LambdaShiftGELU}, "shift": {M.ShiftGELU}},
     "softmax": {"bit-exp": {M.BitExpSoftmax}, "shift": {M.Shiftmax}}, "l2_normalize": {None: {M.L2Norm}},
     "interpolate": {None: {M.Upsample}}, "mean": {None: {M.Mean}}, "cat": {None: {M.Cat}}, "shape": {}, "split": {},
+    "clamp": {None: {M.Clamp}},
 }
+
+
+def test_every_entry_has_every_piece():
+    """An entry without a test case, a Brevitas layer, a QONNX node (or a standard ONNX form) for each module it
+    builds, a doc line, or a row in docs/operators.md is a defect (each front end reads it)."""
+    from pathlib import Path
+
+    from iseg_plugin.export.qonnx_ops import OP_TYPE_OF, STANDARD_ONNX
+    from iseg_plugin.nn.swap import layer_for
+
+    operators = (Path(__file__).parents[1] / "docs" / "operators.md").read_text()
+    for entry in REGISTRY:
+        assert entry.doc and all(v.doc for v in entry.variants.values()), entry.name
+        assert entry.name in CASES and entry.name in EMITS, entry.name
+        assert layer_for(entry) is not None, f"{entry.name} has no Brevitas layer"
+        for module in entry.emits:
+            assert isinstance(getattr(M, module, None), type), f"{entry.name} emits an unknown module {module}"
+            assert module in OP_TYPE_OF or module in STANDARD_ONNX, f"{module} has no QONNX node description"
+        assert all(m.__name__ in entry.emits for row in EMITS[entry.name].values() for m in row), entry.name
+    assert REGISTRY.table() in operators, "docs/operators.md: paste REGISTRY.table() (the registry changed)"
 
 
 def test_frozen_weight_integers_are_cached_only_while_unchanged():
@@ -135,3 +179,61 @@ def test_frozen_weight_integers_are_cached_only_while_unchanged():
     assert len(_FROZEN) == count - 1
     trainable = torch.randn(8, 16, requires_grad=True)
     assert quantize_weight(trainable, 8)[0] is not quantize_weight(trainable, 8)[0]  # (STE graph per step)
+
+
+def test_an_entry_reaches_every_front_end_and_export():
+    """The clamp entry (added as the proof that an operator is one entry and one module): ReLU6, hardtanh, relu and
+    clamp(max=) go integer-only through FX and PT2E, become the generic Brevitas layer in the swap, and the
+    Brevitas QONNX export writes them as IntClamp nodes that qonnx executes to the swapped model's values."""
+    import tempfile
+    from pathlib import Path
+
+    from brevitas.graph.calibrate import calibration_mode
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    import fx_patterns as fxp
+    from iseg_plugin import nn as inn
+    from iseg_plugin.deploy import OpAudit
+    from iseg_plugin.export.brevitas_qonnx import export_brevitas_qonnx
+
+    class Clamps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(16, 16), nn.ReLU6(), nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.act(self.fc1(x) * 3)
+            return self.fc2(F.hardtanh(y, -1.0, 4.0) + torch.clamp(y, max=2.5).relu())
+
+    torch.manual_seed(0)
+    model, batches = Clamps().eval(), [torch.randn(2, 8, 16) for _ in range(4)]
+    x = batches[0]
+    for prepare in (fxp.prepare, fxp.prepare_pt2e):
+        prepared = prepare(model, (x,))
+        for b in batches:
+            prepared(b)
+        int_model = fxp.convert(prepared, (x,))
+        assert sum(isinstance(m, M.Clamp) for m in int_model.modules()) == 4
+        inputs = fxp.quantize_inputs(int_model, x)
+        with OpAudit() as audit:
+            out = int_model(*inputs)
+        assert audit.float_ops() == [] and not out.dtype.is_floating_point
+        assert F.cosine_similarity((out.double() * int_model.output_scales[0]).flatten(), model(x).double().flatten(),
+                                   0) > 0.999
+    swapped = inn.quantize(model)
+    with torch.no_grad(), calibration_mode(swapped):
+        for b in batches:
+            swapped(b)
+    swapped.eval()
+    assert sum(isinstance(m, inn.QuantRegistryOp) for m in swapped.modules()) == 4
+    with torch.no_grad():
+        value = swapped(x).value
+    assert F.cosine_similarity(value.double().flatten(), model(x).double().flatten(), 0) > 0.999
+    with tempfile.TemporaryDirectory() as folder:
+        proto = export_brevitas_qonnx(swapped, (x,), Path(folder) / "clamps.onnx")
+    assert sum(n.op_type == "IntClamp" for n in proto.graph.node) == 4
+    wrapper = ModelWrapper(proto)
+    executed = next(iter(execute_onnx(wrapper, {wrapper.graph.input[0].name: x.numpy()}).values()))
+    assert np.array_equal(executed, value.numpy())
+

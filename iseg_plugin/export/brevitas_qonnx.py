@@ -163,7 +163,7 @@ class CatHandler(_LayerHandler):
         scale = self.grid.scale.detach()
         for part, requant in zip(parts, self.deployed.requants):
             if not isinstance(part, QuantTensor):  # a constant
-                values.append(intops.quantize(part, scale.to(part.dtype), self.grid.bounds) * scale.to(part.dtype))
+                values.append(intops.quantize_constant(part, self.grid.bounds, scale)[0] * scale.to(part.dtype))
             elif isinstance(requant, torch.nn.Identity):
                 values.append(_value(part))
             else:
@@ -192,10 +192,11 @@ class ScalarMulHandler(_LayerHandler):
         return IntQuantTensor(_value(x) * c, x.scale * c, x.zero_point, x.bit_width, x.signed, False)
 
 
-class UpsampleHandler(_LayerHandler):
-    """One ``IntResize`` node (nearest or integer bilinear) on the integers; the scale is the input's."""
+class OnInputGridHandler(_LayerHandler):
+    """One custom node on the integers whose output stays on the input's grid (``IntResize``: nearest or integer
+    bilinear; the generic layer of such registry entries, e.g. ``IntClamp``); the scale is the input's."""
 
-    handled_layer = L.QuantUpsample
+    handled_layer = (L.QuantUpsample, L.QuantRegistryOp)
 
     def symbolic_execution(self, x, size=None):
         return _on_grid(_custom_node(self.deployed, [_integers(x)]), x.scale, x.bit_width, x.signed)
@@ -219,7 +220,7 @@ class IsegQONNXManager(QONNXManager):
     """Brevitas' QONNX manager, with a handler for each layer of :mod:`iseg_plugin.nn`."""
 
     handlers = QONNXManager.handlers + [DyadicRequantHandler, CustomNodeHandler, ResidualAddHandler, MatMulHandler,
-                                        MeanHandler, CatHandler, ScalarMulHandler, UpsampleHandler]
+                                        MeanHandler, CatHandler, ScalarMulHandler, OnInputGridHandler]
 
     @classmethod
     def set_export_mode(cls, model, enabled: bool):

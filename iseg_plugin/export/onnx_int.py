@@ -160,6 +160,10 @@ def _bound(g, x, bound, keep_above: bool):
 
 
 def _clamp(g, x, lo, hi):
+    if _dtype(x) == torch.int16:  # onnxruntime has no int16 Where or Clip: clamped as int32, cast back
+        wide = g.op("Cast", x, to_i=onnx.TensorProto.INT32)
+        wide.setType(x.type().with_dtype(torch.int32))
+        return g.op("Cast", _clamp(g, wide, lo, hi), to_i=onnx.TensorProto.INT16)
     if _dtype(x) != torch.int32:
         return _bound(g, _bound(g, x, lo, True), hi, False)
     info = torch.iinfo(torch.int32)  # int32: Clip is exact there, and ~6x faster than two Wheres

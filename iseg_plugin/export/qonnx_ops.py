@@ -18,37 +18,21 @@ from torch import nn
 
 from .. import intops
 from ..deploy.io import module_from_spec
+from ..ops import modules as M
 
-# Per deployed module class: its integer buffers (node attributes of type ints) and plain integer fields.
-_FIELDS = {
-    "Requant": (("multiplier", "shift"), ("bounds",)),
-    "Multiplier": (("multiplier", "shift"), ()),
-    "Add": ((), ("bits",)),
-    "LayerNorm": (("weight", "bias"), ("eps",)),
-    "ShiftGELU": ((), ("i0",)),
-    "LambdaShiftGELU": ((), ("i0", "cap", "frac_bits")),
-    "PolyGELU": ((), ("clip", "pre_shift", "i0")),
-    "Shiftmax": ((), ("i0", "bits", "dim")),
-    "BitExpSoftmax": ((), ("bits", "dim")),
-    "L2Norm": ((), ("frac_bits",)),
-    "Upsample": ((), ("mode", "size")),
-}
+# The deployed module classes that describe a node (ops/modules.py, ``QONNX``): their attributes and children
+_DESCRIBED = {name: cls.QONNX for name, cls in vars(M).items()
+              if isinstance(cls, type) and issubclass(cls, nn.Module) and getattr(cls, "QONNX", None) is not None}
+_FIELDS = {name: (q.buffers, q.fields) for name, q in _DESCRIBED.items()}  # integer buffers, plain integer fields
 _TUPLES = {"bounds", "size"}  # fields that are pairs: (lo, hi), (height, width)
 _ENUMS = {"mode": ("nearest", "bilinear")}  # string fields, written as their index
 
+# deployed modules without a node of their own: traced as standard ONNX (GEMMs as MatMul, products, ReduceSum,
+# Concat), their requantizations as DyadicRequant nodes
+STANDARD_ONNX = ("Linear", "PatchConv", "MatMul", "Mul", "Mean", "Cat")
+
 # op type -> (deployed module class, its children by name); attributes of a child are prefixed "child_".
-NODE_TYPES = {
-    "DyadicRequant": ("Requant", {}),
-    "ResidualAdd": ("Add", {"a": "Multiplier", "b": "Multiplier"}),
-    "ILayerNorm": ("LayerNorm", {"out": "Requant"}),
-    "ShiftGELU": ("ShiftGELU", {"out": "Requant"}),
-    "LambdaShiftGELU": ("LambdaShiftGELU", {"out": "Requant"}),
-    "PolyGELU": ("PolyGELU", {"poly": "Multiplier", "out": "Requant"}),
-    "Shiftmax": ("Shiftmax", {}),
-    "BitExpSoftmax": ("BitExpSoftmax", {"exponent": "Multiplier"}),
-    "IntL2Norm": ("L2Norm", {"out": "Requant"}),
-    "IntResize": ("Upsample", {}),
-}
+NODE_TYPES = {q.op_type: (name, dict(q.children)) for name, q in _DESCRIBED.items() if q.op_type}
 OP_TYPE_OF = {module: op for op, (module, _) in NODE_TYPES.items()}
 
 __all__ = list(NODE_TYPES)
@@ -125,7 +109,7 @@ def output_bounds(op_type: str, attributes: dict) -> tuple[int, int]:
     """The integer range of a node's output."""
     if "out_bounds" in attributes:
         return tuple(attributes["out_bounds"])
-    if op_type == "DyadicRequant":
+    if "bounds" in attributes:  # (DyadicRequant, IntClamp)
         return tuple(attributes["bounds"])
     if op_type == "ResidualAdd":
         return intops.int_range(attributes["bits"])
@@ -180,44 +164,8 @@ class _IntegerOp(CustomOp):
         return [f"{self._op_type()}: missing attributes {missing}"] if missing else []
 
 
-class DyadicRequant(_IntegerOp):
-    """Requantization by integer multiplier and shift, saturating (the deployed ``Requant``)."""
-
-
-class ResidualAdd(_IntegerOp):
-    """Both operands requantized to the output scale, summed, saturated (``Add``)."""
-
-
-class ILayerNorm(_IntegerOp):
-    """I-LayerNorm over the last axis, fused with its output requantization (``LayerNorm``)."""
-
-
-class ShiftGELU(_IntegerOp):
-    """ShiftGELU (I-ViT), requantized."""
-
-
-class LambdaShiftGELU(_IntegerOp):
-    """lambda-ShiftGELU (I-Segmenter), requantized."""
-
-
-class PolyGELU(_IntegerOp):
-    """Poly-GELU (IPTQ-ViT), requantized."""
-
-
-class Shiftmax(_IntegerOp):
-    """Shiftmax (I-ViT): probabilities in [0, 2**(bits-1)]."""
-
-
-class BitExpSoftmax(_IntegerOp):
-    """Bit-exp softmax (IPTQ-ViT): probabilities in [0, 2**(bits-1)]."""
-
-
-class IntL2Norm(_IntegerOp):
-    """Integer L2 normalisation over the last axis, requantized (``L2Norm``)."""
-
-
 class IntResize(_IntegerOp):
-    """Nearest or integer bilinear resize of the last two axes to ``size`` (``Upsample``)."""
+    """Nearest or integer bilinear resize of the last two axes to ``size`` (``Upsample``): its own shape rule."""
 
     def make_shape_compatible_op(self, model):
         # a standard Resize of the last two axes to ``size`` (its sizes as an initializer, which qonnx's cleanup
@@ -228,3 +176,20 @@ class IntResize(_IntegerOp):
         sizes = f"{node.output[0]}_iseg_resize_sizes"
         model.set_initializer(sizes, np.array(self.get_nodeattr("size"), dtype=np.int64))
         return helper.make_node("Resize", [node.input[0], "", "", sizes], [node.output[0]], axes=[-2, -1])
+
+
+# one qonnx CustomOp per op type (qonnx finds it by name in this module), its docstring the description's line
+for _op_type, (_module, _) in NODE_TYPES.items():
+    if _op_type not in globals():
+        globals()[_op_type] = type(_op_type, (_IntegerOp,), {"__doc__": _DESCRIBED[_module].doc,
+                                                             "__module__": __name__})
+
+
+def op_table() -> str:
+    """The markdown table of every node type (docs/qonnx_ops.md holds it; a test compares)."""
+    rows = ["| op type | deployed module | attributes | output |", "|---|---|---|---|"]
+    for op_type, (module, _) in NODE_TYPES.items():
+        names = ", ".join(f"`{name}`" for name in attribute_types(op_type))
+        rows.append(f"| `{op_type}` | `{module}` | {names} | {_DESCRIBED[module].doc} |")
+    return "\n".join(rows)
+

@@ -64,7 +64,7 @@ def _activation(momentum: float, variant: str | None, qat: bool, symmetric: bool
     return IsegObserver.with_args(**options)
 
 
-def get_iseg_qconfig_mapping(gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05,
+def get_iseg_qconfig_mapping(gelu: str | None = None, softmax: str | None = None, momentum: float = 0.05,
                              qat: bool = False, gelu_grid: str = "asymmetric", weight_bits: int = 8) -> QConfigMapping:
     """The plugin's qconfig for every supported op; ``gelu`` / ``softmax`` name registry variants
     (an unknown name is an error listing the known ones). ``gelu_grid``: "asymmetric" (GELU's INT8 output

@@ -192,7 +192,7 @@ class ISegQuantizer(Quantizer):
     them), as in the FX flow.
     """
 
-    def __init__(self, gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05, weight_bits: int = 8):
+    def __init__(self, gelu: str | None = None, softmax: str | None = None, momentum: float = 0.05, weight_bits: int = 8):
         super().__init__()
         if weight_bits not in WEIGHT_BITS:
             raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")

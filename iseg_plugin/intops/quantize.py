@@ -89,6 +89,18 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def quantize_constant(value: Tensor, bits: int | tuple[int, int], scale: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """A float constant that enters an integer op (a cls token, a position embedding, a per-channel
+    parameter): its integers (a float tensor holding them, straight-through gradient) on ``scale``, or with
+    ``scale`` None on the symmetric per-tensor grid over its own range, and that scale. Computed in float32
+    whatever the model's type, so that the FX lowering and the Brevitas layers get the same integers."""
+    value = value.float()
+    if scale is None:
+        scale = symmetric_scale(*channel_minmax(value), bits)
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    return quantize(value, scale, bits), scale
+
+
 def quantize(x: Tensor, scale: Tensor, bits: int | tuple[int, int], narrow: bool = False, channel_dim: int | None = None) -> Tensor:
     """Fake-quantize to integers: clamp(round(x / S)) as a float tensor holding integers.
 

@@ -37,8 +37,8 @@ from torch.ao.quantization.observer import ObserverBase
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import intops
-from ..ops.modules import (AsIntegers, Attention, BitExpSoftmax, MatMul, PixelsToInt8, Requant, Shiftmax,
-                           storage_dtype)
+from ..ops import modules as M
+from ..ops.modules import AsIntegers, Attention, MatMul, PixelsToInt8, Requant, storage_dtype
 from ..ops.observer import IsegObserver
 from ..ops.grid import Grid
 from ..ops.registry import REGISTRY, OpEntry, UnsupportedOpError
@@ -207,6 +207,10 @@ def output_grid(observer: IsegObserver, bits: int, asymmetric: bool = False,
     return float(scale), intops.asymmetric_bounds(observer.min_val, scale, 8)
 
 
+# the softmax entry's deployed modules: the attention fusion takes any (each gives the fused kernel its exp table)
+SOFTMAXES = tuple(getattr(M, name) for name in REGISTRY["softmax"].emits)
+
+
 class Lowering:
     """One lowering of one prepared GraphModule (see the module docstring)."""
 
@@ -307,12 +311,12 @@ class Lowering:
 
     def quantized_constant(self, const: Const, bits: int, name: str, scale: float | None = None) -> Operand:
         """A float constant (parameter, embedding) as a ``bits``-wide integer buffer."""
-        value = const.value.float()
-        if scale is None:
-            scale = const.observer.scale(bits) if const.observer is not None else float(
-                intops.symmetric_scale(*intops.channel_minmax(value), bits))
+        if scale is None and const.observer is not None:
+            scale = const.observer.scale(bits)
+        ints, own_scale = intops.quantize_constant(const.value, bits, scale)
+        scale = float(own_scale) if scale is None else scale
         bounds = intops.int_range(bits)
-        ints = self.integers(intops.quantize(value, torch.tensor(scale), bits), storage_dtype(bounds))
+        ints = self.integers(ints, storage_dtype(bounds))
         return Operand(self.constant(name, ints), scale, bounds, const.observer)
 
     def shape(self, node: fx.Node) -> tuple[int, ...]:
@@ -342,7 +346,7 @@ class Lowering:
         for context in list(self.graph.nodes):
             c = module(context, MatMul) if context.op == "call_module" else None
             probs = context.args[0] if c is not None and c.probabilities else None
-            sm = module(probs, (Shiftmax, BitExpSoftmax)) if isinstance(probs, fx.Node) else None
+            sm = module(probs, SOFTMAXES) if isinstance(probs, fx.Node) else None
             scores = probs.args[0] if sm is not None else None
             sc = module(scores, MatMul) if isinstance(scores, fx.Node) else None
             if sc is None or sc.probabilities:

@@ -13,6 +13,7 @@ from .layers import (
     QuantL2Norm,
     QuantMatMul,
     QuantMean,
+    QuantRegistryOp,
     QuantResidualAdd,
     QuantScalarMul,
     QuantSoftmax,
@@ -22,5 +23,5 @@ from .quantizers import iseg_act_quant
 from .swap import quantize
 
 __all__ = ["DyadicRequant", "Int16ActPerTensorFloat", "QuantCat", "QuantGELU", "QuantILayerNorm", "QuantL2Norm",
-           "QuantMatMul", "QuantMean", "QuantResidualAdd", "QuantScalarMul", "QuantSoftmax", "QuantUpsample",
+           "QuantMatMul", "QuantMean", "QuantRegistryOp", "QuantResidualAdd", "QuantScalarMul", "QuantSoftmax", "QuantUpsample",
            "iseg_act_quant", "quantize"]

@@ -218,10 +218,11 @@ class QuantILayerNorm(_QuantOutput):
 
 
 class QuantGELU(_QuantOutput):
-    """An integer GELU of the registry (``variant``: "poly", "lambda-shift" or "shift"), output requantized to
-    this layer's grid. Poly-GELU fits its polynomial to the inputs seen under calibration mode."""
+    """An integer GELU of the registry (``variant``: one of ``REGISTRY["gelu"].variants``, None its default),
+    output requantized to this layer's grid. Poly-GELU fits its polynomial to the inputs seen under calibration
+    mode."""
 
-    def __init__(self, variant: str = "poly", act_quant=Int8ActPerTensorFloat, **kwargs):
+    def __init__(self, variant: str | None = None, act_quant=Int8ActPerTensorFloat, **kwargs):
         super().__init__(act_quant, **kwargs)
         self.variant = REGISTRY["gelu"].variant(variant)
         self.inputs = IsegObserver(momentum=1.0)  # samples of the input, for the fitted variants
@@ -247,10 +248,11 @@ class QuantGELU(_QuantOutput):
 
 
 class QuantSoftmax(_Layer):
-    """An integer softmax of the registry (``variant``: "bit-exp" or "shift") over ``dim``: probabilities as
-    integers in [0, 2**15] at scale 2**-15 (an unsigned 16-bit ``IntQuantTensor``; ``QuantMatMul`` takes them)."""
+    """An integer softmax of the registry (``variant``: one of ``REGISTRY["softmax"].variants``, None its default)
+    over ``dim``: probabilities as integers in [0, 2**15] at scale 2**-15 (an unsigned 16-bit ``IntQuantTensor``;
+    ``QuantMatMul`` takes them)."""
 
-    def __init__(self, variant: str = "bit-exp", dim: int = -1):
+    def __init__(self, variant: str | None = None, dim: int = -1):
         super().__init__()
         self.variant = REGISTRY["softmax"].variant(variant)
         self.dim = dim
@@ -281,8 +283,8 @@ class QuantResidualAdd(_QuantOutput):
     def _operand(self, x) -> tuple[Tensor, Tensor]:
         if self.constant_bits is None or isinstance(x, QuantTensor):
             return _integers(x, self)
-        scale = intops.symmetric_scale(*intops.channel_minmax(x.detach().float()), self.constant_bits)
-        return intops.quantize(x.float(), scale, self.constant_bits).to(x.dtype), scale.to(x.dtype)
+        integers, scale = intops.quantize_constant(x, self.constant_bits)
+        return integers.to(x.dtype), scale.to(x.dtype)
 
     def _forward(self, a, b):
         if not self.quantizing:
@@ -403,7 +405,7 @@ class QuantCat(_QuantOutput):
                 integers.append(i)
                 scales.append((float(s), intops.int_range(int(p.bit_width), signed=bool(p.signed))))
             else:  # a constant: on the output grid directly
-                integers.append(intops.quantize(p.float(), torch.tensor(scale), grid.bounds).to(p.dtype))
+                integers.append(intops.quantize_constant(p, grid.bounds, scale)[0].to(p.dtype))
                 scales.append(None)
         return self._run(self.deployed(scales, grid), grid, *integers)
 
@@ -471,3 +473,30 @@ class QuantUpsample(_Layer):
 
     def deployed(self, size: tuple[int, int]) -> M.Upsample:
         return _build("interpolate", None, dict(mode=self.mode, align_corners=False, out_size=size), (1.0,), None)
+
+
+class QuantRegistryOp(_Layer):
+    """A registry entry whose output stays on its input's grid (``observation="share"``, e.g. ``clamp``: ReLU,
+    ReLU6, hardtanh), as a Brevitas layer made from the entry alone: the entry's float op while Brevitas
+    calibrates, its deployed module (the entry's ``build`` for the input's grid and ``attributes``) on the
+    integers. The swap uses it for every such entry that has no layer of its own."""
+
+    def __init__(self, entry: str, attributes: dict):
+        super().__init__()
+        self.entry = REGISTRY[entry].name
+        self.attributes = dict(attributes)
+
+    def extra_repr(self) -> str:
+        return f"{self.entry}, {self.attributes}"
+
+    def _forward(self, x):
+        if not isinstance(x, IntQuantTensor):  # calibration mode: the float op
+            return REGISTRY[self.entry].float_op(self.attributes, _value(x))
+        integers, scale = _integers(x, self)
+        signed = bool(x.signed)
+        grid = _Grid(x.scale, x.bit_width, signed, intops.int_range(int(x.bit_width), signed=signed))
+        return self._run(self.deployed(scale, grid.bounds), grid, integers)
+
+    def deployed(self, in_scale: Tensor, bounds: tuple[int, int]) -> nn.Module:
+        return _build(self.entry, None, self.attributes, (Grid.of(_per_tensor(in_scale, self, "input"), bounds),), None)
+

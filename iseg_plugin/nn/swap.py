@@ -37,7 +37,7 @@ from ..lowering.trace import locate_trace_failure
 from ..ops.registry import REGISTRY, UnsupportedOpError
 from ..ops.site import NodeCall
 from .layers import (DyadicRequant, QuantCat, QuantGELU, QuantILayerNorm, QuantL2Norm, QuantMatMul, QuantMean,
-                     QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
+                     QuantRegistryOp, QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
 from .quantizers import iseg_act_quant
 
 
@@ -70,7 +70,7 @@ class OnIntegers(nn.Module):
         return wrap(out) if isinstance(out, Tensor) else type(out)(wrap(v) for v in out)
 
 
-def quantize(model: nn.Module, gelu: str = "poly", softmax: str = "bit-exp", momentum: float = 0.05) -> fx.GraphModule:
+def quantize(model: nn.Module, gelu: str | None = None, softmax: str | None = None, momentum: float = 0.05) -> fx.GraphModule:
     """A copy of the float ``model`` with its ops swapped for Brevitas layers (see the module docstring). Calibrate it
     under ``brevitas.graph.calibrate.calibration_mode``, then run it (eval: integers; train: QAT). ``gelu`` /
     ``softmax`` name registry variants; ``momentum`` is the range EMA's weight (0.05 PTQ, 0.01 QAT)."""
@@ -220,7 +220,7 @@ class _Swap:
         if entry is None:
             raise LoweringError(f"{describe(node)} has no integer lowering: add a registry entry for it "
                                 "(iseg_plugin.ops) or keep it out of the quantized model")
-        handler = LAYERS.get(entry.name)
+        handler = layer_for(entry)
         if handler is None:
             raise LoweringError(f"{describe(node)}: the registry's {entry.name!r} has no Brevitas layer yet; the "
                                 "FX front end (fx_patterns.prepare / convert) lowers it")
@@ -358,10 +358,27 @@ class _Swap:
 
     _split = _shape
 
+    def _on_input_grid(self, node: fx.Node, a: dict) -> None:
+        """An entry whose output stays on its input's grid, as the generic layer :class:`QuantRegistryOp`."""
+        value = self._quantized(node.args[0], node)
+        entry = REGISTRY.entry_for(node, self.gm)
+        new = self._emit(node, QuantRegistryOp(entry.name, a), [value], self.bits[value])
+        if value in self.probabilities:
+            self.probabilities.add(new)
 
-# The Brevitas layer of each registry entry: how the swap puts it in (a table read by entry name; an entry without a
-# row here is refused with the FX front end named, and tests/test_ops_registry.py fails for it)
+
+# The Brevitas layer of each registry entry that has one of its own: how the swap puts it in (a table read by entry
+# name). Other entries whose output stays on the input's grid and that name their float op get the generic
+# QuantRegistryOp (layer_for); any other is refused, and tests/test_ops_registry.py fails for it.
 LAYERS = {name: getattr(_Swap, f"_{name}") for name in (
     "linear", "conv2d", "matmul", "add", "mul", "div", "layer_norm", "gelu", "softmax", "l2_normalize", "interpolate",
     "mean", "cat", "shape", "split")}
+
+
+def layer_for(entry):
+    """How the swap puts in ``entry``'s Brevitas layer (a ``_Swap`` method taking the node and its attributes), or
+    None where the entry has none."""
+    if entry.name in LAYERS:
+        return LAYERS[entry.name]
+    return _Swap._on_input_grid if entry.float_op is not None and entry.observation == "share" else None
 

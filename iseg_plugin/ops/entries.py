@@ -419,6 +419,40 @@ def _lower_cat(site: Site, variant: Variant) -> Operand:
     return site.out(site.emit(module, *(p.node for p in parts)), out.scale, out.bounds)
 
 
+_RELU = (F.relu, torch.relu, "relu", aten.relu.default)
+
+
+def _clamp_attributes(call) -> dict:
+    """The float bounds (None: unbounded) of ReLU, ReLU6, hardtanh and clamp / clip."""
+    if isinstance(call.module, nn.Hardtanh):  # (ReLU6 is a Hardtanh)
+        return dict(min=call.module.min_val, max=call.module.max_val)
+    if isinstance(call.module, nn.ReLU) or call.target in _RELU:
+        return dict(min=0.0, max=None)
+    if call.target is F.relu6:
+        return dict(min=0.0, max=6.0)
+    if call.target in (F.hardtanh, aten.hardtanh.default):
+        return dict(min=call.arg(1, "min_val", -1.0), max=call.arg(2, "max_val", 1.0))
+    return dict(min=call.arg(1, "min"), max=call.arg(2, "max"))
+
+
+def _clamp_check(a: dict) -> str | None:
+    if not all(v is None or isinstance(v, (int, float)) for v in (a["min"], a["max"])):
+        return "clamping to bounds that are tensors has no integer lowering: give numbers"
+    return None
+
+
+def _build_clamp(a: dict, inputs: tuple[Grid], out=None, integers=_AS_IS) -> M.Clamp:
+    """The bounds rounded onto the input's grid (half to even, as the grid's quantizer), within its bounds."""
+    grid = inputs[0]
+    lo, hi = grid.bounds
+    on_grid = lambda v: int(torch.round(torch.tensor(v / grid.scale, dtype=torch.float64)))  # noqa: E731
+    if a["min"] is not None:
+        lo = max(lo, on_grid(a["min"]))
+    if a["max"] is not None:
+        hi = min(hi, on_grid(a["max"]))
+    return M.Clamp((lo, hi))
+
+
 def _lower_shape_op(site: Site, variant: Variant) -> Operand | Const:
     """Shape ops move integers without changing them: the same call on the integer tensor."""
     source = next(a for a in site.args + list(site.kwargs.values()) if isinstance(a, Operand))
@@ -545,6 +579,13 @@ REGISTRY.register(OpEntry(
     "cat", "concatenation at the output scale (constants such as cls tokens quantized to it)",
     functions=(torch.cat, torch.concat), aten=(aten.cat.default,), input_bits=None,
     variants=_single("requantize, then cat", _lower_cat, _build_cat), attributes=_cat_attributes, emits=("Cat",)))
+REGISTRY.register(OpEntry(
+    "clamp", "ReLU / ReLU6 / hardtanh / clamp: the integers clamped on their own grid",
+    modules=(nn.ReLU, nn.Hardtanh), functions=(F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, torch.clip),
+    methods=("relu", "clamp", "clip"), aten=(aten.relu.default, aten.hardtanh.default, aten.clamp.default),
+    observation="share", input_bits=None, variants=_single("integer clamp", build=_build_clamp),
+    attributes=_clamp_attributes, check=_clamp_check, float_op=lambda a, x: x.clamp(a["min"], a["max"]),
+    emits=("Clamp",)))
 REGISTRY.register(OpEntry(
     "shape", "reshape / permute / index / roll / flip / repeat / pad(0) / dropout in eval: the same call on the integers",
     modules=(nn.Dropout, nn.Identity), functions=(operator.getitem, torch.flatten, torch.transpose, torch.permute,

@@ -9,6 +9,8 @@ hold integers, with straight-through gradients to the float model's parameters (
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +21,21 @@ from ..intops import Dyadic
 from ..intops.exp import bit_exp_table, row_span, shiftmax_table
 
 INT32 = torch.int32
+
+
+@dataclass(frozen=True)
+class QonnxNode:
+    """How a deployed module is written as one node of the QONNX domain ``iseg_plugin.export.qonnx_ops``
+    (``docs/qonnx_ops.md``): its op type (None: it appears only as a child of another node), the integer buffers
+    and fields written as attributes (read from the module's own constants), its children by name and class (their
+    attributes prefixed ``<name>_``), and one line saying what the node computes. Both QONNX exports and qonnx's
+    CustomOps are derived from these descriptions."""
+
+    op_type: str | None
+    buffers: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+    children: dict[str, str] = field(default_factory=dict)
+    doc: str = ""
 
 
 def narrow(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -46,6 +63,9 @@ def gemm(a: Tensor, b: Tensor) -> Tensor:
 class Requant(nn.Module):
     """Dyadic requantization to ``bounds`` (per tensor, or per channel of the last dimension)."""
 
+    QONNX = QonnxNode("DyadicRequant", ("multiplier", "shift"), ("bounds",),
+                      doc="`clamp(rq(x, m, e), lo, hi)`")
+
     def __init__(self, dyadic: Dyadic, bounds: tuple[int, int]):
         super().__init__()
         self.register_buffer("multiplier", dyadic.multiplier.to(INT64))
@@ -72,6 +92,8 @@ class Requant(nn.Module):
 
 class Multiplier(nn.Module):
     """A dyadic multiplier that an operator takes as a constant (no clamp of its own)."""
+
+    QONNX = QonnxNode(None, ("multiplier", "shift"))
 
     def __init__(self, dyadic: Dyadic):
         super().__init__()
@@ -152,6 +174,9 @@ class MatMul(nn.Module):
 class Add(nn.Module):
     """Residual add: each operand requantized to the output scale, summed, clamped (I-ViT's QuantAct)."""
 
+    QONNX = QonnxNode("ResidualAdd", (), ("bits",), {"a": "Multiplier", "b": "Multiplier"},
+                      "`clamp(rq(a, ma, ea) + rq(b, mb, eb), -2**(bits-1), 2**(bits-1)-1)`")
+
     def __init__(self, a: Dyadic, b: Dyadic, bits: int):
         super().__init__()
         self.a, self.b = Multiplier(a), Multiplier(b)
@@ -179,6 +204,9 @@ class Mul(nn.Module):
 
 class LayerNorm(nn.Module):
     """I-LayerNorm over the last dimension, fused with its output requantization."""
+
+    QONNX = QonnxNode("ILayerNorm", ("weight", "bias"), ("eps", "norm_bits"), {"out": "Requant"},
+                      "I-LayerNorm over the last axis (`norm_bits` fraction bits), then `out`")
 
     norm_bits = 15  # fraction bits of the normalised value (files written before it was stored hold 15)
 
@@ -209,6 +237,9 @@ class _SigmoidGELU(nn.Module):
 class ShiftGELU(_SigmoidGELU):
     """ShiftGELU (I-ViT): output at the input scale times 2**-7, then requantized."""
 
+    QONNX = QonnxNode("ShiftGELU", (), ("i0", "k_inter", "k_out"), {"out": "Requant"},
+                      "ShiftGELU (I-ViT) at input scale / 2**(k_out-1), then `out`")
+
     def __init__(self, i0: int, out: Requant):
         super().__init__()
         self.i0, self.out = int(i0), out
@@ -223,6 +254,9 @@ class ShiftGELU(_SigmoidGELU):
 
 class LambdaShiftGELU(_SigmoidGELU):
     """λ-ShiftGELU (I-Segmenter): ShiftGELU with its sigmoid reference capped at λ."""
+
+    QONNX = QonnxNode("LambdaShiftGELU", (), ("i0", "cap", "frac_bits", "k_inter", "k_out"), {"out": "Requant"},
+                      "λ-ShiftGELU (I-Segmenter), then `out`")
 
     def __init__(self, params: intops.LambdaGeluParams, out: Requant):
         super().__init__()
@@ -240,6 +274,9 @@ class LambdaShiftGELU(_SigmoidGELU):
 
 class PolyGELU(nn.Module):
     """Poly-GELU (IPTQ-ViT): the quartic erf fitted on the calibration data."""
+
+    QONNX = QonnxNode("PolyGELU", (), ("clip", "pre_shift", "i0", "k_out"), {"poly": "Multiplier", "out": "Requant"},
+                      "Poly-GELU (IPTQ-ViT), then `out`")
 
     k_out = 8  # output bits of its erf (output at S * 2**-(k_out - 1)); files written before it was stored hold 8
 
@@ -274,6 +311,8 @@ def _fused_softmax(softmax: nn.Module, x: Tensor) -> Tensor | None:
 class Shiftmax(nn.Module):
     """Shiftmax (I-ViT): probabilities in [0, 2**(bits-1)] at scale 2**-(bits-1)."""
 
+    QONNX = QonnxNode("Shiftmax", (), ("i0", "bits", "dim"), doc="probabilities in [0, 2**(bits-1)] along `dim`")
+
     def __init__(self, i0: int, bits: int, dim: int):
         super().__init__()
         self.i0, self.bits, self.dim = int(i0), int(bits), int(dim)
@@ -291,6 +330,9 @@ class Shiftmax(nn.Module):
 
 class BitExpSoftmax(nn.Module):
     """Bit-exp softmax (IPTQ-ViT, our reading): probabilities as Shiftmax's."""
+
+    QONNX = QonnxNode("BitExpSoftmax", (), ("bits", "dim"), {"exponent": "Multiplier"},
+                      "probabilities in [0, 2**(bits-1)] along `dim`")
 
     def __init__(self, params: Dyadic, bits: int, dim: int):
         super().__init__()
@@ -311,6 +353,9 @@ class BitExpSoftmax(nn.Module):
 class L2Norm(nn.Module):
     """Integer L2 normalisation over the last dimension: scale 2**-frac_bits, then requantized."""
 
+    QONNX = QonnxNode("IntL2Norm", (), ("frac_bits",), {"out": "Requant"},
+                      "`x / sqrt(sum(x * x))` over the last axis at 2**-frac_bits, then `out`")
+
     def __init__(self, frac_bits: int, out: Requant):
         super().__init__()
         self.frac_bits, self.out = int(frac_bits), out
@@ -322,6 +367,9 @@ class L2Norm(nn.Module):
 class Upsample(nn.Module):
     """Nearest or integer bilinear resize of (B, C, H, W) integers to ``size`` (scale unchanged)."""
 
+    QONNX = QonnxNode("IntResize", (), ("mode", "size"), doc="the last two axes resized to `size` (mode 0 nearest, "
+                      "1 bilinear), values on the input's grid")
+
     def __init__(self, mode: str, size: tuple[int, int], out: Requant | None):
         super().__init__()
         self.mode, self.size, self.out = mode, (int(size[0]), int(size[1])), out
@@ -332,6 +380,20 @@ class Upsample(nn.Module):
         resize = intops.upsample_nearest if self.mode == "nearest" else intops.upsample_bilinear
         y = resize(x, self.size)
         return narrow(y, x.dtype) if self.out is None else self.out(y)  # (values stay within the input's range)
+
+
+class Clamp(nn.Module):
+    """Integers clamped to ``bounds`` on their own grid: ReLU, ReLU6, hardtanh and clamp, their float bounds
+    rounded onto the input's grid (the float op's output, quantized on that grid, is this)."""
+
+    QONNX = QonnxNode("IntClamp", (), ("bounds",), doc="`clamp(x, lo, hi)` on the input's grid")
+
+    def __init__(self, bounds: tuple[int, int]):
+        super().__init__()
+        self.bounds = (int(bounds[0]), int(bounds[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.clamp(*self.bounds)
 
 
 class Mean(nn.Module):

@@ -126,6 +126,16 @@ class OpRegistry:
     def __iter__(self):
         return iter(self._entries.values())
 
+    def table(self) -> str:
+        """The markdown table of the operators (docs/operators.md holds it; a test compares)."""
+        rows = ["| entry | replaces | integer form | variants (first: default) |", "|---|---|---|---|"]
+        for e in self._entries.values():
+            names = [getattr(t, "__name__", None) or str(t) for t in e.targets()]
+            replaces = ", ".join(f"`{n}`" for n in dict.fromkeys(names))
+            variants = "; ".join(f"`{v.name}`: {v.doc}" for v in e.variants.values())
+            rows.append(f"| `{e.name}` | {replaces} | {e.doc} | {variants} |")
+        return "\n".join(rows)
+
     def entry_for(self, node: fx.Node, root: nn.Module) -> OpEntry | None:
         """The entry that lowers ``node`` (a call of a module of ``root``, a function, an ATen operator or a
         tensor method)."""
