@@ -389,6 +389,19 @@ def blockers(gm: fx.GraphModule) -> dict[str, int]:
     return dict(found)
 
 
+def graph_notes(gm: fx.GraphModule | None) -> list[str]:
+    """What a prepared graph does that the table does not show: GELU's tanh approximation (lowered as erf GELU)."""
+    if gm is None:
+        return []
+    notes = []
+    tanh = [n.name for n in gm.graph.nodes if n.op == "call_function" and "gelu" in str(n.target)
+            and (n.kwargs.get("approximate") == "tanh" or "tanh" in [a for a in n.args[1:] if isinstance(a, str)])]
+    if tanh:
+        notes.append(f"{len(tanh)} GELU(approximate='tanh') node(s) ({tanh[0]}, ...): the registry lowers them as erf "
+                     "GELU (Poly-GELU fits erf GELU; tanh GELU differs from it by at most 4.7e-4)")
+    return notes
+
+
 def _refusal(err: LoweringError) -> tuple[str, str]:
     text = str(err)
     node = re.search(r"node '([^']+)' \(([^)]*)\)", text)
@@ -437,11 +450,11 @@ def run_pt2e(model, batches, kind) -> dict:
         stage = "convert"
         int_model = fxp.convert(prepared, (batches[0],))
         stage = "run"
-        return _measure(int_model, model, batches, kind)
+        return dict(_measure(int_model, model, batches, kind), notes=graph_notes(prepared))
     except LoweringError as err:
         node, text = _refusal(err)
         return dict(outcome="refused", stage=stage, node=node, reason=text,
-                    blockers=blockers(prepared) if prepared is not None else {})
+                    blockers=blockers(prepared) if prepared is not None else {}, notes=graph_notes(prepared))
     except Timeout:
         raise
     except Exception as err:
@@ -520,7 +533,11 @@ def run_swap(model, batches, kind, state: dict) -> dict:
         if _is_trace_failure(err):
             return dict(outcome="not traceable", stage=stage, reason=f"not traceable by FX: {str(err).splitlines()[0]}")
         node, text = _refusal(err)
-        return dict(outcome="refused", stage=stage, node=node, reason=text)
+        try:  # every op of the swap's graph without a lowering (it traces with plain torch.fx)
+            found = blockers(fx.symbolic_trace(copy.deepcopy(model64)))
+        except Exception:
+            found = {}
+        return dict(outcome="refused", stage=stage, node=node, reason=text, blockers=found)
     except Timeout:
         raise
     except Exception as err:
@@ -667,6 +684,7 @@ def write_report(rows: list[dict], out_dir: Path, elapsed: float) -> None:
         lines.append(f"| {r['family']} | {r['front_end']} | {r['outcome']} | {_cell(r.get('float_ops'), str)} | "
                      f"{_cell(r.get('cosine'), lambda v: f'{v:.4f}')} | {_cell(r.get('agreement'), lambda v: f'{100 * v:.1f} %')} | "
                      f"{_cell(r.get('saturation'), lambda v: f'{100 * v:.2f} %')} | {_cell(r.get('time_s'), lambda v: f'{v:.1f}')} | {why} |")
+    lines += _blocker_sections(rows)
     lines += ["", "## Refusals, not-traceable models and crashes, family by family", ""]
     by_family: dict[str, list[dict]] = {}
     for r in rows:
@@ -687,6 +705,102 @@ def write_report(rows: list[dict], out_dir: Path, elapsed: float) -> None:
             lines.append(f"- {text}")
         lines.append("")
     (out_dir / "families.md").write_text("\n".join(lines) + "\n")
+
+
+# op category -> where its integer arithmetic is today (iseg_plugin.intops) or what removes it
+REMEDY = {
+    "general conv2d (padding, stride != kernel)": "`intops.conv2d` / `conv2d_acc` (any geometry)",
+    "depthwise conv2d": "`intops.conv2d` (groups)",
+    "conv2d.padding overload ('valid' / 'same')": "`intops.conv2d_acc` (padding='valid' / 'same'); the entry lacks the ATen overload",
+    "ConvTranspose2d": "`intops.conv_transpose2d_acc`",
+    "ReLU / clamp": "`intops.relu` / `relu6` / `int_clamp` (exact)",
+    "adaptive avg pool": "`intops.avg_pool` + `adaptive_avg_pool_params`",
+    "avg pool": "`intops.avg_pool` + `avg_pool_params`",
+    "max pool": "`intops.max_pool` (exact)",
+    "sigmoid (quick-GELU x*sigmoid(1.702x), SiLU)": "`intops.sigmoid` / `x_sigmoid` / `quick_gelu` / `silu`",
+    "gather / index_select (static indices)": "value-preserving: a shape op on the integers (no arithmetic)",
+    "nn.MultiheadAttention / TransformerEncoderLayer (an FX leaf module)": "a registry entry, or tracing into it (PT2E does)",
+    "BatchNorm": "`lowering.normalize_conv.fold_batch_norm` (FX); torchao folds it in PT2E",
+    "not traceable by torch.fx": "PT2E (torch.export traces it)",
+}
+
+
+def _category(op: str) -> str:
+    low = op.lower()
+    if low.startswith("depthwise conv2d"):
+        return "depthwise conv2d"
+    if low.startswith("conv2d.padding"):
+        return "conv2d.padding overload ('valid' / 'same')"
+    if low.startswith("conv2d "):
+        return "general conv2d (padding, stride != kernel)"
+    if "convtranspose" in low or "conv_transpose" in low:
+        return "ConvTranspose2d"
+    if any(k in low for k in ("relu", "clamp", "hardtanh")):
+        return "ReLU / clamp"
+    if "adaptive_avg_pool" in low or "adaptiveavgpool" in low:
+        return "adaptive avg pool"
+    if "avg_pool" in low or "avgpool" in low:
+        return "avg pool"
+    if "max_pool" in low or "maxpool" in low:
+        return "max pool"
+    if "sigmoid" in low or "silu" in low:
+        return "sigmoid (quick-GELU x*sigmoid(1.702x), SiLU)"
+    if "gather" in low or "index_select" in low:
+        return "gather / index_select (static indices)"
+    if "multiheadattention" in low or "transformerencoderlayer" in low:
+        return "nn.MultiheadAttention / TransformerEncoderLayer (an FX leaf module)"
+    if "batch_norm" in low or "batchnorm" in low:
+        return "BatchNorm"
+    return op
+
+
+def family_blockers(rows: list[dict]) -> dict[str, dict[str, set[str]]]:
+    """family -> op category -> the front ends whose graphs hold it (refused / crashed rows' scans, the refused node,
+    and torch.fx tracing failures)."""
+    found: dict[str, dict[str, set[str]]] = {}
+    for r in rows:
+        cats = found.setdefault(r["family"], {})
+        ops = list(r.get("blockers") or {})
+        if r["outcome"] == "refused" and r.get("node"):
+            m = re.search(r"\(call_\w+ ([^)]*)\)", r["node"])
+            if m and not ops:
+                ops.append(m.group(1))
+            if "conv2d.padding" in r["node"]:
+                ops.append("conv2d.padding")
+        if r["outcome"] == "not traceable":
+            ops.append("not traceable by torch.fx")
+        for op in ops:
+            cats.setdefault(_category(op), set()).add(r["front_end"])
+    return found
+
+
+def _blocker_sections(rows: list[dict]) -> list[str]:
+    found = family_blockers(rows)
+    lines = ["", "## What blocks each family", "",
+             "Every op of a refused graph with no integer lowering (not only the first the lowering stops at), by "
+             "category, with the front ends whose graphs hold it; \"-\": nothing blocks (integer-only).", "",
+             "| family | PT2E | FX / swap |", "|---|---|---|"]
+    for family in dict.fromkeys(r["family"] for r in rows):
+        cats = found.get(family, {})
+        pt2e = sorted(c for c, fes in cats.items() if "pt2e" in fes)
+        other = sorted(c for c, fes in cats.items() if fes & {"fx", "swap"})
+        lines.append(f"| {family} | {'; '.join(pt2e) or '-'} | {'; '.join(other) or '-'} |")
+    counts: Counter = Counter()
+    for cats in found.values():
+        for c, fes in cats.items():
+            if "pt2e" in fes:
+                counts[c] += 1
+    lines += ["", "Ops by the number of families whose PT2E graph they block, and where their integer arithmetic is:", "",
+              "| op | families (PT2E) | integer arithmetic |", "|---|---|---|"]
+    for c, n in counts.most_common():
+        lines.append(f"| {c} | {n} | {REMEDY.get(c, '-')} |")
+    fx_only = Counter(c for cats in found.values() for c, fes in cats.items() if fes & {"fx", "swap"} and "pt2e" not in fes)
+    for c, n in fx_only.most_common():
+        lines.append(f"| {c} (FX / swap only) | 0 (FX: {n}) | {REMEDY.get(c, '-')} |")
+    notes = [(r["family"], note) for r in rows for note in r.get("notes") or []]
+    if notes:
+        lines += ["", "Notes: " + "; ".join(f"{family}: {note}" for family, note in notes) + "."]
+    return lines
 
 
 def _version(name: str) -> str:
