@@ -1,0 +1,69 @@
+"""benchmarks/families.py (issue 39's acceptance harness): one family failing does not stop the others, and every
+(family, front end) gets a row with an outcome; its report names what blocks a refused family."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "families.py"
+needs_photos = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
+                                  reason="scikit-image's photos are not installed: `make test` installs them")
+
+
+@pytest.fixture(scope="module")
+def families():
+    spec = importlib.util.spec_from_file_location("families_harness", HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["families_harness"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("families_harness", None)
+
+
+class Gated(nn.Module):
+    """A patch embedding, then torch.sigmoid (no registry entry): refused by node in every front end."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 8, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return torch.sigmoid(self.fc(t))
+
+
+@needs_photos
+def test_a_failing_family_does_not_stop_the_others(families, monkeypatch, tmp_path):
+    def broken():
+        raise RuntimeError("no such config")
+
+    monkeypatch.setitem(families.FAMILIES, "broken", ("a family whose model cannot be built", broken))
+    monkeypatch.setitem(families.FAMILIES, "gated", ("Linear -> sigmoid", lambda: (Gated(), 32, "features")))
+    rows = []
+    for name in ("broken", "gated", "torch-encoder"):
+        rows += families.run_family(name, timeout=300, front_ends=("pt2e", "fx"))
+    by = {(r["family"], r["front_end"]): r for r in rows}
+    assert by["broken", "pt2e"]["outcome"] == "skipped" and "no such config" in by["broken", "pt2e"]["reason"]
+    assert by["gated", "pt2e"]["outcome"] == by["gated", "fx"]["outcome"] == "refused"
+    assert "sigmoid" in by["gated", "pt2e"]["node"] and by["gated", "fx"]["blockers"] == {"sigmoid": 1}
+    encoder = by["torch-encoder", "pt2e"]
+    assert encoder["outcome"] == "integer-only" and encoder["float_ops"] == 0 and encoder["cosine"] > 0.95
+    assert encoder["saturation"] == 0.0 and 0 <= encoder["agreement"] <= 1
+    assert by["torch-encoder", "fx"]["blockers"] == {"TransformerEncoderLayer": 2}  # an FX leaf module
+    families.write_report(rows, tmp_path, 1.0)
+    md = (tmp_path / "families.md").read_text()
+    assert "| gated | pt2e | refused |" in md and "sigmoid (quick-GELU" in md
+    assert (tmp_path / "families.json").is_file()
+
+
+def test_blocker_categories(families):
+    cat = families._category
+    assert cat("depthwise conv2d k(3, 3) s(1, 1) p(1, 1) g32") == "depthwise conv2d"
+    assert cat("conv2d k(7, 7) s(4, 4) p(3, 3)") == "general conv2d (padding, stride != kernel)"
+    assert cat("aten.relu_.default") == "ReLU / clamp" and cat("ConvTranspose2d k(2, 2) s(2, 2)") == "ConvTranspose2d"
+    assert cat("aten.adaptive_avg_pool1d.default") == "adaptive avg pool"
+    assert all(c in families.REMEDY for c in ("depthwise conv2d", "ReLU / clamp", "adaptive avg pool", "ConvTranspose2d"))
