@@ -223,6 +223,38 @@ def torch_encoder():
     return TorchEncoderViT(), 32, "classifier"
 
 
+class ControlViT(nn.Module):
+    """The control: a timm-style ViT written with modules (one qkv Linear, ``q @ k.transpose * scale``,
+    ``.softmax(-1)``, nn.GELU, cls token, mean-pooled head) that plain torch.fx traces, so that the FX and swap
+    columns show those front ends working where tracing does."""
+
+    def __init__(self, dim=32, heads=2, depth=2, classes=10):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=nn.LayerNorm(dim), qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim), norm2=nn.LayerNorm(dim),
+            fc1=nn.Linear(dim, 2 * dim), act=nn.GELU(), fc2=nn.Linear(2 * dim, dim))) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        b, n, c = x.shape
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["norm1"](x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+            x = x + blk["proj"]((attn @ v).transpose(1, 2).reshape(b, n, c))
+            x = x + blk["fc2"](blk["act"](blk["fc1"](blk["norm2"](x))))
+        return self.head(self.norm(x).mean(1))
+
+
+def control_vit():
+    return ControlViT(), 32, "classifier"
+
+
 def _mmseg(backbone: dict, decode_head: dict, neck: dict | None = None):
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
@@ -271,6 +303,7 @@ FAMILIES: dict[str, tuple[str, Callable]] = {
     "torch-encoder": ("ViT of nn.TransformerEncoderLayer / nn.MultiheadAttention", torch_encoder),
     "mmseg-segformer": ("mmseg EncoderDecoder: MixVisionTransformer (MiT-B0-like) + SegformerHead", mmseg_segformer),
     "mmseg-upernet-vit": ("mmseg EncoderDecoder: VisionTransformer + MultiLevelNeck + UPerHead", mmseg_upernet_vit),
+    "control-vit": ("control: a timm-style ViT of modules that plain torch.fx traces", control_vit),
 }
 
 

@@ -67,3 +67,11 @@ def test_blocker_categories(families):
     assert cat("aten.relu_.default") == "ReLU / clamp" and cat("ConvTranspose2d k(2, 2) s(2, 2)") == "ConvTranspose2d"
     assert cat("aten.adaptive_avg_pool1d.default") == "adaptive avg pool"
     assert all(c in families.REMEDY for c in ("depthwise conv2d", "ReLU / clamp", "adaptive avg pool", "ConvTranspose2d"))
+
+
+@needs_photos
+def test_the_control_goes_through_fx_and_the_swap_with_the_same_integers(families):
+    rows = {r["front_end"]: r for r in families.run_family("control-vit", timeout=300, front_ends=("fx", "swap"))}
+    assert rows["fx"]["outcome"] == "integer-only" and rows["fx"]["float_ops"] == 0
+    assert rows["swap"]["outcome"] == "swapped" and rows["swap"]["same_integers_as_fx"] is True
+    assert abs(rows["swap"]["cosine"] - rows["fx"]["cosine"]) < 0.01
