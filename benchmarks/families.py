@@ -636,9 +636,17 @@ def run_family(name: str, timeout: int, front_ends=FRONT_ENDS) -> list[dict]:
             signal.alarm(0)
         row = dict(family=name, title=title, front_end=front_end, kind=kind, image=size, params=params,
                    time_s=round(time.perf_counter() - start, 2), **row)
+        for key in ("reason", "where"):
+            if isinstance(row.get(key), str):
+                row[key] = _clean(row[key])
         rows.append(row)
         print(f"  {name:18s} {front_end:5s} {_summary(row)}", flush=True)
     return rows
+
+
+def _clean(text: str) -> str:
+    """Paths in messages made machine-independent: site-packages' and the repository's prefixes dropped."""
+    return re.sub(r"/\S*?/site-packages/", "", text).replace(str(REPO) + "/", "")
 
 
 def _summary(row: dict) -> str:
@@ -717,6 +725,16 @@ def write_report(rows: list[dict], out_dir: Path, elapsed: float) -> None:
         lines.append(f"| {r['family']} | {r['front_end']} | {r['outcome']} | {_cell(r.get('float_ops'), str)} | "
                      f"{_cell(r.get('cosine'), lambda v: f'{v:.4f}')} | {_cell(r.get('agreement'), lambda v: f'{100 * v:.1f} %')} | "
                      f"{_cell(r.get('saturation'), lambda v: f'{100 * v:.2f} %')} | {_cell(r.get('time_s'), lambda v: f'{v:.1f}')} | {why} |")
+    lines += [
+        "",
+        "Reading the FX and swap columns: transformers 5 dropped its torch.fx tracer (`transformers.utils.fx`, "
+        "HFTracer), and its vision models check shapes and dtypes in Python (`if num_channels != ...`, "
+        "`if pixel_values.dtype != ...`, `(*input_shape, -1, head_dim)`), so plain torch.fx (what `prepare_fx` and the "
+        "Brevitas swap trace with) cannot trace any of them; mmseg's stock backbones branch on the input size "
+        "(`AdaptivePadding`) or call `len()` on shapes. torch.export traces all of them: PT2E is their route. Where FX "
+        "does trace (torch's `TransformerEncoderLayer`, the control), the swap is measured and compared with the FX "
+        "lowering's integers.",
+    ]
     lines += _blocker_sections(rows)
     lines += ["", "## Refusals, not-traceable models and crashes, family by family", ""]
     by_family: dict[str, list[dict]] = {}
