@@ -417,9 +417,34 @@ def blockers(gm: fx.GraphModule) -> dict[str, int]:
             elif padding == "valid":
                 found["conv2d.padding ('valid', patch)"] += 1
             continue
+        resize = _resize_refusal(node, gm)
+        if resize is not None:
+            found[resize] += 1
+            continue
         if REGISTRY.entry_for(node, gm) is None:
             found[_target_name(node, gm)] += 1
     return dict(found)
+
+
+def _resize_refusal(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """An interpolation the registry's entry refuses by its arguments (it lowers nearest, and bilinear with
+    align_corners=False): bilinear with align_corners=True (DPT), other modes."""
+    aten = torch.ops.aten
+    if node.op == "call_function" and node.target == aten.upsample_bilinear2d.vec:
+        align = node.args[2] if len(node.args) > 2 else node.kwargs.get("align_corners", False)
+        return "interpolate bilinear align_corners=True" if align else None
+    if node.op == "call_function" and node.target is F.interpolate:
+        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+        align = node.kwargs.get("align_corners", node.args[4] if len(node.args) > 4 else None)
+        if mode == "bilinear" and align:
+            return "interpolate bilinear align_corners=True"
+        return None if mode in ("nearest", "bilinear") else f"interpolate {mode}"
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Upsample):
+        m = gm.get_submodule(node.target)
+        if m.mode == "bilinear" and m.align_corners:
+            return "interpolate bilinear align_corners=True"
+        return None if m.mode in ("nearest", "bilinear") else f"interpolate {m.mode}"
+    return None
 
 
 def graph_notes(gm: fx.GraphModule | None) -> list[str]:
@@ -772,6 +797,7 @@ REMEDY = {
     "gather / index_select (static indices)": "value-preserving: a shape op on the integers (no arithmetic)",
     "nn.MultiheadAttention / TransformerEncoderLayer (an FX leaf module)": "a registry entry, or tracing into it (PT2E does)",
     "BatchNorm": "`lowering.normalize_conv.fold_batch_norm` (FX); torchao folds it in PT2E",
+    "interpolate bilinear align_corners=True": "`intops.upsample_bilinear(..., align_corners=True)` (exact weights)",
     "not traceable by torch.fx": "PT2E (torch.export traces it)",
 }
 
@@ -802,6 +828,8 @@ def _category(op: str) -> str:
         return "nn.MultiheadAttention / TransformerEncoderLayer (an FX leaf module)"
     if "batch_norm" in low or "batchnorm" in low:
         return "BatchNorm"
+    if "align_corners=true" in low:
+        return "interpolate bilinear align_corners=True"
     return op
 
 
