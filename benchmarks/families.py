@@ -255,6 +255,56 @@ def control_vit():
     return ControlViT(), 32, "classifier"
 
 
+# probes: a family whose first blocker is rewritten as a float op the registry lowers, to show what else blocks it
+# (same function unless the title says otherwise)
+
+
+def probe_siglip_padding_0():
+    model, size, kind = siglip()
+    conv = model.model.embeddings.patch_embedding  # padding="valid" (aten.conv2d.padding) -> 0 (aten.conv2d)
+    conv.padding, conv._reversed_padding_repeated_twice = (0, 0), [0, 0, 0, 0]
+    return model, size, kind
+
+
+class _MeanPool(nn.Module):
+    def forward(self, x):
+        return x.mean(-1, keepdim=True)  # = AdaptiveAvgPool1d(1)
+
+
+def probe_swin_mean_pooler():
+    model, size, kind = swin()
+    model.model.pooler = _MeanPool()
+    return model, size, kind
+
+
+def probe_clip_gelu():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, hidden_act="gelu")
+    return HFOutput(CLIPVisionModel(config), "last_hidden_state"), 32, "features"
+
+
+def probe_vit_mae_index():
+    import types
+
+    model, size, kind = vit_mae()
+
+    def random_masking(self, sequence, noise=None):  # ViTMAE's, with advanced indexing in place of torch.gather
+        b, n, _ = sequence.shape
+        keep = int(n * (1 - self.config.mask_ratio))
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        kept = sequence[torch.arange(b, device=sequence.device)[:, None], ids_shuffle[:, :keep]]
+        mask = torch.ones([b, n], device=sequence.device)
+        mask[:, :keep] = 0
+        return kept, torch.gather(mask, 1, ids_restore), ids_restore
+
+    embeddings = model.model.embeddings
+    embeddings.random_masking = types.MethodType(random_masking, embeddings)
+    return model, size, kind
+
+
 def _mmseg(backbone: dict, decode_head: dict, neck: dict | None = None):
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
@@ -304,6 +354,14 @@ FAMILIES: dict[str, tuple[str, Callable]] = {
     "mmseg-segformer": ("mmseg EncoderDecoder: MixVisionTransformer (MiT-B0-like) + SegformerHead", mmseg_segformer),
     "mmseg-upernet-vit": ("mmseg EncoderDecoder: VisionTransformer + MultiLevelNeck + UPerHead", mmseg_upernet_vit),
     "control-vit": ("control: a timm-style ViT of modules that plain torch.fx traces", control_vit),
+    "probe-siglip-pad0": ("probe: siglip with its patch conv's padding='valid' written 0 (same function)",
+                          probe_siglip_padding_0),
+    "probe-swin-mean": ("probe: swin with its AdaptiveAvgPool1d(1) pooler written as a mean (same function)",
+                        probe_swin_mean_pooler),
+    "probe-vit-mae-index": ("probe: vit-mae with torch.gather of tokens written as indexing (same function)",
+                            probe_vit_mae_index),
+    "probe-clip-gelu": ("probe: clip with erf GELU in place of quick-GELU (another function: what else blocks)",
+                        probe_clip_gelu),
 }
 
 
@@ -759,6 +817,10 @@ def write_report(rows: list[dict], out_dir: Path, elapsed: float) -> None:
         "(`AdaptivePadding`) or call `len()` on shapes. torch.export traces all of them: PT2E is their route. Where FX "
         "does trace (torch's `TransformerEncoderLayer`, the control), the swap is measured and compared with the FX "
         "lowering's integers.",
+        "",
+        "The `probe-*` rows rewrite a family's first blocker as a float op the registry already lowers (the same "
+        "function unless the title says otherwise) to show what else blocks it: where a probe is integer-only, that "
+        "one op is all the family lacks.",
     ]
     lines += _blocker_sections(rows)
     lines += ["", "## Refusals, not-traceable models and crashes, family by family", ""]
@@ -794,7 +856,7 @@ REMEDY = {
     "avg pool": "`intops.avg_pool` + `avg_pool_params`",
     "max pool": "`intops.max_pool` (exact)",
     "sigmoid (quick-GELU x*sigmoid(1.702x), SiLU)": "`intops.sigmoid` / `x_sigmoid` / `quick_gelu` / `silu`",
-    "gather / index_select (static indices)": "value-preserving: a shape op on the integers (no arithmetic)",
+    "gather / index_select / indexing by tensors (static indices)": "value-preserving: a shape op on the integers (no arithmetic)",
     "nn.MultiheadAttention / TransformerEncoderLayer (an FX leaf module)": "a registry entry, or tracing into it (PT2E does)",
     "BatchNorm": "`lowering.normalize_conv.fold_batch_norm` (FX); torchao folds it in PT2E",
     "interpolate bilinear align_corners=True": "`intops.upsample_bilinear(..., align_corners=True)` (exact weights)",
@@ -822,8 +884,8 @@ def _category(op: str) -> str:
         return "max pool"
     if "sigmoid" in low or "silu" in low:
         return "sigmoid (quick-GELU x*sigmoid(1.702x), SiLU)"
-    if "gather" in low or "index_select" in low:
-        return "gather / index_select (static indices)"
+    if "gather" in low or "index_select" in low or low.startswith("aten.index.tensor"):
+        return "gather / index_select / indexing by tensors (static indices)"
     if "multiheadattention" in low or "transformerencoderlayer" in low:
         return "nn.MultiheadAttention / TransformerEncoderLayer (an FX leaf module)"
     if "batch_norm" in low or "batchnorm" in low:
@@ -856,8 +918,10 @@ def family_blockers(rows: list[dict]) -> dict[str, dict[str, set[str]]]:
 def _blocker_sections(rows: list[dict]) -> list[str]:
     found = family_blockers(rows)
     lines = ["", "## What blocks each family", "",
-             "Every op of a refused graph with no integer lowering (not only the first the lowering stops at), by "
-             "category, with the front ends whose graphs hold it; \"-\": nothing blocks (integer-only).", "",
+             "Every op of a refused graph with no registry entry, and every convolution and resize the entries refuse by "
+             "their arguments (not only the first op the lowering stops at), by category, with the front ends whose "
+             "graphs hold it; \"-\": nothing blocks (integer-only). Other refusals by argument show up one at a time, "
+             "in the outcome column.", "",
              "| family | PT2E | FX / swap |", "|---|---|---|"]
     for family in dict.fromkeys(r["family"] for r in rows):
         cats = found.get(family, {})
@@ -865,15 +929,17 @@ def _blocker_sections(rows: list[dict]) -> list[str]:
         other = sorted(c for c, fes in cats.items() if fes & {"fx", "swap"})
         lines.append(f"| {family} | {'; '.join(pt2e) or '-'} | {'; '.join(other) or '-'} |")
     counts: Counter = Counter()
-    for cats in found.values():
+    real = {f: cats for f, cats in found.items() if not f.startswith(("probe-", "control-"))}
+    for cats in real.values():
         for c, fes in cats.items():
             if "pt2e" in fes:
                 counts[c] += 1
-    lines += ["", "Ops by the number of families whose PT2E graph they block, and where their integer arithmetic is:", "",
+    lines += ["", "Ops by the number of families (probes and the control left out) whose PT2E graph they block, and where "
+              "their integer arithmetic is:", "",
               "| op | families (PT2E) | integer arithmetic |", "|---|---|---|"]
     for c, n in counts.most_common():
         lines.append(f"| {c} | {n} | {REMEDY.get(c, '-')} |")
-    fx_only = Counter(c for cats in found.values() for c, fes in cats.items() if fes & {"fx", "swap"} and "pt2e" not in fes)
+    fx_only = Counter(c for cats in real.values() for c, fes in cats.items() if fes & {"fx", "swap"} and "pt2e" not in fes)
     for c, n in fx_only.most_common():
         lines.append(f"| {c} (FX / swap only) | 0 (FX: {n}) | {REMEDY.get(c, '-')} |")
     notes = [(r["family"], note) for r in rows for note in r.get("notes") or []]
