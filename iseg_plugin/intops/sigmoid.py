@@ -163,8 +163,8 @@ def _hardsigmoid_int(x: Tensor, m: Tensor, e: Tensor, k_out: int) -> Tensor:
 
 def hardsigmoid(x: Tensor, params: HardParams) -> Tensor:
     """Integer hardsigmoid ``relu6(x S + 3) / 6``: output ``[0, 2**(k_out-1)]``, scale ``2**-(k_out-1)`` (unsigned
-    k_out bits); one dyadic multiply (round half up) and a clamp; error at most half an output unit
-    (``|x| < 2**31 / multiplier``: any INT16 input)."""
+    k_out bits); one dyadic multiply (round half up) and a clamp; error at most half an output unit; any
+    ``|x| < 2**31``."""
     m, e = params.slope
     k_out = params.k_out
 
