@@ -277,6 +277,13 @@ def probe_swin_mean_pooler():
     return model, size, kind
 
 
+def probe_torch_encoder_traceable():
+    from iseg_plugin.lowering.normalize_attention import make_traceable
+
+    model, size, kind = torch_encoder()
+    return make_traceable(model), size, kind
+
+
 def probe_clip_gelu():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -360,6 +367,8 @@ FAMILIES: dict[str, tuple[str, Callable]] = {
                         probe_swin_mean_pooler),
     "probe-vit-mae-index": ("probe: vit-mae with torch.gather of tokens written as indexing (same function)",
                             probe_vit_mae_index),
+    "probe-torch-encoder-traceable": ("probe: torch-encoder after lowering.normalize_attention.make_traceable "
+                                      "(same function, traceable by torch.fx)", probe_torch_encoder_traceable),
     "probe-clip-gelu": ("probe: clip with erf GELU in place of quick-GELU (another function: what else blocks)",
                         probe_clip_gelu),
 }
@@ -857,7 +866,7 @@ REMEDY = {
     "max pool": "`intops.max_pool` (exact)",
     "sigmoid (quick-GELU x*sigmoid(1.702x), SiLU)": "`intops.sigmoid` / `x_sigmoid` / `quick_gelu` / `silu`",
     "gather / index_select / indexing by tensors (static indices)": "value-preserving: a shape op on the integers (no arithmetic)",
-    "nn.MultiheadAttention / TransformerEncoderLayer (an FX leaf module)": "a registry entry, or tracing into it (PT2E does)",
+    "nn.MultiheadAttention / TransformerEncoderLayer (an FX leaf module)": "`lowering.normalize_attention.make_traceable` (FX, swap); PT2E traces into it",
     "BatchNorm": "`lowering.normalize_conv.fold_batch_norm` (FX); torchao folds it in PT2E",
     "interpolate bilinear align_corners=True": "`intops.upsample_bilinear(..., align_corners=True)` (exact weights)",
     "not traceable by torch.fx": "PT2E (torch.export traces it)",
