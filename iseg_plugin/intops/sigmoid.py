@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ._bridge import as_int64, divide, run_integer
 from .dyadic import Dyadic, dyadic_from_ratio, requantize
-from .exp import BITEXP_FRAC, LOG2E, _bit_exp_int, _bit_exp_table, _through_table, row_span
+from .exp import BITEXP_FRAC, LOG2E, _bit_exp_int, _bit_exp_table, _through_table
 
 QUICK_GELU_ALPHA = 1.702
 K_INTER_SIGMOID = 15
