@@ -75,3 +75,26 @@ def test_the_control_goes_through_fx_and_the_swap_with_the_same_integers(familie
     assert rows["fx"]["outcome"] == "integer-only" and rows["fx"]["float_ops"] == 0
     assert rows["swap"]["outcome"] == "swapped" and rows["swap"]["same_integers_as_fx"] is True
     assert abs(rows["swap"]["cosine"] - rows["fx"]["cosine"]) < 0.01
+
+
+FAMILIES = ("deit", "beit-eager", "beit-sdpa", "beit-seg", "swin", "segformer", "clip", "siglip", "vit-mae", "dpt",
+            "dinov2-reg", "torch-encoder", "mmseg-segformer", "mmseg-upernet-vit")
+
+
+@needs_photos
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_is_integer_only_or_refused_by_node_through_pt2e(families, family):
+    """Issue 39's bar through the README's PT2E route: integer-only (0 float ops, no output at the INT16 limits, close
+    to the float model) or a refusal naming the node; never a crash, never a float op left in a converted model."""
+    (row,) = families.run_family(family, timeout=600, front_ends=("pt2e",))
+    assert row["outcome"] in ("integer-only", "refused"), row
+    if row["outcome"] == "refused":
+        assert row["node"] and "node '" in row["reason"]
+        return
+    assert row["float_ops"] == 0 and row["saturation"] == 0.0
+    # (logits of a random-weight classifier head: 0.988 for torch's encoder layers although its pooled features are at
+    # 0.998; hidden states: >= 0.999)
+    assert row["cosine"] >= (0.98 if row["kind"] == "classifier" else 0.99), row
+    if row.get("agreement") is not None:
+        assert row["agreement"] >= 0.75
