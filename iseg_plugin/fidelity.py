@@ -132,8 +132,50 @@ def misc_rows() -> list[Row]:
     return rows
 
 
+def sigmoid_rows() -> list[Row]:
+    """The sigmoid family (issue 39): sigmoid on INT16 inputs (16-bit output), quick-GELU, SiLU and hardswish on
+    INT8 inputs with 8-bit sigmoid / hardsigmoid (INT16 outputs, as the GELUs), in real units; the GELU rows'
+    inputs (ViT-B fc1 outputs: Gaussian, and long-tailed with one outlier channel per row)."""
+    rows = []
+    for kind, level in (("gaussian", 2.0), ("long-tailed", 10.0), ("long-tailed", 40.0)):
+        x = gelu_inputs(kind, level)
+        label = f"N(0,{level:g}^2)" if kind == "gaussian" else f"N(0,1)+outlier {level:g}"
+        q16, s16 = _quantize(x, 16)
+        out = intops.sigmoid(q16, intops.sigmoid_params(s16)) / 2**15
+        rows.append(Row("sigmoid", "bit-exp", f"{label}, INT16", *_errors(out, torch.sigmoid(q16 * s16))))
+        q, scale = _quantize(x)
+        xr = q.double() * scale
+        for name, alpha in (("quick-GELU", intops.QUICK_GELU_ALPHA), ("SiLU", 1.0)):
+            out = intops.x_sigmoid(q, intops.sigmoid_params(scale, alpha)) * (scale / 2**7)
+            rows.append(Row(name, "x * bit-exp sigmoid", f"{label}, INT8", *_errors(out, xr * torch.sigmoid(alpha * xr))))
+        out = intops.hardswish(q, intops.hard_params(scale)) * (scale / 2**7)
+        rows.append(Row("hardswish", "dyadic hardsigmoid", f"{label}, INT8", *_errors(out, F.hardswish(xr))))
+    return rows
+
+
+def pool_rows() -> list[Row]:
+    """Average pools (window sums + one dyadic requantization) on INT16 feature maps, in output LSBs."""
+    feats = torch.randint(-(2**15), 2**15, (2, 64, 32, 32), generator=_gen(7))
+    f = feats.double()
+    cases = [
+        ("avg_pool2d 3x3/2 pad 1", intops.avg_pool_params((32, 32), 3, 2, 1), F.avg_pool2d(f, 3, 2, 1)),
+        ("avg_pool2d 3x3/2 pad 1, exclude pad", intops.avg_pool_params((32, 32), 3, 2, 1, count_include_pad=False),
+         F.avg_pool2d(f, 3, 2, 1, count_include_pad=False)),
+        ("adaptive_avg_pool2d (1, 2, 3, 6)", None, None),
+    ]
+    rows = []
+    for name, params, ref in cases[:2]:
+        rows.append(Row("avg pool", name, "INT16 maps (LSB units)", *_errors(intops.avg_pool(feats, params, None), ref)))
+    outs, refs = [], []
+    for size in (1, 2, 3, 6):  # UPerNet's pyramid pooling
+        outs.append(intops.avg_pool(feats, intops.adaptive_avg_pool_params((32, 32), size), None).flatten())
+        refs.append(F.adaptive_avg_pool2d(f, size).flatten())
+    rows.append(Row("avg pool", cases[2][0], "INT16 maps (LSB units)", *_errors(torch.cat(outs), torch.cat(refs))))
+    return rows
+
+
 def all_rows() -> list[Row]:
-    return gelu_rows() + softmax_rows() + layernorm_rows() + misc_rows()
+    return gelu_rows() + softmax_rows() + layernorm_rows() + misc_rows() + sigmoid_rows() + pool_rows()
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -228,6 +270,11 @@ def write_report(out_dir: Path, md_path: Path | None = None) -> tuple[str, float
         f"On long-tailed rows where ShiftGELU collapses, lambda-ShiftGELU's RMSE is at least **{ratio:.0f}x** lower.",
         "",
         "## All operators",
+        "",
+        "Sigmoid family (issue 39): sigmoid on INT16 inputs with a 16-bit output; quick-GELU `x * sigmoid(1.702 x)`,",
+        "SiLU and hardswish on INT8 inputs with an 8-bit sigmoid / hardsigmoid (INT16 outputs, as the GELUs), on the",
+        "GELU rows' inputs. Average pools: INT16 feature maps, 2 x 64 x 32 x 32, errors in output LSBs (the rounding",
+        "of the exact mean: at most 0.5).",
         "",
         table,
         "",

@@ -43,3 +43,25 @@ def test_bilinear_x16_is_exact_rounding():
     ref = F.interpolate(x.double(), (128, 128), mode="bilinear", align_corners=False)
     assert (ours - ref).abs().max() <= 0.5
     assert intops.bilinear_table(8, 128).denominator == 32
+
+
+def test_bilinear_align_corners_hand_case():
+    # align_corners=True, 2 -> 4: src = dst * 1 / 3 = [0, 1/3, 2/3, 1]: [0, 3.33, 6.67, 10] -> [0, 3, 7, 10]
+    x = torch.tensor([[[[0, 10]]]])
+    assert intops.upsample_bilinear(x, (1, 4), align_corners=True).tolist() == [[[[0, 3, 7, 10]]]]
+    table = intops.bilinear_table(2, 4, align_corners=True)
+    assert table.denominator == 3 and table.w_hi.tolist() == [0, 1, 2, 0] and table.lo.tolist() == [0, 0, 0, 1]
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 40), st.integers(1, 40), st.sampled_from([2**7, 2**15]))
+def test_bilinear_align_corners_within_half_an_lsb_of_the_exact_value(h, w, out_h, out_w, high):
+    """DPT's fusion blocks and head upsample with align_corners=True."""
+    x = torch.randint(-high, high, (1, 2, h, w), generator=torch.Generator().manual_seed(h * 100 + w))
+    ours = intops.upsample_bilinear(x, (out_h, out_w), align_corners=True)
+    ref = F.interpolate(x.double(), (out_h, out_w), mode="bilinear", align_corners=True)
+    assert ours.shape == ref.shape and (ours - ref).abs().max() <= 0.5 + 1e-6
+    xf = x.double().requires_grad_()
+    out = intops.upsample_bilinear(xf, (out_h, out_w), align_corners=True)
+    assert torch.equal(out.detach().long(), ours)
+    out.sum().backward()
+    assert torch.isfinite(xf.grad).all()

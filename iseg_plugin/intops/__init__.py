@@ -39,6 +39,30 @@ from .quantize import (
 )
 from .pixels import pixel_params, pixels_to_int8
 from .resize import bilinear_table, upsample_bilinear, upsample_nearest
+from .clamp import clamp_bounds, int_clamp, relu, relu6
+from .conv import conv2d, conv2d_acc, conv_transpose2d_acc, requantize_channels
+from .pool import (
+    AvgPoolParams,
+    adaptive_avg_pool_params,
+    adaptive_max_pool_params,
+    avg_pool,
+    avg_pool_params,
+    max_pool,
+    max_pool_params,
+)
+from .sigmoid import (
+    QUICK_GELU_ALPHA,
+    HardParams,
+    SigmoidParams,
+    hard_params,
+    hardsigmoid,
+    hardswish,
+    quick_gelu,
+    sigmoid,
+    sigmoid_params,
+    silu,
+    x_sigmoid,
+)
 
 __all__ = [
     "Dyadic",
@@ -83,4 +107,30 @@ __all__ = [
     "bilinear_table",
     "upsample_nearest",
     "upsample_bilinear",
+    "clamp_bounds",
+    "conv2d",
+    "conv2d_acc",
+    "conv_transpose2d_acc",
+    "requantize_channels",
+    "int_clamp",
+    "relu",
+    "relu6",
+    "AvgPoolParams",
+    "avg_pool_params",
+    "adaptive_avg_pool_params",
+    "avg_pool",
+    "max_pool_params",
+    "adaptive_max_pool_params",
+    "max_pool",
+    "QUICK_GELU_ALPHA",
+    "SigmoidParams",
+    "sigmoid_params",
+    "sigmoid",
+    "x_sigmoid",
+    "quick_gelu",
+    "silu",
+    "HardParams",
+    "hard_params",
+    "hardsigmoid",
+    "hardswish",
 ]

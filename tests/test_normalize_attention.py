@@ -1,0 +1,106 @@
+"""torch's attention blocks rewritten as traceable modules (iseg_plugin.lowering.normalize_attention): the same float
+function, and the FX front end and the Brevitas swap then lower a ViT of nn.TransformerEncoderLayer."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from brevitas.graph.calibrate import calibration_mode
+from torch import nn
+
+import fx_patterns as fxp
+from iseg_plugin.deploy import OpAudit
+from iseg_plugin.lowering.normalize_attention import TraceableEncoderLayer, make_traceable
+from iseg_plugin.nn import quantize
+
+
+class TorchEncoderViT(nn.Module):
+    """nn.TransformerEncoderLayer in both norm orders (GELU), then an nn.TransformerEncoder with a final norm."""
+
+    def __init__(self, dim=32, heads=2, classes=5):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=norm_first) for norm_first in (True, False))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation=nn.GELU(), batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.encoder(x).mean(1))
+
+
+def test_the_rewrite_computes_the_same_function():
+    torch.manual_seed(0)
+    model = TorchEncoderViT().eval()
+    traceable = make_traceable(model)
+    assert not any(isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention, nn.TransformerEncoder))
+                   for m in traceable.modules())
+    assert any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules())  # the input model is untouched
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(traceable(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cross_attention_with_other_key_and_value_widths(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, kdim=12, vdim=8, batch_first=batch_first).eval()
+    q, k, v = torch.randn(2, 5, 16), torch.randn(2, 7, 12), torch.randn(2, 7, 8)
+    if not batch_first:
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    rewritten = make_traceable(mha)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(q, k, v)[0], mha(q, k, v)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_masks_and_bias_kv_are_refused_by_name():
+    layer = TraceableEncoderLayer(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval())
+    with pytest.raises(NotImplementedError, match="no mask"):
+        layer(torch.randn(1, 3, 16), src_mask=torch.zeros(3, 3))
+    mha = make_traceable(nn.MultiheadAttention(16, 2))
+    with pytest.raises(NotImplementedError, match="no attn_mask"):
+        mha(torch.randn(3, 1, 16), torch.randn(3, 1, 16), torch.randn(3, 1, 16), attn_mask=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        make_traceable(nn.MultiheadAttention(16, 2, add_bias_kv=True))
+
+
+def test_fx_and_the_swap_lower_the_rewritten_encoder_with_the_same_integers():
+    torch.manual_seed(0)
+    model = TorchEncoderViT().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 3, 32, 32, generator=g).double() for _ in range(3)]
+    with pytest.raises(fxp.LoweringError, match=r"node 'blocks_0' \(call_module blocks.0\).*no integer lowering"):
+        prepared = fxp.prepare(copy.deepcopy(model), (batches[0].float(),))
+        with torch.no_grad():
+            prepared(batches[0].float())
+        fxp.convert(prepared, (batches[0].float(),))
+    rewritten = make_traceable(model).double()
+    prepared = fxp.prepare(copy.deepcopy(rewritten), (batches[0],), gelu_grid="symmetric")
+    swapped = quantize(copy.deepcopy(rewritten))
+    with torch.no_grad():
+        for x in batches:
+            prepared(x)
+        with calibration_mode(swapped):
+            for x in batches:
+                swapped(x)
+    swapped.eval()
+    int_model = fxp.convert(prepared, (batches[0],))
+    x = batches[1]
+    inputs = fxp.quantize_inputs(int_model, x)
+    with torch.no_grad(), OpAudit() as audit:
+        out = int_model(*inputs)
+    assert audit.float_ops() == []
+    with torch.no_grad():
+        ref = model(x.float()).double()
+        swap_out = swapped(x)
+        xi = swapped.get_submodule("x_quant")(x).int()
+    cos = F.cosine_similarity(out.double().flatten() * int_model.output_scales[0], ref.flatten(), 0)
+    assert cos > 0.98
+    lo, hi = int_model.input_formats[0][1]
+    assert torch.equal(swap_out.int().long(), int_model(xi.to(torch.int8 if hi <= 127 else torch.int16)).long())
