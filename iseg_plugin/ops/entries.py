@@ -436,21 +436,20 @@ def _clamp_attributes(call) -> dict:
 
 
 def _clamp_check(a: dict) -> str | None:
-    if not all(v is None or isinstance(v, (int, float)) for v in (a["min"], a["max"])):
-        return "clamping to bounds that are tensors has no integer lowering: give numbers"
+    low, high = a["min"], a["max"]
+    if not all(v is None or isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)):
+        return "clamping to bounds that are tensors or not finite has no integer lowering: give numbers"
+    if low is not None and high is not None and low > high:
+        return f"clamp bounds min={low} > max={high}"
     return None
 
 
 def _build_clamp(a: dict, inputs: tuple[Grid], out=None, integers=_AS_IS) -> M.Clamp:
-    """The bounds rounded onto the input's grid (half to even, as the grid's quantizer), within its bounds."""
+    """The bounds on the input's grid (:func:`intops.clamp_bounds`), within the grid's own bounds."""
     grid = inputs[0]
-    lo, hi = grid.bounds
-    on_grid = lambda v: int(torch.round(torch.tensor(v / grid.scale, dtype=torch.float64)))  # noqa: E731
-    if a["min"] is not None:
-        lo = max(lo, on_grid(a["min"]))
-    if a["max"] is not None:
-        hi = min(hi, on_grid(a["max"]))
-    return M.Clamp((lo, hi))
+    low, high = intops.clamp_bounds(grid.scale, a["min"], a["max"])
+    return M.Clamp((grid.bounds[0] if low is None else max(grid.bounds[0], low),
+                    grid.bounds[1] if high is None else min(grid.bounds[1], high)))
 
 
 def _lower_shape_op(site: Site, variant: Variant) -> Operand | Const:

@@ -393,7 +393,7 @@ class Clamp(nn.Module):
         self.bounds = (int(bounds[0]), int(bounds[1]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.clamp(*self.bounds)
+        return narrow(intops.int_clamp(x, *self.bounds), x.dtype)
 
 
 class Mean(nn.Module):
