@@ -36,8 +36,8 @@ from ..lowering import LoweringError, consumer_bits, describe, feeds_output, is_
 from ..lowering.trace import locate_trace_failure
 from ..ops.registry import REGISTRY, UnsupportedOpError
 from ..ops.site import NodeCall
-from .layers import (DyadicRequant, QuantCat, QuantGELU, QuantILayerNorm, QuantL2Norm, QuantMatMul, QuantMean,
-                     QuantRegistryOp, QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
+from .layers import (DyadicRequant, QuantCat, QuantGELU, QuantILayerNorm, QuantL2Norm, QuantMatMul, QuantMean, QuantMul,
+                     QuantRegistryOp, QuantRequantizedOp, QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
 from .quantizers import iseg_act_quant
 
 
@@ -187,7 +187,7 @@ class _Swap:
 
     def need_input(self, arg, node: fx.Node) -> fx.Node:
         """``arg`` at the input width of the registry entry being swapped (INT8 into GEMMs and GELU, INT16 else)."""
-        return self.need(arg, self.input_bits, node)
+        return self.need(arg, self.input_bits or 16, node)
 
     def _arg(self, node: fx.Node, i: int, name: str, default=None):
         return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
@@ -308,9 +308,13 @@ class _Swap:
         # passed at run time); a parameter (LayerScale's gamma) is a tensor: the FX front end lowers those
         number = isinstance(b, (int, float)) and b > 0
         from_shapes = isinstance(b, fx.Node) and b in self.static and not self._reads_parameters(b)
+        if not divide and isinstance(b, fx.Node) and b in self.bits:  # two quantized tensors: their product
+            inputs = [self.need_input(a, node), self.need_input(b, node)]
+            self._emit(node, QuantMul(act_quant=self.act(node)), inputs, self.demand[node])
+            return
         if not (number or from_shapes):
-            raise LoweringError(f"{describe(node)}: the Brevitas swap takes products with a positive number only "
-                                "(the FX front end lowers the others)")
+            raise LoweringError(f"{describe(node)}: the Brevitas swap takes products with a positive number or of two "
+                                "quantized tensors only (the FX front end lowers the others)")
         value = self._quantized(a, node)
         layer, inputs = (QuantScalarMul(b, divide), [value]) if number else (QuantScalarMul(None, divide), [value, b])
         # its own origin: a narrowing after it observes the scaled values, as the FX lowering's mul observer does
@@ -366,6 +370,12 @@ class _Swap:
         if value in self.probabilities:
             self.probabilities.add(new)
 
+    def _requantized(self, node: fx.Node, a: dict) -> None:
+        """An entry with an output grid of its own, as the generic layer :class:`QuantRequantizedOp`."""
+        entry = REGISTRY.entry_for(node, self.gm)
+        layer = QuantRequantizedOp(entry.name, a, act_quant=self.act(node))
+        self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
+
 
 # The Brevitas layer of each registry entry that has one of its own: how the swap puts it in (a table read by entry
 # name). Other entries whose output stays on the input's grid and that name their float op get the generic
@@ -380,5 +390,7 @@ def layer_for(entry):
     None where the entry has none."""
     if entry.name in LAYERS:
         return LAYERS[entry.name]
-    return _Swap._on_input_grid if entry.float_op is not None and entry.observation == "share" else None
+    if entry.float_op is None:
+        return None
+    return {"share": _Swap._on_input_grid, "output": _Swap._requantized}.get(entry.observation)
 
