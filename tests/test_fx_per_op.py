@@ -205,6 +205,31 @@ def test_rolls_flips_and_repeats_run_on_the_integers(front_end):
     assert out.shape == (2, 32, 16)
 
 
+class ShuffledTokens(nn.Module):
+    """ViT-MAE's token shuffle with its noise fixed: gather / index_select / indexing by indices that do not depend
+    on the input's values."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("noise", torch.rand(1, 6))
+
+    def forward(self, x):
+        y = self.fc(x)
+        order = torch.argsort(self.noise, dim=1)
+        kept = torch.gather(y, 1, order.unsqueeze(-1).repeat(2, 1, 8))
+        return self.fc(kept.index_select(1, torch.tensor([5, 0, 2])) + kept[:, torch.tensor([1, 1, 4])])
+
+
+@pytest.mark.parametrize("front_end", ["fx", "pt2e"])
+def test_gathers_by_static_indices_run_on_the_integers(front_end):
+    torch.manual_seed(0)
+    model = ShuffledTokens()
+    prepared, x = calibrated(model, (2, 6, 8), prepare=fxp.prepare if front_end == "fx" else fxp.prepare_pt2e)
+    int_model, (out,) = check_integer_model(model, prepared, x, 0.99, min_ops=5)
+    assert out.shape == (2, 3, 8)
+
+
 def test_the_plugin_segmenter_takes_uint8_pixels():
     model = fxp.traceable(trained_like(build(None, l2_norm=True, upsample="bilinear")).eval())
     prepared, x = calibrated(model, (2, 3, 64, 64), batches=2)

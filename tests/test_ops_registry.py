@@ -57,7 +57,8 @@ CASES = {  # entry -> (forward of Op, input shape, minimum cosine to the float o
     "gelu": (lambda m, y: F.gelu(y * 3), (2, 8, 16), 0.99),
     "softmax": (lambda m, y: (y * 4).softmax(-1), (2, 8, 16), 0.999),
     "l2_normalize": (lambda m, y: F.normalize(y, dim=-1), (2, 8, 16), 0.999),
-    "interpolate": (lambda m, y: F.interpolate(y.reshape(2, 8, 4, 4), scale_factor=2, mode="bilinear"), (2, 8, 16),
+    "interpolate": (lambda m, y: F.interpolate(y.reshape(2, 8, 4, 4), scale_factor=2, mode="bilinear")
+                    + F.interpolate(y.reshape(2, 8, 4, 4), size=(8, 8), mode="bilinear", align_corners=True), (2, 8, 16),
                     0.999),
     "mean": (lambda m, y: y.mean(1), (2, 8, 16), 0.999),
     "cat": (lambda m, y: torch.cat([y, m.fc(y)], -1), (2, 8, 16), 0.999),
@@ -163,6 +164,10 @@ def test_every_entry_has_every_piece():
             assert module in OP_TYPE_OF or module in STANDARD_ONNX, f"{module} has no QONNX node description"
         assert all(m.__name__ in entry.emits for row in EMITS[entry.name].values() for m in row), entry.name
     assert REGISTRY.table() in operators, "docs/operators.md: paste REGISTRY.table() (the registry changed)"
+    from iseg_plugin.export.qonnx_ops import op_table
+
+    nodes = (Path(__file__).parents[1] / "docs" / "qonnx_ops.md").read_text()
+    assert op_table() in nodes, "docs/qonnx_ops.md: paste qonnx_ops.op_table() (a module's QONNX description changed)"
 
 
 def test_frozen_weight_integers_are_cached_only_while_unchanged():

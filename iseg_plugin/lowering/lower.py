@@ -537,9 +537,11 @@ class Site:
         if isinstance(value, Operand):
             return value.node
         if isinstance(value, Const):
-            if isinstance(value.value, Tensor):
+            if isinstance(value.value, Tensor) and value.value.is_floating_point():
                 raise self.refuse("a float constant tensor would enter an integer op; quantize it through an "
                                   "observed op (add, cat, mul) instead")
+            if isinstance(value.value, Tensor):  # indices that do not depend on the input (gather, index_select)
+                return self.lowering.constant(f"{self.name}_index", value.value)
             return value.value
         if isinstance(value, (list, tuple)):
             return type(value)(self.map_to_new(v) for v in value)

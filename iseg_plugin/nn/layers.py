@@ -460,17 +460,18 @@ class QuantScalarMul(_Layer):
 
 
 class QuantUpsample(_Layer):
-    """Nearest or integer bilinear (align_corners=False) resize of (B, C, H, W) to ``size`` or by
+    """Nearest or integer bilinear (``align_corners`` as F.interpolate's) resize of (B, C, H, W) to ``size`` or by
     ``scale_factor`` (or to a ``size`` given to ``forward``: one the model computes from shapes); the grid is
     the input's (bilinear rounds its exact rational weights)."""
 
-    def __init__(self, size=None, scale_factor=None, mode: str = "nearest"):
+    def __init__(self, size=None, scale_factor=None, mode: str = "nearest", align_corners: bool = False):
         super().__init__()
         if mode not in ("nearest", "bilinear"):
             raise ValueError(f"integer upsampling is nearest or bilinear, got mode={mode!r}")
         if size is not None and scale_factor is not None:
             raise ValueError("give one of size and scale_factor")
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
+        self.align_corners = bool(align_corners) and mode == "bilinear"
 
     def _size(self, x: Tensor, size=None) -> tuple[int, int]:
         size = self.size if size is None else size
@@ -484,14 +485,15 @@ class QuantUpsample(_Layer):
         if not isinstance(x, IntQuantTensor):  # calibration mode: the float op
             x = _value(x)
             return F.interpolate(x, self._size(x, size), mode=self.mode,
-                                 align_corners=False if self.mode == "bilinear" else None)
+                                 align_corners=self.align_corners if self.mode == "bilinear" else None)
         integers, _ = _integers(x, self)
         signed = bool(x.signed)
         grid = _Grid(x.scale, x.bit_width, signed, intops.int_range(int(x.bit_width), signed=signed))
         return self._run(self.deployed(self._size(x.value, size)), grid, integers)
 
     def deployed(self, size: tuple[int, int]) -> M.Upsample:
-        return _build("interpolate", None, dict(mode=self.mode, align_corners=False, out_size=size), (1.0,), None)
+        attributes = dict(mode=self.mode, align_corners=self.align_corners, out_size=size)
+        return _build("interpolate", None, attributes, (1.0,), None)
 
 
 class QuantRegistryOp(_Layer):

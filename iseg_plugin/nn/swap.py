@@ -341,9 +341,9 @@ class _Swap:
         computed = isinstance(size, fx.Node) or (isinstance(size, (list, tuple)) and
                                                  any(isinstance(v, fx.Node) for v in size))
         if computed:  # a size the model computes from shapes: given at run time
-            self._emit(node, QuantUpsample(None, None, mode), [x, size], self.bits[x])
+            self._emit(node, QuantUpsample(None, None, mode, a["align_corners"]), [x, size], self.bits[x])
         else:
-            self._emit(node, QuantUpsample(size, factor, mode), [x], self.bits[x])
+            self._emit(node, QuantUpsample(size, factor, mode, a["align_corners"]), [x], self.bits[x])
 
     def _shape(self, node: fx.Node, a: dict | None = None) -> None:
         value = self._quantized(node.args[0], node)

@@ -361,15 +361,14 @@ def _interpolate_attributes(call) -> dict:
 
 
 def _interpolate_check(a: dict) -> str | None:
-    if a["mode"] not in ("nearest", "bilinear") or (a["mode"] == "bilinear" and a["align_corners"]):
-        return (f"integer upsampling is nearest or bilinear (align_corners=False); got mode={a['mode']!r}, "
-                f"align_corners={a['align_corners']}")
+    if a["mode"] not in ("nearest", "bilinear"):
+        return f"integer upsampling is nearest or bilinear; got mode={a['mode']!r}"
     return None
 
 
 def _build_upsample(a: dict, inputs: tuple[Grid], out=None, integers=_AS_IS) -> M.Upsample:
     """Nearest or integer bilinear resize to ``a["out_size"]`` (h, w), on the input's grid."""
-    return M.Upsample(a["mode"], a["out_size"], None)
+    return M.Upsample(a["mode"], a["out_size"], None, a["mode"] == "bilinear" and bool(a["align_corners"]))
 
 
 def _lower_interpolate(site: Site, variant: Variant) -> Operand:
@@ -606,13 +605,16 @@ _IDENTITY_ATEN = (aten.clone.default, aten.alias.default, aten.detach.default, a
 # ``contiguous`` is no identity: it is called on the integers, because a ``view`` after it needs its layout
 # (nn.MultiheadAttention: ``...transpose(...).contiguous().view(...)``)
 # Permutations and repetitions (Swin's shifted windows roll, DPT's readout expand_as) move integers too.
+# Gathers by indices that do not depend on the input's values (ViT-MAE's token shuffle) move integers too.
 SHAPE_METHODS = ("reshape", "view", "permute", "transpose", "t", "flatten", "unflatten", "expand", "squeeze",
-                 "unsqueeze", "contiguous", "roll", "flip", "repeat", "expand_as") + _IDENTITY_METHODS
+                 "unsqueeze", "contiguous", "roll", "flip", "repeat", "expand_as", "gather", "index_select",
+                 "take_along_dim") + _IDENTITY_METHODS
 SHAPE_ATEN = (aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default,
               aten.flatten.using_ints, aten.unflatten.int, aten.expand.default, aten.squeeze.dim, aten.squeeze.dims,
               aten.unsqueeze.default, aten.slice.Tensor, aten.select.int, aten.pad.default,
               aten.constant_pad_nd.default, aten.contiguous.default, aten.roll.default, aten.flip.default,
-              aten.repeat.default, aten.expand_as.default)
+              aten.repeat.default, aten.expand_as.default, aten.gather.default, aten.index_select.default,
+              aten.index.Tensor)
 
 REGISTRY.register(OpEntry(
     "linear", "INT8 x INT8 -> INT32 (+ INT32 bias), per-channel dyadic requantization to the output",
@@ -674,7 +676,7 @@ REGISTRY.register(OpEntry(
     functions=(F.normalize,), input_bits=16, variants=_single("exact isqrt, 15 fraction bits", build=_build_l2_norm),
     attributes=_normalize_attributes, check=_normalize_check, emits=("L2Norm",)))
 REGISTRY.register(OpEntry(
-    "interpolate", "nearest, or integer bilinear with exact rational weights (align_corners=False)",
+    "interpolate", "nearest, or integer bilinear with exact rational weights (align_corners False or True)",
     modules=(nn.Upsample,), functions=(F.interpolate,),
     aten=(aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec), input_bits=16,
     variants=_single("same scale as the input", _lower_interpolate, _build_upsample),
@@ -731,10 +733,12 @@ REGISTRY.register(OpEntry(
     "indices are positions, not values)" if a["return_indices"] else None, float_op=_float_max_pool,
     emits=("MaxPool",)))
 REGISTRY.register(OpEntry(
-    "shape", "reshape / permute / index / roll / flip / repeat / pad(0) / dropout in eval: the same call on the integers",
+    "shape", "reshape / permute / index / roll / flip / repeat / gather by static indices / pad(0) / dropout in eval: "
+    "the same call on the integers",
     modules=(nn.Dropout, nn.Identity), functions=(operator.getitem, torch.flatten, torch.transpose, torch.permute,
                                                    torch.reshape, torch.squeeze, torch.unsqueeze, torch.roll,
-                                                   torch.flip, F.pad, F.dropout),
+                                                   torch.flip, F.pad, F.dropout, torch.gather, torch.index_select,
+                                                   torch.take_along_dim),
     methods=SHAPE_METHODS, aten=SHAPE_ATEN + _IDENTITY_ATEN, observation="share", input_bits=None,
     variants=_single("no arithmetic", _lower_shape_op), attributes=_pad_attributes, check=_pad_check))
 REGISTRY.register(OpEntry(

@@ -365,22 +365,25 @@ class L2Norm(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest or integer bilinear resize of (B, C, H, W) integers to ``size`` (scale unchanged)."""
+    """Nearest or integer bilinear resize of (B, C, H, W) integers to ``size`` (scale unchanged); bilinear with
+    ``align_corners`` 0 or 1 (F.interpolate's)."""
 
-    QONNX = QonnxNode("IntResize", (), ("mode", "size"), doc="the last two axes resized to `size` (mode 0 nearest, "
-                      "1 bilinear), values on the input's grid")
+    QONNX = QonnxNode("IntResize", (), ("mode", "size", "align_corners"),
+                      doc="the last two axes resized to `size` (mode 0 nearest, 1 bilinear), values on the input's grid")
+    align_corners = 0  # (files written before it was stored hold 0)
 
-    def __init__(self, mode: str, size: tuple[int, int], out: Requant | None):
+    def __init__(self, mode: str, size: tuple[int, int], out: Requant | None, align_corners: bool = False):
         super().__init__()
         self.mode, self.size, self.out = mode, (int(size[0]), int(size[1])), out
+        self.align_corners = int(bool(align_corners))
 
     def forward(self, x: Tensor) -> Tensor:
+        corners = bool(self.align_corners)
         if self.out is None and x.dtype in (torch.int8, torch.int16, torch.int32) and kernels.use(x):
-            return kernels.upsample(x, self.mode, self.size)
-        resize = intops.upsample_nearest if self.mode == "nearest" else intops.upsample_bilinear
-        y = resize(x, self.size)
+            return kernels.upsample(x, self.mode, self.size, corners)
+        y = intops.upsample_nearest(x, self.size) if self.mode == "nearest" else \
+            intops.upsample_bilinear(x, self.size, corners)
         return narrow(y, x.dtype) if self.out is None else self.out(y)  # (values stay within the input's range)
-
 
 class Clamp(nn.Module):
     """Integers clamped to ``bounds`` on their own grid: ReLU, ReLU6, hardtanh and clamp, their float bounds
