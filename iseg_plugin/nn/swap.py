@@ -33,6 +33,7 @@ from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import Tensor, fx, nn
 
 from ..lowering import LoweringError, consumer_bits, describe, feeds_output, is_shape_query, static_nodes
+from ..lowering.normalize_attention import make_traceable, needs_rewrite
 from ..lowering.trace import locate_trace_failure
 from ..ops.registry import REGISTRY, UnsupportedOpError
 from ..ops.site import NodeCall
@@ -81,7 +82,7 @@ def quantize(model: nn.Module, gelu: str | None = None, softmax: str | None = No
 def _trace(model: nn.Module) -> fx.GraphModule:
     """``fx.symbolic_trace`` of a copy of ``model`` (the user's model stays as it is); a failure is refused naming
     the module torch.fx could not trace and why."""
-    model = copy.deepcopy(model)
+    model = make_traceable(model) if needs_rewrite(model) else copy.deepcopy(model)  # (torch's attention blocks)
     try:
         return fx.symbolic_trace(model)
     except Exception as err:
