@@ -32,13 +32,13 @@ def _build() -> str | None:
         return "ISEG_KERNELS=intops"
     from torch.utils import cpp_extension
 
-    # no -fopenmp: at::parallel_for in the kernels runs inline, on one thread (measured faster here than
-    # OpenMP regions next to torch's; docs/architecture.md)
-    flags = ["-O3", "-march=native"]
+    # -fopenmp: at::parallel_for in the kernels runs on torch's own OpenMP threads (the extension resolves libgomp to
+    # the copy torch has loaded: one pool, no second set of spinning workers; docs/architecture.md)
+    flags = ["-O3", "-march=native", "-fopenmp"]
     key = SOURCE.read_bytes() + " ".join([cpu_isa(), torch.__version__, *flags]).encode()
     try:
         cpp_extension.load(name=f"iseg_kernels_{hashlib.sha256(key).hexdigest()[:12]}", sources=[str(SOURCE)],
-                           is_python_module=False, extra_cflags=flags, verbose=False)
+                           is_python_module=False, extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure means: run the reference path, and say why
         return f"the C++ kernels did not build ({type(err).__name__}: {str(err).strip().splitlines()[-1][:200]})"
     return None
