@@ -8,7 +8,8 @@
     .venv/bin/python benchmarks/deployed_speed.py --load /tmp/vit-s.pth --ab /tmp/base,/work/wt40 --rounds 6
 
 Each timed process prints its runs; ``--ab`` alternates trees round by round so that load from other work on
-the machine falls on both alike, and reports the median and range per tree.
+the machine falls on both alike, and reports the median and range per tree, and the process CPU time per run
+(with ``--threads 1``, the work done, which other processes on the machine disturb less than the wall time).
 """
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ def _time(path: str, runs: int, profile: bool, check: bool) -> dict:
     image = torch.randint(0, 256, (1, 3, *model.input_size), dtype=torch.uint8)
     with torch.inference_mode():
         out = model(image)
-        times = []
+        times, cpu = [], []
         for _ in range(runs):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model(image)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
         if check:  # the same integers as the intops reference
             with kernels.reference():
                 ref = model(image)
@@ -50,7 +52,7 @@ def _time(path: str, runs: int, profile: bool, check: bool) -> dict:
             with prof(activities=[ProfilerActivity.CPU]) as p:
                 model(image)
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    return {"times": times, "median": statistics.median(times), "kernels": kernels.describe(), "gemm": gemm_path(),
+    return {"times": times, "median": statistics.median(times), "cpu": statistics.median(cpu), "kernels": kernels.describe(), "gemm": gemm_path(),
             "threads": torch.get_num_threads()}
 
 
@@ -78,6 +80,7 @@ def main() -> None:
     if args.ab:
         trees = args.ab.split(",")
         results: dict[str, list[float]] = {t: [] for t in trees}
+        cpus: dict[str, list[float]] = {t: [] for t in trees}
         for rnd in range(args.rounds):
             for tree in (trees if rnd % 2 == 0 else trees[::-1]):
                 env = {**os.environ, "PYTHONPATH": tree}
@@ -88,10 +91,12 @@ def main() -> None:
                                       env=env, capture_output=True, text=True, check=True)
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 results[tree].append(res["median"])
-                print(f"round {rnd} {tree}: median {res['median']:.3f} s  runs "
+                cpus[tree].append(res["cpu"])
+                print(f"round {rnd} {tree}: median {res['median']:.3f} s (CPU {res['cpu']:.3f} s)  runs "
                       + " ".join(f"{t:.3f}" for t in res["times"]), flush=True)
         for tree, meds in results.items():
-            print(f"{tree}: median of medians {statistics.median(meds):.3f} s  (min {min(meds):.3f}, max {max(meds):.3f})")
+            print(f"{tree}: median of medians {statistics.median(meds):.3f} s  (min {min(meds):.3f}, max {max(meds):.3f}); "
+                  f"process CPU time per run, median {statistics.median(cpus[tree]):.3f} s")
         return
     if args.threads:
         import torch

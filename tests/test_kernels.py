@@ -186,7 +186,7 @@ def test_shift_gelus_equal_intops(scale, lam):
             assert torch.equal(kernels.sigmoid_gelu(x, i0, cap, fb, out, bounds, dtype), ref)
 
 
-@pytest.mark.parametrize("softmax", ["bit-exp", "shift"])
+@pytest.mark.parametrize("softmax", ["bit-exp", "shift", "shift-wide"])  # wide: table values past int32 (its int64 loop)
 @pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
 @pytest.mark.parametrize("keys", [70, 1])  # 1: every probability is 2**15 (the AVX2 path's int16 edge)
 def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, keys):
@@ -200,7 +200,9 @@ def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, ke
     kt[0, 0, :, keys // 2] = 127
     scores = M.MatMul(False, M.Requant.between(1e-3, 2e-2, (-32768, 32767)))
     sm = M.BitExpSoftmax(intops.bit_exp_params(2e-2), 16, -1) if softmax == "bit-exp" else M.Shiftmax(
-        intops.exp_i0(2e-2), 16, -1)
+        intops.exp_i0(2e-2 if softmax == "shift" else 1e-5), 16, -1)
+    table = sm.table(row_span(torch.empty(0, dtype=torch.int16)))
+    assert (int(table.values.max()) > 2**31 - 1) == (softmax == "shift-wide")
     context = M.MatMul(True, M.Requant.between(2.0**-15 * 0.05, 0.04, (-128, 127)))
     attention = M.Attention(scores, sm, context)
     calls = []

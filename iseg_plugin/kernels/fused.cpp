@@ -27,6 +27,24 @@ inline int64_t dyadic(int64_t v, int64_t m, int64_t e) {
   return (v * m + half) >> e;  // arithmetic shift: floor, as torch.bitwise_right_shift
 }
 
+// Runs body(next) on each of torch's OpenMP threads (at::parallel_for; inline, on this thread, when nested in a
+// parallel region): body takes tasks i = next++ while i < n, so a thread slowed by other work on the machine takes
+// fewer of them (a static split would wait for it). Per-thread scratch lives in body.
+template <typename Body>
+void on_threads(int64_t n, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(next); });
+}
+
+// f(i) for i in [0, n), spread over torch's threads (on_threads).
+template <typename F>
+void pool_for(int64_t n, const F& f) {
+  on_threads(n, [&](std::atomic<int64_t>& next) {
+    for (int64_t i; (i = next.fetch_add(1)) < n;) f(i);
+  });
+}
+
 // Calls f(In(), Out()) with In the type of ``in`` and Out of ``out``, each int8 or int16 (the row kernels'
 // inputs and outputs).
 template <typename F>
@@ -377,21 +395,25 @@ at::Tensor combine_requantize(const at::Tensor& hi_, const at::Tensor& lo_, cons
 
 // intops' integer upsampling (bilinear with exact integer weights, one rounding half up; nearest as weights
 // (1, 0) over 1), output row by output row: tables per axis, (lo, hi, w_lo, w_hi), the weights over den.
-// Bilinear, one output row: the two source rows weighted first (mid, over the input width), then the columns:
-// (top[lo] w_lo + top[hi] w_hi) r_lo + (bottom[lo] w_lo + bottom[hi] w_hi) r_hi regrouped, the same integer.
-// The rounding division by 2 den is a shift where den is a power of two (floor, as an arithmetic shift is).
+// Bilinear by two passes over a block of output rows: the input rows it reads are interpolated along the columns
+// once (hrow: x[lo] w_lo + x[hi] w_hi, int64), then each output row is (above r_lo + below r_hi), rounded: the
+// intops expression, whose columns are interpolated first too. The rounding division by 2 den is a shift where
+// den is a power of two (floor, as an arithmetic shift is).
 template <typename T>
-__attribute__((noinline)) void bilinear_row(const T* __restrict top, const T* __restrict bottom, int64_t wlo,
-                                            int64_t whi, const int64_t* __restrict clo, const int64_t* __restrict chi,
-                                            const int64_t* __restrict cwlo, const int64_t* __restrict cwhi,
-                                            int64_t den, int64_t den_shift, int64_t* __restrict mid,
-                                            T* __restrict y, int64_t w, int64_t wo) {
-  for (int64_t c = 0; c < w; ++c) mid[c] = int64_t(top[c]) * wlo + int64_t(bottom[c]) * whi;
+__attribute__((noinline)) void bilinear_columns(const T* __restrict x, const int64_t* __restrict clo,
+                                                const int64_t* __restrict chi, const int64_t* __restrict cwlo,
+                                                const int64_t* __restrict cwhi, int64_t* __restrict hrow, int64_t wo) {
+  for (int64_t j = 0; j < wo; ++j) hrow[j] = int64_t(x[clo[j]]) * cwlo[j] + int64_t(x[chi[j]]) * cwhi[j];
+}
+
+template <typename T>
+__attribute__((noinline)) void bilinear_rows(const int64_t* __restrict above, const int64_t* __restrict below,
+                                             int64_t wlo, int64_t whi, int64_t den, int64_t den_shift,
+                                             T* __restrict y, int64_t wo) {
   if (den_shift >= 0) {
-    for (int64_t j = 0; j < wo; ++j)
-      y[j] = T((2 * (mid[clo[j]] * cwlo[j] + mid[chi[j]] * cwhi[j]) + den) >> den_shift);
+    for (int64_t j = 0; j < wo; ++j) y[j] = T((2 * (above[j] * wlo + below[j] * whi) + den) >> den_shift);
   } else {
-    for (int64_t j = 0; j < wo; ++j) y[j] = T(floor_div(2 * (mid[clo[j]] * cwlo[j] + mid[chi[j]] * cwhi[j]) + den, 2 * den));
+    for (int64_t j = 0; j < wo; ++j) y[j] = T(floor_div(2 * (above[j] * wlo + below[j] * whi) + den, 2 * den));
   }
 }
 
@@ -399,20 +421,32 @@ template <typename T>
 void upsample_rows(const T* x, const int64_t* rlo, const int64_t* rhi, const int64_t* rwlo, const int64_t* rwhi,
                    const int64_t* clo, const int64_t* chi, const int64_t* cwlo, const int64_t* cwhi, int64_t den,
                    T* out, int64_t planes, int64_t h, int64_t w, int64_t ho, int64_t wo) {
-  const int64_t den_shift = (den & (den - 1)) == 0 ? bit_length(2 * den) - 1 : -1;  // 2 den = 2**den_shift
-  at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> mid(w);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / ho, i = r % ho;
-      const T* top = x + (plane * h + rlo[i]) * w;
-      const T* bottom = x + (plane * h + rhi[i]) * w;
-      T* y = out + r * wo;
-      if (den == 1) {  // nearest: a copy (its weights are (1, 0))
+  if (den == 1) {  // nearest: a copy (its weights are (1, 0))
+    at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* top = x + ((r / ho) * h + rlo[r % ho]) * w;
+        T* y = out + r * wo;
         for (int64_t j = 0; j < wo; ++j) y[j] = top[clo[j]];
-        continue;
       }
-      bilinear_row(top, bottom, rwlo[i], rwhi[i], clo, chi, cwlo, cwhi, den, den_shift, mid.data(), y, w, wo);
+    });
+    return;
+  }
+  const int64_t den_shift = (den & (den - 1)) == 0 ? bit_length(2 * den) - 1 : -1;  // 2 den = 2**den_shift
+  constexpr int64_t kRows = 64;  // output rows per task
+  const int64_t chunks = (ho + kRows - 1) / kRows;
+  pool_for(planes * chunks, [&](int64_t task) {
+    const int64_t plane = task / chunks, i0 = (task % chunks) * kRows, i1 = std::min(ho, i0 + kRows);
+    int64_t r0 = h, r1 = -1;  // the input rows these output rows read
+    for (int64_t i = i0; i < i1; ++i) {
+      r0 = std::min({r0, rlo[i], rhi[i]});
+      r1 = std::max({r1, rlo[i], rhi[i]});
     }
+    std::vector<int64_t> hrows((r1 - r0 + 1) * wo);
+    for (int64_t r = r0; r <= r1; ++r)
+      bilinear_columns(x + (plane * h + r) * w, clo, chi, cwlo, cwhi, hrows.data() + (r - r0) * wo, wo);
+    for (int64_t i = i0; i < i1; ++i)
+      bilinear_rows(hrows.data() + (rlo[i] - r0) * wo, hrows.data() + (rhi[i] - r0) * wo, rwlo[i], rwhi[i], den,
+                    den_shift, out + (plane * ho + i) * wo, wo);
   });
 }
 
@@ -473,24 +507,6 @@ at::Tensor argmax_channels(const at::Tensor& x_, int64_t ho, int64_t wo) {
     AT_DISPATCH_CASE(at::kShort, [&] { argmax_rows(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0), x.size(1), x.size(2), x.size(3), ho, wo); })
     AT_DISPATCH_CASE(at::kInt, [&] { argmax_rows(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0), x.size(1), x.size(2), x.size(3), ho, wo); }));
   return out;
-}
-
-// Runs body(next) on each of torch's OpenMP threads (at::parallel_for; inline, on this thread, when nested in a
-// parallel region): body takes tasks i = next++ while i < n, so a thread slowed by other work on the machine takes
-// fewer of them (a static split would wait for it). Per-thread scratch lives in body.
-template <typename Body>
-void on_threads(int64_t n, const Body& body) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(next); });
-}
-
-// f(i) for i in [0, n), spread over torch's threads (on_threads).
-template <typename F>
-void pool_for(int64_t n, const F& f) {
-  on_threads(n, [&](std::atomic<int64_t>& next) {
-    for (int64_t i; (i = next.fetch_add(1)) < n;) f(i);
-  });
 }
 
 // Exact int8 x int8 -> int32 GEMM for CPUs without VNNI. at::_int_mm is oneDNN's VNNI kernel where the CPU has
