@@ -367,12 +367,12 @@ std::vector<at::Tensor> split_uint16(const at::Tensor& p_) {
 // requantized (a per-tensor dyadic). hi, lo: (B, M, N); colsum: (B, N), the column sums of v.
 template <typename Out>
 void combine_rows(const int32_t* hi, const int32_t* lo, const int64_t* colsum, int64_t m, int64_t e, int64_t qlo,
-                  int64_t qhi, Out* out, int64_t batch, int64_t rows, int64_t n) {
+                  int64_t qhi, Out* out, int64_t batch, int64_t rows, int64_t n, int64_t high_offset = 64) {
   at::parallel_for(0, batch * rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t* c = colsum + (r / rows) * n;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t acc = (int64_t(hi[r * n + j]) + 64 * c[j]) * 256 + int64_t(lo[r * n + j]) + 128 * c[j];
+        const int64_t acc = (int64_t(hi[r * n + j]) + high_offset * c[j]) * 256 + int64_t(lo[r * n + j]) + 128 * c[j];
         out[r * n + j] = Out(std::min(std::max(dyadic(acc, m, e), qlo), qhi));
       }
     }
@@ -683,18 +683,45 @@ __attribute__((always_inline)) inline int64_t softmax_exp(const int32_t* __restr
   return (int64_t(1) << 62) / sum;  // sum >= 1: every table value is > 0
 }
 
-// _int_mm's operands: the probabilities as two int8 halves, (p >> 8) - 64 and (p & 255) - 128
+// the probabilities' high bytes p >> 8 (uint8, at most 128) as they are, and their low bytes as _int_mm's int8 operand
+// (p & 255) - 128
 template <typename E>
-__attribute__((noinline)) void softmax_row_halves(const int32_t* __restrict acc, int32_t* __restrict sc,
-                                                  E* __restrict e, int8_t* __restrict high,
-                                                  int8_t* __restrict lowh, int64_t n, const SoftmaxRow& k) {
+__attribute__((noinline)) void softmax_row_bytes(const int32_t* __restrict acc, int32_t* __restrict sc,
+                                                 E* __restrict e, uint8_t* __restrict high, int8_t* __restrict lowh,
+                                                 int64_t n, const SoftmaxRow& k) {
   const int64_t recip = softmax_exp(acc, sc, e, n, k);
   const int64_t shift = k.shift, half = k.half;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t p = (int64_t(e[j]) * recip + half) >> shift;
-    high[j] = int8_t((p >> 8) - 64);
+    high[j] = uint8_t(p >> 8);
     lowh[j] = int8_t((p & 255) - 128);
   }
+}
+
+// ctx (dv int32) = high @ v for one row of high bytes, over its non-zero entries only. A row of probabilities sums
+// to about 2**15, so at most ~128 of them reach 256 (a non-zero high byte): a sparse row, where the int8 GEMM of
+// the high half (offset by -64) was as dense as the low half's. |ctx| <= 128 * 129 * 128: no int32 overflow.
+__attribute__((always_inline)) inline void add_scaled_row(int32_t* __restrict ctx, int32_t h, const int8_t* __restrict vr,
+                                                          int64_t dv) {
+  for (int64_t c = 0; c < dv; ++c) ctx[c] += h * int32_t(vr[c]);
+}
+
+__attribute__((noinline)) void sparse_high_row(const uint8_t* __restrict high, const int8_t* __restrict v,
+                                               int32_t* __restrict ctx, int64_t n, int64_t dv) {
+  std::fill(ctx, ctx + dv, 0);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {  // 8 bytes at a time: most words are zero
+    uint64_t word;
+    std::memcpy(&word, high + j, sizeof word);
+    while (word) {
+      const int bit = __builtin_ctzll(word) & ~7;
+      const int64_t jj = j + bit / 8;
+      add_scaled_row(ctx, high[jj], v + jj * dv, dv);
+      word &= ~(uint64_t(0xff) << bit);
+    }
+  }
+  for (; j < n; ++j)
+    if (high[j]) add_scaled_row(ctx, high[j], v + j * dv, dv);
 }
 
 // the AVX2 GEMM's operand: the probabilities as int16, 2**15 entered as 2**15 - 1; returns the row's reciprocal if
@@ -719,7 +746,8 @@ __attribute__((noinline)) int64_t softmax_row_int16(const int32_t* __restrict ac
 // the probabilities split as split_uint16, their two int8 products with v recombined and requantized as
 // combine_requantize. The same integers as those steps one after the other (tested). The GEMMs are torch's
 // exact int8 ones (at::_int_mm: oneDNN with VNNI) or, avx2_gemm, the AVX2 kernel above, with kT and v packed
-// once per batch entry. The (batch entry, block) tasks run on torch's OpenMP threads (on_threads), each GEMM of a
+// once per batch entry. On _int_mm, the probabilities' high bytes (p >> 8, non-zero for at most ~128 keys of a
+// row) multiply v as a sparse row (sparse_high_row) instead of a second dense int8 GEMM. The (batch entry, block) tasks run on torch's OpenMP threads (on_threads), each GEMM of a
 // task on its thread (a oneDNN call inside a parallel region runs single-threaded), into per-thread scratch.
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tensor& v_, int64_t m1, int64_t e1,
                      int64_t lo1, int64_t hi1, const at::Tensor& table_, int64_t low, int64_t out_frac_bits,
@@ -753,16 +781,16 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
   const SoftmaxRow k{m1, e1 > 0 ? (int64_t(1) << (e1 - 1)) : 0, e1, lo1, hi1, tp, table32.empty() ? nullptr : table32.data(),
                      low, shift, int64_t(1) << (shift - 1)};
   // the block's context rows, int32 products pv (rr, Dv) (hi and lo halves: _int_mm), requantized into out
-  const auto store = [&](int64_t b, int64_t r0, int64_t rr, const int32_t* pv, const int32_t* pv_low) {
+  const auto store = [&](int64_t b, int64_t r0, int64_t rr, const int32_t* pv, const int32_t* pv_low, int64_t high_offset) {
     AT_DISPATCH_SWITCH(out_dtype, "attention_out",
       AT_DISPATCH_CASE(at::kChar, [&] {
         scalar_t* o = out.data_ptr<scalar_t>() + (b * rows + r0) * dv;
-        if (pv_low) combine_rows(pv, pv_low, colsum.data() + b * dv, m2, e2, lo2, hi2, o, 1, rr, dv);
+        if (pv_low) combine_rows(pv, pv_low, colsum.data() + b * dv, m2, e2, lo2, hi2, o, 1, rr, dv, high_offset);
         else requantize_rows<int32_t, scalar_t>(pv, nullptr, &m2, &e2, false, lo2, hi2, o, rr, dv);
       })
       AT_DISPATCH_CASE(at::kShort, [&] {
         scalar_t* o = out.data_ptr<scalar_t>() + (b * rows + r0) * dv;
-        if (pv_low) combine_rows(pv, pv_low, colsum.data() + b * dv, m2, e2, lo2, hi2, o, 1, rr, dv);
+        if (pv_low) combine_rows(pv, pv_low, colsum.data() + b * dv, m2, e2, lo2, hi2, o, 1, rr, dv, high_offset);
         else requantize_rows<int32_t, scalar_t>(pv, nullptr, &m2, &e2, false, lo2, hi2, o, rr, dv);
       }));
   };
@@ -799,7 +827,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
         const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
         for (const auto& [i, j] : whole)
           for (int64_t col = 0; col < dv; ++col) pv[i * dv + col] += vb[j * dv + col];
-        store(b, r0, rr, pv.data(), nullptr);
+        store(b, r0, rr, pv.data(), nullptr, 0);
       }
     });
     return out;
@@ -809,27 +837,26 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
 #endif
   on_threads(batch * blocks, [&](std::atomic<int64_t>& next) {
     const auto i32 = q.options().dtype(at::kInt);
-    at::Tensor acc = at::empty({block, n}, i32), high = at::empty({block, n}, q.options()),
-               lowh = at::empty({block, n}, q.options()), pv_hi = at::empty({block, dv}, i32),
+    at::Tensor acc = at::empty({block, n}, i32), lowh = at::empty({block, n}, q.options()),
                pv_lo = at::empty({block, dv}, i32);
-    std::vector<int32_t> sc(n);
+    std::vector<uint8_t> high(n);
+    std::vector<int32_t> sc(n), pv_hi(block * dv);
     std::vector<int64_t> e(n);
     std::vector<int32_t> e32(n);
     for (int64_t task; (task = next.fetch_add(1)) < batch * blocks;) {
       const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
-      at::Tensor a = acc.narrow(0, 0, rr), h = high.narrow(0, 0, rr), l = lowh.narrow(0, 0, rr);
-      at::Tensor ph = pv_hi.narrow(0, 0, rr), pl = pv_lo.narrow(0, 0, rr);
+      at::Tensor a = acc.narrow(0, 0, rr), l = lowh.narrow(0, 0, rr), pl = pv_lo.narrow(0, 0, rr);
       at::_int_mm_out(a, q[b].narrow(0, r0, rr), kt[b]);
       const int32_t* ap = a.data_ptr<int32_t>();
-      int8_t* hp = h.data_ptr<int8_t>();
       int8_t* lp = l.data_ptr<int8_t>();
-      for (int64_t i = 0; i < rr; ++i) {
-        if (k.table32) softmax_row_halves(ap + i * n, sc.data(), e32.data(), hp + i * n, lp + i * n, n, k);
-        else softmax_row_halves(ap + i * n, sc.data(), e.data(), hp + i * n, lp + i * n, n, k);
+      const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
+      for (int64_t i = 0; i < rr; ++i) {  // the low bytes' GEMM below; the high bytes' product here, row by row
+        if (k.table32) softmax_row_bytes(ap + i * n, sc.data(), e32.data(), high.data(), lp + i * n, n, k);
+        else softmax_row_bytes(ap + i * n, sc.data(), e.data(), high.data(), lp + i * n, n, k);
+        sparse_high_row(high.data(), vb, pv_hi.data() + i * dv, n, dv);
       }
-      at::_int_mm_out(ph, h, v[b]);
       at::_int_mm_out(pl, l, v[b]);
-      store(b, r0, rr, ph.data_ptr<int32_t>(), pl.data_ptr<int32_t>());
+      store(b, r0, rr, pv_hi.data(), pl.data_ptr<int32_t>(), 0);
     }
   });
   return out;
