@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--ab", help="comma-separated source trees to alternate (PYTHONPATH of each process)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--gemm", help="force a GEMM path (iseg_plugin.ops.gemm.GEMM_PATHS; default: this CPU's fastest)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.save:
@@ -87,7 +88,8 @@ def main() -> None:
                 proc = subprocess.run([sys.executable, str(Path(tree) / "benchmarks" / "deployed_speed.py")
                                        if (Path(tree) / "benchmarks" / "deployed_speed.py").exists() else __file__,
                                        "--load", args.load, "--runs", str(args.runs), "--json",
-                                       *(["--threads", str(args.threads)] if args.threads else [])],
+                                       *(["--threads", str(args.threads)] if args.threads else []),
+                                       *(["--gemm", args.gemm] if args.gemm else [])],
                                       env=env, capture_output=True, text=True, check=True)
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 results[tree].append(res["median"])
@@ -102,6 +104,10 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.gemm:
+        from iseg_plugin.ops import gemm
+
+        gemm.GEMM = args.gemm
     res = _time(args.load, args.runs, args.profile, args.check)
     if args.json:
         print(json.dumps(res))

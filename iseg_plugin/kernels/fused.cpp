@@ -529,27 +529,28 @@ struct PackedB {
 PackedB pack_b(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
   PackedB p{{}, n, (k + 1) / 2, (n + kTileCols - 1) / kTileCols};
   p.data.assign(p.panels * p.pairs * 2 * kTileCols, 0);  // zeros pad an odd k and the last panel
-  at::parallel_for(0, p.panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, n - c0);
-      for (int64_t t = 0; t < p.pairs; ++t) {
-        int16_t* out = p.data.data() + (panel * p.pairs + t) * 2 * kTileCols;
-        for (int64_t h = 0; h < 2 && 2 * t + h < k; ++h) {
-          const int8_t* row = b + (2 * t + h) * n + c0;
-          for (int64_t j = 0; j < cols; ++j) out[2 * j + h] = row[j];
-        }
+  // on the calling thread: one parallel region less per product (a region waits for both threads, which costs a
+  // scheduler time slice where other processes hold the other core)
+  for (int64_t panel = 0; panel < p.panels; ++panel) {
+    const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, n - c0);
+    for (int64_t t = 0; t < p.pairs; ++t) {
+      int16_t* out = p.data.data() + (panel * p.pairs + t) * 2 * kTileCols;
+      for (int64_t h = 0; h < 2 && 2 * t + h < k; ++h) {
+        const int8_t* row = b + (2 * t + h) * n + c0;
+        for (int64_t j = 0; j < cols; ++j) out[2 * j + h] = row[j];
       }
     }
-  });
+  }
   return p;
 }
 
-std::vector<int16_t> pack_a(const int8_t* a, int64_t m, int64_t k, int64_t pairs) {  // a: (m, k) row-major
-  std::vector<int16_t> out(m * 2 * pairs, 0);
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) std::copy(a + i * k, a + (i + 1) * k, out.begin() + i * 2 * pairs);
-  });
-  return out;
+// rows [r0, r1) of a (m, k) int8 row-major as int16 rows of 2 * pairs (zero-padded) into out
+void pack_a_rows(const int8_t* a, int64_t r0, int64_t r1, int64_t k, int64_t pairs, int16_t* out) {
+  for (int64_t i = r0; i < r1; ++i) {
+    int16_t* o = out + (i - r0) * 2 * pairs;
+    std::copy(a + i * k, a + (i + 1) * k, o);
+    std::fill(o + k, o + 2 * pairs, int16_t(0));
+  }
 }
 
 // C's row (cols <= 16 of its columns) = lo | hi, or += (add)
@@ -595,38 +596,47 @@ __attribute__((noinline)) void gemm_tile(const int16_t* a, int64_t lda, const in
   for (int r = 0; r < R; ++r) store_tile_row(c + r * ldc, lo[r], hi[r], cols, add);
 }
 
-// c (m, b.n) int32 = a16 (m, 2 * b.pairs) int16 @ b
-void gemm_packed(const int16_t* a16, int64_t m, const PackedB& b, int32_t* c) {
+// rows [r0, r1) of c (m, b.n) int32 = a16 (rows r0.. of lda = 2 * b.pairs int16, starting at row r0) @ b
+void gemm_rows(const int16_t* a16, int64_t r0, int64_t r1, const PackedB& b, int32_t* c) {
   const int64_t lda = 2 * b.pairs, ldc = b.n;
   if (b.pairs == 0) {
-    std::fill(c, c + m * ldc, 0);
+    std::fill(c + r0 * ldc, c + r1 * ldc, 0);
     return;
   }
-  pool_for((m + kTaskRows - 1) / kTaskRows, [&](int64_t task) {
-    const int64_t r0 = task * kTaskRows, r1 = std::min(m, r0 + kTaskRows);
-    for (int64_t t0 = 0; t0 < b.pairs; t0 += kBlockPairs) {
-      const int64_t t1 = std::min(b.pairs, t0 + kBlockPairs);
-      for (int64_t panel = 0; panel < b.panels; ++panel) {
-        const int16_t* bp = b.data.data() + panel * b.pairs * 2 * kTileCols;
-        const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, b.n - c0);
-        for (int64_t r = r0; r < r1; r += kTileRows) {
-          const int16_t* ar = a16 + r * lda;
-          int32_t* cr = c + r * ldc + c0;
-          switch (std::min(kTileRows, r1 - r)) {
-            case 4: gemm_tile<4>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
-            case 3: gemm_tile<3>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
-            case 2: gemm_tile<2>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
-            default: gemm_tile<1>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0);
-          }
+  for (int64_t t0 = 0; t0 < b.pairs; t0 += kBlockPairs) {
+    const int64_t t1 = std::min(b.pairs, t0 + kBlockPairs);
+    for (int64_t panel = 0; panel < b.panels; ++panel) {
+      const int16_t* bp = b.data.data() + panel * b.pairs * 2 * kTileCols;
+      const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, b.n - c0);
+      for (int64_t r = r0; r < r1; r += kTileRows) {
+        const int16_t* ar = a16 + (r - r0) * lda;
+        int32_t* cr = c + r * ldc + c0;
+        switch (std::min(kTileRows, r1 - r)) {
+          case 4: gemm_tile<4>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
+          case 3: gemm_tile<3>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
+          case 2: gemm_tile<2>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
+          default: gemm_tile<1>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0);
         }
       }
     }
-  });
+  }
 }
 
-// (m, k) int8 rows @ packed B -> (m, n) int32 at c
+// c (m, b.n) int32 = a16 (m, 2 * b.pairs) int16 @ b, on the calling thread
+void gemm_packed(const int16_t* a16, int64_t m, const PackedB& b, int32_t* c) { gemm_rows(a16, 0, m, b, c); }
+
+// (m, k) int8 rows @ packed B -> (m, n) int32 at c: tasks of kTaskRows rows on torch's threads, each packing its own
+// rows to int16 (one parallel region per product)
 void mm_packed(const int8_t* a, int64_t m, int64_t k, const PackedB& b, int32_t* c) {
-  gemm_packed(pack_a(a, m, k, b.pairs).data(), m, b, c);
+  const int64_t tasks = (m + kTaskRows - 1) / kTaskRows;
+  on_threads(tasks, [&](std::atomic<int64_t>& next) {
+    std::vector<int16_t> a16(kTaskRows * 2 * b.pairs);
+    for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
+      const int64_t r0 = task * kTaskRows, r1 = std::min(m, r0 + kTaskRows);
+      pack_a_rows(a, r0, r1, k, b.pairs, a16.data());
+      gemm_rows(a16.data(), r0, r1, b, c);
+    }
+  });
 }
 #endif
 
