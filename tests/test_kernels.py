@@ -233,3 +233,20 @@ def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gel
         with kernels.reference():
             reference = int_model(*inputs)
     assert fast.dtype == reference.dtype and torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_pixels_to_int8_equals_intops(per_channel):
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randint(0, 256, (2, 3, 17, 70001 // 17 + 3), generator=g, dtype=torch.uint8)  # > one 2**16 piece
+    pixels[0, :, 0, :4] = torch.tensor([0, 255, 128, 1], dtype=torch.uint8)
+    for mean, std, scale in (([123.675, 116.28, 103.53], [58.395, 57.12, 57.375], 0.02), ([0.0, 255.0, 127.5],
+                             [1.0, 0.5, 3.0], 1e-3), ([128.0] * 3, [64.0] * 3, 10.0)):
+        mean_fixed, dyadic = intops.pixel_params(mean, std, scale if per_channel else torch.tensor(scale))
+        if not per_channel:
+            dyadic = intops.Dyadic(dyadic.multiplier[0], dyadic.shift[0])
+        ref = intops.pixels_to_int8(pixels, mean_fixed, dyadic).to(torch.int8)
+        out = kernels.pixels_to_int8(pixels, mean_fixed, dyadic)
+        assert out.dtype == torch.int8 and torch.equal(out, ref)
+        if scale == 1e-3:  # both clamps reached
+            assert (ref == 127).any() and (ref == -128).any()

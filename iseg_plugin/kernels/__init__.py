@@ -161,6 +161,11 @@ def class_map(logits, size: tuple[int, int]):
     return torch.ops.iseg_kernels.argmax_channels(logits, int(size[0]), int(size[1]))
 
 
+def pixels_to_int8(pixels, mean_fixed, multiplier):
+    """``intops.pixels_to_int8`` of uint8 (B, C, H, W) pixels in one pass (int8, (B, C, H, W) contiguous)."""
+    return torch.ops.iseg_kernels.pixels_to_int8(pixels, mean_fixed, multiplier.multiplier, multiplier.shift)
+
+
 ATTENTION_BLOCK = 64  # query rows per task: their scores and probabilities stay in cache
 
 

@@ -366,16 +366,22 @@ std::vector<at::Tensor> split_uint16(const at::Tensor& p_) {
 // The two halves' int32 products put back together, (hi + 64 colsum) * 256 + lo + 128 colsum (= p @ v), and
 // requantized (a per-tensor dyadic). hi, lo: (B, M, N); colsum: (B, N), the column sums of v.
 template <typename Out>
+__attribute__((noinline)) void combine_row(const int32_t* __restrict hi, const int32_t* __restrict lo,
+                                           const int64_t* __restrict c, int64_t m, int64_t half, int64_t e, int64_t qlo,
+                                           int64_t qhi, Out* __restrict out, int64_t n, int64_t high_offset) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t acc = (int64_t(hi[j]) + high_offset * c[j]) * 256 + int64_t(lo[j]) + 128 * c[j];
+    out[j] = Out(std::min(std::max((acc * m + half) >> e, qlo), qhi));
+  }
+}
+
+template <typename Out>
 void combine_rows(const int32_t* hi, const int32_t* lo, const int64_t* colsum, int64_t m, int64_t e, int64_t qlo,
                   int64_t qhi, Out* out, int64_t batch, int64_t rows, int64_t n, int64_t high_offset = 64) {
+  const int64_t half = e > 0 ? (int64_t(1) << (e - 1)) : 0;
   at::parallel_for(0, batch * rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t* c = colsum + (r / rows) * n;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t acc = (int64_t(hi[r * n + j]) + high_offset * c[j]) * 256 + int64_t(lo[r * n + j]) + 128 * c[j];
-        out[r * n + j] = Out(std::min(std::max(dyadic(acc, m, e), qlo), qhi));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      combine_row(hi + r * n, lo + r * n, colsum + (r / rows) * n, m, half, e, qlo, qhi, out + r * n, n, high_offset);
   });
 }
 
@@ -872,6 +878,39 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
   return out;
 }
 
+// intops.pixels_to_int8: (B, C, H, W) uint8 pixels -> int8, per channel clamp((256 p - mean) * m / 2**e, rounded
+// half up, to [-128, 127]), one pass over each plane (the mean has 8 fraction bits; |256 p - mean| < 2**17).
+__attribute__((noinline)) void pixels_plane(const uint8_t* __restrict p, int8_t* __restrict y, int64_t count,
+                                            int64_t mean, int64_t m, int64_t half, int64_t e) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t v = ((int64_t(p[i]) * 256 - mean) * m + half) >> e;
+    y[i] = int8_t(std::min(std::max(v, int64_t(-128)), int64_t(127)));
+  }
+}
+
+at::Tensor pixels_to_int8(const at::Tensor& x_, const at::Tensor& mean_, const at::Tensor& m_, const at::Tensor& e_) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kByte && x.dim() == 4, "pixels_to_int8: uint8 (B, C, H, W) pixels");
+  const int64_t c = x.size(1), plane = x.size(2) * x.size(3);
+  const at::Tensor mean = mean_.to(at::kLong).contiguous().flatten(), m = m_.to(at::kLong).contiguous().flatten(),
+                   e = e_.to(at::kLong).contiguous().flatten();
+  TORCH_CHECK(mean.numel() == c && (m.numel() == 1 || m.numel() == c) && e.numel() == m.numel(),
+              "pixels_to_int8: one mean per channel, one multiplier per channel or per tensor");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  const int64_t* mp = m.data_ptr<int64_t>();
+  const int64_t* ep = e.data_ptr<int64_t>();
+  const int64_t* meanp = mean.data_ptr<int64_t>();
+  const int64_t chunk = 1 << 16;  // elements per task: planes in pieces, so that one image spreads over the threads
+  const int64_t pieces = (plane + chunk - 1) / chunk, planes = x.size(0) * c;
+  pool_for(planes * pieces, [&](int64_t task) {
+    const int64_t pl = task / pieces, i0 = (task % pieces) * chunk, count = std::min(chunk, plane - i0);
+    const int64_t ch = pl % c, k = m.numel() == 1 ? 0 : ch;
+    pixels_plane(x.data_ptr<uint8_t>() + pl * plane + i0, out.data_ptr<int8_t>() + pl * plane + i0, count, meanp[ch],
+                 mp[k], ep[k] > 0 ? (int64_t(1) << (ep[k] - 1)) : 0, ep[k]);
+  });
+  return out;
+}
+
 // intops' ShiftExp (_shift_exp_int) of p <= 0 computed directly: base 2 by shift-add, the exponent clamped at
 // -k_inter, 2**(r/i0) ~ 1 + r/(2 i0).
 inline int64_t shift_exp(int64_t x, int64_t i0, int64_t k_inter) {
@@ -939,6 +978,7 @@ TORCH_LIBRARY(iseg_kernels, m) {
   m.def("sigmoid_gelu(Tensor x, int i0, int cap, int frac_bits, int k_inter, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
   m.def("upsample(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
   m.def("int8_mm_avx2(Tensor a, Tensor b) -> Tensor");
+  m.def("pixels_to_int8(Tensor pixels, Tensor mean, Tensor multiplier, Tensor shift) -> Tensor");
   m.def("poly_gelu(Tensor x, int clip, int pre_shift, int pm, int pe, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
 }
 
@@ -955,4 +995,5 @@ TORCH_LIBRARY_IMPL(iseg_kernels, CPU, m) {
   m.impl("argmax_channels", &argmax_channels);
   m.impl("split_uint16", &split_uint16);
   m.impl("combine_requantize", &combine_requantize);
+  m.impl("pixels_to_int8", &pixels_to_int8);
 }
