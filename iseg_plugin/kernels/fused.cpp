@@ -775,7 +775,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
               kt.scalar_type() == at::kChar && v.scalar_type() == at::kChar, "attention: int8 (B, M, D), (B, D, N), (B, N, Dv)");
   const int64_t batch = q.size(0), rows = q.size(1), d = q.size(2), n = kt.size(2), dv = v.size(2);
   TORCH_CHECK(kt.size(0) == batch && v.size(0) == batch && kt.size(1) == d && v.size(1) == n, "attention: shapes");
-  TORCH_CHECK(!avx2_gemm || out_frac_bits <= 15, "attention: the AVX2 path takes probabilities of at most 2**15");
+  TORCH_CHECK(out_frac_bits >= 0 && out_frac_bits <= 15, "attention: probabilities of at most 2**15 (their bytes, or int16)");
   TORCH_CHECK(lo1 <= hi1 && hi1 - lo1 <= std::numeric_limits<int32_t>::max() && lo1 >= std::numeric_limits<int32_t>::min() &&
               hi1 <= std::numeric_limits<int32_t>::max() && e1 >= 0, "attention: scores within 31 bits of span");
   std::vector<int64_t> colsum(avx2_gemm ? 0 : batch * dv, 0);  // (B, Dv) column sums of v, for _int_mm's halves
