@@ -58,11 +58,11 @@ PYTORCH_GEMMS = {"int_mm": "torch._int_mm (oneDNN, VNNI)",
                  "int32": "int32 matmul (no VNNI: _int_mm is ~50x slower)"}
 # what limits the deployed model, per GEMM path (the profile paragraph of the report)
 PROFILE_NOTES = {
-    "int_mm": ["The probabilities enter _int_mm as two 8-bit halves: three GEMMs per head where FP32 has two.",
-               "Attention is half of the time or more: its softmax rows run on one thread (on torch's inter-op threads",
-               "beside _int_mm's spinning OpenMP workers they were slower: docs/architecture.md), and its small",
-               "per-block _int_mm calls run well below the large products' rate (the ratio above). OpenVINO INT8",
-               "keeps softmax, LayerNorm and GELU in float (its own kernels) between INT8 GEMMs: not integer-only."],
+    "int_mm": ["The probabilities' low bytes enter _int_mm, their high bytes (non-zero for at most ~128 keys of a row) a",
+               "sparse product. Attention runs by (head, 64-row block) tasks on both threads, each _int_mm of a task on",
+               "one thread; its softmax rows are vectorised, their exponential-table gather the larger part",
+               "(docs/architecture.md). OpenVINO INT8 keeps softmax, LayerNorm and GELU in float (its own kernels) between",
+               "INT8 GEMMs: not integer-only."],
     "avx2": ["The probabilities enter the AVX2 GEMM whole (int16): two GEMMs per head, as FP32. Without VNNI the GEMMs",
              "are the limit: the exact AVX2 kernel (int16 pairs, 16 products per vpmaddwd) runs about as fast as torch's",
              "FP32 matmul (ratio above), so the integer model is about as fast as FP32 PyTorch, without VNNI's margin."],

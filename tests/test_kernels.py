@@ -187,7 +187,7 @@ def test_shift_gelus_equal_intops(scale, lam):
             assert torch.equal(kernels.sigmoid_gelu(x, i0, cap, fb, out, bounds, dtype, intops.K_INTER_GELU, 8), ref)
 
 
-@pytest.mark.parametrize("softmax", ["bit-exp", "shift"])
+@pytest.mark.parametrize("softmax", ["bit-exp", "shift", "shift-wide"])  # wide: table values past int32 (its int64 loop)
 @pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
 @pytest.mark.parametrize("keys", [70, 1])  # 1: every probability is 2**15 (the AVX2 path's int16 edge)
 def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, keys):
@@ -201,7 +201,9 @@ def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, ke
     kt[0, 0, :, keys // 2] = 127
     scores = M.MatMul(False, M.Requant.between(1e-3, 2e-2, (-32768, 32767)))
     sm = M.BitExpSoftmax(intops.bit_exp_params(2e-2), 16, -1) if softmax == "bit-exp" else M.Shiftmax(
-        intops.exp_i0(2e-2), 16, -1)
+        intops.exp_i0(2e-2 if softmax == "shift" else 1e-5), 16, -1)
+    table = sm.table(row_span(torch.empty(0, dtype=torch.int16)))
+    assert (int(table.values.max()) > 2**31 - 1) == (softmax == "shift-wide")
     context = M.MatMul(True, M.Requant.between(2.0**-15 * 0.05, 0.04, (-128, 127)))
     attention = M.Attention(scores, sm, context)
     calls = []
@@ -232,3 +234,20 @@ def test_converted_model_same_integers_with_and_without_kernels(monkeypatch, gel
         with kernels.reference():
             reference = int_model(*inputs)
     assert fast.dtype == reference.dtype and torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_pixels_to_int8_equals_intops(per_channel):
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randint(0, 256, (2, 3, 17, 70001 // 17 + 3), generator=g, dtype=torch.uint8)  # > one 2**16 piece
+    pixels[0, :, 0, :4] = torch.tensor([0, 255, 128, 1], dtype=torch.uint8)
+    for mean, std, scale in (([123.675, 116.28, 103.53], [58.395, 57.12, 57.375], 0.02), ([0.0, 255.0, 127.5],
+                             [1.0, 0.5, 3.0], 1e-3), ([128.0] * 3, [64.0] * 3, 10.0)):
+        mean_fixed, dyadic = intops.pixel_params(mean, std, scale if per_channel else torch.tensor(scale))
+        if not per_channel:
+            dyadic = intops.Dyadic(dyadic.multiplier[0], dyadic.shift[0])
+        ref = intops.pixels_to_int8(pixels, mean_fixed, dyadic).to(torch.int8)
+        out = kernels.pixels_to_int8(pixels, mean_fixed, dyadic)
+        assert out.dtype == torch.int8 and torch.equal(out, ref)
+        if scale == 1e-3:  # both clamps reached
+            assert (ref == 127).any() and (ref == -128).any()

@@ -61,7 +61,8 @@ class DeployedSegmenter(nn.Module):
 
     def _run(self, images: Tensor) -> tuple[Tensor, Tensor]:
         # the graph is lowered for one image (shapes are folded into it): a batch runs image by image
-        logits = torch.cat([self.graph(image[None]) for image in images])
+        outs = [self.graph(image[None]) for image in images]
+        logits = outs[0] if len(outs) == 1 else torch.cat(outs)  # (one image: no copy of the full-size logits)
         if logits.dtype in (torch.int8, torch.int16, torch.int32) and kernels.use(logits):
             return logits, kernels.class_map(logits, self.input_size)
         return logits, logits[..., : self.input_size[0], : self.input_size[1]].argmax(1)

@@ -13,11 +13,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <limits>
 #include <vector>
 
@@ -27,6 +25,24 @@ namespace {
 inline int64_t dyadic(int64_t v, int64_t m, int64_t e) {
   const int64_t half = e > 0 ? (int64_t(1) << (e - 1)) : 0;
   return (v * m + half) >> e;  // arithmetic shift: floor, as torch.bitwise_right_shift
+}
+
+// Runs body(next) on each of torch's OpenMP threads (at::parallel_for; inline, on this thread, when nested in a
+// parallel region): body takes tasks i = next++ while i < n, so a thread slowed by other work on the machine takes
+// fewer of them (a static split would wait for it). Per-thread scratch lives in body.
+template <typename Body>
+void on_threads(int64_t n, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(next); });
+}
+
+// f(i) for i in [0, n), spread over torch's threads (on_threads).
+template <typename F>
+void pool_for(int64_t n, const F& f) {
+  on_threads(n, [&](std::atomic<int64_t>& next) {
+    for (int64_t i; (i = next.fetch_add(1)) < n;) f(i);
+  });
 }
 
 // Calls f(In(), Out()) with In the type of ``in`` and Out of ``out``, each int8 or int16 (the row kernels'
@@ -49,40 +65,49 @@ void dispatch_int8_int16(at::ScalarType in, at::ScalarType out, const F& f) {
 }
 
 // |m| < 2**31 and |v| < 2**31 (the contract of intops.requantize): the product is one widening 32 x 32 -> 64
-// multiply, which vectorises (vpmuldq); the shift is uniform per tensor, or one per channel.
+// multiply, which vectorises; the shift is uniform per tensor, or one per channel. The loops take restrict pointers
+// and their constants by value (no aliasing for the compiler to fear: it vectorises them, -march=native), the rows
+// spread over torch's threads.
+template <typename In, typename Out>
+__attribute__((noinline)) void requantize_span(const In* __restrict x, const int32_t* __restrict add, Out* __restrict y,
+                                               int64_t count, int64_t m, int64_t half, int64_t shift, int64_t lo,
+                                               int64_t hi) {
+  for (int64_t c = 0; c < count; ++c) {
+    const int64_t v = (int64_t(int32_t(int64_t(x[c]) + add[c])) * m + half) >> shift;
+    y[c] = Out(std::min(std::max(v, lo), hi));
+  }
+}
+
+template <typename In, typename Out>
+__attribute__((noinline)) void requantize_span_channels(const In* __restrict x, const int32_t* __restrict add,
+                                                        Out* __restrict y, int64_t count, const int64_t* __restrict m,
+                                                        const int64_t* __restrict half, const int64_t* __restrict shift,
+                                                        int64_t lo, int64_t hi) {
+  for (int64_t c = 0; c < count; ++c) {
+    const int64_t v = (int64_t(int32_t(int64_t(x[c]) + add[c])) * m[c] + half[c]) >> shift[c];
+    y[c] = Out(std::min(std::max(v, lo), hi));
+  }
+}
+
 template <typename In, typename Out>
 void requantize_rows(const In* x, const int32_t* bias, const int64_t* m, const int64_t* e, bool per_channel,
                      int64_t lo, int64_t hi, Out* out, int64_t rows, int64_t channels) {
-  std::vector<int32_t> mult(channels), add(channels, 0);
-  std::vector<int64_t> half(channels), shift(channels);
+  std::vector<int32_t> add(channels, 0);
+  std::vector<int64_t> mult(channels), half(channels), shift(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const int64_t k = per_channel ? c : 0;
-    mult[c] = int32_t(m[k]);
+    mult[c] = int64_t(int32_t(m[k]));
     shift[c] = e[k];
     half[c] = e[k] > 0 ? (int64_t(1) << (e[k] - 1)) : 0;
     if (bias) add[c] = bias[c];
   }
-  const int32_t* mp = mult.data();
-  const int32_t* ap = add.data();
-  const int64_t* hp = half.data();
-  const int64_t* sp = shift.data();
-  const int64_t m0 = mult[0], h0 = half[0], s0 = shift[0];
-  const bool uniform = !per_channel;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(channels, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const In* xr = x + r * channels;
-      Out* yr = out + r * channels;
-      if (uniform) {
-        for (int64_t c = 0; c < channels; ++c) {
-          const int64_t v = (int64_t(int32_t(int64_t(xr[c]) + ap[c])) * m0 + h0) >> s0;
-          yr[c] = Out(v < lo ? lo : (v > hi ? hi : v));
-        }
-      } else {
-        for (int64_t c = 0; c < channels; ++c) {
-          const int64_t v = (int64_t(int32_t(int64_t(xr[c]) + ap[c])) * int64_t(mp[c]) + hp[c]) >> sp[c];
-          yr[c] = Out(v < lo ? lo : (v > hi ? hi : v));
-        }
-      }
+      if (per_channel)
+        requantize_span_channels(x + r * channels, add.data(), out + r * channels, channels, mult.data(), half.data(),
+                                 shift.data(), lo, hi);
+      else
+        requantize_span(x + r * channels, add.data(), out + r * channels, channels, mult[0], half[0], shift[0], lo, hi);
     }
   });
 }
@@ -122,12 +147,21 @@ at::Tensor requantize(const at::Tensor& x_, const std::optional<at::Tensor>& bia
 }
 
 template <typename A, typename B, typename Out>
+__attribute__((noinline)) void add_span(const A* __restrict a, const B* __restrict b, int64_t ma, int64_t ha,
+                                        int64_t ea, int64_t mb, int64_t hb, int64_t eb, int64_t lo, int64_t hi,
+                                        Out* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = ((int64_t(a[i]) * ma + ha) >> ea) + ((int64_t(b[i]) * mb + hb) >> eb);
+    out[i] = Out(std::min(std::max(v, lo), hi));
+  }
+}
+
+template <typename A, typename B, typename Out>
 void add_rows(const A* a, const B* b, int64_t ma, int64_t ea, int64_t mb, int64_t eb, int64_t lo, int64_t hi,
               Out* out, int64_t n) {
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      out[i] = Out(std::min(std::max(dyadic(a[i], ma, ea) + dyadic(b[i], mb, eb), lo), hi));
-    }
+  const int64_t ha = ea > 0 ? (int64_t(1) << (ea - 1)) : 0, hb = eb > 0 ? (int64_t(1) << (eb - 1)) : 0;
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    add_span(a + begin, b + begin, ma, ha, ea, mb, hb, eb, lo, hi, out + begin, end - begin);
   });
 }
 
@@ -158,25 +192,28 @@ at::Tensor requantize_add(const at::Tensor& a_, const at::Tensor& b_, int64_t ma
 // intops' integer softmaxes (Shiftmax, bit-exp) over the last dim, their exponential read from its table:
 // e = table[max(x - rowmax, low) - low], then round(e * floor(2**62 / sum e) / 2**(62 - out_frac_bits)).
 template <typename In>
+__attribute__((noinline)) void table_softmax_row(const In* __restrict x, int64_t* __restrict e, int32_t* __restrict y,
+                                                 int64_t n, const int64_t* __restrict table, int64_t low, int64_t shift,
+                                                 int64_t half) {
+  int64_t top = x[0];
+  for (int64_t i = 1; i < n; ++i) top = std::max<int64_t>(top, x[i]);
+  int64_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    e[i] = table[std::max<int64_t>(int64_t(x[i]) - top, low) - low];
+    sum += e[i];
+  }
+  const int64_t recip = (int64_t(1) << 62) / sum;  // sum >= 1: every table value is > 0
+  for (int64_t i = 0; i < n; ++i) y[i] = int32_t((e[i] * recip + half) >> shift);
+}
+
+template <typename In>
 void softmax_rows(const In* x, const int64_t* table, int64_t low, int64_t out_frac_bits, int32_t* out,
                   int64_t rows, int64_t n) {
   const int64_t shift = 62 - out_frac_bits;
   const int64_t half = int64_t(1) << (shift - 1);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> e(n);
-    for (int64_t r = begin; r < end; ++r) {
-      const In* xr = x + r * n;
-      int64_t top = xr[0];
-      for (int64_t i = 1; i < n; ++i) top = std::max<int64_t>(top, xr[i]);
-      int64_t sum = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        e[i] = table[std::max<int64_t>(int64_t(xr[i]) - top, low) - low];
-        sum += e[i];
-      }
-      const int64_t recip = (int64_t(1) << 62) / sum;  // sum >= 1: every table value is > 0
-      int32_t* yr = out + r * n;
-      for (int64_t i = 0; i < n; ++i) yr[i] = int32_t((e[i] * recip + half) >> shift);
-    }
+    for (int64_t r = begin; r < end; ++r) table_softmax_row(x + r * n, e.data(), out + r * n, n, table, low, shift, half);
   });
 }
 
@@ -212,12 +249,10 @@ inline int64_t isqrt(int64_t x) {
 
 // intops.i_layernorm with its output requantization (a per-tensor dyadic), one row at a time.
 template <typename In, typename Out>
-void layernorm_rows(const In* x, const int64_t* w, const int64_t* b, int64_t eps, int64_t m, int64_t e, int64_t lo,
-                    int64_t hi, int64_t norm_bits, Out* out, int64_t rows, int64_t n) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> y(n);
-    for (int64_t r = begin; r < end; ++r) {
-      const In* xr = x + r * n;
+__attribute__((noinline)) void layernorm_row(const In* __restrict xr, const int64_t* __restrict w,
+                                             const int64_t* __restrict b, int64_t eps, int64_t m, int64_t e, int64_t lo,
+                                             int64_t hi, int64_t norm_bits, Out* __restrict yr, int64_t* __restrict y,
+                                             int64_t n) {
       int64_t sum = 0;
       for (int64_t i = 0; i < n; ++i) sum += int64_t(xr[i]) << 4;  // MEAN_FRAC_BITS
       const int64_t mean = floor_div(2 * sum + n, 2 * n);
@@ -231,12 +266,20 @@ void layernorm_rows(const In* x, const int64_t* w, const int64_t* b, int64_t eps
       const int64_t recip = (int64_t(1) << 61) / root;
       const int64_t shift = 61 - norm_bits - s;
       const int64_t half = shift > 0 ? (int64_t(1) << (shift - 1)) : 0;
-      Out* yr = out + r * n;
+      const int64_t half_out = e > 0 ? (int64_t(1) << (e - 1)) : 0;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t normed = (y[i] * recip + half) >> shift;
-        yr[i] = Out(std::min(std::max(dyadic(normed * w[i] + b[i], m, e), lo), hi));
+        const int64_t v = ((normed * w[i] + b[i]) * m + half_out) >> e;
+        yr[i] = Out(std::min(std::max(v, lo), hi));
       }
-    }
+}
+
+template <typename In, typename Out>
+void layernorm_rows(const In* x, const int64_t* w, const int64_t* b, int64_t eps, int64_t m, int64_t e, int64_t lo,
+                    int64_t hi, int64_t norm_bits, Out* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> y(n);
+    for (int64_t r = begin; r < end; ++r) layernorm_row(x + r * n, w, b, eps, m, e, lo, hi, norm_bits, out + r * n, y.data(), n);
   });
 }
 
@@ -259,19 +302,29 @@ at::Tensor layernorm(const at::Tensor& x_, const at::Tensor& weight_, const at::
 
 // intops.poly_gelu (k_out bits of phi) with its output requantization (a per-tensor dyadic), element-wise.
 template <typename In, typename Out>
+__attribute__((noinline)) void poly_gelu_span(const In* __restrict x, int64_t clip, int64_t pre_shift, int64_t half,
+                                              int64_t pm, int64_t pe, int64_t phalf, int64_t one, int64_t m, int64_t e,
+                                              int64_t ehalf, int64_t lo, int64_t hi, Out* __restrict out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t v = x[i];
+    const int64_t c = std::min<int64_t>(std::abs(v), clip) - clip;
+    const int64_t quartic = ((c * c) * (c * c) + half) >> pre_shift;
+    int64_t erf_abs = ((quartic * pm + phalf) >> pe) + one;
+    erf_abs = std::min(std::max(erf_abs, int64_t(0)), one);
+    const int64_t sign = (v > 0) - (v < 0);
+    const int64_t y = ((v * (one + sign * erf_abs)) * m + ehalf) >> e;
+    out[i] = Out(std::min(std::max(y, lo), hi));
+  }
+}
+
+template <typename In, typename Out>
 void poly_gelu_elems(const In* x, int64_t clip, int64_t pre_shift, int64_t pm, int64_t pe, int64_t k_out, int64_t m,
                      int64_t e, int64_t lo, int64_t hi, Out* out, int64_t count) {
   const int64_t one = int64_t(1) << (k_out - 2);
   const int64_t half = pre_shift > 0 ? (int64_t(1) << (pre_shift - 1)) : 0;
-  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t v = x[i];
-      const int64_t c = std::min<int64_t>(v < 0 ? -v : v, clip) - clip;
-      const int64_t quartic = ((c * c) * (c * c) + half) >> pre_shift;
-      const int64_t erf_abs = std::min(std::max(dyadic(quartic, pm, pe) + one, int64_t(0)), one);
-      const int64_t sign = (v > 0) - (v < 0);
-      out[i] = Out(std::min(std::max(dyadic(v * (one + sign * erf_abs), m, e), lo), hi));
-    }
+  const int64_t phalf = pe > 0 ? (int64_t(1) << (pe - 1)) : 0, ehalf = e > 0 ? (int64_t(1) << (e - 1)) : 0;
+  at::parallel_for(0, count, 16384, [&](int64_t begin, int64_t end) {
+    poly_gelu_span(x + begin, clip, pre_shift, half, pm, pe, phalf, one, m, e, ehalf, lo, hi, out + begin, end - begin);
   });
 }
 
@@ -313,16 +366,22 @@ std::vector<at::Tensor> split_uint16(const at::Tensor& p_) {
 // The two halves' int32 products put back together, (hi + 64 colsum) * 256 + lo + 128 colsum (= p @ v), and
 // requantized (a per-tensor dyadic). hi, lo: (B, M, N); colsum: (B, N), the column sums of v.
 template <typename Out>
+__attribute__((noinline)) void combine_row(const int32_t* __restrict hi, const int32_t* __restrict lo,
+                                           const int64_t* __restrict c, int64_t m, int64_t half, int64_t e, int64_t qlo,
+                                           int64_t qhi, Out* __restrict out, int64_t n, int64_t high_offset) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t acc = (int64_t(hi[j]) + high_offset * c[j]) * 256 + int64_t(lo[j]) + 128 * c[j];
+    out[j] = Out(std::min(std::max((acc * m + half) >> e, qlo), qhi));
+  }
+}
+
+template <typename Out>
 void combine_rows(const int32_t* hi, const int32_t* lo, const int64_t* colsum, int64_t m, int64_t e, int64_t qlo,
-                  int64_t qhi, Out* out, int64_t batch, int64_t rows, int64_t n) {
+                  int64_t qhi, Out* out, int64_t batch, int64_t rows, int64_t n, int64_t high_offset = 64) {
+  const int64_t half = e > 0 ? (int64_t(1) << (e - 1)) : 0;
   at::parallel_for(0, batch * rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t* c = colsum + (r / rows) * n;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t acc = (int64_t(hi[r * n + j]) + 64 * c[j]) * 256 + int64_t(lo[r * n + j]) + 128 * c[j];
-        out[r * n + j] = Out(std::min(std::max(dyadic(acc, m, e), qlo), qhi));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      combine_row(hi + r * n, lo + r * n, colsum + (r / rows) * n, m, half, e, qlo, qhi, out + r * n, n, high_offset);
   });
 }
 
@@ -342,27 +401,58 @@ at::Tensor combine_requantize(const at::Tensor& hi_, const at::Tensor& lo_, cons
 
 // intops' integer upsampling (bilinear with exact integer weights, one rounding half up; nearest as weights
 // (1, 0) over 1), output row by output row: tables per axis, (lo, hi, w_lo, w_hi), the weights over den.
+// Bilinear by two passes over a block of output rows: the input rows it reads are interpolated along the columns
+// once (hrow: x[lo] w_lo + x[hi] w_hi, int64), then each output row is (above r_lo + below r_hi), rounded: the
+// intops expression, whose columns are interpolated first too. The rounding division by 2 den is a shift where
+// den is a power of two (floor, as an arithmetic shift is).
+template <typename T>
+__attribute__((noinline)) void bilinear_columns(const T* __restrict x, const int64_t* __restrict clo,
+                                                const int64_t* __restrict chi, const int64_t* __restrict cwlo,
+                                                const int64_t* __restrict cwhi, int64_t* __restrict hrow, int64_t wo) {
+  for (int64_t j = 0; j < wo; ++j) hrow[j] = int64_t(x[clo[j]]) * cwlo[j] + int64_t(x[chi[j]]) * cwhi[j];
+}
+
+template <typename T>
+__attribute__((noinline)) void bilinear_rows(const int64_t* __restrict above, const int64_t* __restrict below,
+                                             int64_t wlo, int64_t whi, int64_t den, int64_t den_shift,
+                                             T* __restrict y, int64_t wo) {
+  if (den_shift >= 0) {
+    for (int64_t j = 0; j < wo; ++j) y[j] = T((2 * (above[j] * wlo + below[j] * whi) + den) >> den_shift);
+  } else {
+    for (int64_t j = 0; j < wo; ++j) y[j] = T(floor_div(2 * (above[j] * wlo + below[j] * whi) + den, 2 * den));
+  }
+}
+
 template <typename T>
 void upsample_rows(const T* x, const int64_t* rlo, const int64_t* rhi, const int64_t* rwlo, const int64_t* rwhi,
                    const int64_t* clo, const int64_t* chi, const int64_t* cwlo, const int64_t* cwhi, int64_t den,
                    T* out, int64_t planes, int64_t h, int64_t w, int64_t ho, int64_t wo) {
-  at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / ho, i = r % ho;
-      const T* top = x + (plane * h + rlo[i]) * w;
-      const T* bottom = x + (plane * h + rhi[i]) * w;
-      T* y = out + r * wo;
-      if (den == 1) {  // nearest: a copy (its weights are (1, 0))
+  if (den == 1) {  // nearest: a copy (its weights are (1, 0))
+    at::parallel_for(0, planes * ho, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* top = x + ((r / ho) * h + rlo[r % ho]) * w;
+        T* y = out + r * wo;
         for (int64_t j = 0; j < wo; ++j) y[j] = top[clo[j]];
-        continue;
       }
-      for (int64_t j = 0; j < wo; ++j) {
-        const int64_t upper = int64_t(top[clo[j]]) * cwlo[j] + int64_t(top[chi[j]]) * cwhi[j];
-        const int64_t lower = int64_t(bottom[clo[j]]) * cwlo[j] + int64_t(bottom[chi[j]]) * cwhi[j];
-        const int64_t acc = upper * rwlo[i] + lower * rwhi[i];
-        y[j] = T(floor_div(2 * acc + den, 2 * den));
-      }
+    });
+    return;
+  }
+  const int64_t den_shift = (den & (den - 1)) == 0 ? bit_length(2 * den) - 1 : -1;  // 2 den = 2**den_shift
+  constexpr int64_t kRows = 64;  // output rows per task
+  const int64_t chunks = (ho + kRows - 1) / kRows;
+  pool_for(planes * chunks, [&](int64_t task) {
+    const int64_t plane = task / chunks, i0 = (task % chunks) * kRows, i1 = std::min(ho, i0 + kRows);
+    int64_t r0 = h, r1 = -1;  // the input rows these output rows read
+    for (int64_t i = i0; i < i1; ++i) {
+      r0 = std::min({r0, rlo[i], rhi[i]});
+      r1 = std::max({r1, rlo[i], rhi[i]});
     }
+    std::vector<int64_t> hrows((r1 - r0 + 1) * wo);
+    for (int64_t r = r0; r <= r1; ++r)
+      bilinear_columns(x + (plane * h + r) * w, clo, chi, cwlo, cwhi, hrows.data() + (r - r0) * wo, wo);
+    for (int64_t i = i0; i < i1; ++i)
+      bilinear_rows(hrows.data() + (rlo[i] - r0) * wo, hrows.data() + (rhi[i] - r0) * wo, rwlo[i], rwhi[i], den,
+                    den_shift, out + (plane * ho + i) * wo, wo);
   });
 }
 
@@ -387,20 +477,29 @@ at::Tensor upsample(const at::Tensor& x_, const at::Tensor& rows, const at::Tens
 // The class map: argmax over the channels of (N, C, H, W) integers, cropped to (h, w), the first maximum on ties
 // (as torch.argmax); channel-outer loops over one output row keep the reads contiguous.
 template <typename T>
+__attribute__((noinline)) void argmax_row(const T* __restrict row, int64_t plane, T* __restrict best,
+                                          int32_t* __restrict idx, int64_t* __restrict y, int64_t c, int64_t wo) {
+  for (int64_t j = 0; j < wo; ++j) { best[j] = row[j]; idx[j] = 0; }
+  for (int64_t k = 1; k < c; ++k) {
+    const T* __restrict rk = row + k * plane;
+    const int32_t kk = int32_t(k);
+    for (int64_t j = 0; j < wo; ++j) {
+      const bool more = rk[j] > best[j];
+      best[j] = more ? rk[j] : best[j];
+      idx[j] = more ? kk : idx[j];
+    }
+  }
+  for (int64_t j = 0; j < wo; ++j) y[j] = idx[j];
+}
+
+template <typename T>
 void argmax_rows(const T* x, int64_t* out, int64_t n, int64_t c, int64_t h, int64_t w, int64_t ho, int64_t wo) {
   at::parallel_for(0, n * ho, 8, [&](int64_t begin, int64_t end) {
     std::vector<T> best(wo);
+    std::vector<int32_t> idx(wo);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / ho, i = r % ho;
-      int64_t* y = out + r * wo;
-      const T* row = x + ((b * c) * h + i) * w;
-      for (int64_t j = 0; j < wo; ++j) { best[j] = row[j]; y[j] = 0; }
-      for (int64_t k = 1; k < c; ++k) {
-        const T* rk = row + k * h * w;
-        for (int64_t j = 0; j < wo; ++j) {
-          if (rk[j] > best[j]) { best[j] = rk[j]; y[j] = k; }
-        }
-      }
+      argmax_row(x + ((b * c) * h + i) * w, h * w, best.data(), idx.data(), out + r * wo, c, wo);
     }
   });
 }
@@ -414,42 +513,6 @@ at::Tensor argmax_channels(const at::Tensor& x_, int64_t ho, int64_t wo) {
     AT_DISPATCH_CASE(at::kShort, [&] { argmax_rows(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0), x.size(1), x.size(2), x.size(3), ho, wo); })
     AT_DISPATCH_CASE(at::kInt, [&] { argmax_rows(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0), x.size(1), x.size(2), x.size(3), ho, wo); }));
   return out;
-}
-
-// Runs f(i) for i in [0, n) on this thread and at::get_num_threads() - 1 helpers from torch's inter-op thread pool
-// (at::launch). These kernels are built without OpenMP, so at::parallel_for runs inline on one thread
-// (docs/architecture.md); the GEMM and attention kernels are long enough per call to pay for waking pool
-// threads. Tasks are taken from a shared counter, so a helper that starts late finds none and never touches f;
-// the caller returns once every helper that took a task has finished it. Not nested: inside a task, f runs inline.
-thread_local bool in_pool_task = false;
-
-template <typename F>
-void pool_for(int64_t n, const F& f) {
-  const int64_t helpers = in_pool_task ? 0 : std::min<int64_t>(n, at::get_num_threads()) - 1;
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, busy{0};
-    std::mutex mu;
-    std::condition_variable idle;
-  };
-  const auto state = std::make_shared<State>();
-  const auto drain = [state, n, fp = &f]() {
-    state->busy.fetch_add(1);
-    in_pool_task = true;
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) (*fp)(i);
-    in_pool_task = false;
-    if (state->busy.fetch_sub(1) == 1) {
-      std::lock_guard<std::mutex> lock(state->mu);
-      state->idle.notify_all();
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) at::launch(drain);
-  drain();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->idle.wait(lock, [&] { return state->busy.load() == 0; });
 }
 
 // Exact int8 x int8 -> int32 GEMM for CPUs without VNNI. at::_int_mm is oneDNN's VNNI kernel where the CPU has
@@ -472,27 +535,28 @@ struct PackedB {
 PackedB pack_b(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
   PackedB p{{}, n, (k + 1) / 2, (n + kTileCols - 1) / kTileCols};
   p.data.assign(p.panels * p.pairs * 2 * kTileCols, 0);  // zeros pad an odd k and the last panel
-  at::parallel_for(0, p.panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, n - c0);
-      for (int64_t t = 0; t < p.pairs; ++t) {
-        int16_t* out = p.data.data() + (panel * p.pairs + t) * 2 * kTileCols;
-        for (int64_t h = 0; h < 2 && 2 * t + h < k; ++h) {
-          const int8_t* row = b + (2 * t + h) * n + c0;
-          for (int64_t j = 0; j < cols; ++j) out[2 * j + h] = row[j];
-        }
+  // on the calling thread: one parallel region less per product (a region waits for both threads, which costs a
+  // scheduler time slice where other processes hold the other core)
+  for (int64_t panel = 0; panel < p.panels; ++panel) {
+    const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, n - c0);
+    for (int64_t t = 0; t < p.pairs; ++t) {
+      int16_t* out = p.data.data() + (panel * p.pairs + t) * 2 * kTileCols;
+      for (int64_t h = 0; h < 2 && 2 * t + h < k; ++h) {
+        const int8_t* row = b + (2 * t + h) * n + c0;
+        for (int64_t j = 0; j < cols; ++j) out[2 * j + h] = row[j];
       }
     }
-  });
+  }
   return p;
 }
 
-std::vector<int16_t> pack_a(const int8_t* a, int64_t m, int64_t k, int64_t pairs) {  // a: (m, k) row-major
-  std::vector<int16_t> out(m * 2 * pairs, 0);
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) std::copy(a + i * k, a + (i + 1) * k, out.begin() + i * 2 * pairs);
-  });
-  return out;
+// rows [r0, r1) of a (m, k) int8 row-major as int16 rows of 2 * pairs (zero-padded) into out
+void pack_a_rows(const int8_t* a, int64_t r0, int64_t r1, int64_t k, int64_t pairs, int16_t* out) {
+  for (int64_t i = r0; i < r1; ++i) {
+    int16_t* o = out + (i - r0) * 2 * pairs;
+    std::copy(a + i * k, a + (i + 1) * k, o);
+    std::fill(o + k, o + 2 * pairs, int16_t(0));
+  }
 }
 
 // C's row (cols <= 16 of its columns) = lo | hi, or += (add)
@@ -538,38 +602,47 @@ __attribute__((noinline)) void gemm_tile(const int16_t* a, int64_t lda, const in
   for (int r = 0; r < R; ++r) store_tile_row(c + r * ldc, lo[r], hi[r], cols, add);
 }
 
-// c (m, b.n) int32 = a16 (m, 2 * b.pairs) int16 @ b
-void gemm_packed(const int16_t* a16, int64_t m, const PackedB& b, int32_t* c) {
+// rows [r0, r1) of c (m, b.n) int32 = a16 (rows r0.. of lda = 2 * b.pairs int16, starting at row r0) @ b
+void gemm_rows(const int16_t* a16, int64_t r0, int64_t r1, const PackedB& b, int32_t* c) {
   const int64_t lda = 2 * b.pairs, ldc = b.n;
   if (b.pairs == 0) {
-    std::fill(c, c + m * ldc, 0);
+    std::fill(c + r0 * ldc, c + r1 * ldc, 0);
     return;
   }
-  pool_for((m + kTaskRows - 1) / kTaskRows, [&](int64_t task) {
-    const int64_t r0 = task * kTaskRows, r1 = std::min(m, r0 + kTaskRows);
-    for (int64_t t0 = 0; t0 < b.pairs; t0 += kBlockPairs) {
-      const int64_t t1 = std::min(b.pairs, t0 + kBlockPairs);
-      for (int64_t panel = 0; panel < b.panels; ++panel) {
-        const int16_t* bp = b.data.data() + panel * b.pairs * 2 * kTileCols;
-        const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, b.n - c0);
-        for (int64_t r = r0; r < r1; r += kTileRows) {
-          const int16_t* ar = a16 + r * lda;
-          int32_t* cr = c + r * ldc + c0;
-          switch (std::min(kTileRows, r1 - r)) {
-            case 4: gemm_tile<4>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
-            case 3: gemm_tile<3>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
-            case 2: gemm_tile<2>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
-            default: gemm_tile<1>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0);
-          }
+  for (int64_t t0 = 0; t0 < b.pairs; t0 += kBlockPairs) {
+    const int64_t t1 = std::min(b.pairs, t0 + kBlockPairs);
+    for (int64_t panel = 0; panel < b.panels; ++panel) {
+      const int16_t* bp = b.data.data() + panel * b.pairs * 2 * kTileCols;
+      const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, b.n - c0);
+      for (int64_t r = r0; r < r1; r += kTileRows) {
+        const int16_t* ar = a16 + (r - r0) * lda;
+        int32_t* cr = c + r * ldc + c0;
+        switch (std::min(kTileRows, r1 - r)) {
+          case 4: gemm_tile<4>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
+          case 3: gemm_tile<3>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
+          case 2: gemm_tile<2>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
+          default: gemm_tile<1>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0);
         }
       }
     }
-  });
+  }
 }
 
-// (m, k) int8 rows @ packed B -> (m, n) int32 at c
+// c (m, b.n) int32 = a16 (m, 2 * b.pairs) int16 @ b, on the calling thread
+void gemm_packed(const int16_t* a16, int64_t m, const PackedB& b, int32_t* c) { gemm_rows(a16, 0, m, b, c); }
+
+// (m, k) int8 rows @ packed B -> (m, n) int32 at c: tasks of kTaskRows rows on torch's threads, each packing its own
+// rows to int16 (one parallel region per product)
 void mm_packed(const int8_t* a, int64_t m, int64_t k, const PackedB& b, int32_t* c) {
-  gemm_packed(pack_a(a, m, k, b.pairs).data(), m, b, c);
+  const int64_t tasks = (m + kTaskRows - 1) / kTaskRows;
+  on_threads(tasks, [&](std::atomic<int64_t>& next) {
+    std::vector<int16_t> a16(kTaskRows * 2 * b.pairs);
+    for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
+      const int64_t r0 = task * kTaskRows, r1 = std::min(m, r0 + kTaskRows);
+      pack_a_rows(a, r0, r1, k, b.pairs, a16.data());
+      gemm_rows(a16.data(), r0, r1, b, c);
+    }
+  });
 }
 #endif
 
@@ -592,12 +665,106 @@ at::Tensor int8_mm_avx2(const at::Tensor& a_, const at::Tensor& b_) {
 #endif
 }
 
+// One row of the attention's softmax, as table_softmax computes it: the scores (n int32 products) requantized to
+// the softmax's input (m1, e1, [lo1, hi1]), the table exponential of (score - row max), the probabilities
+// round(e * floor(2**62 / sum e) / 2**shift) in [0, 2**(62 - shift)]. Plain loops over restrict pointers, every
+// constant a local: the compiler vectorises them (-march=native), so the same source is exact on every ISA.
+struct SoftmaxRow {
+  int64_t m1, half1, e1, lo1, hi1;  // the scores' requantization
+  const int64_t* table;             // the exponential over [low, 0]
+  const int32_t* table32;           // the same where every value fits int32 (half the gathers), else null
+  int64_t low, shift, half;
+};
+
+// the exponentials e (n of E: int32 with table32, else int64) of the row of products acc; returns floor(2**62 / sum e)
+template <typename E>
+__attribute__((always_inline)) inline int64_t softmax_exp(const int32_t* __restrict acc, int32_t* __restrict sc,
+                                                          E* __restrict e, int64_t n, const SoftmaxRow& k) {
+  const int64_t m1 = k.m1, half1 = k.half1, e1 = k.e1, lo1 = k.lo1, hi1 = k.hi1, low = k.low;
+  const E* __restrict table;
+  if constexpr (sizeof(E) == 4) table = k.table32; else table = k.table;
+  int32_t top = std::numeric_limits<int32_t>::min();
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t s = (int64_t(acc[j]) * m1 + half1) >> e1;
+    s = std::min(std::max(s, lo1), hi1);  // int8 / int16 bounds (the table's span): fits int32
+    sc[j] = int32_t(s);
+    top = std::max(top, int32_t(s));
+  }
+  int64_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t d = std::max<int32_t>(sc[j] - top, int32_t(low));  // >= -(2**16 - 1): no int32 overflow
+    e[j] = table[d - int32_t(low)];
+    sum += e[j];
+  }
+  return (int64_t(1) << 62) / sum;  // sum >= 1: every table value is > 0
+}
+
+// the probabilities' high bytes p >> 8 (uint8, at most 128) as they are, and their low bytes as _int_mm's int8 operand
+// (p & 255) - 128
+template <typename E>
+__attribute__((noinline)) void softmax_row_bytes(const int32_t* __restrict acc, int32_t* __restrict sc,
+                                                 E* __restrict e, uint8_t* __restrict high, int8_t* __restrict lowh,
+                                                 int64_t n, const SoftmaxRow& k) {
+  const int64_t recip = softmax_exp(acc, sc, e, n, k);
+  const int64_t shift = k.shift, half = k.half;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t p = (int64_t(e[j]) * recip + half) >> shift;
+    high[j] = uint8_t(p >> 8);
+    lowh[j] = int8_t((p & 255) - 128);
+  }
+}
+
+// ctx (dv int32) = high @ v for one row of high bytes, over its non-zero entries only. A row of probabilities sums
+// to about 2**15, so at most ~128 of them reach 256 (a non-zero high byte): a sparse row, where the int8 GEMM of
+// the high half (offset by -64) was as dense as the low half's. |ctx| <= 128 * 129 * 128: no int32 overflow.
+__attribute__((always_inline)) inline void add_scaled_row(int32_t* __restrict ctx, int32_t h, const int8_t* __restrict vr,
+                                                          int64_t dv) {
+  for (int64_t c = 0; c < dv; ++c) ctx[c] += h * int32_t(vr[c]);
+}
+
+__attribute__((noinline)) void sparse_high_row(const uint8_t* __restrict high, const int8_t* __restrict v,
+                                               int32_t* __restrict ctx, int64_t n, int64_t dv) {
+  std::fill(ctx, ctx + dv, 0);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {  // 8 bytes at a time: most words are zero
+    uint64_t word;
+    std::memcpy(&word, high + j, sizeof word);
+    while (word) {
+      const int bit = __builtin_ctzll(word) & ~7;
+      const int64_t jj = j + bit / 8;
+      add_scaled_row(ctx, high[jj], v + jj * dv, dv);
+      word &= ~(uint64_t(0xff) << bit);
+    }
+  }
+  for (; j < n; ++j)
+    if (high[j]) add_scaled_row(ctx, high[j], v + j * dv, dv);
+}
+
+// the AVX2 GEMM's operand: the probabilities as int16, 2**15 entered as 2**15 - 1; returns the row's reciprocal if
+// one was (the caller finds it again from e), else 0
+template <typename E>
+__attribute__((noinline)) int64_t softmax_row_int16(const int32_t* __restrict acc, int32_t* __restrict sc,
+                                                 E* __restrict e, int16_t* __restrict probs, int64_t n,
+                                                 const SoftmaxRow& k) {
+  const int64_t recip = softmax_exp(acc, sc, e, n, k);
+  const int64_t shift = k.shift, half = k.half;
+  int64_t top = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t p = (int64_t(e[j]) * recip + half) >> shift;
+    probs[j] = int16_t(std::min<int64_t>(p, 32767));
+    top = std::max(top, p);
+  }
+  return top > 32767 ? recip : 0;
+}
+
 // Attention, fused by blocks of query rows so that the scores, probabilities and their int8 halves stay in
 // cache: scores = requantize(q @ kT) (int32 GEMM, its requantization), the table softmax of table_softmax,
 // the probabilities split as split_uint16, their two int8 products with v recombined and requantized as
 // combine_requantize. The same integers as those steps one after the other (tested). The GEMMs are torch's
 // exact int8 ones (at::_int_mm: oneDNN with VNNI) or, avx2_gemm, the AVX2 kernel above, with kT and v packed
-// once per batch entry and the blocks spread over torch's inter-op threads (pool_for).
+// once per batch entry. On _int_mm, the probabilities' high bytes (p >> 8, non-zero for at most ~128 keys of a
+// row) multiply v as a sparse row (sparse_high_row) instead of a second dense int8 GEMM. The (batch entry, block) tasks run on torch's OpenMP threads (on_threads), each GEMM of a
+// task on its thread (a oneDNN call inside a parallel region runs single-threaded), into per-thread scratch.
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tensor& v_, int64_t m1, int64_t e1,
                      int64_t lo1, int64_t hi1, const at::Tensor& table_, int64_t low, int64_t out_frac_bits,
                      int64_t m2, int64_t e2, int64_t lo2, int64_t hi2, at::ScalarType out_dtype, int64_t block,
@@ -608,105 +775,139 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
               kt.scalar_type() == at::kChar && v.scalar_type() == at::kChar, "attention: int8 (B, M, D), (B, D, N), (B, N, Dv)");
   const int64_t batch = q.size(0), rows = q.size(1), d = q.size(2), n = kt.size(2), dv = v.size(2);
   TORCH_CHECK(kt.size(0) == batch && v.size(0) == batch && kt.size(1) == d && v.size(1) == n, "attention: shapes");
-  TORCH_CHECK(!avx2_gemm || out_frac_bits <= 15, "attention: the AVX2 path takes probabilities of at most 2**15");
-  const at::Tensor colsum = avx2_gemm ? at::Tensor() : v.to(at::kLong).sum(1).contiguous();  // (B, Dv), _int_mm's halves
+  TORCH_CHECK(out_frac_bits >= 0 && out_frac_bits <= 15, "attention: probabilities of at most 2**15 (their bytes, or int16)");
+  TORCH_CHECK(lo1 <= hi1 && hi1 - lo1 <= std::numeric_limits<int32_t>::max() && lo1 >= std::numeric_limits<int32_t>::min() &&
+              hi1 <= std::numeric_limits<int32_t>::max() && e1 >= 0, "attention: scores within 31 bits of span");
+  std::vector<int64_t> colsum(avx2_gemm ? 0 : batch * dv, 0);  // (B, Dv) column sums of v, for _int_mm's halves
+  for (int64_t b = 0; b < (avx2_gemm ? 0 : batch); ++b) {
+    const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
+    int64_t* c = colsum.data() + b * dv;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t col = 0; col < dv; ++col) c[col] += vb[j * dv + col];
+  }
   at::Tensor out = at::empty({batch, rows, dv}, q.options().dtype(out_dtype));
+  if (batch * rows * dv == 0) return out;
   const int64_t blocks = (rows + block - 1) / block;
+  const int64_t shift = 62 - out_frac_bits;
   const int64_t* tp = table.data_ptr<int64_t>();
-  const int64_t half1 = e1 > 0 ? (int64_t(1) << (e1 - 1)) : 0;
-  const int64_t shift = 62 - out_frac_bits, half = int64_t(1) << (shift - 1);
+  std::vector<int32_t> table32;
+  if (std::all_of(tp, tp + table.numel(), [](int64_t t) { return t <= std::numeric_limits<int32_t>::max(); }))
+    table32.assign(tp, tp + table.numel());  // (table values are > 0)
+  TORCH_CHECK(low > -(int64_t(1) << 16) && low <= 0, "attention: a table spans int8 / int16 scores");
+  const SoftmaxRow k{m1, e1 > 0 ? (int64_t(1) << (e1 - 1)) : 0, e1, lo1, hi1, tp, table32.empty() ? nullptr : table32.data(),
+                     low, shift, int64_t(1) << (shift - 1)};
+  // the block's context rows, int32 products pv (rr, Dv) (hi and lo halves: _int_mm), requantized into out
+  const auto store = [&](int64_t b, int64_t r0, int64_t rr, const int32_t* pv, const int32_t* pv_low, int64_t high_offset) {
+    AT_DISPATCH_SWITCH(out_dtype, "attention_out",
+      AT_DISPATCH_CASE(at::kChar, [&] {
+        scalar_t* o = out.data_ptr<scalar_t>() + (b * rows + r0) * dv;
+        if (pv_low) combine_rows(pv, pv_low, colsum.data() + b * dv, m2, e2, lo2, hi2, o, 1, rr, dv, high_offset);
+        else requantize_rows<int32_t, scalar_t>(pv, nullptr, &m2, &e2, false, lo2, hi2, o, rr, dv);
+      })
+      AT_DISPATCH_CASE(at::kShort, [&] {
+        scalar_t* o = out.data_ptr<scalar_t>() + (b * rows + r0) * dv;
+        if (pv_low) combine_rows(pv, pv_low, colsum.data() + b * dv, m2, e2, lo2, hi2, o, 1, rr, dv, high_offset);
+        else requantize_rows<int32_t, scalar_t>(pv, nullptr, &m2, &e2, false, lo2, hi2, o, rr, dv);
+      }));
+  };
 #ifdef __AVX2__
-  std::vector<PackedB> kts, vs;
   if (avx2_gemm) {
-    for (int64_t b = 0; b < batch; ++b) {
-      kts.push_back(pack_b(kt.data_ptr<int8_t>() + b * d * n, d, n));
-      vs.push_back(pack_b(v.data_ptr<int8_t>() + b * n * dv, n, dv));
-    }
+    std::vector<PackedB> kts(batch), vs(batch);
+    pool_for(batch, [&](int64_t b) {
+      kts[b] = pack_b(kt.data_ptr<int8_t>() + b * d * n, d, n);
+      vs[b] = pack_b(v.data_ptr<int8_t>() + b * n * dv, n, dv);
+    });
+    const int64_t lda = 2 * vs[0].pairs;
+    on_threads(batch * blocks, [&](std::atomic<int64_t>& next) {
+      std::vector<int32_t> acc(block * n), sc(n), pv(block * dv);
+      std::vector<int64_t> e(n);
+      std::vector<int32_t> e32(n);
+      std::vector<int16_t> probs(block * lda, 0);  // (the columns past n stay 0: pairs pad an odd n)
+      std::vector<std::pair<int64_t, int64_t>> whole;  // (i, j) of the p = 2**15 entries
+      for (int64_t task; (task = next.fetch_add(1)) < batch * blocks;) {
+        const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
+        mm_packed(q.data_ptr<int8_t>() + (b * rows + r0) * d, rr, d, kts[b], acc.data());
+        // The AVX2 GEMM takes int16 operands: the probabilities enter it whole, one GEMM where _int_mm needs one
+        // per int8 half. p = 2**15 (a one-hot row) does not fit int16: it enters as 2**15 - 1 and the row gets
+        // v's row once more. |p @ v| <= (2**15 + N) * 128 (rows sum to 2**15 up to rounding): no int32 overflow.
+        whole.clear();
+        for (int64_t i = 0; i < rr; ++i) {
+          const int64_t recip = k.table32
+              ? softmax_row_int16(acc.data() + i * n, sc.data(), e32.data(), probs.data() + i * lda, n, k)
+              : softmax_row_int16(acc.data() + i * n, sc.data(), e.data(), probs.data() + i * lda, n, k);
+          if (recip)
+            for (int64_t j = 0; j < n; ++j)
+              if (((int64_t(k.table32 ? e32[j] : e[j]) * recip + k.half) >> k.shift) > 32767) whole.emplace_back(i, j);
+        }
+        gemm_packed(probs.data(), rr, vs[b], pv.data());
+        const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
+        for (const auto& [i, j] : whole)
+          for (int64_t col = 0; col < dv; ++col) pv[i * dv + col] += vb[j * dv + col];
+        store(b, r0, rr, pv.data(), nullptr, 0);
+      }
+    });
+    return out;
   }
 #else
   TORCH_CHECK(!avx2_gemm, "attention: these kernels were built for a CPU without AVX2");
 #endif
-  // (rr, cols) int32 = rows of a (rr, k) int8 @ the batch entry's kT (first) or v (_int_mm only)
-  const auto product = [&](const at::Tensor& a, int64_t b, bool first) {
-#ifdef __AVX2__
-    if (avx2_gemm) {
-      at::Tensor c = at::empty({a.size(0), n}, a.options().dtype(at::kInt));
-      mm_packed(a.data_ptr<int8_t>(), a.size(0), a.size(1), kts[b], c.data_ptr<int32_t>());
-      return c;
-    }
-#endif
-    return at::_int_mm(a, first ? kt[b] : v[b]);
-  };
-  // the probabilities of the block's rows of scores acc (rr, N): store(i, j, p) with p in [0, 2**out_frac_bits]
-  const auto softmax_rows = [&](const int32_t* ap, int64_t rr, std::vector<int64_t>& e, const auto& store) {
-    for (int64_t i = 0; i < rr; ++i) {
-      const int32_t* ar = ap + i * n;
-      int64_t top = std::numeric_limits<int64_t>::min();
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t sc = std::min(std::max((int64_t(ar[j]) * m1 + half1) >> e1, lo1), hi1);
-        e[j] = sc;
-        top = std::max(top, sc);
-      }
-      int64_t sum = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        e[j] = tp[std::max<int64_t>(e[j] - top, low) - low];
-        sum += e[j];
-      }
-      const int64_t recip = (int64_t(1) << 62) / sum;
-      for (int64_t j = 0; j < n; ++j) store(i, j, (e[j] * recip + half) >> shift);
-    }
-  };
-  const auto run_block = [&](int64_t task, std::vector<int64_t>& e) {
-    const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
-    const at::Tensor acc = product(q[b].narrow(0, r0, rr), b, true);  // (rr, N) int32
-#ifdef __AVX2__
-    if (avx2_gemm) {
-      // The AVX2 GEMM takes int16 operands: the probabilities enter it whole, one GEMM where _int_mm needs one per
-      // int8 half. p = 2**15 (a one-hot row) does not fit int16: it enters as 2**15 - 1 and the row gets v's row
-      // once more. |p @ v| <= (2**15 + N) * 128 (rows sum to 2**15 up to rounding): no int32 overflow.
-      const int64_t lda = 2 * vs[b].pairs;
-      std::vector<int16_t> probs(rr * lda, 0);
-      std::vector<std::pair<int64_t, int64_t>> whole;  // (i, j) of the p = 2**15 entries
-      softmax_rows(acc.data_ptr<int32_t>(), rr, e, [&](int64_t i, int64_t j, int64_t pr) {
-        probs[i * lda + j] = int16_t(std::min<int64_t>(pr, 32767));
-        if (pr > 32767) whole.emplace_back(i, j);
-      });
-      std::vector<int32_t> pv(rr * dv);
-      gemm_packed(probs.data(), rr, vs[b], pv.data());
+  on_threads(batch * blocks, [&](std::atomic<int64_t>& next) {
+    const auto i32 = q.options().dtype(at::kInt);
+    at::Tensor acc = at::empty({block, n}, i32), lowh = at::empty({block, n}, q.options()),
+               pv_lo = at::empty({block, dv}, i32);
+    std::vector<uint8_t> high(n);
+    std::vector<int32_t> sc(n), pv_hi(block * dv);
+    std::vector<int64_t> e(n);
+    std::vector<int32_t> e32(n);
+    for (int64_t task; (task = next.fetch_add(1)) < batch * blocks;) {
+      const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
+      at::Tensor a = acc.narrow(0, 0, rr), l = lowh.narrow(0, 0, rr), pl = pv_lo.narrow(0, 0, rr);
+      at::_int_mm_out(a, q[b].narrow(0, r0, rr), kt[b]);
+      const int32_t* ap = a.data_ptr<int32_t>();
+      int8_t* lp = l.data_ptr<int8_t>();
       const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
-      for (const auto& [i, j] : whole)
-        for (int64_t col = 0; col < dv; ++col) pv[i * dv + col] += vb[j * dv + col];
-      AT_DISPATCH_SWITCH(out_dtype, "attention_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { requantize_rows<int32_t, scalar_t>(pv.data(), nullptr, &m2, &e2, false, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, rr, dv); })
-        AT_DISPATCH_CASE(at::kShort, [&] { requantize_rows<int32_t, scalar_t>(pv.data(), nullptr, &m2, &e2, false, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, rr, dv); }));
-      return;
+      for (int64_t i = 0; i < rr; ++i) {  // the low bytes' GEMM below; the high bytes' product here, row by row
+        if (k.table32) softmax_row_bytes(ap + i * n, sc.data(), e32.data(), high.data(), lp + i * n, n, k);
+        else softmax_row_bytes(ap + i * n, sc.data(), e.data(), high.data(), lp + i * n, n, k);
+        sparse_high_row(high.data(), vb, pv_hi.data() + i * dv, n, dv);
+      }
+      at::_int_mm_out(pl, l, v[b]);
+      store(b, r0, rr, pv_hi.data(), pl.data_ptr<int32_t>(), 0);
     }
-#endif
-    at::Tensor high = at::empty({rr, n}, q.options()), lowh = at::empty({rr, n}, q.options());
-    int8_t* hp = high.data_ptr<int8_t>();
-    int8_t* lp = lowh.data_ptr<int8_t>();
-    softmax_rows(acc.data_ptr<int32_t>(), rr, e, [&](int64_t i, int64_t j, int64_t pr) {
-      hp[i * n + j] = int8_t((pr >> 8) - 64);
-      lp[i * n + j] = int8_t((pr & 255) - 128);
-    });
-    const at::Tensor hi = product(high, b, false), lo = product(lowh, b, false);  // (rr, Dv) int32
-    const int64_t* c = colsum.data_ptr<int64_t>() + b * dv;
-    AT_DISPATCH_SWITCH(out_dtype, "attention_out",
-      AT_DISPATCH_CASE(at::kChar, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), c, m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, 1, rr, dv); })
-      AT_DISPATCH_CASE(at::kShort, [&] { combine_rows(hi.data_ptr<int32_t>(), lo.data_ptr<int32_t>(), c, m2, e2, lo2, hi2, out.data_ptr<scalar_t>() + (b * rows + r0) * dv, 1, rr, dv); }));
-  };
-  if (avx2_gemm) {
-    pool_for(batch * blocks, [&](int64_t task) {
-      thread_local std::vector<int64_t> e;
-      e.resize(n);
-      run_block(task, e);
-    });
-  } else {
-    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> e(n);
-      for (int64_t task = begin; task < end; ++task) run_block(task, e);
-    });
+  });
+  return out;
+}
+
+// intops.pixels_to_int8: (B, C, H, W) uint8 pixels -> int8, per channel clamp((256 p - mean) * m / 2**e, rounded
+// half up, to [-128, 127]), one pass over each plane (the mean has 8 fraction bits; |256 p - mean| < 2**17).
+__attribute__((noinline)) void pixels_plane(const uint8_t* __restrict p, int8_t* __restrict y, int64_t count,
+                                            int64_t mean, int64_t m, int64_t half, int64_t e) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t v = ((int64_t(p[i]) * 256 - mean) * m + half) >> e;
+    y[i] = int8_t(std::min(std::max(v, int64_t(-128)), int64_t(127)));
   }
+}
+
+at::Tensor pixels_to_int8(const at::Tensor& x_, const at::Tensor& mean_, const at::Tensor& m_, const at::Tensor& e_) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kByte && x.dim() == 4, "pixels_to_int8: uint8 (B, C, H, W) pixels");
+  const int64_t c = x.size(1), plane = x.size(2) * x.size(3);
+  const at::Tensor mean = mean_.to(at::kLong).contiguous().flatten(), m = m_.to(at::kLong).contiguous().flatten(),
+                   e = e_.to(at::kLong).contiguous().flatten();
+  TORCH_CHECK(mean.numel() == c && (m.numel() == 1 || m.numel() == c) && e.numel() == m.numel(),
+              "pixels_to_int8: one mean per channel, one multiplier per channel or per tensor");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  const int64_t* mp = m.data_ptr<int64_t>();
+  const int64_t* ep = e.data_ptr<int64_t>();
+  const int64_t* meanp = mean.data_ptr<int64_t>();
+  const int64_t chunk = 1 << 16;  // elements per task: planes in pieces, so that one image spreads over the threads
+  const int64_t pieces = (plane + chunk - 1) / chunk, planes = x.size(0) * c;
+  pool_for(planes * pieces, [&](int64_t task) {
+    const int64_t pl = task / pieces, i0 = (task % pieces) * chunk, count = std::min(chunk, plane - i0);
+    const int64_t ch = pl % c, k = m.numel() == 1 ? 0 : ch;
+    pixels_plane(x.data_ptr<uint8_t>() + pl * plane + i0, out.data_ptr<int8_t>() + pl * plane + i0, count, meanp[ch],
+                 mp[k], ep[k] > 0 ? (int64_t(1) << (ep[k] - 1)) : 0, ep[k]);
+  });
   return out;
 }
 
@@ -777,6 +978,7 @@ TORCH_LIBRARY(iseg_kernels, m) {
   m.def("sigmoid_gelu(Tensor x, int i0, int cap, int frac_bits, int k_inter, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
   m.def("upsample(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
   m.def("int8_mm_avx2(Tensor a, Tensor b) -> Tensor");
+  m.def("pixels_to_int8(Tensor pixels, Tensor mean, Tensor multiplier, Tensor shift) -> Tensor");
   m.def("poly_gelu(Tensor x, int clip, int pre_shift, int pm, int pe, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
 }
 
@@ -793,4 +995,5 @@ TORCH_LIBRARY_IMPL(iseg_kernels, CPU, m) {
   m.impl("argmax_channels", &argmax_channels);
   m.impl("split_uint16", &split_uint16);
   m.impl("combine_requantize", &combine_requantize);
+  m.impl("pixels_to_int8", &pixels_to_int8);
 }

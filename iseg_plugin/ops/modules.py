@@ -559,4 +559,6 @@ class PixelsToInt8(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         if not pixels.dtype.is_floating_point and pixels.dtype != torch.uint8:
             raise TypeError(f"this integer model takes uint8 RGB pixels, got {pixels.dtype}")
+        if kernels.use(pixels) and pixels.dim() == 4:
+            return kernels.pixels_to_int8(pixels, self.mean_fixed, self.pixel.dyadic())
         return narrow(intops.pixels_to_int8(pixels, self.mean_fixed, self.pixel.dyadic()), INT8)
