@@ -314,8 +314,8 @@ class _Swap:
             self._emit(node, QuantMul(act_quant=self.act(node)), inputs, self.demand[node])
             return
         if not (number or from_shapes):
-            raise LoweringError(f"{describe(node)}: the Brevitas swap takes products with a positive number or of two "
-                                "quantized tensors only (the FX front end lowers the others)")
+            raise LoweringError(f"{describe(node)}: the Brevitas swap takes products with a positive number only, or "
+                                "of two quantized tensors (the FX front end lowers the others)")
         value = self._quantized(a, node)
         layer, inputs = (QuantScalarMul(b, divide), [value]) if number else (QuantScalarMul(None, divide), [value, b])
         # its own origin: a narrowing after it observes the scaled values, as the FX lowering's mul observer does
