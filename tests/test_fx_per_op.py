@@ -175,8 +175,9 @@ def test_functions_and_methods_use_every_registry_entry():
     assert masks.shape == (2, 10, 8, 8) and pooled.shape == (2, 32)
     used = {type(m) for m in int_model.modules()}
     assert {M.L2Norm, M.Upsample, M.Requant, M.Mean, M.Cat, M.Add, M.MatMul, M.Linear, M.LayerNorm} <= used
-    assert {e.name for e in REGISTRY} == {"linear", "conv2d", "matmul", "add", "mul", "div", "layer_norm", "gelu",
-                                          "softmax", "l2_normalize", "interpolate", "mean", "cat", "shape", "split"}
+    assert {e.name for e in REGISTRY} == {"linear", "conv2d", "conv_transpose2d", "matmul", "add", "mul", "div",
+                                          "layer_norm", "gelu", "softmax", "l2_normalize", "interpolate", "mean", "cat",
+                                          "clamp", "shape", "split"}
 
 
 class ShiftedWindows(nn.Module):
