@@ -191,6 +191,34 @@ def test_conv_modules_fast_path_gives_the_intops_integers(geometry, gemm_path):
     assert torch.equal(loaded(x), fast)
 
 
+def test_a_relu_on_the_int16_stream_narrows_to_int8_for_a_conv():
+    """DPT's residual conv units: ``conv(relu(x + y))``: the ReLU (no observer of its own) keeps the INT16 sum's
+    observed range, which narrows its output to the conv's INT8 input (it was refused, naming no node)."""
+    import fx_patterns as fxp
+    from iseg_plugin.deploy import OpAudit
+
+    class Unit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, 1, 1), nn.Conv2d(4, 4, 3, 1, 1)
+
+        def forward(self, x):
+            return self.b(F.relu(x + self.a(x)))
+
+    torch.manual_seed(0)
+    model, x = Unit().eval(), torch.randn(2, 4, 8, 8)
+    for prepare in (fxp.prepare, fxp.prepare_pt2e):
+        prepared = prepare(model, (x,))
+        prepared(x)
+        int_model = fxp.convert(prepared, (x,))
+        inputs = fxp.quantize_inputs(int_model, x)
+        with OpAudit() as audit:
+            out = int_model(*inputs)
+        assert audit.float_ops() == [] and sum(isinstance(m, M.Conv2d) for m in int_model.modules()) == 2
+        assert F.cosine_similarity((out.double() * int_model.output_scales[0]).flatten(),
+                                   model(x).double().flatten(), 0) > 0.99
+
+
 def test_every_entry_has_every_piece():
     """An entry without a test case, a Brevitas layer, a QONNX node (or a standard ONNX form) for each module it
     builds, a doc line, or a row in docs/operators.md is a defect (each front end reads it)."""
