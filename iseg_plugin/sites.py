@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .lowering import observer_of
+from .lowering import is_observer, observer_of
 from .ops import REGISTRY
 from .ops.observer import IsegObserver
 
@@ -36,12 +36,6 @@ class Probe(fx.Interpreter):
             self.exact, out = out, self.replace(args, kwargs, out)
             self.approx = out
         return out
-
-
-def is_observer(gm: fx.GraphModule, n: fx.Node) -> bool:
-    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
-
-    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), (ObserverBase, FakeQuantizeBase))
 
 
 @dataclass

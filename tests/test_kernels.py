@@ -154,7 +154,7 @@ def test_upsample_equals_intops(mode, dtype):
     x[0, 1, ::2] = -bound
     resize = intops.upsample_nearest if mode == "nearest" else intops.upsample_bilinear
     for size in ((80, 112), (5, 7), (13, 9)):
-        assert torch.equal(kernels.upsample(x, mode, size), resize(x, size).to(dtype))
+        assert torch.equal(kernels.upsample(x, mode, size, False), resize(x, size).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])

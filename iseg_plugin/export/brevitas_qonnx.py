@@ -39,7 +39,7 @@ from ..nn.layers import _value
 from ..ops.entries import reduced_count
 from .onnx_int import IR_VERSION, OPSET
 from .qonnx import _qonnx_node, _qonnx_node_symbolic, static_shapes
-from .qonnx_ops import node_attributes
+from .qonnx_ops import OP_TYPE_OF, node_attributes
 
 BREVITAS_DOMAIN = "onnx.brevitas"  # Brevitas' name for the QONNX domain of Quant / Trunc (qonnx reads it)
 
@@ -88,7 +88,10 @@ def _on_grid(integers: Tensor, scale: Tensor, bit_width: Tensor, signed) -> IntQ
 
 
 def _custom_node(module, inputs: list[Tensor]) -> Tensor:
-    """The deployed ``module`` as one node of the plugin's QONNX domain, on float tensors holding integers."""
+    """The deployed ``module`` as one node of the plugin's QONNX domain, on float tensors holding integers; a module
+    without a node of its own (a pool) traced as standard ONNX ops on them."""
+    if type(module).__name__ not in OP_TYPE_OF:
+        return module(*inputs)
     op_type, attributes = node_attributes(module)
     return _qonnx_node(inputs, op_type, json.dumps(attributes))
 
@@ -117,9 +120,10 @@ class DyadicRequantHandler(_LayerHandler):
 
 
 class CustomNodeHandler(_LayerHandler):
-    """I-LayerNorm, GELU, softmax, L2 norm: one custom node on the input's integers, times the output scale."""
+    """I-LayerNorm, GELU, softmax, L2 norm and the registry's generic requantized ops (sigmoid, SiLU, ...): one custom
+    node on the input's integers (a pool: its standard ops), times the output scale."""
 
-    handled_layer = (L.QuantILayerNorm, L.QuantGELU, L.QuantSoftmax, L.QuantL2Norm)
+    handled_layer = (L.QuantILayerNorm, L.QuantGELU, L.QuantSoftmax, L.QuantL2Norm, L.QuantRequantizedOp)
 
     def symbolic_execution(self, x):
         return self._out(_custom_node(self.deployed, [_integers(x)]))
@@ -172,13 +176,17 @@ class CatHandler(_LayerHandler):
 
 
 class MatMulHandler(_LayerHandler):
-    """The product as a float ``MatMul`` of the two quantized operands (as Brevitas writes its GEMMs), then
-    the requantization as a ``Quant`` node."""
+    """The product as a float ``MatMul`` (``Mul`` for ``QuantMul``) of the two quantized operands (as Brevitas writes
+    its GEMMs), then the requantization as a ``Quant`` node."""
 
-    handled_layer = L.QuantMatMul
+    handled_layer = (L.QuantMatMul, L.QuantMul)
+
+    def prepare_for_export(self, module):
+        super().prepare_for_export(module)
+        self.product = torch.mul if isinstance(module, L.QuantMul) else torch.matmul
 
     def symbolic_execution(self, a, b):
-        return _requant(torch.matmul(_value(a), _value(b)), self.deployed.out, self.grid)
+        return _requant(self.product(_value(a), _value(b)), self.deployed.out, self.grid)
 
 
 class ScalarMulHandler(_LayerHandler):

@@ -16,6 +16,7 @@ from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
 from ..lowering import lower
+from ..lowering.normalize_attention import make_traceable, needs_rewrite
 from ..lowering.trace import locate_trace_failure
 
 from .config import get_iseg_backend_config, get_iseg_qconfig_mapping
@@ -50,7 +51,11 @@ class SegmentorLogits(nn.Module):
 
 
 def traceable(model: nn.Module) -> nn.Module:
-    """What FX traces for ``model``: an mmseg segmentor's logits forward, or the model itself."""
+    """What FX traces for ``model``: an mmseg segmentor's logits forward, or the model itself; torch's attention
+    blocks (``nn.MultiheadAttention``, ``nn.TransformerEncoder(Layer)``, leaves for FX) rewritten in a copy
+    (:func:`iseg_plugin.lowering.normalize_attention.make_traceable`)."""
+    if needs_rewrite(model):
+        model = make_traceable(model)
     is_segmentor = hasattr(model, "decode_head") and hasattr(model, "backbone") and hasattr(model, "extract_feat")
     return SegmentorLogits(model) if is_segmentor else model
 

@@ -112,7 +112,7 @@ class AvgPoolParams(NamedTuple):
 
     axes: tuple[AxisWindows, ...]
     requant: Dyadic  # per output position: S_in / (count S_out), shape (out_1, ..., out_d)
-    ratio: Tensor  # the same ratio in float64 (QAT gradient and reports only)
+    ratio: Tensor | None  # the same ratio in float64 (QAT gradient and reports only; None on integers)
 
 
 def _avg_params(axes: tuple[AxisWindows, ...], in_scale: float, out_scale: float | None,
@@ -155,6 +155,18 @@ def adaptive_avg_pool_params(in_size: Sequence[int], out_size, in_scale: float =
     out_size = _pair(out_size, len(in_size))
     axes = tuple(adaptive_windows(n, n if o is None else o) for n, o in zip(in_size, out_size))
     return _avg_params(axes, in_scale, out_scale, None)
+
+
+def pool_axes(indices: Sequence[Tensor], sizes: Sequence[int]) -> tuple[AxisWindows, ...]:
+    """The windows as a deployed module stores them: each axis' index table and input size (the counts are in the
+    average pool's multipliers)."""
+    return tuple(AxisWindows(index, index.new_zeros(0), int(size)) for index, size in zip(indices, sizes))
+
+
+def avg_pool_params_from(axes: tuple[AxisWindows, ...], requant: Dyadic, x: Tensor) -> AvgPoolParams:
+    """The constants as a deployed module stores them for input ``x`` (``ratio``, for the QAT gradient only,
+    derived from the multipliers for a float ``x``)."""
+    return AvgPoolParams(axes, requant, requant.ratio() if x.dtype.is_floating_point else None)
 
 
 def _avg_pool_int(x: Tensor, m: Tensor, e: Tensor, axes, bits) -> Tensor:

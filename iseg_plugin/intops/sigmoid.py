@@ -63,6 +63,13 @@ def sigmoid_params(scale: float, alpha: float = 1.0) -> SigmoidParams:
     return SigmoidParams(dyadic_from_ratio(ratio), 1.0 / (float(scale) * float(alpha)))
 
 
+def sigmoid_params_from(exponent: Dyadic, x: Tensor) -> SigmoidParams:
+    """The constants as a deployed module stores them (the exponent's dyadic alone) for input ``x``: ``unit``, which
+    only the QAT gradient reads, is derived from it for a float ``x`` (integers: no float op at all)."""
+    unit = float(LOG2E * 2**BITEXP_FRAC / exponent.ratio()) if x.dtype.is_floating_point else 0.0
+    return SigmoidParams(exponent, unit)
+
+
 def _sigmoid_int(x: Tensor, m: Tensor, e: Tensor, k_out: int, k_inter: int, span: int | None) -> Tensor:
     x = as_int64(x)
     neg = -x.abs()  # <= 0
@@ -154,6 +161,13 @@ def hard_params(scale: float, k_out: int = 8) -> HardParams:
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     return HardParams(dyadic_from_ratio(float(scale) / 6.0 * 2.0 ** (k_out - 1)), k_out, 1.0 / float(scale))
+
+
+def hard_params_from(slope: Dyadic, k_out: int, x: Tensor) -> HardParams:
+    """The constants as a deployed module stores them for input ``x`` (``unit``, for the QAT gradient only, derived
+    from the slope for a float ``x``)."""
+    unit = float(2.0 ** (k_out - 1) / (6.0 * slope.ratio())) if x.dtype.is_floating_point else 0.0
+    return HardParams(slope, int(k_out), unit)
 
 
 def _hardsigmoid_int(x: Tensor, m: Tensor, e: Tensor, k_out: int) -> Tensor:

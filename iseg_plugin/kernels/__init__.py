@@ -110,21 +110,21 @@ def uint16_matmul_requantize(p, v, out_dyadic, bounds, out_dtype, int8_matmul):
         int(bounds[0]), int(bounds[1]), out_dtype)
 
 
-def _axis(mode: str, in_size: int, out_size: int) -> tuple[torch.Tensor, int]:
+def _axis(mode: str, in_size: int, out_size: int, align_corners: bool) -> tuple[torch.Tensor, int]:
     """One axis of :func:`upsample`: (lo, hi, w_lo, w_hi) rows and their denominator (nearest: (1, 0) / 1)."""
     from ..intops.resize import bilinear_table, nearest_index
 
     if mode == "nearest":
         idx = nearest_index(in_size, out_size)
         return torch.stack([idx, idx, torch.ones_like(idx), torch.zeros_like(idx)]), 1
-    t = bilinear_table(in_size, out_size)
+    t = bilinear_table(in_size, out_size, align_corners)
     return torch.stack([t.lo, t.hi, t.w_lo, t.w_hi]), t.denominator
 
 
-def upsample(x, mode: str, size: tuple[int, int]):
+def upsample(x, mode: str, size: tuple[int, int], align_corners: bool):
     """``intops.upsample_nearest`` / ``upsample_bilinear`` of (..., H, W) integers, one pass, same dtype."""
-    rows, den_r = _axis(mode, x.shape[-2], size[0])
-    cols, den_c = _axis(mode, x.shape[-1], size[1])
+    rows, den_r = _axis(mode, x.shape[-2], size[0], align_corners)
+    cols, den_c = _axis(mode, x.shape[-1], size[1], align_corners)
     return torch.ops.iseg_kernels.upsample(x, rows, cols, den_r * den_c)
 
 

@@ -68,6 +68,11 @@ def observer_of(module: nn.Module) -> IsegObserver | None:
     return None
 
 
+def is_observer(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether ``n`` calls an observer (or a fake-quantize) of the prepared graph ``gm``."""
+    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), (ObserverBase, FakeQuantizeBase))
+
+
 class _Recorder(fx.Interpreter):
     """Runs the prepared graph on the example inputs, keeping the value of every static node and the
     shape of every tensor. Observers are bypassed (no range moves) unless ``observe`` (they then update
@@ -369,7 +374,7 @@ class Lowering:
         return name
 
     def _is_observer(self, node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(self.src.get_submodule(node.target), (ObserverBase, FakeQuantizeBase))
+        return is_observer(self.src, node)
 
     def _lower_node(self, node: fx.Node):
         if _is_export_guard(node):
@@ -537,9 +542,11 @@ class Site:
         if isinstance(value, Operand):
             return value.node
         if isinstance(value, Const):
-            if isinstance(value.value, Tensor):
+            if isinstance(value.value, Tensor) and value.value.is_floating_point():
                 raise self.refuse("a float constant tensor would enter an integer op; quantize it through an "
                                   "observed op (add, cat, mul) instead")
+            if isinstance(value.value, Tensor):  # indices that do not depend on the input (gather, index_select)
+                return self.lowering.constant(f"{self.name}_index", value.value)
             return value.value
         if isinstance(value, (list, tuple)):
             return type(value)(self.map_to_new(v) for v in value)

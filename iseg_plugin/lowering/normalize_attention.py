@@ -4,10 +4,11 @@
 
 torch.ao's FX tracer (``prepare_fx``) and the Brevitas swap's ``fx.symbolic_trace`` treat every ``torch.nn`` module
 as a leaf, so a ViT built from ``nn.TransformerEncoderLayer`` reaches the lowering as one opaque call and is refused
-by node. torch.export (PT2E) traces through them. :func:`make_traceable` is the FX-side equivalent::
+by node. torch.export (PT2E) traces through them. :func:`make_traceable` is the FX-side equivalent, which
+``fxp.prepare`` and the Brevitas swap (``iseg_plugin.nn.quantize``) apply to a copy of a model that holds such
+blocks (stock ``prepare_fx`` users call it themselves)::
 
     model = make_traceable(model)          # a copy; the float function is the same (up to float rounding)
-    prepared = fxp.prepare(model, example_inputs)          # or iseg_plugin.nn.quantize(model)
 
 What is rewritten: self- and cross-attention with or without ``batch_first``, with separate or packed
 projections and biases; encoder layers in both norm orders with any activation (a function or a module), and the
@@ -133,6 +134,11 @@ def _rewrite(module: nn.Module) -> nn.Module:
     return module
 
 
+def needs_rewrite(model: nn.Module) -> bool:
+    """Whether ``model`` holds one of torch's blocks that :func:`make_traceable` rewrites."""
+    return any(_rewrite(m) is not m for m in model.modules())
+
+
 def make_traceable(model: nn.Module, inplace: bool = False) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with every ``nn.TransformerEncoder``, ``nn.TransformerEncoderLayer`` and
     ``nn.MultiheadAttention`` replaced by its traceable rewrite (module docstring), in the same training mode."""
@@ -149,4 +155,4 @@ def make_traceable(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model
 
 
-__all__ = ["make_traceable", "TraceableMultiheadAttention", "TraceableEncoderLayer", "TraceableEncoder"]
+__all__ = ["make_traceable", "needs_rewrite", "TraceableMultiheadAttention", "TraceableEncoderLayer", "TraceableEncoder"]

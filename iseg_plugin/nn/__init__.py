@@ -13,7 +13,9 @@ from .layers import (
     QuantL2Norm,
     QuantMatMul,
     QuantMean,
+    QuantMul,
     QuantRegistryOp,
+    QuantRequantizedOp,
     QuantResidualAdd,
     QuantScalarMul,
     QuantSoftmax,
@@ -23,5 +25,5 @@ from .quantizers import iseg_act_quant
 from .swap import quantize
 
 __all__ = ["DyadicRequant", "Int16ActPerTensorFloat", "QuantCat", "QuantGELU", "QuantILayerNorm", "QuantL2Norm",
-           "QuantMatMul", "QuantMean", "QuantRegistryOp", "QuantResidualAdd", "QuantScalarMul", "QuantSoftmax", "QuantUpsample",
+           "QuantMatMul", "QuantMean", "QuantMul", "QuantRegistryOp", "QuantRequantizedOp", "QuantResidualAdd", "QuantScalarMul", "QuantSoftmax", "QuantUpsample",
            "iseg_act_quant", "quantize"]

@@ -334,6 +334,25 @@ class QuantMatMul(_QuantOutput):
         return _build("matmul", None, dict(alpha=self.alpha), (a, b), grid or self.grid())
 
 
+class QuantMul(_QuantOutput):
+    """``a * b`` of two quantized activations (quick-GELU's ``x * sigmoid(1.702 x)``, gates): the exact integer
+    product, requantized to this layer's grid."""
+
+    def __init__(self, act_quant=Int16ActPerTensorFloat, **kwargs):
+        super().__init__(act_quant, **kwargs)
+
+    def _forward(self, a, b):
+        if not self.quantizing:
+            return _value(self.output_quant(_value(a) * _value(b)))
+        (ia, sa), (ib, sb) = _integers(a, self), _integers(b, self)
+        grid = self.grid(lambda: a.value * b.value)
+        return self._run(self.deployed(sa, sb, grid), grid, ia, ib)
+
+    def deployed(self, scale_a: Tensor, scale_b: Tensor, grid: _Grid | None = None) -> M.Mul:
+        scales = (_per_tensor(scale_a, self, "operand"), _per_tensor(scale_b, self, "operand"))
+        return _build("mul", None, {}, scales, grid or self.grid())
+
+
 class QuantL2Norm(_QuantOutput):
     """``F.normalize(x, dim=dim)`` over the last dimension (``dim`` -1 or the last index): integer L2
     normalisation (15 fraction bits), its output requantized to this layer's grid."""
@@ -441,17 +460,18 @@ class QuantScalarMul(_Layer):
 
 
 class QuantUpsample(_Layer):
-    """Nearest or integer bilinear (align_corners=False) resize of (B, C, H, W) to ``size`` or by
+    """Nearest or integer bilinear (``align_corners`` as F.interpolate's) resize of (B, C, H, W) to ``size`` or by
     ``scale_factor`` (or to a ``size`` given to ``forward``: one the model computes from shapes); the grid is
     the input's (bilinear rounds its exact rational weights)."""
 
-    def __init__(self, size=None, scale_factor=None, mode: str = "nearest"):
+    def __init__(self, size=None, scale_factor=None, mode: str = "nearest", align_corners: bool = False):
         super().__init__()
         if mode not in ("nearest", "bilinear"):
             raise ValueError(f"integer upsampling is nearest or bilinear, got mode={mode!r}")
         if size is not None and scale_factor is not None:
             raise ValueError("give one of size and scale_factor")
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
+        self.align_corners = bool(align_corners) and mode == "bilinear"
 
     def _size(self, x: Tensor, size=None) -> tuple[int, int]:
         size = self.size if size is None else size
@@ -465,21 +485,22 @@ class QuantUpsample(_Layer):
         if not isinstance(x, IntQuantTensor):  # calibration mode: the float op
             x = _value(x)
             return F.interpolate(x, self._size(x, size), mode=self.mode,
-                                 align_corners=False if self.mode == "bilinear" else None)
+                                 align_corners=self.align_corners if self.mode == "bilinear" else None)
         integers, _ = _integers(x, self)
         signed = bool(x.signed)
         grid = _Grid(x.scale, x.bit_width, signed, intops.int_range(int(x.bit_width), signed=signed))
         return self._run(self.deployed(self._size(x.value, size)), grid, integers)
 
     def deployed(self, size: tuple[int, int]) -> M.Upsample:
-        return _build("interpolate", None, dict(mode=self.mode, align_corners=False, out_size=size), (1.0,), None)
+        attributes = dict(mode=self.mode, align_corners=self.align_corners, out_size=size)
+        return _build("interpolate", None, attributes, (1.0,), None)
 
 
 class QuantRegistryOp(_Layer):
-    """A registry entry whose output stays on its input's grid (``observation="share"``, e.g. ``clamp``: ReLU,
-    ReLU6, hardtanh), as a Brevitas layer made from the entry alone: the entry's float op while Brevitas
-    calibrates, its deployed module (the entry's ``build`` for the input's grid and ``attributes``) on the
-    integers. The swap uses it for every such entry that has no layer of its own."""
+    """A registry entry whose output stays on its input's grid (``observation="share"``: clamp, max pooling), as a
+    Brevitas layer made from the entry alone: the entry's float op while Brevitas calibrates, its deployed module
+    (the entry's ``build`` for the input's grid, shape and ``attributes``) on the integers. The swap uses it for
+    every such entry that has no layer of its own."""
 
     def __init__(self, entry: str, attributes: dict):
         super().__init__()
@@ -495,8 +516,37 @@ class QuantRegistryOp(_Layer):
         integers, scale = _integers(x, self)
         signed = bool(x.signed)
         grid = _Grid(x.scale, x.bit_width, signed, intops.int_range(int(x.bit_width), signed=signed))
-        return self._run(self.deployed(scale, grid.bounds), grid, integers)
+        return self._run(self.deployed(scale, grid.bounds, tuple(x.value.shape)), grid, integers)
 
-    def deployed(self, in_scale: Tensor, bounds: tuple[int, int]) -> nn.Module:
-        return _build(self.entry, None, self.attributes, (Grid.of(_per_tensor(in_scale, self, "input"), bounds),), None)
+    def deployed(self, in_scale: Tensor, bounds: tuple[int, int], input_shape: tuple[int, ...]) -> nn.Module:
+        attributes = dict(self.attributes, input_shape=input_shape)
+        return _build(self.entry, None, attributes, (Grid.of(_per_tensor(in_scale, self, "input"), bounds),), None)
 
+
+class QuantRequantizedOp(_QuantOutput):
+    """A registry entry with an output grid of its own (``observation="output"``: sigmoid, SiLU, hardswish, average
+    pooling), as a Brevitas layer made from the entry alone: the float op while Brevitas calibrates (its output
+    observed by ``act_quant``), the entry's deployed module for the input's scale and shape and this layer's grid
+    on the integers."""
+
+    def __init__(self, entry: str, attributes: dict, act_quant=Int8ActPerTensorFloat, **kwargs):
+        super().__init__(act_quant, **kwargs)
+        self.entry = REGISTRY[entry].name
+        self.attributes = dict(attributes)
+
+    def extra_repr(self) -> str:
+        return f"{self.entry}, {self.attributes}"
+
+    def _float(self, x: Tensor) -> Tensor:
+        return REGISTRY[self.entry].float_op(self.attributes, x)
+
+    def _forward(self, x):
+        if not self.quantizing:
+            return _value(self.output_quant(self._float(_value(x))))
+        integers, scale = _integers(x, self)
+        grid = self.grid(lambda: self._float(x.value))
+        return self._run(self.deployed(scale, tuple(x.value.shape), grid), grid, integers)
+
+    def deployed(self, in_scale: Tensor, input_shape: tuple[int, ...], grid: _Grid | None = None) -> nn.Module:
+        attributes = dict(self.attributes, input_shape=input_shape)
+        return _build(self.entry, None, attributes, (_per_tensor(in_scale, self, "input"),), grid or self.grid())

@@ -34,11 +34,12 @@ from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import Tensor, fx, nn
 
 from ..lowering import LoweringError, consumer_bits, describe, feeds_output, is_shape_query, static_nodes
+from ..lowering.normalize_attention import make_traceable, needs_rewrite
 from ..lowering.trace import locate_trace_failure
 from ..ops.registry import REGISTRY, UnsupportedOpError
 from ..ops.site import NodeCall
-from .layers import (DyadicRequant, QuantCat, QuantGELU, QuantILayerNorm, QuantL2Norm, QuantMatMul, QuantMean,
-                     QuantRegistryOp, QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
+from .layers import (DyadicRequant, QuantCat, QuantGELU, QuantILayerNorm, QuantL2Norm, QuantMatMul, QuantMean, QuantMul,
+                     QuantRegistryOp, QuantRequantizedOp, QuantResidualAdd, QuantScalarMul, QuantSoftmax, QuantUpsample)
 from .quantizers import iseg_act_quant
 
 
@@ -82,7 +83,7 @@ def quantize(model: nn.Module, gelu: str | None = None, softmax: str | None = No
 def _trace(model: nn.Module) -> fx.GraphModule:
     """``fx.symbolic_trace`` of a copy of ``model`` (the user's model stays as it is); a failure is refused naming
     the module torch.fx could not trace and why."""
-    model = copy.deepcopy(model)
+    model = make_traceable(model) if needs_rewrite(model) else copy.deepcopy(model)  # (torch's attention blocks)
     try:
         return fx.symbolic_trace(model)
     except Exception as err:
@@ -188,7 +189,7 @@ class _Swap:
 
     def need_input(self, arg, node: fx.Node) -> fx.Node:
         """``arg`` at the input width of the registry entry being swapped (INT8 into GEMMs and GELU, INT16 else)."""
-        return self.need(arg, self.input_bits, node)
+        return self.need(arg, self.input_bits or 16, node)
 
     def _arg(self, node: fx.Node, i: int, name: str, default=None):
         return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
@@ -325,9 +326,13 @@ class _Swap:
         # passed at run time); a parameter (LayerScale's gamma) is a tensor: the FX front end lowers those
         number = isinstance(b, (int, float)) and b > 0
         from_shapes = isinstance(b, fx.Node) and b in self.static and not self._reads_parameters(b)
+        if not divide and isinstance(b, fx.Node) and b in self.bits:  # two quantized tensors: their product
+            inputs = [self.need_input(a, node), self.need_input(b, node)]
+            self._emit(node, QuantMul(act_quant=self.act(node)), inputs, self.demand[node])
+            return
         if not (number or from_shapes):
-            raise LoweringError(f"{describe(node)}: the Brevitas swap takes products with a positive number only "
-                                "(the FX front end lowers the others)")
+            raise LoweringError(f"{describe(node)}: the Brevitas swap takes products with a positive number or of two "
+                                "quantized tensors only (the FX front end lowers the others)")
         value = self._quantized(a, node)
         layer, inputs = (QuantScalarMul(b, divide), [value]) if number else (QuantScalarMul(None, divide), [value, b])
         # its own origin: a narrowing after it observes the scaled values, as the FX lowering's mul observer does
@@ -354,9 +359,9 @@ class _Swap:
         computed = isinstance(size, fx.Node) or (isinstance(size, (list, tuple)) and
                                                  any(isinstance(v, fx.Node) for v in size))
         if computed:  # a size the model computes from shapes: given at run time
-            self._emit(node, QuantUpsample(None, None, mode), [x, size], self.bits[x])
+            self._emit(node, QuantUpsample(None, None, mode, a["align_corners"]), [x, size], self.bits[x])
         else:
-            self._emit(node, QuantUpsample(size, factor, mode), [x], self.bits[x])
+            self._emit(node, QuantUpsample(size, factor, mode, a["align_corners"]), [x], self.bits[x])
 
     def _shape(self, node: fx.Node, a: dict | None = None) -> None:
         value = self._quantized(node.args[0], node)
@@ -383,6 +388,12 @@ class _Swap:
         if value in self.probabilities:
             self.probabilities.add(new)
 
+    def _requantized(self, node: fx.Node, a: dict) -> None:
+        """An entry with an output grid of its own, as the generic layer :class:`QuantRequantizedOp`."""
+        entry = REGISTRY.entry_for(node, self.gm)
+        layer = QuantRequantizedOp(entry.name, a, act_quant=self.act(node))
+        self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
+
 
 # The Brevitas layer of each registry entry that has one of its own: how the swap puts it in (a table read by entry
 # name). Other entries whose output stays on the input's grid and that name their float op get the generic
@@ -397,5 +408,7 @@ def layer_for(entry):
     None where the entry has none."""
     if entry.name in LAYERS:
         return LAYERS[entry.name]
-    return _Swap._on_input_grid if entry.float_op is not None and entry.observation == "share" else None
+    if entry.float_op is None:
+        return None
+    return {"share": _Swap._on_input_grid, "output": _Swap._requantized}.get(entry.observation)
 

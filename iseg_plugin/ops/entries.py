@@ -14,7 +14,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .. import intops
 from . import modules as M
@@ -266,8 +266,13 @@ def _lower_mul(site: Site, variant: Variant, divide: bool = False) -> Operand:
     if divide:
         raise site.refuse("dividing by a quantized tensor has no integer lowering")
     a, b = site.input(0), site.input(1)
-    out, scale, bounds = site.requant_to_output(a.scale * b.scale)
-    return site.out(site.emit(M.Mul(out), a.node, b.node), scale, bounds)
+    out = site.output_grid()
+    return site.out(site.emit(variant.build(site.attrs, (a.grid, b.grid), out), a.node, b.node), out.scale, out.bounds)
+
+
+def _build_mul(a: dict, inputs: tuple[Grid, Grid], out: Grid, integers=_AS_IS) -> M.Mul:
+    """The product of two quantized tensors (int64), requantized by ``S_a S_b / S_out``."""
+    return M.Mul(M.Requant.between(inputs[0].scale * inputs[1].scale, out.scale, out.bounds))
 
 
 # -- layer_norm, gelu, softmax, l2_normalize -------------------------------------------------------
@@ -407,15 +412,14 @@ def _interpolate_attributes(call) -> dict:
 
 
 def _interpolate_check(a: dict) -> str | None:
-    if a["mode"] not in ("nearest", "bilinear") or (a["mode"] == "bilinear" and a["align_corners"]):
-        return (f"integer upsampling is nearest or bilinear (align_corners=False); got mode={a['mode']!r}, "
-                f"align_corners={a['align_corners']}")
+    if a["mode"] not in ("nearest", "bilinear"):
+        return f"integer upsampling is nearest or bilinear; got mode={a['mode']!r}"
     return None
 
 
 def _build_upsample(a: dict, inputs: tuple[Grid], out=None, integers=_AS_IS) -> M.Upsample:
     """Nearest or integer bilinear resize to ``a["out_size"]`` (h, w), on the input's grid."""
-    return M.Upsample(a["mode"], a["out_size"], None)
+    return M.Upsample(a["mode"], a["out_size"], None, a["mode"] == "bilinear" and bool(a["align_corners"]))
 
 
 def _lower_interpolate(site: Site, variant: Variant) -> Operand:
@@ -503,6 +507,111 @@ def _build_clamp(a: dict, inputs: tuple[Grid], out=None, integers=_AS_IS) -> M.C
                     grid.bounds[1] if high is None else min(grid.bounds[1], high)))
 
 
+# -- sigmoid family, pooling --------------------------------------------------------------------------
+
+SIGMOID_BITS = 16  # a sigmoid's output: [0, 2**15] at 2**-15, as the softmax probabilities
+
+
+def _build_sigmoid(a: dict, inputs: tuple[Grid], out: Grid, integers=_AS_IS) -> M.Sigmoid:
+    """The integer sigmoid of the input at 2**-15, requantized to the output grid (quick-GELU's
+    ``x * sigmoid(1.702 x)`` is this and the ``mul`` entry: ``1.702 x`` is a scale change)."""
+    params = intops.sigmoid_params(inputs[0].scale)
+    return M.Sigmoid(params, SIGMOID_BITS, intops.K_INTER_SIGMOID,
+                     M.Requant.between(2.0 ** -(SIGMOID_BITS - 1), out.scale, out.bounds))
+
+
+def _build_silu(a: dict, inputs: tuple[Grid], out: Grid, integers=_AS_IS) -> M.XSigmoid:
+    """``x * sigmoid(x)`` of INT8 input at ``S * 2**-7`` (as the GELUs), requantized."""
+    scale = inputs[0].scale
+    return M.XSigmoid(intops.sigmoid_params(scale), GELU_OUT_SHIFT + 1, intops.K_INTER_SIGMOID,
+                      M.Requant.between(scale * 2.0**-GELU_OUT_SHIFT, out.scale, out.bounds))
+
+
+def _hard_build(swish: bool):
+    """Hardsigmoid (INT16 input, output at 2**-15) or hardswish (INT8 input, ``x * h`` at ``S * 2**-7``)."""
+    def build(a: dict, inputs: tuple[Grid], out: Grid, integers=_AS_IS) -> M.HardSigmoid:
+        scale = inputs[0].scale
+        bits = GELU_OUT_SHIFT + 1 if swish else SIGMOID_BITS
+        out_of = (scale if swish else 1.0) * 2.0 ** -(bits - 1)
+        return M.HardSigmoid(intops.hard_params(scale, bits), swish, M.Requant.between(out_of, out.scale, out.bounds))
+
+    return build
+
+
+# float pooling function / ATen op -> (dims, adaptive)
+_AVG_POOLS = {torch.avg_pool1d: (1, False), F.avg_pool2d: (2, False), aten.avg_pool1d.default: (1, False),
+              aten.avg_pool2d.default: (2, False),
+              torch.adaptive_avg_pool1d: (1, True), F.adaptive_avg_pool2d: (2, True),
+              aten.adaptive_avg_pool1d.default: (1, True), aten.adaptive_avg_pool2d.default: (2, True),
+              aten._adaptive_avg_pool2d.default: (2, True)}
+_MAX_POOLS = {F.max_pool1d: 1, F.max_pool2d: 2, aten.max_pool1d.default: 1, aten.max_pool2d.default: 2}
+
+
+def _pool_module_dims(module: nn.Module) -> int:
+    return 1 if type(module).__name__.endswith("1d") else 2
+
+
+def _avg_pool_attributes(call) -> dict:
+    shape, m = call.input_shape(0), call.module
+    if m is not None:
+        dims, adaptive = _pool_module_dims(m), "Adaptive" in type(m).__name__
+    else:
+        dims, adaptive = _AVG_POOLS[call.target]
+    if adaptive:
+        size = m.output_size if m is not None else call.arg(1, "output_size")
+        return dict(dims=dims, adaptive=True, output_size=size, input_shape=shape)
+    if m is not None:
+        args = (m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, getattr(m, "divisor_override", None))
+    else:
+        args = (call.arg(1, "kernel_size"), call.arg(2, "stride"), call.arg(3, "padding", 0),
+                call.arg(4, "ceil_mode", False), call.arg(5, "count_include_pad", True), call.arg(6, "divisor_override"))
+    names = ("kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    return dict(dims=dims, adaptive=False, input_shape=shape, **dict(zip(names, args)))
+
+
+def _float_avg_pool(a: dict, x: Tensor) -> Tensor:
+    d = a["dims"]
+    if a["adaptive"]:
+        return (torch.adaptive_avg_pool1d if d == 1 else F.adaptive_avg_pool2d)(x, a["output_size"])
+    pool = torch.avg_pool1d if d == 1 else F.avg_pool2d
+    extra = () if d == 1 else (a["divisor_override"],)
+    return pool(x, a["kernel"], a["stride"] or a["kernel"], a["padding"], a["ceil_mode"], a["count_include_pad"], *extra)
+
+
+def _build_avg_pool(a: dict, inputs: tuple[Grid], out: Grid, integers=_AS_IS) -> M.AvgPool:
+    """Window sums through static tables, one dyadic multiplier per output position (``S_in / (count S_out)``)."""
+    size, scale = a["input_shape"][-a["dims"]:], inputs[0].scale
+    if a["adaptive"]:
+        params = intops.adaptive_avg_pool_params(size, a["output_size"], scale, out.scale)
+    else:
+        params = intops.avg_pool_params(size, a["kernel"], a["stride"], a["padding"], a["ceil_mode"],
+                                        a["count_include_pad"], a["divisor_override"], scale, out.scale)
+    return M.AvgPool(params, out.bounds)
+
+
+def _max_pool_attributes(call) -> dict:
+    m = call.module
+    if m is not None:
+        dims, args = _pool_module_dims(m), (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                                            m.return_indices)
+    else:
+        dims = _MAX_POOLS[call.target]
+        args = (call.arg(1, "kernel_size"), call.arg(2, "stride"), call.arg(3, "padding", 0), call.arg(4, "dilation", 1),
+                call.arg(5, "ceil_mode", False), call.arg(6, "return_indices", False))
+    names = ("kernel", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    return dict(dims=dims, input_shape=call.input_shape(0), **dict(zip(names, args)))
+
+
+def _float_max_pool(a: dict, x: Tensor) -> Tensor:
+    pool = F.max_pool1d if a["dims"] == 1 else F.max_pool2d
+    return pool(x, a["kernel"], a["stride"] or a["kernel"], a["padding"], a["dilation"], a["ceil_mode"])
+
+
+def _build_max_pool(a: dict, inputs: tuple[Grid], out=None, integers=_AS_IS) -> M.MaxPool:
+    size = a["input_shape"][-a["dims"]:]
+    return M.MaxPool(intops.max_pool_params(size, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]))
+
+
 def _lower_shape_op(site: Site, variant: Variant) -> Operand | Const:
     """Shape ops move integers without changing them: the same call on the integer tensor."""
     source = next(a for a in site.args + list(site.kwargs.values()) if isinstance(a, Operand))
@@ -548,13 +657,16 @@ _IDENTITY_ATEN = (aten.clone.default, aten.alias.default, aten.detach.default, a
 # ``contiguous`` is no identity: it is called on the integers, because a ``view`` after it needs its layout
 # (nn.MultiheadAttention: ``...transpose(...).contiguous().view(...)``)
 # Permutations and repetitions (Swin's shifted windows roll, DPT's readout expand_as) move integers too.
+# Gathers by indices that do not depend on the input's values (ViT-MAE's token shuffle) move integers too.
 SHAPE_METHODS = ("reshape", "view", "permute", "transpose", "t", "flatten", "unflatten", "expand", "squeeze",
-                 "unsqueeze", "contiguous", "roll", "flip", "repeat", "expand_as") + _IDENTITY_METHODS
+                 "unsqueeze", "contiguous", "roll", "flip", "repeat", "expand_as", "gather", "index_select",
+                 "take_along_dim") + _IDENTITY_METHODS
 SHAPE_ATEN = (aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default,
               aten.flatten.using_ints, aten.unflatten.int, aten.expand.default, aten.squeeze.dim, aten.squeeze.dims,
               aten.unsqueeze.default, aten.slice.Tensor, aten.select.int, aten.pad.default,
               aten.constant_pad_nd.default, aten.contiguous.default, aten.roll.default, aten.flip.default,
-              aten.repeat.default, aten.expand_as.default)
+              aten.repeat.default, aten.expand_as.default, aten.gather.default, aten.index_select.default,
+              aten.index.Tensor)
 
 REGISTRY.register(OpEntry(
     "linear", "INT8 x INT8 -> INT32 (+ INT32 bias), per-channel dyadic requantization to the output",
@@ -588,7 +700,7 @@ REGISTRY.register(OpEntry(
 REGISTRY.register(OpEntry(
     "mul", "x * c (scalar: a scale change, no op; per channel: one requantization) or x * y, and x / c",
     functions=(operator.mul, torch.mul), methods=("mul",), aten=(aten.mul.Tensor,), input_bits=None,
-    variants=_single("dyadic rescale", _lower_mul), emits=("Mul", "Requant")))
+    variants=_single("dyadic rescale", _lower_mul, _build_mul), emits=("Mul", "Requant")))
 REGISTRY.register(OpEntry(
     "div", "x / c for a constant c: a scale change",
     functions=(operator.truediv, torch.div), methods=("div",), aten=(aten.div.Tensor,), input_bits=None,
@@ -600,7 +712,8 @@ REGISTRY.register(OpEntry(
     variants=_single("exact isqrt, INT16 gamma, int64 sums", build=_build_layer_norm),
     attributes=_layer_norm_attributes, check=_layer_norm_check, emits=("LayerNorm",)))
 REGISTRY.register(OpEntry(
-    "gelu", "integer GELU of INT8 input, output S * 2**-7 requantized",
+    "gelu", "integer GELU of INT8 input, output S * 2**-7 requantized (GELU's tanh approximation, within 4.7e-4 of "
+    "erf GELU, is lowered the same)",
     modules=(nn.GELU,), functions=(F.gelu,), aten=(aten.gelu.default,), input_bits=8,
     variants={
         "poly": Variant("poly", _lower_gelu, "Poly-GELU (IPTQ-ViT): quartic erf fitted on calibration data",
@@ -625,7 +738,7 @@ REGISTRY.register(OpEntry(
     functions=(F.normalize,), input_bits=16, variants=_single("exact isqrt, 15 fraction bits", build=_build_l2_norm),
     attributes=_normalize_attributes, check=_normalize_check, emits=("L2Norm",)))
 REGISTRY.register(OpEntry(
-    "interpolate", "nearest, or integer bilinear with exact rational weights (align_corners=False)",
+    "interpolate", "nearest, or integer bilinear with exact rational weights (align_corners False or True)",
     modules=(nn.Upsample,), functions=(F.interpolate,),
     aten=(aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec), input_bits=16,
     variants=_single("same scale as the input", _lower_interpolate, _build_upsample),
@@ -647,11 +760,47 @@ REGISTRY.register(OpEntry(
     attributes=_clamp_attributes, check=_clamp_check, float_op=lambda a, x: x.clamp(a["min"], a["max"]),
     emits=("Clamp",)))
 REGISTRY.register(OpEntry(
-    "shape", "reshape / permute / index / roll / flip / repeat / pad (0, reflect, replicate, circular) / dropout in "
-    "eval: the same call on the integers",
+    "sigmoid", "integer sigmoid (bit-exp exponential, one division) at 2**-15, requantized; with mul: quick-GELU",
+    modules=(nn.Sigmoid,), functions=(torch.sigmoid, F.sigmoid), methods=("sigmoid",), aten=(aten.sigmoid.default,),
+    input_bits=16, variants=_single("exactly symmetric, max error 1e-3", build=_build_sigmoid),
+    float_op=lambda a, x: torch.sigmoid(x), emits=("Sigmoid",)))
+REGISTRY.register(OpEntry(
+    "silu", "SiLU x * sigmoid(x) of INT8 input at S * 2**-7, requantized",
+    modules=(nn.SiLU,), functions=(F.silu,), aten=(aten.silu.default,), input_bits=8,
+    variants=_single("integer sigmoid times x", build=_build_silu), float_op=lambda a, x: F.silu(x),
+    emits=("XSigmoid",)))
+REGISTRY.register(OpEntry(
+    "hardsigmoid", "hardsigmoid relu6(x + 3) / 6 by one dyadic multiply, at 2**-15, requantized",
+    modules=(nn.Hardsigmoid,), functions=(F.hardsigmoid,), aten=(aten.hardsigmoid.default,), input_bits=16,
+    variants=_single("within half an output unit", build=_hard_build(False)), float_op=lambda a, x: F.hardsigmoid(x),
+    emits=("HardSigmoid",)))
+REGISTRY.register(OpEntry(
+    "hardswish", "hardswish x * relu6(x + 3) / 6 of INT8 input at S * 2**-7, requantized",
+    modules=(nn.Hardswish,), functions=(F.hardswish,), aten=(aten.hardswish.default,), input_bits=8,
+    variants=_single("x times the integer hardsigmoid", build=_hard_build(True)), float_op=lambda a, x: F.hardswish(x),
+    emits=("HardSigmoid",)))
+REGISTRY.register(OpEntry(
+    "avg_pool", "average and adaptive average pooling (1d, 2d): window sums, one requantization per output position",
+    modules=(nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d), functions=tuple(
+        t for t in _AVG_POOLS if not isinstance(t, torch._ops.OpOverload)),
+    aten=tuple(t for t in _AVG_POOLS if isinstance(t, torch._ops.OpOverload)), input_bits=16,
+    variants=_single("PyTorch's divisors, within 0.5 LSB", build=_build_avg_pool), attributes=_avg_pool_attributes,
+    float_op=_float_avg_pool, emits=("AvgPool",)))
+REGISTRY.register(OpEntry(
+    "max_pool", "max pooling (1d, 2d): exact, on the input's grid",
+    modules=(nn.MaxPool1d, nn.MaxPool2d), functions=(F.max_pool1d, F.max_pool2d),
+    aten=(aten.max_pool1d.default, aten.max_pool2d.default),
+    observation="share", input_bits=None, variants=_single("window max", build=_build_max_pool),
+    attributes=_max_pool_attributes, check=lambda a: "max pooling with return_indices has no integer lowering (the "
+    "indices are positions, not values)" if a["return_indices"] else None, float_op=_float_max_pool,
+    emits=("MaxPool",)))
+REGISTRY.register(OpEntry(
+    "shape", "reshape / permute / index / roll / flip / repeat / gather by static indices / pad (0, reflect, replicate, "
+    "circular) / dropout in eval: the same call on the integers",
     modules=(nn.Dropout, nn.Identity), functions=(operator.getitem, torch.flatten, torch.transpose, torch.permute,
                                                    torch.reshape, torch.squeeze, torch.unsqueeze, torch.roll,
-                                                   torch.flip, F.pad, F.dropout),
+                                                   torch.flip, F.pad, F.dropout, torch.gather, torch.index_select,
+                                                   torch.take_along_dim),
     methods=SHAPE_METHODS, aten=SHAPE_ATEN + _IDENTITY_ATEN, observation="share", input_bits=None,
     variants=_single("no arithmetic", _lower_shape_op), attributes=_pad_attributes, check=_pad_check))
 REGISTRY.register(OpEntry(

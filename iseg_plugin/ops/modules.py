@@ -451,22 +451,25 @@ class L2Norm(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest or integer bilinear resize of (B, C, H, W) integers to ``size`` (scale unchanged)."""
+    """Nearest or integer bilinear resize of (B, C, H, W) integers to ``size`` (scale unchanged); bilinear with
+    ``align_corners`` 0 or 1 (F.interpolate's)."""
 
-    QONNX = QonnxNode("IntResize", (), ("mode", "size"), doc="the last two axes resized to `size` (mode 0 nearest, "
-                      "1 bilinear), values on the input's grid")
+    QONNX = QonnxNode("IntResize", (), ("mode", "size", "align_corners"),
+                      doc="the last two axes resized to `size` (mode 0 nearest, 1 bilinear), values on the input's grid")
+    align_corners = 0  # (files written before it was stored hold 0)
 
-    def __init__(self, mode: str, size: tuple[int, int], out: Requant | None):
+    def __init__(self, mode: str, size: tuple[int, int], out: Requant | None, align_corners: bool = False):
         super().__init__()
         self.mode, self.size, self.out = mode, (int(size[0]), int(size[1])), out
+        self.align_corners = int(bool(align_corners))
 
     def forward(self, x: Tensor) -> Tensor:
+        corners = bool(self.align_corners)
         if self.out is None and x.dtype in (torch.int8, torch.int16, torch.int32) and kernels.use(x):
-            return kernels.upsample(x, self.mode, self.size)
-        resize = intops.upsample_nearest if self.mode == "nearest" else intops.upsample_bilinear
-        y = resize(x, self.size)
+            return kernels.upsample(x, self.mode, self.size, corners)
+        y = intops.upsample_nearest(x, self.size) if self.mode == "nearest" else \
+            intops.upsample_bilinear(x, self.size, corners)
         return narrow(y, x.dtype) if self.out is None else self.out(y)  # (values stay within the input's range)
-
 
 class Clamp(nn.Module):
     """Integers clamped to ``bounds`` on their own grid: ReLU, ReLU6, hardtanh and clamp, their float bounds
@@ -480,6 +483,88 @@ class Clamp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return narrow(intops.int_clamp(x, *self.bounds), x.dtype)
+
+
+class Sigmoid(nn.Module):
+    """Integer sigmoid of ``alpha x`` (the bit-exp exponential, one division): output in [0, 2**(k_out-1)] at
+    scale 2**-(k_out-1), then requantized to ``out``."""
+
+    QONNX = QonnxNode("IntSigmoid", (), ("k_out", "k_inter"), {"exponent": "Multiplier", "out": "Requant"},
+                      "sigmoid of `x * exponent / (2**12 log2 e)` at 2**-(k_out-1) (`intops.sigmoid`), then `out`")
+
+    def __init__(self, params: intops.SigmoidParams, k_out: int, k_inter: int, out: Requant):
+        super().__init__()
+        self.exponent = Multiplier(params.exponent)
+        self.k_out, self.k_inter, self.out = int(k_out), int(k_inter), out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(intops.sigmoid(x, intops.sigmoid_params_from(self.exponent.dyadic(), x), self.k_out, self.k_inter))
+
+
+class XSigmoid(Sigmoid):
+    """``x * sigmoid(alpha x)`` (SiLU: alpha 1; quick-GELU: 1.702): output at ``S * 2**-(k_out-1)``, requantized."""
+
+    QONNX = QonnxNode("IntXSigmoid", (), ("k_out", "k_inter"), {"exponent": "Multiplier", "out": "Requant"},
+                      "`x * IntSigmoid(x)` at S * 2**-(k_out-1) (`intops.x_sigmoid`), then `out`")
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = intops.sigmoid_params_from(self.exponent.dyadic(), x)
+        return self.out(intops.x_sigmoid(x, params, self.k_out, self.k_inter))
+
+
+class HardSigmoid(nn.Module):
+    """Hardsigmoid ``relu6(x S + 3) / 6`` by one dyadic multiply (``swish``: times x, hardswish), requantized."""
+
+    QONNX = QonnxNode("IntHardSigmoid", (), ("k_out", "swish"), {"slope": "Multiplier", "out": "Requant"},
+                      "`h = clamp(rq(x, slope) + 2**(k_out-2), 0, 2**(k_out-1))` (`swish`: `x * h`), then `out`")
+
+    def __init__(self, params: intops.HardParams, swish: bool, out: Requant):
+        super().__init__()
+        self.slope = Multiplier(params.slope)
+        self.k_out, self.swish, self.out = int(params.k_out), int(swish), out
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = intops.hard_params_from(self.slope.dyadic(), self.k_out, x)
+        return self.out((intops.hardswish if self.swish else intops.hardsigmoid)(x, params))
+
+
+class _Pool(nn.Module):
+    """A pool of the last ``len(sizes)`` dims: one static window table per axis (``index0``, ``index1``, ...;
+    :func:`intops.pool_windows`), built for the input's sizes at conversion."""
+
+    def _tables(self, axes) -> None:
+        for i, a in enumerate(axes):
+            self.register_buffer(f"index{i}", a.index.to(INT64))
+        self.sizes = [int(a.size) for a in axes]
+
+    def axes(self) -> tuple:
+        return intops.pool_axes([getattr(self, f"index{i}") for i in range(len(self.sizes))], self.sizes)
+
+
+class AvgPool(_Pool):
+    """Average (or adaptive average) pooling: window sums, one dyadic multiplier per output position (its window's
+    count in it), clamped to ``bounds``."""
+
+    def __init__(self, params: intops.AvgPoolParams, bounds: tuple[int, int]):
+        super().__init__()
+        self._tables(params.axes)
+        self.out = Multiplier(params.requant)
+        self.bounds = (int(bounds[0]), int(bounds[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = intops.avg_pool_params_from(self.axes(), self.out.dyadic(), x)
+        return narrow(intops.avg_pool(x, params, self.bounds), storage_dtype(self.bounds))
+
+
+class MaxPool(_Pool):
+    """Max (or adaptive max) pooling: exact, on the input's grid."""
+
+    def __init__(self, axes: tuple):
+        super().__init__()
+        self._tables(axes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return narrow(intops.max_pool(x, self.axes()), x.dtype)
 
 
 class Mean(nn.Module):

@@ -7,7 +7,7 @@ An :class:`OpEntry` owns its operator:
   or the input's for shape ops) and the bit width its quantized inputs must have;
 * ``attributes(call)``: the op's attributes read from a call of it (the lowering's site or the Brevitas
   swap's node), and ``check(attributes)``: the one refusal predicate, the reason no integer form exists;
-* its variants (the first is the default): a :class:`Variant`'s ``build`` turns the input scales, the
+* its variants (the first is the default): a :class:`Variant`'s ``build`` turns the input grids, the
   output :class:`~.grid.Grid` and the attributes into the deployed module of :mod:`.modules`, integer
   constants computed once (TFLite's Prepare; torch.ao's ``from_observed``), and its ``lower`` places it
   in the lowered graph (most entries: :func:`lower_built`);
@@ -49,9 +49,10 @@ class OpCall(Protocol):
 @dataclass(frozen=True)
 class Variant:
     name: str
-    lower: Callable  # (Site) -> Operand: the deployed module placed in the lowered graph
+    lower: Callable  # (Site, Variant) -> Operand: the deployed module placed in the lowered graph
     doc: str
-    # (attributes, input scales, output Grid or None) -> the deployed module: what every front end runs
+    # (attributes, input Grids, output Grid or None[, integers]) -> the deployed module, its integer constants
+    # computed once: what every front end runs (``integers(tensor, dtype)``: how the lowering stores constants)
     build: Callable | None = None
 
 
@@ -71,10 +72,6 @@ class OpEntry:
     check: Callable = lambda attributes: None  # (attributes) -> why it has no integer form, or None
     float_op: Callable | None = None  # (attributes, *inputs) -> the float op's result (the generic Brevitas layer)
     emits: tuple[str, ...] = ()  # the deployed module classes (ops.modules) it builds
-
-    @property
-    def default(self) -> str:
-        return next(iter(self.variants))
 
     def read(self, call) -> dict:
         """The op's attributes from ``call``, refused (:class:`UnsupportedOpError`) where ``check`` says why."""
