@@ -448,38 +448,9 @@ def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
     return t if isinstance(t, str) else str(t) if "aten" in str(t) else getattr(t, "__name__", str(t))
 
 
-def _conv_params(node: fx.Node, gm: fx.GraphModule):
-    """(kernel, stride, padding, dilation, groups, transposed) of a convolution node, or None."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
-            return (tuple(m.kernel_size), tuple(m.stride), m.padding if isinstance(m.padding, str) else tuple(m.padding),
-                    tuple(m.dilation), m.groups, isinstance(m, nn.ConvTranspose2d))
-        return None
-    aten = torch.ops.aten
-    if node.op == "call_function" and node.target in (aten.conv2d.default, aten.conv2d.padding):
-        args = list(node.args) + [None] * 7
-        w = node.args[1]
-        shape = tuple(w.meta["val"].shape) if isinstance(w, fx.Node) and "val" in w.meta else None
-        kernel = shape[2:] if shape else None
-        stride = tuple(args[3] or (1, 1)) if not isinstance(args[3], int) else (args[3],) * 2
-        if node.target == aten.conv2d.padding:  # (the string overload: its padding defaults to "valid")
-            padding = args[4] or "valid"
-        else:
-            padding = tuple(args[4] or (0, 0)) if not isinstance(args[4], int) else (args[4],) * 2
-        dilation = tuple(args[5] or (1, 1)) if not isinstance(args[5], int) else (args[5],) * 2
-        return kernel, stride, padding, dilation, args[6] or 1, False
-    if node.op == "call_function" and node.target == aten.conv_transpose2d.input:
-        w = node.args[1]
-        shape = tuple(w.meta["val"].shape) if isinstance(w, fx.Node) and "val" in w.meta else None
-        stride = tuple(node.args[3]) if len(node.args) > 3 else (1, 1)
-        return (shape[2:] if shape else None), stride, None, None, 1, True
-    return None
-
-
 def blockers(gm: fx.GraphModule) -> dict[str, int]:
-    """Every op of a prepared graph the lowering cannot take: no registry entry, or a convolution that is not a
-    patch embedding (kernel = stride, no padding, dilation 1, one group). Counted by op."""
+    """Every op of a prepared graph the lowering cannot take: no registry entry, or a resize the entry refuses by its
+    arguments. Counted by op."""
     static = static_nodes(gm.graph)
     found: Counter = Counter()
     for node in gm.graph.nodes:
@@ -490,18 +461,6 @@ def blockers(gm: fx.GraphModule) -> dict[str, int]:
             continue
         if node.op == "call_function" and ("quantize_per_tensor" in str(node.target) or "_assert" in str(node.target)):
             continue  # (observers' quantize ops; torch.export's assertions, which the lowering drops)
-        conv = _conv_params(node, gm)
-        if conv is not None:
-            kernel, stride, padding, dilation, groups, transposed = conv
-            if transposed:
-                found[f"ConvTranspose2d k{kernel} s{stride}"] += 1
-            elif not (kernel == stride and padding in ((0, 0), "valid") and dilation == (1, 1) and groups == 1):
-                what = "depthwise conv2d" if groups > 1 else "conv2d"
-                pad = padding if isinstance(padding, str) else f"p{padding}"
-                found[f"{what} k{kernel} s{stride} {pad}" + (f" g{groups}" if groups > 1 else "")] += 1
-            elif padding == "valid":
-                found["conv2d.padding ('valid', patch)"] += 1
-            continue
         resize = _resize_refusal(node, gm)
         if resize is not None:
             found[resize] += 1
@@ -876,10 +835,10 @@ def write_report(rows: list[dict], out_dir: Path, elapsed: float) -> None:
 
 # op category -> where its integer arithmetic is today (iseg_plugin.intops) or what removes it
 REMEDY = {
-    "general conv2d (padding, stride != kernel)": "`intops.conv2d` / `conv2d_acc` (any geometry)",
-    "depthwise conv2d": "`intops.conv2d` (groups)",
-    "conv2d.padding overload ('valid' / 'same')": "`intops.conv2d_acc` (padding='valid' / 'same'); the entry lacks the ATen overload",
-    "ConvTranspose2d": "`intops.conv_transpose2d_acc`",
+    "general conv2d (padding, stride != kernel)": "the `conv2d` entry (any geometry)",
+    "depthwise conv2d": "the `conv2d` entry (groups)",
+    "conv2d.padding overload ('valid' / 'same')": "the `conv2d` entry (`aten.conv2d.padding`)",
+    "ConvTranspose2d": "the `conv_transpose2d` entry",
     "ReLU / clamp": "`intops.relu` / `relu6` / `int_clamp` (exact)",
     "adaptive avg pool": "`intops.avg_pool` + `adaptive_avg_pool_params`",
     "avg pool": "`intops.avg_pool` + `avg_pool_params`",
@@ -947,8 +906,8 @@ def family_blockers(rows: list[dict]) -> dict[str, dict[str, set[str]]]:
 def _blocker_sections(rows: list[dict]) -> list[str]:
     found = family_blockers(rows)
     lines = ["", "## What blocks each family", "",
-             "Every op of a refused graph with no registry entry, and every convolution and resize the entries refuse by "
-             "their arguments (not only the first op the lowering stops at), by category, with the front ends whose "
+             "Every op of a refused graph with no registry entry, and every resize the entry refuses by "
+             "its arguments (not only the first op the lowering stops at), by category, with the front ends whose "
              "graphs hold it; \"-\": nothing blocks (integer-only). Other refusals by argument show up one at a time, "
              "in the outcome column.", "",
              "| family | PT2E | FX / swap |", "|---|---|---|"]

@@ -17,9 +17,9 @@ records and checkpoints carry it. QAT rounds every narrow weight with GPTQ at it
 frozen one (e.g. a frozen encoder's) keeps the integers, as in PTQ; a weight that trains is set to them
 (integers times scales) and keeps only the scales (``weight_scale`` without ``weight_int``), so QAT starts
 from the PTQ model and its integers then follow the float weight, rounded to nearest on GPTQ's scales (a
-clip search at each step would choose other scales, off GPTQ's grid). A patch Conv2d is the GEMM of its
-patches (``F.unfold``) and is rounded the same way. Each layer's inputs come from the float model (not
-from the layers rounded before it, as in GPTQ's sequential form).
+clip search at each step would choose other scales, off GPTQ's grid). A Conv2d is the GEMM of its im2col
+columns and is rounded the same way (per group: a group's output channels read its columns only). Each layer's
+inputs come from the float model (not from the layers rounded before it, as in GPTQ's sequential form).
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from . import intops
+from .intops.conv import columns
+from .ops import REGISTRY
 from .sites import GEMMS, Probe, sites
 
 DAMPING = 0.01
@@ -58,8 +60,35 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, damping: float = D
     return restored, scale
 
 
+class _Call:
+    """An op's call as its registry entry's ``attributes`` reads it (``OpCall``), from its run-time arguments."""
+
+    def __init__(self, module, target, args, kwargs):
+        self.module, self.target = module, None if module is not None else target
+        self.args, self.kwargs = args, kwargs
+
+    def arg(self, i: int, name: str | None = None, default=None):
+        return self.args[i] if i < len(self.args) else self.kwargs.get(name, default)
+
+    def input_shape(self, i: int = 0) -> tuple[int, ...]:
+        return tuple(self.args[i].shape)
+
+
+def _gemm_rows(x: Tensor, a: dict) -> Tensor:
+    """The rows a GEMM's weight multiplies, (groups, rows, K): a Linear's inputs; a convolution's im2col columns per
+    group, (c, kh, kw) as ``weight.flatten(1)`` (a patch embedding's are its patches)."""
+    if a["weight"].dim() == 2:
+        return x.flatten(0, -2)[None]
+    pads = intops.conv_padding(a["padding"], a["kernel"], a["stride"], a["dilation"])
+    x = F.pad(x, pads, mode="constant" if a["padding_mode"] == "zeros" else a["padding_mode"])
+    cols = columns(x, a["kernel"], a["stride"], (0, 0, 0, 0), a["dilation"])  # (N, C, kh kw, OH, OW)
+    n, c, k, oh, ow = cols.shape
+    g = a["groups"]
+    return cols.reshape(n, g, c // g * k, oh * ow).permute(1, 0, 3, 2).reshape(g, n * oh * ow, c // g * k)
+
+
 def gptq(prepared: fx.GraphModule, inputs: list[tuple], for_training: bool = False) -> int:
-    """GPTQ for every Linear / patch Conv2d of a calibrated prepared graph whose weights are narrower than 8 bits (its
+    """GPTQ for every Linear / Conv2d of a calibrated prepared graph whose weights are narrower than 8 bits (its
     output observer's ``weight_bits``), on the float model's inputs to it over ``inputs``; the integers and scales
     are stored in that observer. ``for_training`` (before QAT): a weight that trains is set to its integers times
     its scales instead, and its observer keeps the scales only. Returns the number of layers rounded."""
@@ -68,27 +97,28 @@ def gptq(prepared: fx.GraphModule, inputs: list[tuple], for_training: bool = Fal
         return 0
     grams, weights = {}, {}
 
-    def tap(node, module):
+    def tap(site):
+        module = prepared.get_submodule(site.node.target) if site.node.op == "call_module" else None
+
         def collect(args, kwargs):
-            x = args[0].detach().double()
-            w = module.weight if module is not None else args[1]
-            if w.dim() == 4:  # a patch convolution: its GEMM's rows are the patches, (c, kh, kw) as weight.flatten(1)
-                x = F.unfold(x, w.shape[-2:], stride=w.shape[-2:]).transpose(1, 2)
-            x = x.flatten(0, -2)
-            grams[node] = x.T @ x + grams.get(node, 0.0)
-            weights[node] = w
+            a = REGISTRY[site.entry].attributes(_Call(module, site.node.target, args, kwargs))
+            rows = _gemm_rows(args[0].detach().double(), a)
+            grams[site.node] = rows.transpose(1, 2) @ rows + grams.get(site.node, 0.0)  # (groups, K, K)
+            weights[site.node] = a["weight"]
 
         return collect
 
-    taps = {s.node: tap(s.node, prepared.get_submodule(s.node.target) if s.node.op == "call_module" else None)
-            for s in found}
+    taps = {s.node: tap(s) for s in found}
     rounded = 0
     with torch.no_grad():
         for args in inputs:
             Probe(prepared, taps=taps).run(*args)
         for site in found:
-            weight = weights[site.node]
-            q, scale = gptq_quantize(weight, grams[site.node], site.observer.weight_bits)
+            weight, gram = weights[site.node], grams[site.node]
+            # one GPTQ per group: a grouped convolution's output channels read their group's columns only
+            rounded_groups = [gptq_quantize(w, h, site.observer.weight_bits)
+                              for w, h in zip(weight.flatten(1).chunk(gram.shape[0]), gram)]
+            q, scale = (torch.cat(t) for t in zip(*rounded_groups))
             site.observer.weight_scale = scale
             if for_training and weight.requires_grad:
                 weight.copy_((q * scale[:, None]).reshape(weight.shape))

@@ -5,7 +5,7 @@ unites quantization sensitivity, output perturbation and computational cost; the
 code, so the terms and their weights here are ours (docs/architecture.md).
 
 Stage 1, score (:func:`score_variants`, :func:`score_weight_bits`), on calibration images, for each site
-(a GELU, a softmax, a Linear / patch Conv2d of a calibrated prepared graph) and each candidate:
+(a GELU, a softmax, a Linear / Conv2d of a calibrated prepared graph) and each candidate:
 
 * **sensitivity**: ``||y_c - y||^2 / ||y||^2``, summed over the images, of the model's final output when
   only this site runs the candidate and everything else stays float;
@@ -92,7 +92,7 @@ def _under(path: str, prefix: str) -> bool:
 
 
 def keep_int8(prepared: fx.GraphModule, prefixes) -> list[str]:
-    """Pin the GEMMs (Linear / patch Conv2d) under the module paths ``prefixes`` (e.g. ``["decode_head"]``) of a
+    """Pin the GEMMs (Linear / Conv2d) under the module paths ``prefixes`` (e.g. ``["decode_head"]``) of a
     prepared graph (FX or PT2E) to INT8 weights: what W4A8 models commonly keep for the task head. Returns the
     pinned sites' names; a prefix under which there is no GEMM is an error naming the model's top modules."""
     paths = [(site, module_path(prepared, site.node)) for site in sites(prepared, GEMMS)]
@@ -216,7 +216,7 @@ def _ranked(rows: list[dict], weights: MetricWeights) -> list[dict]:
 
 
 def score_weight_bits(prepared: fx.GraphModule, inputs: list[tuple], low_bits: int = 4) -> list[dict]:
-    """Stage 1 for the GEMM weights: per Linear / patch Conv2d, the terms of its weights at ``low_bits``
+    """Stage 1 for the GEMM weights: per Linear / Conv2d, the terms of its weights at ``low_bits``
     (the rest of the model float); ``cost``: the weight bytes at 8 bits (what INT4 halves)."""
     if low_bits not in WEIGHT_BITS:
         raise ValueError(f"weight widths are {WEIGHT_BITS}, got {low_bits}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from brevitas.graph.calibrate import calibration_mode
-from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear
+from brevitas.nn import QuantConv2d, QuantConvTranspose2d, QuantIdentity, QuantLinear
 from brevitas.quant_tensor import IntQuantTensor
 from torch import nn
 
@@ -117,6 +117,64 @@ def test_swapped_model_gives_the_fx_integers(model, shape, gelu, softmax, gemm_p
         expected = int_model(inputs.to(torch.int8 if hi == 127 else torch.int16))
         assert torch.equal(out.int().long(), expected.long())
         assert expected.abs().max() > 100  # not a degenerate all-zero output
+
+
+class ConvNet(nn.Module):
+    """SegFormer-style convolutions: an overlapping patch embedding, a depthwise conv, a 'same' dilated reflect-padded
+    conv, F.conv2d of a parameter, a transposed upsampler."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 7, 4, 3)
+        self.dw = nn.Conv2d(16, 16, 3, 2, 1, groups=16)
+        self.same = nn.Conv2d(16, 8, (2, 3), padding="same", dilation=2, padding_mode="reflect")
+        self.w = nn.Parameter(torch.randn(8, 8, 1, 1) * 0.3)
+        self.up = nn.ConvTranspose2d(8, 4, 4, 2, 1)
+
+    def forward(self, x):
+        return self.up(F.conv2d(self.same(self.dw(self.embed(x))), self.w, None, 1, 0))
+
+
+def test_convolutions_of_any_geometry_swap_to_the_fx_integers(gemm_path):
+    """Brevitas' QuantConv2d / QuantConvTranspose2d with the op's geometry + DyadicRequant give the integers of the FX
+    lowering's Conv2d / ConvTranspose2d."""
+    torch.manual_seed(0)
+    shape = (2, 3, 30, 34)
+    int_model, swapped = _both_paths(ConvNet(), shape, None, None)
+    assert sum(isinstance(m, (QuantConv2d, QuantConvTranspose2d)) for m in swapped.modules()) == 5
+    lo, hi = int_model.input_formats[0][1]
+    for x in _batches(shape, 2, seed=7):
+        with torch.no_grad():
+            out = swapped(x)
+            inputs = swapped.x_quant(x).int()
+        assert float(out.scale) == int_model.output_scales[0]
+        expected = int_model(inputs.to(torch.int8 if hi == 127 else torch.int16))
+        assert torch.equal(out.int().long(), expected.long())
+        assert expected.abs().max() > 100
+
+
+def test_convolutions_export_through_brevitas_qonnx_and_run_in_qonnx(tmp_path):
+    """The swapped convolutions leave Brevitas' QONNX manager as standard Conv / ConvTranspose nodes on Quant'ed
+    weights (reflect padding as a Pad); qonnx executes the file to the swapped model's integers."""
+    from collections import Counter
+
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from iseg_plugin.export.brevitas_qonnx import export_brevitas_qonnx
+
+    torch.manual_seed(0)
+    _, swapped = _both_paths(ConvNet(), (1, 3, 30, 34), None, None)
+    x = _batches((1, 3, 30, 34), 1, seed=5)[0]
+    with torch.no_grad():
+        reference = swapped(x)
+    proto = export_brevitas_qonnx(swapped, (x,), tmp_path / "convs.onnx")
+    counts = Counter(n.op_type for n in proto.graph.node)
+    assert counts["Conv"] == 4 and counts["ConvTranspose"] == 1 and counts["Pad"] == 1
+    wrapper = ModelWrapper(proto)
+    out = next(iter(execute_onnx(wrapper, {wrapper.graph.input[0].name: x.float().numpy()}).values()))
+    assert torch.equal(torch.round(torch.from_numpy(out).double() / float(reference.scale)).long(),
+                       reference.int().long())
 
 
 def test_swapped_model_trains_through_the_integers():

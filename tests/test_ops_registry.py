@@ -37,18 +37,24 @@ def _split(m, y):
     return a + b
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self):
+class Convs(nn.Module):
+    """The patch embedding (PatchConv), then a depthwise, strided, padded conv (Conv2d); or a transposed conv."""
+
+    def __init__(self, transposed=False):
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 4, 4)
+        self.patch, self.transposed = nn.Conv2d(3, 8, 2, 2), transposed
+        self.conv = nn.Conv2d(8, 8, 3, 2, 1, groups=8)
+        self.weight = nn.Parameter(torch.randn(8, 4, 4, 4) * 0.2)
 
     def forward(self, x):
-        return self.conv(x).flatten(2)
+        y = self.patch(x)
+        return F.conv_transpose2d(y, self.weight, None, 2, 1) if self.transposed else self.conv(y)
 
 
 CASES = {  # entry -> (forward of Op, input shape, minimum cosine to the float op)
     "linear": (lambda m, y: y, (2, 8, 16), 0.999),
-    "conv2d": (None, (2, 3, 8, 8), 0.999),  # PatchEmbed
+    "conv2d": (None, (2, 3, 12, 10), 0.995),  # Convs: two convs, an INT8 value between them
+    "conv_transpose2d": (None, (2, 3, 12, 10), 0.995),  # Convs(transposed=True)
     "matmul": (_matmul, (2, 8, 16), 0.99),  # both operands INT8
     "add": (lambda m, y: y + m.fc(y), (2, 8, 16), 0.999),
     "mul": (lambda m, y: (y * m.gamma) * y * 0.5, (2, 8, 16), 0.995),
@@ -77,8 +83,8 @@ VARIANT_OPTIONS = {"gelu": "gelu", "softmax": "softmax"}  # entries whose varian
 
 
 def _model(entry: str) -> nn.Module:
-    if entry == "conv2d":
-        return PatchEmbed()
+    if entry in ("conv2d", "conv_transpose2d"):
+        return Convs(transposed=entry == "conv_transpose2d")
     return Op(CASES[entry][0])
 
 
@@ -135,7 +141,8 @@ def _check_qonnx_nodes(int_model, inputs):
 
 
 EMITS = {  # entry -> {variant: deployed modules it must emit}; div by a constant is a scale change, no module
-    "linear": {None: {M.Linear}}, "conv2d": {None: {M.PatchConv}}, "matmul": {None: {M.MatMul}},
+    "linear": {None: {M.Linear}}, "conv2d": {None: {M.PatchConv, M.Conv2d}},
+    "conv_transpose2d": {None: {M.ConvTranspose2d}}, "matmul": {None: {M.MatMul}},
     "add": {None: {M.Add}}, "mul": {None: {M.Mul, M.Requant}}, "div": {}, "layer_norm": {None: {M.LayerNorm}},
     "gelu": {"poly": {M.PolyGELU}, "lambda-shift": {M.LambdaShiftGELU}, "shift": {M.ShiftGELU}},
     "softmax": {"bit-exp": {M.BitExpSoftmax}, "shift": {M.Shiftmax}}, "l2_normalize": {None: {M.L2Norm}},
@@ -144,6 +151,82 @@ EMITS = {  # entry -> {variant: deployed modules it must emit}; div by a constan
     "hardsigmoid": {None: {M.HardSigmoid}}, "hardswish": {None: {M.HardSigmoid}}, "avg_pool": {None: {M.AvgPool}},
     "max_pool": {None: {M.MaxPool}},
 }
+
+
+CONVS = [  # (in, out, kernel, stride, pads (left, right, top, bottom), dilation, groups, padding_mode)
+    (8, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, "zeros"), (8, 8, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 8, "zeros"),
+    (8, 16, (7, 7), (4, 4), (3, 3, 3, 3), (1, 1), 1, "zeros"),
+    (8, 16, (2, 3), (1, 1), (2, 2, 1, 1), (2, 2), 2, "reflect"), (8, 4, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, "zeros"),
+    (8, 16, (3, 3), (2, 1), (0, 1, 2, 0), (1, 3), 4, "replicate")]
+TRANSPOSED = [  # (in, out, kernel, stride, padding, output_padding, dilation, groups)
+    (8, 4, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1), 1), (8, 8, (3, 2), (3, 2), (0, 1), (1, 1), (1, 1), 2),
+    (8, 16, (2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 1), (8, 4, (3, 3), (1, 1), (2, 2), (0, 0), (2, 1), 4)]
+
+
+def _requant(channels, scale=2.0**-9):
+    ratio = scale * (0.5 + torch.rand(channels, dtype=torch.float64))
+    return M.Requant.between(ratio, 1.0, (-128, 127))
+
+
+@pytest.mark.parametrize("geometry", CONVS + TRANSPOSED)
+def test_conv_modules_fast_path_gives_the_intops_integers(geometry, gemm_path):
+    """M.Conv2d / M.ConvTranspose2d on int8 tensors (im2col + the exact int8 GEMM of this path, fused requantization)
+    give the integers of their intops form (``intops.conv2d_acc`` / ``conv_transpose2d_acc`` on floats holding the
+    integers, then the per-channel requantization along dim 1), on every GEMM path."""
+    from iseg_plugin import intops
+    from iseg_plugin.deploy.io import module_from_spec, module_spec
+
+    torch.manual_seed(0)
+    x = torch.randint(-128, 128, (2, geometry[0], 11, 9), dtype=torch.int8)
+    if len(geometry) == 8 and isinstance(geometry[7], str):
+        cin, cout, kernel, stride, pads, dilation, groups, mode = geometry
+        w = torch.randint(-128, 128, (cout, cin // groups, *kernel), dtype=torch.int8)
+        module = M.Conv2d(w, torch.randint(-2**20, 2**20, (cout,), dtype=torch.int32), _requant(cout), stride, pads,
+                          dilation, groups, mode)
+        padded = F.pad(x.double(), pads, mode="constant" if mode == "zeros" else mode)
+        acc = intops.conv2d_acc(padded, w.double(), module.bias.double(), stride, 0, dilation, groups)
+    else:
+        cin, cout, kernel, stride, padding, output_padding, dilation, groups = geometry
+        w = torch.randint(-128, 128, (cin, cout // groups, *kernel), dtype=torch.int8)
+        module = M.ConvTranspose2d(w, torch.randint(-2**20, 2**20, (cout,), dtype=torch.int32), _requant(cout),
+                                   stride, padding, output_padding, dilation, groups)
+        acc = intops.conv_transpose2d_acc(x.double(), w.double(), module.bias.double(), stride, padding,
+                                          output_padding, groups, dilation)
+    expected = intops.requantize_channels(acc.long(), module.out.dyadic(), (-128, 127))
+    fast = module(x)
+    assert fast.dtype == torch.int8 and torch.equal(fast.long(), expected)
+    assert torch.equal(module(x.double()).long(), expected)  # the fake-quant form
+    assert expected.abs().max() > 50
+    loaded = module_from_spec(module_spec(module), module.state_dict())  # as a deployed file rebuilds it
+    assert torch.equal(loaded(x), fast)
+
+
+def test_a_relu_on_the_int16_stream_narrows_to_int8_for_a_conv():
+    """DPT's residual conv units: ``conv(relu(x + y))``: the ReLU (no observer of its own) keeps the INT16 sum's
+    observed range, which narrows its output to the conv's INT8 input (it was refused, naming no node)."""
+    import fx_patterns as fxp
+    from iseg_plugin.deploy import OpAudit
+
+    class Unit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, 1, 1), nn.Conv2d(4, 4, 3, 1, 1)
+
+        def forward(self, x):
+            return self.b(F.relu(x + self.a(x)))
+
+    torch.manual_seed(0)
+    model, x = Unit().eval(), torch.randn(2, 4, 8, 8)
+    for prepare in (fxp.prepare, fxp.prepare_pt2e):
+        prepared = prepare(model, (x,))
+        prepared(x)
+        int_model = fxp.convert(prepared, (x,))
+        inputs = fxp.quantize_inputs(int_model, x)
+        with OpAudit() as audit:
+            out = int_model(*inputs)
+        assert audit.float_ops() == [] and sum(isinstance(m, M.Conv2d) for m in int_model.modules()) == 2
+        assert F.cosine_similarity((out.double() * int_model.output_scales[0]).flatten(),
+                                   model(x).double().flatten(), 0) > 0.99
 
 
 def test_every_entry_has_every_piece():

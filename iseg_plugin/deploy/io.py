@@ -3,8 +3,8 @@
 A file is ``torch.save({'format': ..., 'model': record, 'state_dict': {...}, 'sha256': ...})``; the SHA-256
 covers everything the loader reads (format, record and tensors: :func:`iseg_plugin.files.content_digest`),
 so that a file changed anywhere is refused or loads as written (files before v4: the tensors only).
-INT4 weights (``Linear.weight_bits == 4``) are stored packed two a byte (``intops.pack_int4``; the record's
-``packed_int4`` gives each one's shape) and unpacked to int8 on loading. The record also carries the
+INT4 weights (``Linear`` / ``Conv2d`` ``weight_bits == 4``) are stored packed two a byte (``intops.pack_int4``; the
+record's ``packed_int4`` gives each one's shape) and unpacked to int8 on loading. The record also carries the
 per-layer choices of the model (``selection``: the table of :mod:`iseg_plugin.select`, or None).
 The record lists the lowered graph's nodes (op, target by name, arguments as plain values and node
 references) and its modules (class names of :mod:`iseg_plugin.ops.modules`, their plain attributes,
@@ -198,9 +198,10 @@ def _tensor_checksum(state: dict) -> str:
 
 
 def _int4_weights(model: DeployedSegmenter) -> list[str]:
-    """State-dict keys of the INT4 weights (Linear modules with ``weight_bits`` 4)."""
-    return [f"graph.{name}.weight_t" for name, m in model.graph.named_modules()
-            if isinstance(m, M.Linear) and getattr(m, "weight_bits", 8) == 4]
+    """State-dict keys of the INT4 weights (Linear / Conv2d modules with ``weight_bits`` 4)."""
+    return [f"graph.{name}.{'weight_t' if isinstance(m, M.Linear) else 'weight'}"
+            for name, m in model.graph.named_modules()
+            if isinstance(m, (M.Linear, M.Conv2d)) and getattr(m, "weight_bits", 8) == 4]
 
 
 def _unpack(state: dict, packed: dict) -> None:

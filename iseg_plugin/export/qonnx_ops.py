@@ -27,9 +27,11 @@ _FIELDS = {name: (q.buffers, q.fields) for name, q in _DESCRIBED.items()}  # int
 _TUPLES = {"bounds", "size"}  # fields that are pairs: (lo, hi), (height, width)
 _ENUMS = {"mode": ("nearest", "bilinear")}  # string fields, written as their index
 
-# deployed modules without a node of their own: traced as standard ONNX (GEMMs as MatMul, products, ReduceSum,
-# Concat, the pools' Gather + ReduceSum / ReduceMax), their requantizations as DyadicRequant nodes
-STANDARD_ONNX = ("Linear", "PatchConv", "MatMul", "Mul", "Mean", "Cat", "AvgPool", "MaxPool")
+# deployed modules without a node of their own: traced as standard ONNX (GEMMs as MatMul, convolutions as pads,
+# slices and MatMul, products, ReduceSum, Concat, the pools' Gather + ReduceSum / ReduceMax), their requantizations
+# as DyadicRequant nodes
+STANDARD_ONNX = ("Linear", "PatchConv", "Conv2d", "ConvTranspose2d", "MatMul", "Mul", "Mean", "Cat", "AvgPool",
+                 "MaxPool")
 
 # op type -> (deployed module class, its children by name); attributes of a child are prefixed "child_".
 NODE_TYPES = {q.op_type: (name, dict(q.children)) for name, q in _DESCRIBED.items() if q.op_type}

@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.ao.quantization import FakeQuantize, PerChannelMinMaxObserver, QConfig, QConfigMapping
+from torch.ao.quantization import FakeQuantize, MinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
 from torch.ao.quantization.backend_config import BackendConfig, BackendPatternConfig, DTypeConfig, ObservationType
 
 import torch.ao.quantization.backend_config.utils  # noqa: F401 - torch 2.13's lazy import (ecosystem B4)
@@ -45,7 +46,7 @@ def get_iseg_backend_config() -> BackendConfig:
                 config.set_backend_pattern_config(
                     BackendPatternConfig(qat).add_dtype_config(_DTYPES).set_observation_type(observation)
                     .set_root_module(target).set_reference_quantized_module(reference))
-            if target is torch.nn.functional.linear:
+            if target in (F.linear, F.conv2d, F.conv_transpose2d):  # (their weights are no activations)
                 pattern._set_input_type_to_index({"weight": 1, "bias": 2})
             if entry.name in _SCALAR_OPS:
                 pattern._set_num_tensor_args_to_observation_type({n: observation for n in (0, 1, 2)})
@@ -54,6 +55,7 @@ def get_iseg_backend_config() -> BackendConfig:
 
 
 WEIGHT_OBSERVER = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+TENSOR_WEIGHT_OBSERVER = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
 
 
 def _activation(momentum: float, variant: str | None, qat: bool, symmetric: bool = False, weight_bits: int = 8):
@@ -69,7 +71,7 @@ def get_iseg_qconfig_mapping(gelu: str | None = None, softmax: str | None = None
     """The plugin's qconfig for every supported op; ``gelu`` / ``softmax`` name registry variants
     (an unknown name is an error listing the known ones). ``gelu_grid``: "asymmetric" (GELU's INT8 output
     on 256 levels over its one-sided range) or "symmetric" (as the Brevitas swap makes it).
-    ``weight_bits``: 8 (W8A8) or 4 (W4A8: per-channel INT4 weights) for every Linear / patch Conv2d; a
+    ``weight_bits``: 8 (W8A8) or 4 (W4A8: per-channel INT4 weights) for every Linear / Conv2d; a
     layer's own width is ``.set_module_name(name, ...)`` of a qconfig from :func:`iseg_qconfig`, or the
     per-layer selection of :mod:`iseg_plugin.select`."""
     if gelu_grid not in ("asymmetric", "symmetric"):
@@ -83,6 +85,10 @@ def get_iseg_qconfig_mapping(gelu: str | None = None, softmax: str | None = None
     for name in ("linear", "conv2d"):
         for target in REGISTRY[name].targets():
             mapping.set_object_type(target, iseg_qconfig(momentum, qat=qat, weight_bits=weight_bits))
+    # torch.ao refuses a per-channel weight observer on ConvTranspose modules; weight observers are nominal here (the
+    # lowering quantizes every weight per output channel itself)
+    for target in REGISTRY["conv_transpose2d"].targets():
+        mapping.set_object_type(target, iseg_qconfig(momentum, qat=qat)._replace(weight=TENSOR_WEIGHT_OBSERVER))
     return mapping
 
 

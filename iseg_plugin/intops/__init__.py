@@ -40,7 +40,7 @@ from .quantize import (
 from .pixels import pixel_params, pixels_to_int8
 from .resize import bilinear_table, upsample_bilinear, upsample_nearest
 from .clamp import clamp_bounds, int_clamp, relu, relu6
-from .conv import conv2d, conv2d_acc, conv_transpose2d_acc, requantize_channels
+from .conv import conv2d, conv2d_acc, conv_padding, conv_transpose2d_acc, requantize_channels
 from .pool import (
     AvgPoolParams,
     AxisWindows,
@@ -116,6 +116,7 @@ __all__ = [
     "clamp_bounds",
     "conv2d",
     "conv2d_acc",
+    "conv_padding",
     "conv_transpose2d_acc",
     "requantize_channels",
     "int_clamp",

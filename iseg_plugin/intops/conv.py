@@ -64,6 +64,26 @@ def _padding(padding, kernel, stride, dilation) -> tuple[int, int, int, int]:
     return pw, pw, ph, ph
 
 
+def conv_padding(padding, kernel, stride, dilation) -> tuple[int, int, int, int]:
+    """A Conv2d's ``padding`` (number, pair, ``"valid"``, ``"same"``) as F.pad's ``(left, right, top, bottom)``."""
+    return _padding(padding, kernel, _pair(stride), _pair(dilation))
+
+
+def columns(x: Tensor, kernel, stride, pads: tuple[int, int, int, int], dilation, pad_value: int = 0) -> Tensor:
+    """im2col: the ``kh * kw`` shifted views of the padded input, (N, C, kh * kw, OH, OW), in ``x``'s dtype (exact
+    for any integer type: the deployed kernel runs it on int8). Each column's (c, u, v) order is the weight's."""
+    if any(pads):
+        x = F.pad(x, pads, value=pad_value)
+    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel), _pair(stride), _pair(dilation)
+    hp, wp = x.shape[-2:]
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"the kernel ({kh}, {kw}) with dilation {dilation} is larger than the padded input {(hp, wp)}")
+    views = [x[:, :, u * dh: u * dh + sh * (oh - 1) + 1: sh, v * dw: v * dw + sw * (ow - 1) + 1: sw]
+             for u in range(kh) for v in range(kw)]  # kh * kw views (N, C, OH, OW)
+    return torch.stack(views, 2)
+
+
 def _conv_int(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, int], pads: tuple[int, int, int, int],
               dilation: tuple[int, int], groups: int, pad_value: int) -> Tensor:
     x, w = as_int64(x), as_int64(w)
@@ -71,16 +91,9 @@ def _conv_int(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, int]
     o, cg, kh, kw = w.shape
     if c != cg * groups or o % groups:
         raise ValueError(f"conv of {c} input channels, weight {tuple(w.shape)} and {groups} groups do not match")
-    if any(pads):
-        x = F.pad(x, pads, value=pad_value)
-    (sh, sw), (dh, dw) = stride, dilation
-    hp, wp = x.shape[-2:]
-    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"the kernel ({kh}, {kw}) with dilation {dilation} is larger than the padded input {(hp, wp)}")
-    views = [x[:, :, u * dh: u * dh + sh * (oh - 1) + 1: sh, v * dw: v * dw + sw * (ow - 1) + 1: sw]
-             for u in range(kh) for v in range(kw)]  # kh * kw views (N, C, OH, OW)
-    cols = torch.stack(views, 2).reshape(n, groups, cg * kh * kw, oh * ow)  # (c, u, v) order = the weight's
+    cols = columns(x, (kh, kw), stride, pads, dilation, pad_value)
+    oh, ow = cols.shape[-2:]
+    cols = cols.reshape(n, groups, cg * kh * kw, oh * ow)
     acc = torch.matmul(w.reshape(groups, o // groups, cg * kh * kw), cols)  # (N, G, O/G, OH*OW), exact in int64
     acc = acc.reshape(n, o, oh, ow)
     if bias is not None:
@@ -112,8 +125,10 @@ def conv2d_acc(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     return run_integer(int_fn, inputs, surrogate)
 
 
-def _conv_transpose_int(x: Tensor, w: Tensor, bias: Tensor | None, stride, padding, output_padding, groups, dilation):
-    x, w = as_int64(x), as_int64(w)
+def transposed_as_conv(x: Tensor, w: Tensor, stride, padding, output_padding, groups: int, dilation) -> tuple[Tensor, Tensor]:
+    """A transposed convolution as the stride-1 convolution (``dilation``, no padding) of the input spread out by the
+    stride and padded, with the flipped kernel whose in / out channels are swapped per group: (input, weight), in
+    the input's and the weight's dtypes (reshapes and pads only, so the deployed kernel runs it on int8 and traces)."""
     n, c, h, wd = x.shape
     cin, og, kh, kw = w.shape
     if cin != c or c % groups:
@@ -121,13 +136,18 @@ def _conv_transpose_int(x: Tensor, w: Tensor, bias: Tensor | None, stride, paddi
     (sh, sw), (ph, pw), (oph, opw), (dh, dw) = stride, padding, output_padding, dilation
     if oph >= max(sh, dh) or opw >= max(sw, dw):
         raise ValueError(f"output_padding {output_padding} must be smaller than the stride or the dilation")
-    spread = x.new_zeros(n, c, (h - 1) * sh + 1, (wd - 1) * sw + 1)
-    spread[:, :, ::sh, ::sw] = x
+    # s - 1 zeros after each entry (the last ones cropped): (N, C, H, 1, W, 1) padded to (N, C, H, sh, W, sw)
+    spread = F.pad(x.reshape(n, c, h, 1, wd, 1), (0, sw - 1, 0, 0, 0, sh - 1)).reshape(n, c, h * sh, wd * sw)
     eh, ew = dh * (kh - 1) - ph, dw * (kw - 1) - pw  # may be < 0: F.pad crops
-    spread = F.pad(spread, (ew, ew + opw, eh, eh + oph))
+    spread = F.pad(spread, (ew, ew + opw - (sw - 1), eh, eh + oph - (sh - 1)))
     # (C_in, O/G, kh, kw) -> (O, C_in/G, kh, kw), flipped: a convolution's weight
     flipped = w.flip(-2, -1).reshape(groups, cin // groups, og, kh, kw).transpose(1, 2).reshape(groups * og, cin // groups, kh, kw)
-    return _conv_int(spread, flipped, bias, (1, 1), (0, 0, 0, 0), (dh, dw), groups, 0)
+    return spread, flipped
+
+
+def _conv_transpose_int(x: Tensor, w: Tensor, bias: Tensor | None, stride, padding, output_padding, groups, dilation):
+    spread, flipped = transposed_as_conv(as_int64(x), as_int64(w), stride, padding, output_padding, groups, dilation)
+    return _conv_int(spread, flipped, bias, (1, 1), (0, 0, 0, 0), dilation, groups, 0)
 
 
 def conv_transpose2d_acc(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, output_padding=0,
@@ -168,4 +188,5 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, requant: Dyadic, bits
     return requantize_channels(acc, requant, bits)
 
 
-__all__ = ["conv2d_acc", "conv_transpose2d_acc", "conv2d", "requantize_channels", "same_padding"]
+__all__ = ["conv2d_acc", "conv_transpose2d_acc", "conv2d", "requantize_channels", "same_padding", "conv_padding",
+           "columns", "transposed_as_conv"]

@@ -2,8 +2,9 @@
 ``brevitas.graph.quantize``.
 
 :func:`quantize` traces the model with torch.fx and rewrites it op by op from the operator registry, the
-table the FX lowering reads: ``nn.Linear`` / ``F.linear`` and patchifying ``nn.Conv2d`` -> Brevitas'
-``QuantLinear`` / ``QuantConv2d`` (per-channel INT8 weights, ``Int32Bias``) + :class:`DyadicRequant`,
+table the FX lowering reads: ``nn.Linear`` / ``F.linear``, ``nn.Conv2d`` / ``F.conv2d`` and ``nn.ConvTranspose2d`` /
+``F.conv_transpose2d`` (any geometry) -> Brevitas' ``QuantLinear`` / ``QuantConv2d`` / ``QuantConvTranspose2d``
+(per-channel INT8 weights, ``Int32Bias``) + :class:`DyadicRequant`,
 LayerNorm -> :class:`QuantILayerNorm`, GELU -> :class:`QuantGELU`, softmax -> :class:`QuantSoftmax`,
 ``@`` -> :class:`QuantMatMul`, ``+`` -> :class:`QuantResidualAdd`, ``* c`` / ``/ c`` ->
 :class:`QuantScalarMul`, ``cat`` -> :class:`QuantCat`, ``mean`` -> :class:`QuantMean`, ``F.normalize`` ->
@@ -27,7 +28,7 @@ import traceback
 from typing import Callable
 
 import torch
-from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear
+from brevitas.nn import QuantConv2d, QuantConvTranspose2d, QuantIdentity, QuantLinear
 from brevitas.quant import Int8WeightPerChannelFloat, Int32Bias
 from brevitas.quant_tensor import IntQuantTensor, QuantTensor
 from torch import Tensor, fx, nn
@@ -288,18 +289,34 @@ class _Swap:
         layer = QuantMean(a["dim"], a["keepdim"], act_quant=self.act(node))
         self._emit(node, layer, [self.need_input(node.args[0], node)], self.demand[node])
 
-    def _conv2d(self, node: fx.Node, a: dict) -> None:
-        if node.op != "call_module":
-            raise LoweringError(f"{describe(node)}: the Brevitas swap takes nn.Conv2d modules (F.conv2d: use FX)")
-        c = self.gm.get_submodule(node.target)
-        conv = QuantConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, bias=c.bias is not None,
-                           weight_quant=Int8WeightPerChannelFloat, bias_quant=Int32Bias, return_quant_tensor=True)
+    def _conv(self, node: fx.Node, a: dict, transposed: bool) -> None:
+        """Brevitas' QuantConv2d / QuantConvTranspose2d with the op's geometry (Brevitas computes the convolution;
+        the DyadicRequant after it requantizes its per-channel accumulator, channels on dim 1)."""
+        weight, bias = self._parameter(a["weight"], node), self._parameter(a["bias"], node)
+        if transposed and a["groups"] != 1:  # (Brevitas' per-channel scales of a ConvTranspose run along dim 1, O/G)
+            raise LoweringError(f"{describe(node)}: a grouped ConvTranspose2d's Brevitas weight scales are shared "
+                                "across groups, the FX lowering's are per output channel; use the FX front end")
+        out_channels = weight.shape[1] * a["groups"] if transposed else weight.shape[0]
+        geometry = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
+                        padding_mode=a["padding_mode"], bias=bias is not None, weight_quant=Int8WeightPerChannelFloat,
+                        bias_quant=Int32Bias, return_quant_tensor=True)
+        if transposed:
+            conv = QuantConvTranspose2d(weight.shape[0], out_channels, a["kernel"], output_padding=a["output_padding"],
+                                        **geometry)
+        else:
+            conv = QuantConv2d(weight.shape[1] * a["groups"], out_channels, a["kernel"], **geometry)
         with torch.no_grad():
-            conv.weight.copy_(c.weight)
-            if c.bias is not None:
-                conv.bias.copy_(c.bias)
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
         module = nn.Sequential(conv, DyadicRequant(act_quant=self.act(node)))
         self._emit(node, module, [self.need_input(node.args[0], node)], self.demand[node])
+
+    def _conv2d(self, node: fx.Node, a: dict) -> None:
+        self._conv(node, a, transposed=False)
+
+    def _conv_transpose2d(self, node: fx.Node, a: dict) -> None:
+        self._conv(node, a, transposed=True)
 
     def _scalar_mul(self, node: fx.Node, divide: bool) -> None:
         a, b = node.args[0], node.args[1]
@@ -382,8 +399,8 @@ class _Swap:
 # name). Other entries whose output stays on the input's grid and that name their float op get the generic
 # QuantRegistryOp (layer_for); any other is refused, and tests/test_ops_registry.py fails for it.
 LAYERS = {name: getattr(_Swap, f"_{name}") for name in (
-    "linear", "conv2d", "matmul", "add", "mul", "div", "layer_norm", "gelu", "softmax", "l2_normalize", "interpolate",
-    "mean", "cat", "shape", "split")}
+    "linear", "conv2d", "conv_transpose2d", "matmul", "add", "mul", "div", "layer_norm", "gelu", "softmax",
+    "l2_normalize", "interpolate", "mean", "cat", "shape", "split")}
 
 
 def layer_for(entry):

@@ -63,10 +63,12 @@ def input_energy(observer, weight: torch.Tensor) -> torch.Tensor | None:
     return energy if energy is not None and weight.dim() == 2 and energy.numel() == weight.shape[1] else None
 
 
-def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tuple[M.Linear, float, tuple[int, int]]:
-    """W x + b as ``W (x - offset) + (b + offset * sum(W))``: ``offset`` brings a 256-level input such as
-    an asymmetric GELU output into int8, and the bias takes it back (exact). The weight width is the site's
-    choice (its output observer's ``weight_bits``: 8, or 4 for W4A8)."""
+def _gemm_constants(site: Site, x: Operand, weight, bias, offset: int = 0):
+    """A GEMM's integer constants: its weight as integers, one row per output channel (``weight.flatten(1)``; a
+    float tensor holding them), per-channel symmetric at the site's width (its output observer's ``weight_bits``:
+    8, or 4 for W4A8; GPTQ's integers or scales where :mod:`iseg_plugin.gptq` set them); its INT32 bias at
+    ``S_x S_w`` plus ``offset * sum(W)`` (None if neither); and the accumulator's requantization to the output.
+    Returns ``(weight integers, bias integers, Requant, output scale, output bounds)``."""
     bits = site.observer.weight_bits
     calibrated, fixed = site.observer.weight_int, site.observer.weight_scale  # GPTQ's (iseg_plugin.gptq), if any
     if calibrated.numel():
@@ -83,8 +85,15 @@ def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tup
     b = b + offset * w_int.double().sum(1)
     b_int = None if bias is None and offset == 0 else site.lowering.integers(b.clamp(-(2**31), 2**31 - 1), torch.int32)
     out, scale, bounds = site.requant_to_output(acc_scale)
-    return M.Linear(site.lowering.integers(w_int, torch.int8), b_int, out, offset, bits), scale, bounds
+    return w_int, b_int, out, scale, bounds
 
+
+def _linear_module(site: Site, x: Operand, weight, bias, offset: int = 0) -> tuple[M.Linear, float, tuple[int, int]]:
+    """W x + b as ``W (x - offset) + (b + offset * sum(W))``: ``offset`` brings a 256-level input such as
+    an asymmetric GELU output into int8, and the bias takes it back (exact)."""
+    w_int, b_int, out, scale, bounds = _gemm_constants(site, x, weight, bias, offset)
+    linear = M.Linear(site.lowering.integers(w_int, torch.int8), b_int, out, offset, site.observer.weight_bits)
+    return linear, scale, bounds
 
 
 def _int8_offset(x) -> int:
@@ -97,15 +106,17 @@ _AS_IS = lambda value, dtype: value  # noqa: E731 - a build's ``integers`` outsi
 
 def lower_built(site: Site, variant: Variant) -> Operand:
     """The usual lowering: the variant's ``build`` from the input's grid (at the entry's input width), the op's
-    attributes and its output grid (the observed one; an op without an observer keeps its input's grid)."""
+    attributes and its output grid (the observed one; an op without an observer keeps its input's grid, and its
+    input's observed range, which bounds its output's: a ReLU on the INT16 stream narrowed to INT8 for a conv)."""
     x = site.input(0)
     out = site.output_grid() if site.observer is not None else None
-    module = variant.build(site.attrs, (x.grid,), out, site.lowering.integers)
-    grid = out or x.grid
-    return site.out(site.emit(module, x.node), grid.scale, grid.bounds)
+    node = site.emit(variant.build(site.attrs, (x.grid,), out, site.lowering.integers), x.node)
+    if out is None:
+        return Operand(node, x.scale, x.bounds, x.observer)
+    return site.out(node, out.scale, out.bounds)
 
 
-# -- linear, conv2d --------------------------------------------------------------------------------
+# -- linear, conv2d, conv_transpose2d --------------------------------------------------------------
 
 def _lower_linear(site: Site, variant: Variant) -> Operand:
     offset = _int8_offset(site.args[0])
@@ -126,33 +137,73 @@ def _pair(value) -> tuple[int, int]:
 
 
 def _conv_attributes(call) -> dict:
+    """Conv2d / ConvTranspose2d (module, F.conv*, aten.conv*): weight, bias and geometry."""
+    transposed = isinstance(call.module, nn.ConvTranspose2d) or getattr(call, "target", None) in (
+        F.conv_transpose2d, aten.conv_transpose2d.input)
     if call.module is not None:
         c = call.module
-        weight, bias, stride, padding, dilation, groups = c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups
-    else:
-        weight, bias, stride, padding, dilation, groups = (
-            call.arg(1, "weight"), call.arg(2, "bias"), call.arg(3, "stride", 1), call.arg(4, "padding", 0),
-            call.arg(5, "dilation", 1), call.arg(6, "groups", 1))
-    return dict(weight=weight, bias=bias, kernel=tuple(weight.shape[-2:]), stride=stride, padding=padding,
-                dilation=dilation, groups=groups, input_shape=call.input_shape(0))
+        a = dict(weight=c.weight, bias=c.bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                 groups=c.groups, padding_mode=c.padding_mode)
+        if transposed:
+            a["output_padding"] = c.output_padding
+    elif transposed:  # (input, weight, bias, stride, padding, output_padding, groups, dilation)
+        a = dict(weight=call.arg(1, "weight"), bias=call.arg(2, "bias"), stride=call.arg(3, "stride", 1),
+                 padding=call.arg(4, "padding", 0), output_padding=call.arg(5, "output_padding", 0),
+                 groups=call.arg(6, "groups", 1), dilation=call.arg(7, "dilation", 1), padding_mode="zeros")
+    else:  # (input, weight, bias, stride, padding, dilation, groups); aten.conv2d.padding: padding a string
+        a = dict(weight=call.arg(1, "weight"), bias=call.arg(2, "bias"), stride=call.arg(3, "stride", 1),
+                 padding=call.arg(4, "padding", "valid" if getattr(call, "target", None) is aten.conv2d.padding else 0),
+                 dilation=call.arg(5, "dilation", 1), groups=call.arg(6, "groups", 1), padding_mode="zeros")
+    return dict(a, kernel=tuple(a["weight"].shape[-2:]), input_shape=call.input_shape(0))
 
 
 def _conv_check(a: dict) -> str | None:
-    kernel, padding = a["kernel"], a["padding"]
-    unpadded = padding == "valid" or (not isinstance(padding, str) and _pair(padding) == (0, 0))
-    if _pair(a["stride"]) != kernel or not unpadded or a["groups"] != 1 or _pair(a["dilation"]) != (1, 1):
-        return ("only patchifying Conv2d (kernel == stride, no padding, groups 1) has an integer lowering; got "
-                f"kernel {kernel}, stride {a['stride']}, padding {a['padding']}")
-    shape = a["input_shape"]
-    if shape is not None and (shape[-2] % kernel[0] or shape[-1] % kernel[1]):
-        return f"input {shape[-2]}x{shape[-1]} is not a multiple of the patch {kernel}: pad it first"
+    if not isinstance(a["weight"], torch.Tensor):
+        return ("its weight is computed in the model (from the input, or as a node the front end cannot evaluate), "
+                "not a constant: the integer convolution quantizes constant weights once")
     return None
 
 
-def _lower_patch_conv(site: Site, variant: Variant) -> Operand:
-    x = site.input(0)
-    module, scale, bounds = _linear_module(site, x, site.attrs["weight"], site.attrs["bias"])  # patches: (in, kh, kw)
-    return site.out(site.emit(M.PatchConv(module, site.attrs["kernel"]), x.node), scale, bounds)
+def _patchifying(a: dict) -> bool:
+    """A Conv2d whose kernel equals its stride, unpadded, ungrouped, undilated, on an input the patches tile (ViT
+    patch embedding): one GEMM over the patches (:class:`M.PatchConv`)."""
+    unpadded = a["padding"] == "valid" or (not isinstance(a["padding"], str) and _pair(a["padding"]) == (0, 0))
+    shape, kernel = a["input_shape"], a["kernel"]
+    return (_pair(a["stride"]) == kernel and unpadded and a["groups"] == 1 and _pair(a["dilation"]) == (1, 1)
+            and shape is not None and shape[-2] % kernel[0] == 0 and shape[-1] % kernel[1] == 0)
+
+
+def _lower_conv(site: Site, variant: Variant) -> Operand:
+    """A patch embedding as :class:`M.PatchConv`; any other geometry as :class:`M.Conv2d`, on a symmetric INT8
+    input (padding with the integer 0 is padding with real 0; reflect / replicate / circular padding moves integers)."""
+    x, a = site.input(0), site.attrs
+    if _patchifying(a):
+        module, scale, bounds = _linear_module(site, x, a["weight"], a["bias"])  # patches: (in, kh, kw)
+        return site.out(site.emit(M.PatchConv(module, a["kernel"]), x.node), scale, bounds)
+    w_int, b_int, out, scale, bounds = _gemm_constants(site, x, a["weight"], a["bias"])
+    pads = intops.conv_padding(a["padding"], a["kernel"], a["stride"], a["dilation"])
+    module = M.Conv2d(site.lowering.integers(w_int.reshape(a["weight"].shape), torch.int8), b_int, out,
+                      _pair(a["stride"]), pads, _pair(a["dilation"]), a["groups"], a["padding_mode"],
+                      site.observer.weight_bits)
+    return site.out(site.emit(module, x.node), scale, bounds)
+
+
+def _lower_conv_transpose(site: Site, variant: Variant) -> Operand:
+    """:class:`M.ConvTranspose2d` on a symmetric INT8 input (the zeros spread between its entries are real 0); its
+    weight (C_in, O/G, kh, kw) quantized per output channel, as the equivalent convolution's (O, C_in/G, kh, kw)."""
+    x, a = site.input(0), site.attrs
+    w, groups = a["weight"], a["groups"]
+    cin, og, kh, kw = w.shape
+
+    def swap(t):  # (C_in, O/G, kh, kw) <-> (O, C_in/G, kh, kw): the same per-group reshape both ways
+        g, i, o = groups, t.shape[0] // groups, t.shape[1]
+        return t.reshape(g, i, o, kh, kw).transpose(1, 2).reshape(g * o, i, kh, kw)
+
+    w_int, b_int, out, scale, bounds = _gemm_constants(site, x, swap(w), a["bias"])
+    w_int = site.lowering.integers(swap(w_int.reshape(og * groups, cin // groups, kh, kw)), torch.int8)
+    module = M.ConvTranspose2d(w_int, b_int, out, _pair(a["stride"]), _pair(a["padding"]), _pair(a["output_padding"]),
+                               _pair(a["dilation"]), groups)
+    return site.out(site.emit(module, x.node), scale, bounds)
 
 
 # -- matmul, add, mul ------------------------------------------------------------------------------
@@ -589,8 +640,9 @@ def _pad_attributes(call) -> dict:
 
 
 def _pad_check(a: dict) -> str | None:
-    if a and (a["mode"] != "constant" or a["value"] not in (0, 0.0, None)):
-        return f"only zero padding has an integer lowering; got mode={a['mode']!r}, value={a['value']}"
+    # reflect / replicate / circular copy the input's integers (a Conv2d's padding_mode, as torch.export records it)
+    if a and a["mode"] == "constant" and a["value"] not in (0, 0.0, None):
+        return f"padding with a constant other than 0 has no integer lowering yet; got value={a['value']}"
     return None
 
 
@@ -622,10 +674,19 @@ REGISTRY.register(OpEntry(
     variants=_single("int8 GEMM, requantization fused in the module", _lower_linear),
     attributes=_linear_attributes, emits=("Linear",)))
 REGISTRY.register(OpEntry(
-    "conv2d", "patchifying Conv2d (kernel == stride, no padding) as one INT8 GEMM over patches",
-    modules=(nn.Conv2d,), aten=(aten.conv2d.default, aten.conv2d.padding), input_bits=8,
-    variants=_single("patches @ W^T", _lower_patch_conv), attributes=_conv_attributes, check=_conv_check,
-    emits=("PatchConv", "Linear")))
+    "conv2d", "Conv2d of any geometry (kernel, stride, padding, dilation, groups): INT8 x INT8 -> INT32 + INT32 bias, "
+    "per-channel requantization; a patch embedding as one GEMM over its patches",
+    modules=(nn.Conv2d,), functions=(F.conv2d,), aten=(aten.conv2d.default, aten.conv2d.padding), input_bits=8,
+    variants=_single("patch embedding: patches @ W^T; else im2col @ W^T per group (exact, intops.conv2d_acc)",
+                     _lower_conv), attributes=_conv_attributes, check=_conv_check,
+    emits=("PatchConv", "Linear", "Conv2d")))
+REGISTRY.register(OpEntry(
+    "conv_transpose2d", "ConvTranspose2d of any geometry: INT8 x INT8 -> INT32 + INT32 bias, per-channel "
+    "requantization", modules=(nn.ConvTranspose2d,), functions=(F.conv_transpose2d,),
+    aten=(aten.conv_transpose2d.input,), input_bits=8,
+    variants=_single("input spread by the stride, im2col @ flipped W^T (exact, intops.conv_transpose2d_acc)",
+                     _lower_conv_transpose), attributes=_conv_attributes, check=_conv_check,
+    emits=("ConvTranspose2d",)))
 REGISTRY.register(OpEntry(
     "matmul", "activation @ activation: INT8 x INT8, or UINT16 probabilities x INT8 (two int8 halves)",
     functions=(torch.matmul, operator.matmul, torch.bmm), methods=("matmul", "bmm"),
@@ -734,8 +795,8 @@ REGISTRY.register(OpEntry(
     "indices are positions, not values)" if a["return_indices"] else None, float_op=_float_max_pool,
     emits=("MaxPool",)))
 REGISTRY.register(OpEntry(
-    "shape", "reshape / permute / index / roll / flip / repeat / gather by static indices / pad(0) / dropout in eval: "
-    "the same call on the integers",
+    "shape", "reshape / permute / index / roll / flip / repeat / gather by static indices / pad (0, reflect, replicate, "
+    "circular) / dropout in eval: the same call on the integers",
     modules=(nn.Dropout, nn.Identity), functions=(operator.getitem, torch.flatten, torch.transpose, torch.permute,
                                                    torch.reshape, torch.squeeze, torch.unsqueeze, torch.roll,
                                                    torch.flip, F.pad, F.dropout, torch.gather, torch.index_select,

@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import intops, kernels
 from . import gemm as gemm_kernels
 from .gemm import INT8, INT64, int8_matmul, uint16_matmul
 from ..intops import Dyadic
+from ..intops.conv import columns, transposed_as_conv
 from ..intops.exp import bit_exp_table, row_span, shiftmax_table
 
 INT32 = torch.int32
@@ -146,6 +148,90 @@ class PatchConv(nn.Module):
         (ph, pw), (b, c, h, w) = self.patch, x.shape
         patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5).flatten(3)
         return self.linear(patches).permute(0, 3, 1, 2)
+
+
+def _conv_gemm(x: Tensor, weight: Tensor, stride, dilation, groups: int) -> Tensor:
+    """The accumulators of an int8 convolution of the (already padded) ``x``, one exact int8 GEMM per group
+    (:func:`int8_matmul`, int32): the im2col columns of ``x`` (:func:`intops.conv.columns`) @ the weight
+    (O, C/G, kh, kw) as (C/G kh kw, O/G); channels last, (N, OH, OW, O), as the fused requantization reads them."""
+    o, cg, kh, kw = weight.shape
+    cols = columns(x, (kh, kw), stride, (0, 0, 0, 0), dilation)  # (N, C, kh kw, OH, OW)
+    n, _, _, oh, ow = cols.shape
+    a = cols.reshape(n, groups, cg * kh * kw, oh * ow).permute(1, 0, 3, 2).reshape(groups, n * oh * ow, cg * kh * kw)
+    b = weight.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)
+    acc = int8_matmul(a.contiguous(), b.contiguous())  # (G, N OH OW, O/G)
+    return acc.transpose(0, 1).reshape(n, oh, ow, o)
+
+
+class _Conv(nn.Module):
+    """What the convolutions share: int8 weights, an INT32 bias and the accumulators requantized per output channel
+    (``out``'s channels are the convolution's dim 1: requantized channels last). Exported as standard ONNX (traced:
+    pads, slices, MatMulInteger); not a QONNX node of its own (the output's shape is not the input's)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, out: Requant):
+        super().__init__()
+        self.register_buffer("weight", narrow(weight, INT8))
+        self.register_buffer("bias", None if bias is None else narrow(bias, INT32))
+        self.out = out
+
+    def _requantize(self, acc: Tensor) -> Tensor:
+        """(N, OH, OW, O) accumulators (int32 from the GEMM, or exact float64 holding integers) + bias, requantized,
+        as NCHW."""
+        if kernels.use(acc):
+            return self.out.fused(acc, self.bias).permute(0, 3, 1, 2)
+        acc = acc if acc.dtype.is_floating_point else acc.to(INT64)
+        if self.bias is not None:
+            acc = acc + self.bias.to(acc.dtype)
+        return self.out(acc).permute(0, 3, 1, 2)
+
+
+class Conv2d(_Conv):
+    """A Conv2d of any geometry on a symmetric INT8 input, INT8 weights (O, C / groups, kh, kw): ``pads`` (F.pad's
+    left, right, top, bottom) with the integer 0, real 0 on that grid (``padding_mode`` reflect / replicate /
+    circular: with the input's own integers), then ``intops.conv2d_acc`` on floats holding integers (the fake-quant /
+    QAT form), and on int8 tensors the same integers by :func:`_conv_gemm`. ``weight_bits`` 4: INT4 integers held as
+    int8 (see :class:`Linear`)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, out: Requant, stride: tuple[int, int],
+                 pads: tuple[int, int, int, int], dilation: tuple[int, int], groups: int, padding_mode: str = "zeros",
+                 weight_bits: int = 8):
+        super().__init__(weight, bias, out)
+        self.stride, self.dilation = tuple(int(v) for v in stride), tuple(int(v) for v in dilation)
+        self.pads, self.groups, self.padding_mode = tuple(int(v) for v in pads), int(groups), padding_mode
+        self.weight_bits = int(weight_bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if any(self.pads):
+            x = F.pad(x, self.pads, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        if x.dtype.is_floating_point:
+            acc = intops.conv2d_acc(x, self.weight, None, self.stride, 0, self.dilation, self.groups)
+            acc = acc.permute(0, 2, 3, 1)
+        else:
+            acc = _conv_gemm(x.to(INT8), self.weight, self.stride, self.dilation, self.groups)
+        return self._requantize(acc)
+
+
+class ConvTranspose2d(_Conv):
+    """A ConvTranspose2d of any geometry on a symmetric INT8 input (the zeros spread between its entries are real 0),
+    INT8 weights (C_in, O / groups, kh, kw): ``intops.conv_transpose2d_acc`` on floats holding integers, on int8
+    tensors the same integers by :func:`_conv_gemm` of the spread input and the flipped kernel
+    (:func:`intops.conv.transposed_as_conv`)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, out: Requant, stride: tuple[int, int],
+                 padding: tuple[int, int], output_padding: tuple[int, int], dilation: tuple[int, int], groups: int):
+        super().__init__(weight, bias, out)
+        self.stride, self.padding = tuple(int(v) for v in stride), tuple(int(v) for v in padding)
+        self.output_padding, self.dilation = tuple(int(v) for v in output_padding), tuple(int(v) for v in dilation)
+        self.groups = int(groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        geometry = (self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+        if x.dtype.is_floating_point:
+            acc = intops.conv_transpose2d_acc(x, self.weight, None, *geometry).permute(0, 2, 3, 1)
+        else:
+            spread, flipped = transposed_as_conv(x.to(INT8), self.weight, *geometry)
+            acc = _conv_gemm(spread, flipped, (1, 1), self.dilation, self.groups)
+        return self._requantize(acc)
 
 
 class MatMul(nn.Module):
