@@ -360,3 +360,35 @@ def test_new_entries_reach_every_front_end_and_export(model, modules, layers):
     # values here (beyond float32's 24 bits): within one step, see export/brevitas_qonnx.py)
     assert (np.abs(executed - value.numpy()) / scale).max() <= 1.001
 
+
+
+@pytest.mark.parametrize("prepare", ["fx", "pt2e"])
+def test_an_in_place_relu_is_lowered_unless_its_input_has_another_reader(prepare):
+    import fx_patterns as fxp
+    from iseg_plugin.lowering import LoweringError
+
+    class InPlace(nn.Module):
+        def __init__(self, shared: bool):
+            super().__init__()
+            self.fc, self.act, self.shared = nn.Linear(16, 16), nn.ReLU(inplace=True), shared
+
+        def forward(self, x):
+            y = self.fc(x)
+            z = self.act(y)  # mutates y
+            return z + y if self.shared else z.relu_() * 2
+
+    torch.manual_seed(0)
+    for shared in (False, True):
+        model = InPlace(shared).eval()
+        x = torch.randn(2, 8, 16)
+        prepared = (fxp.prepare if prepare == "fx" else fxp.prepare_pt2e)(model, (x,))
+        prepared(x)
+        if shared and prepare == "fx":  # (torch.export functionalizes the mutation: its graph reads the result)
+            with pytest.raises(LoweringError, match="in place while another op reads that input"):
+                fxp.convert(prepared, (x,))
+            continue
+        int_model = fxp.convert(prepared, (x,))
+        out = int_model(*fxp.quantize_inputs(int_model, x))
+        assert any(isinstance(m, M.Clamp) for m in int_model.modules()) and not out.dtype.is_floating_point
+        ref = model(x.clone())
+        assert F.cosine_similarity(out.double().flatten() * int_model.output_scales[0], ref.double().flatten(), 0) > 0.99

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .. import intops
 from . import modules as M
@@ -474,23 +474,32 @@ def _lower_cat(site: Site, variant: Variant) -> Operand:
     return site.out(site.emit(module, *(p.node for p in parts)), out.scale, out.bounds)
 
 
-_RELU = (F.relu, torch.relu, "relu", aten.relu.default)
+_RELU = (F.relu, torch.relu, "relu", "relu_", aten.relu.default, aten.relu_.default)
+_IN_PLACE = ("relu_", "clamp_", "clip_", aten.relu_.default, aten.hardtanh_.default, aten.clamp_.default)
 
 
 def _clamp_attributes(call) -> dict:
-    """The float bounds (None: unbounded) of ReLU, ReLU6, hardtanh and clamp / clip."""
+    """The float bounds (None: unbounded) of ReLU, ReLU6, hardtanh and clamp / clip; whether the op writes its
+    input in place while another op also reads that input (the integer op cannot change what that op reads)."""
+    in_place = call.target in _IN_PLACE or bool(getattr(call.module, "inplace", False)) or (
+        call.target in (F.relu, F.relu6, F.hardtanh) and bool(call.node.kwargs.get("inplace", False)))
+    source = call.node.args[0]
+    shared = in_place and isinstance(source, fx.Node) and len(source.users) > 1
     if isinstance(call.module, nn.Hardtanh):  # (ReLU6 is a Hardtanh)
-        return dict(min=call.module.min_val, max=call.module.max_val)
+        return dict(min=call.module.min_val, max=call.module.max_val, shared_in_place=shared)
     if isinstance(call.module, nn.ReLU) or call.target in _RELU:
-        return dict(min=0.0, max=None)
+        return dict(min=0.0, max=None, shared_in_place=shared)
     if call.target is F.relu6:
-        return dict(min=0.0, max=6.0)
-    if call.target in (F.hardtanh, aten.hardtanh.default):
-        return dict(min=call.arg(1, "min_val", -1.0), max=call.arg(2, "max_val", 1.0))
-    return dict(min=call.arg(1, "min"), max=call.arg(2, "max"))
+        return dict(min=0.0, max=6.0, shared_in_place=shared)
+    if call.target in (F.hardtanh, aten.hardtanh.default, aten.hardtanh_.default):
+        return dict(min=call.arg(1, "min_val", -1.0), max=call.arg(2, "max_val", 1.0), shared_in_place=shared)
+    return dict(min=call.arg(1, "min"), max=call.arg(2, "max"), shared_in_place=shared)
 
 
 def _clamp_check(a: dict) -> str | None:
+    if a["shared_in_place"]:
+        return ("it clamps its input in place while another op reads that input: the integer model cannot reproduce "
+                "the mutation; make it out of place (inplace=False)")
     low, high = a["min"], a["max"]
     if not all(v is None or isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)):
         return "clamping to bounds that are tensors or not finite has no integer lowering: give numbers"
@@ -755,7 +764,9 @@ REGISTRY.register(OpEntry(
 REGISTRY.register(OpEntry(
     "clamp", "ReLU / ReLU6 / hardtanh / clamp: the integers clamped on their own grid",
     modules=(nn.ReLU, nn.Hardtanh), functions=(F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, torch.clip),
-    methods=("relu", "clamp", "clip"), aten=(aten.relu.default, aten.hardtanh.default, aten.clamp.default),
+    methods=("relu", "clamp", "clip", "relu_", "clamp_", "clip_"),
+    aten=(aten.relu.default, aten.hardtanh.default, aten.clamp.default, aten.relu_.default, aten.hardtanh_.default,
+          aten.clamp_.default),
     observation="share", input_bits=None, variants=_single("integer clamp", build=_build_clamp),
     attributes=_clamp_attributes, check=_clamp_check, float_op=lambda a, x: x.clamp(a["min"], a["max"]),
     emits=("Clamp",)))

@@ -39,6 +39,7 @@ class OpCall(Protocol):
     """A call of an op, as an entry's ``attributes`` reads it: from the lowering's site (values known) or the Brevitas
     swap's traced node (shapes unknown: ``input_shape`` gives None)."""
 
+    node: fx.Node  # the call in its graph (its users, its arguments as nodes)
     module: nn.Module | None  # the called module, for a module call
     target: object  # the called function, ATen operator or method name (None for a module call)
 
