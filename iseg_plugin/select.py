@@ -42,13 +42,12 @@ from torch.func import functional_call
 from . import intops, kernels
 from .deploy.audit import OpAudit
 from .gptq import gptq
-from .lowering import consumer_bits, feeds_output, observer_of, output_grid, static_nodes
+from .lowering import consumer_bits, feeds_output, output_grid, static_nodes
 from .ops import REGISTRY
 from .ops.entries import WEIGHT_BITS, input_energy, quantize_weight
 from .ops.grid import Grid
 from .ops.site import NodeCall
 from .ops.modules import storage_dtype
-from .ops.observer import IsegObserver
 from .sites import CHOICES, GEMMS, ChoiceSite, Probe, is_observer, sites  # noqa: F401 - the public names of choices
 
 SCORE_IMAGES = 2  # calibration images the candidates are scored on (each candidate runs the whole model)
