@@ -504,7 +504,7 @@ class Site:
         if not isinstance(value, (Operand, Const)):
             raise LoweringError(f"{describe(self.node)}: argument {i} is {type(value).__name__}, not a tensor")
         if bits is None:
-            bits = self.entry.input_bits or 16
+            bits = self.entry.quantized_input_bits
         return self.lowering.need(value, bits, f"{self.name}_in{i}")
 
     def input_shape(self, i: int = 0) -> tuple[int, ...]:

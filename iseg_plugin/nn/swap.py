@@ -189,7 +189,7 @@ class _Swap:
 
     def need_input(self, arg, node: fx.Node) -> fx.Node:
         """``arg`` at the input width of the registry entry being swapped (INT8 into GEMMs and GELU, INT16 else)."""
-        return self.need(arg, self.input_bits or 16, node)
+        return self.need(arg, self.input_bits, node)
 
     def _arg(self, node: fx.Node, i: int, name: str, default=None):
         return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
@@ -230,7 +230,7 @@ class _Swap:
             attributes = entry.read(NodeCall(node, self.gm))
         except UnsupportedOpError as err:
             raise LoweringError(f"{describe(node)}: {err}") from None
-        self.input_bits = entry.input_bits  # the width the entry's quantized inputs are brought to (need_input)
+        self.input_bits = entry.quantized_input_bits  # the width need_input brings the entry's inputs to
         handler(self, node, attributes)
 
     def _linear(self, node: fx.Node, a: dict) -> None:

@@ -319,6 +319,10 @@ class _SigmoidGELU(nn.Module):
 
     k_inter, k_out = intops.K_INTER_GELU, 8  # (files written before they were stored hold these)
 
+    def __init__(self):
+        super().__init__()
+        self.k_inter, self.k_out = intops.K_INTER_GELU, 8  # (instance fields: the deployed file stores them)
+
 
 class ShiftGELU(_SigmoidGELU):
     """ShiftGELU (I-ViT): output at the input scale times 2**-7, then requantized."""
@@ -329,7 +333,6 @@ class ShiftGELU(_SigmoidGELU):
     def __init__(self, i0: int, out: Requant):
         super().__init__()
         self.i0, self.out = int(i0), out
-        self.k_inter, self.k_out = intops.K_INTER_GELU, 8
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.takes(x, self.out.multiplier) and storage_dtype(self.out.bounds) in (torch.int8, torch.int16):
@@ -347,7 +350,6 @@ class LambdaShiftGELU(_SigmoidGELU):
     def __init__(self, params: intops.LambdaGeluParams, out: Requant):
         super().__init__()
         self.i0, self.cap, self.frac_bits = int(params.i0), int(params.cap), int(params.frac_bits)
-        self.k_inter, self.k_out = intops.K_INTER_GELU, 8
         self.out = out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -471,6 +473,7 @@ class Upsample(nn.Module):
             intops.upsample_bilinear(x, self.size, corners)
         return narrow(y, x.dtype) if self.out is None else self.out(y)  # (values stay within the input's range)
 
+
 class Clamp(nn.Module):
     """Integers clamped to ``bounds`` on their own grid: ReLU, ReLU6, hardtanh and clamp, their float bounds
     rounded onto the input's grid (the float op's output, quantized on that grid, is this)."""
@@ -498,7 +501,8 @@ class Sigmoid(nn.Module):
         self.k_out, self.k_inter, self.out = int(k_out), int(k_inter), out
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(intops.sigmoid(x, intops.sigmoid_params_from(self.exponent.dyadic(), x), self.k_out, self.k_inter))
+        params = intops.sigmoid_params_from(self.exponent.dyadic(), x)
+        return self.out(intops.sigmoid(x, params, self.k_out, self.k_inter))
 
 
 class XSigmoid(Sigmoid):

@@ -74,6 +74,11 @@ class OpEntry:
     float_op: Callable | None = None  # (attributes, *inputs) -> the float op's result (the generic Brevitas layer)
     emits: tuple[str, ...] = ()  # the deployed module classes (ops.modules) it builds
 
+    @property
+    def quantized_input_bits(self) -> int:
+        """The width a front end brings this op's quantized inputs to: ``input_bits``, 16 where any width does."""
+        return self.input_bits or 16
+
     def read(self, call) -> dict:
         """The op's attributes from ``call``, refused (:class:`UnsupportedOpError`) where ``check`` says why."""
         attributes = self.attributes(call)
