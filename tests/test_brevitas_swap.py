@@ -71,16 +71,16 @@ def shape_scaled_vit():
     return model
 
 
-def _batches(shape, count, seed=0):
+def batches_of(shape, count, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g).double() for _ in range(count)]  # float32 values, float64 model
 
 
-def _both_paths(model, shape, gelu, softmax):
+def both_paths(model, shape, gelu, softmax, seed=0):
     """The FX path's integer model and the Brevitas swap, calibrated on the same batches (float64 models:
     exact INT32 accumulators in Brevitas' float arithmetic)."""
     model = model.double().eval()
-    calibration = _batches(shape, 3)
+    calibration = batches_of(shape, 3, seed)
     prepared = fxp.prepare(copy.deepcopy(model), (calibration[0],), gelu=gelu, softmax=softmax, gelu_grid="symmetric")
     swapped = quantize(copy.deepcopy(model), gelu=gelu, softmax=softmax)
     with torch.no_grad():
@@ -101,13 +101,13 @@ def _both_paths(model, shape, gelu, softmax):
          "hand-vit-scale-from-shape"])
 def test_swapped_model_gives_the_fx_integers(model, shape, gelu, softmax, gemm_path):
     torch.manual_seed(0)
-    int_model, swapped = _both_paths(model, shape, gelu, softmax)
+    int_model, swapped = both_paths(model, shape, gelu, softmax)
     kinds = {type(m) for m in swapped.modules()}
     assert {QuantIdentity, QuantLinear, DyadicRequant, QuantILayerNorm, QuantGELU, QuantMatMul, QuantSoftmax} <= kinds
     assert not any(isinstance(m, (nn.Linear, nn.LayerNorm, nn.GELU, nn.Conv2d))
                    and not isinstance(m, (QuantLinear, QuantConv2d)) for m in swapped.modules())
     lo, hi = int_model.input_formats[0][1]
-    for x in _batches(shape, 2, seed=7):
+    for x in batches_of(shape, 2, seed=7):
         with torch.no_grad():
             out = swapped(x)
             inputs = swapped.x_quant(x).int()  # the integers the swapped model's input quantizer makes
@@ -140,10 +140,10 @@ def test_convolutions_of_any_geometry_swap_to_the_fx_integers(gemm_path):
     lowering's Conv2d / ConvTranspose2d."""
     torch.manual_seed(0)
     shape = (2, 3, 30, 34)
-    int_model, swapped = _both_paths(ConvNet(), shape, None, None)
+    int_model, swapped = both_paths(ConvNet(), shape, None, None)
     assert sum(isinstance(m, (QuantConv2d, QuantConvTranspose2d)) for m in swapped.modules()) == 5
     lo, hi = int_model.input_formats[0][1]
-    for x in _batches(shape, 2, seed=7):
+    for x in batches_of(shape, 2, seed=7):
         with torch.no_grad():
             out = swapped(x)
             inputs = swapped.x_quant(x).int()
@@ -164,8 +164,8 @@ def test_convolutions_export_through_brevitas_qonnx_and_run_in_qonnx(tmp_path):
     from iseg_plugin.export.brevitas_qonnx import export_brevitas_qonnx
 
     torch.manual_seed(0)
-    _, swapped = _both_paths(ConvNet(), (1, 3, 30, 34), None, None)
-    x = _batches((1, 3, 30, 34), 1, seed=5)[0]
+    _, swapped = both_paths(ConvNet(), (1, 3, 30, 34), None, None)
+    x = batches_of((1, 3, 30, 34), 1, seed=5)[0]
     with torch.no_grad():
         reference = swapped(x)
     proto = export_brevitas_qonnx(swapped, (x,), tmp_path / "convs.onnx")
@@ -179,9 +179,9 @@ def test_convolutions_export_through_brevitas_qonnx_and_run_in_qonnx(tmp_path):
 
 def test_swapped_model_trains_through_the_integers():
     torch.manual_seed(0)
-    _, swapped = _both_paths(Encoder(depth=1), (2, 9, 32), "lambda-shift", "shift")
+    _, swapped = both_paths(Encoder(depth=1), (2, 9, 32), "lambda-shift", "shift")
     swapped.train()
-    out = swapped(_batches((2, 9, 32), 1, seed=3)[0])
+    out = swapped(batches_of((2, 9, 32), 1, seed=3)[0])
     out.value.square().mean().backward()
     qkv = swapped.get_submodule("blocks.0.attn.qkv.0")
     assert isinstance(qkv, QuantLinear) and qkv.weight.grad is not None and qkv.weight.grad.abs().sum() > 0
@@ -259,8 +259,8 @@ def test_brevitas_qonnx_export_reads_and_runs_in_qonnx_tools(tmp_path):
     from iseg_plugin.export.qonnx import qonnx_inference_cost
 
     torch.manual_seed(0)
-    _, swapped = _both_paths(Encoder(depth=1), (1, 17, 32), "lambda-shift", "shift")
-    x = _batches((1, 17, 32), 1, seed=5)[0]
+    _, swapped = both_paths(Encoder(depth=1), (1, 17, 32), "lambda-shift", "shift")
+    x = batches_of((1, 17, 32), 1, seed=5)[0]
     with torch.no_grad():
         reference = swapped(x)  # the float64 model's integers (exact); the file is its float32 copy
     path = tmp_path / "encoder.onnx"
@@ -372,8 +372,8 @@ def test_a_vit_the_plugin_did_not_write_exports_through_brevitas(tmp_path):
     from iseg_plugin.export.qonnx import qonnx_inference_cost
 
     torch.manual_seed(0)
-    _, swapped = _both_paths(HandViT(dim=32, heads=2), (2, 3, 32, 32), "poly", "bit-exp")
-    x = _batches((1, 3, 32, 32), 1, seed=9)[0]
+    _, swapped = both_paths(HandViT(dim=32, heads=2), (2, 3, 32, 32), "poly", "bit-exp")
+    x = batches_of((1, 3, 32, 32), 1, seed=9)[0]
     with torch.no_grad():
         reference = swapped(x)
     path = tmp_path / "hand_vit.onnx"

@@ -6,39 +6,19 @@ import pytest
 import torch
 from torch.ao.quantization.quantize_fx import prepare_fx
 import torch.nn.functional as F
-from brevitas.graph.calibrate import calibration_mode
 from torch import nn
 
 import fx_patterns as fxp
 from iseg_plugin.deploy import OpAudit
 from iseg_plugin.lowering.normalize_attention import TraceableEncoderLayer, make_traceable
-from iseg_plugin.nn import quantize
 
-
-class TorchEncoderViT(nn.Module):
-    """nn.TransformerEncoderLayer in both norm orders (GELU), then an nn.TransformerEncoder with a final norm."""
-
-    def __init__(self, dim=32, heads=2, classes=5):
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, 8, 8)
-        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=norm_first) for norm_first in (True, False))
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation=nn.GELU(), batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.encoder(x).mean(1))
+from test_brevitas_swap import batches_of, both_paths
+from test_pt2e import TorchEncoderViT
 
 
 def test_the_rewrite_computes_the_same_function():
     torch.manual_seed(0)
-    model = TorchEncoderViT().eval()
+    model = TorchEncoderViT(encoder=True).eval()
     traceable = make_traceable(model)
     assert not any(isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention, nn.TransformerEncoder))
                    for m in traceable.modules())
@@ -73,9 +53,8 @@ def test_masks_and_bias_kv_are_refused_by_name():
 
 def test_fx_and_the_swap_lower_the_rewritten_encoder_with_the_same_integers():
     torch.manual_seed(0)
-    model = TorchEncoderViT().eval()
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randn(2, 3, 32, 32, generator=g).double() for _ in range(3)]
+    model = TorchEncoderViT(encoder=True).eval()
+    batches = batches_of((2, 3, 32, 32), 3, seed=1)
     # stock prepare_fx keeps torch's encoder layer a leaf: the lowering refuses it by node (fxp.prepare and the
     # swap rewrite it themselves)
     with pytest.raises(fxp.LoweringError, match=r"node 'blocks_0' \(call_module blocks.0\).*no integer lowering"):
@@ -84,17 +63,7 @@ def test_fx_and_the_swap_lower_the_rewritten_encoder_with_the_same_integers():
         with torch.no_grad():
             prepared(batches[0].float())
         fxp.convert(prepared, (batches[0].float(),))
-    rewritten = make_traceable(model).double()
-    prepared = fxp.prepare(copy.deepcopy(rewritten), (batches[0],), gelu_grid="symmetric")
-    swapped = quantize(copy.deepcopy(rewritten))
-    with torch.no_grad():
-        for x in batches:
-            prepared(x)
-        with calibration_mode(swapped):
-            for x in batches:
-                swapped(x)
-    swapped.eval()
-    int_model = fxp.convert(prepared, (batches[0],))
+    int_model, swapped = both_paths(make_traceable(model), (2, 3, 32, 32), None, None, seed=1)
     x = batches[1]
     inputs = fxp.quantize_inputs(int_model, x)
     with torch.no_grad(), OpAudit() as audit:
