@@ -36,7 +36,9 @@ def _build() -> str | None:
     # -fopenmp: at::parallel_for in the kernels runs on torch's own OpenMP threads (the extension resolves libgomp to
     # the copy torch has loaded: one pool, no second set of spinning workers; docs/architecture.md)
     flags = ["-O3", "-march=native", "-fopenmp"]
-    key = SOURCE.read_bytes() + " ".join([cpu_isa(), torch.__version__, *flags]).encode()
+    # (the source's path is in the key: checkouts side by side each keep their own build instead of rebuilding
+    # one shared build directory in turn)
+    key = SOURCE.read_bytes() + " ".join([str(SOURCE), cpu_isa(), torch.__version__, *flags]).encode()
     try:
         cpp_extension.load(name=f"iseg_kernels_{hashlib.sha256(key).hexdigest()[:12]}", sources=[str(SOURCE)],
                            is_python_module=False, extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
