@@ -53,16 +53,22 @@ BITS = {TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, Tensor
         TensorProto.INT64: 64, TensorProto.INT16: 16}
 GEMMS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger")
 FORMS = {"u8u8": "uint8 x uint8", "u8s8": "uint8 x int8"}
-PYTORCH_GEMMS = {"int_mm": "torch._int_mm (oneDNN, VNNI)",
+PYTORCH_GEMMS = {"vnni": "torch._int_mm (oneDNN, VNNI); in the attention the kernels' own AVX-512 VNNI GEMM",
+                 "int_mm": "torch._int_mm (oneDNN, VNNI)",
                  "avx2": "the kernels' AVX2 int8 GEMM (no VNNI; int16 pairs by vpmaddwd, exact)",
                  "int32": "int32 matmul (no VNNI: _int_mm is ~50x slower)"}
 # what limits the deployed model, per GEMM path (the profile paragraph of the report)
+_INT8_ATTENTION = [
+    "The probabilities' low bytes enter an int8 GEMM, their high bytes (non-zero for at most ~128 keys of a row) a",
+    "sparse product. Attention runs by (head, 64-row block) tasks on both threads, each GEMM of a task on one",
+    "thread; its softmax rows are vectorised, their exponential-table gather the larger part (docs/architecture.md).",
+    "Linears run by blocks of rows, their requantization (and a following element-wise GELU, read from its 256",
+    "int8 values) in cache. OpenVINO INT8 keeps softmax, LayerNorm and GELU in float (its own kernels) between",
+    "INT8 GEMMs: not integer-only."]
 PROFILE_NOTES = {
-    "int_mm": ["The probabilities' low bytes enter _int_mm, their high bytes (non-zero for at most ~128 keys of a row) a",
-               "sparse product. Attention runs by (head, 64-row block) tasks on both threads, each _int_mm of a task on",
-               "one thread; its softmax rows are vectorised, their exponential-table gather the larger part",
-               "(docs/architecture.md). OpenVINO INT8 keeps softmax, LayerNorm and GELU in float (its own kernels) between",
-               "INT8 GEMMs: not integer-only."],
+    "vnni": ["The attention's GEMMs run on the kernels' AVX-512 VNNI GEMM (keys and values packed once per head).",
+             *_INT8_ATTENTION],
+    "int_mm": ["The attention's GEMMs are at::_int_mm calls, one per block of query rows.", *_INT8_ATTENTION],
     "avx2": ["The probabilities enter the AVX2 GEMM whole (int16): two GEMMs per head, as FP32. Without VNNI the GEMMs",
              "are the limit: the exact AVX2 kernel (int16 pairs, 16 products per vpmaddwd) runs about as fast as torch's",
              "FP32 matmul (ratio above), so the integer model is about as fast as FP32 PyTorch, without VNNI's margin."],

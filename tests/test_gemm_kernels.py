@@ -33,7 +33,7 @@ def test_uint16_probabilities_matmul_is_exact(gemm_path):
 
 
 def test_a_path_this_cpu_cannot_run_is_refused_by_name():
-    with pytest.raises(ValueError, match="GEMM path 'vnni512' does not run here; this CPU runs: int_mm"):
-        with gemm.forced("vnni512"):
+    with pytest.raises(ValueError, match="GEMM path 'amx' does not run here; this CPU runs: .*int_mm"):
+        with gemm.forced("amx"):
             pass
     assert gemm.GEMM is None and gemm.runnable_gemm_paths()[-1] == "int32"

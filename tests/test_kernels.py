@@ -151,7 +151,7 @@ def test_upsample_equals_intops(mode, dtype):
     bound = min(info.max, 2**26)  # (bilinear: max|x| D_h D_w < 2**61)
     x = torch.randint(-bound, bound + 1, (2, 3, 5, 7), generator=g).to(dtype)
     x[0, 0] = bound
-    x[0, 1, ::2] = -bound
+    x[0, 1, ::2] = -bound - (bound == info.max)  # (int8 / int16: their minimum, one past -max)
     resize = intops.upsample_nearest if mode == "nearest" else intops.upsample_bilinear
     for size in ((80, 112), (5, 7), (13, 9)):
         assert torch.equal(kernels.upsample(x, mode, size, False), resize(x, size).to(dtype))
@@ -187,15 +187,41 @@ def test_shift_gelus_equal_intops(scale, lam):
             assert torch.equal(kernels.sigmoid_gelu(x, i0, cap, fb, out, bounds, dtype, intops.K_INTER_GELU, 8), ref)
 
 
+@pytest.mark.parametrize("rows", [1, 129, 1025])  # one row; blocks of uneven length
+@pytest.mark.parametrize("in_dtype,offset", [(torch.int8, 0), (torch.int16, 128), (torch.int16, -3), (torch.int8, 7)])
+@pytest.mark.parametrize("bounds", [(-128, 127), (-4, 251), (-2**31, 2**31 - 1)])
+def test_linear_kernel_equals_gemm_then_requantize(gemm_path, rows, in_dtype, offset, bounds):
+    """The Linear module on each GEMM path (the blocked kernel on int_mm) gives the integers of its steps one after
+    the other: the input shifted and cast (wrapping) into int8, the exact GEMM, the int32 bias add, the Requant."""
+    g = torch.Generator().manual_seed(rows)
+    k, n = 40, 24
+    info = torch.iinfo(in_dtype)
+    x = torch.randint(max(info.min, -300), min(info.max, 300) + 1, (2, rows, k), generator=g).to(in_dtype)
+    x[0, 0, :3] = torch.tensor([info.min, info.max, 0], dtype=in_dtype)  # shifted past int8: wraps
+    weight = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    bias = torch.randint(-2**31, 2**31, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+    bias[0] = 2**31 - 1  # the bias add wraps in int32
+    for per_channel in (False, True):
+        ratio = torch.rand(n, generator=g, dtype=torch.float64) * 0.02 if per_channel else torch.tensor(3e-3)
+        linear = M.Linear(weight, bias, M.Requant(intops.dyadic_from_ratio(ratio), bounds), offset)
+        with torch.no_grad():
+            out = linear(x)
+            shifted = (x.to(torch.int64) - offset).to(torch.int8)  # torch's cast wraps
+            acc = int8_matmul(shifted.reshape(-1, k), weight.t().contiguous()) + bias
+            ref = intops.requantize(acc.reshape(2, rows, n), linear.out.dyadic(), bounds).to(M.storage_dtype(bounds))
+        assert out.dtype == ref.dtype and torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("softmax", ["bit-exp", "shift", "shift-wide"])  # wide: table values past int32 (its int64 loop)
 @pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
 @pytest.mark.parametrize("keys", [70, 1])  # 1: every probability is 2**15 (the AVX2 path's int16 edge)
-def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, keys):
-    """On each GEMM path this CPU runs (forced): on the int8 ones (``_int_mm``, AVX2) the attention kernel runs, on
-    the int32 matmul the three fused modules do; both give the reference integers."""
+@pytest.mark.parametrize("dim", [16, 18])  # the VNNI GEMM reads groups of 4: 18 pads q's rows, 70 and 1 the keys
+def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, keys, dim):
+    """On each GEMM path this CPU runs (forced): on the int8 ones (``_int_mm``, VNNI, AVX2) the attention kernel runs,
+    on the int32 matmul the three fused modules do; both give the reference integers."""
     g = torch.Generator().manual_seed(rows)
-    q = torch.randint(-128, 128, (2, 3, rows, 16), generator=g, dtype=torch.int8)
-    kt = torch.randint(-128, 128, (2, 3, 16, keys), generator=g, dtype=torch.int8)
+    q = torch.randint(-128, 128, (2, 3, rows, dim), generator=g, dtype=torch.int8)
+    kt = torch.randint(-128, 128, (2, 3, dim, keys), generator=g, dtype=torch.int8)
     v = torch.randint(-128, 128, (2, 3, keys, 16), generator=g, dtype=torch.int8)
     q[0, 0, 0] = 127  # a row of huge scores: a near one-hot softmax
     kt[0, 0, :, keys // 2] = 127

@@ -126,6 +126,14 @@ def poly_gelu(x, params, out_dyadic, bounds, out_dtype, k_out: int):
                                             int(out_dyadic.shift), int(bounds[0]), int(bounds[1]), out_dtype)
 
 
+def linear(x, weight_t, bias, out, input_offset: int, out_dtype, then=None):
+    """``out(int8(x - input_offset) @ weight_t + bias)`` of (M, K) int8 / int16 ``x`` on ``at::_int_mm``, by blocks
+    of rows (the module :class:`~iseg_plugin.ops.modules.Linear`; ``out``: its Requant); ``then``: the values of an
+    element-wise module at the 256 int8 outputs, read for each output instead."""
+    return torch.ops.iseg_kernels.linear(x, weight_t, bias, out.multiplier, out.shift, int(out.bounds[0]),
+                                         int(out.bounds[1]), int(input_offset), out_dtype, then)
+
+
 def uint16_matmul_requantize(p, v, out_dyadic, bounds, out_dtype, int8_matmul):
     """``requantize(gemm.uint16_matmul(p, v))`` for probabilities ``p`` in [0, 2**15] and int8 ``v``: the halves
     split in one pass, two int8 GEMMs (``int8_matmul``: the caller's exact int8 GEMM), their products recombined
@@ -168,18 +176,20 @@ def pixels_to_int8(pixels, mean_fixed, multiplier):
 
 
 ATTENTION_BLOCK = 64  # query rows per task: their scores and probabilities stay in cache
+# the attention's GEMMs by GEMM path (iseg_plugin.ops.gemm): at::_int_mm, the kernels' AVX2 or AVX-512 VNNI one
+ATTENTION_GEMMS = {"int_mm": 0, "avx2": 1, "vnni": 2}
 
 
-def attention(q, kt, v, scores_out, table, context_out, out_dtype, frac_bits: int, avx2_gemm: bool):
+def attention(q, kt, v, scores_out, table, context_out, out_dtype, frac_bits: int, gemm: str):
     """``context_out(uint16 p @ v)`` of ``p = softmax(scores_out(q @ kt))`` (the softmax's ``table``), fused by
     blocks of query rows; q, kt, v: int8 (..., M, D), (..., D, N), (..., N, Dv) of one batch shape. Its GEMMs
-    are ``at::_int_mm``'s, or the kernels' own AVX2 GEMM (``avx2_gemm``: the caller's GEMM path)."""
+    are ``gemm``'s (a key of ATTENTION_GEMMS: the caller's GEMM path)."""
     batch = q.shape[:-2]
     out = torch.ops.iseg_kernels.attention(
         q.reshape(-1, *q.shape[-2:]), kt.reshape(-1, *kt.shape[-2:]), v.reshape(-1, *v.shape[-2:]),
         int(scores_out.multiplier), int(scores_out.shift), int(scores_out.bounds[0]), int(scores_out.bounds[1]),
         table.values, int(table.low), int(frac_bits), int(context_out.multiplier), int(context_out.shift),
-        int(context_out.bounds[0]), int(context_out.bounds[1]), out_dtype, ATTENTION_BLOCK, bool(avx2_gemm))
+        int(context_out.bounds[0]), int(context_out.bounds[1]), out_dtype, ATTENTION_BLOCK, ATTENTION_GEMMS[gemm])
     return out.reshape(*batch, *out.shape[-2:])
 
 

@@ -317,12 +317,31 @@ __attribute__((noinline)) void poly_gelu_span(const In* __restrict x, int64_t cl
   }
 }
 
+// out[i] = table[x[i] + 128] for int8 x
+template <typename Out>
+__attribute__((noinline)) void lookup_span(const int8_t* __restrict x, const Out* __restrict table,
+                                           Out* __restrict out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = table[uint8_t(x[i] + 128)];
+}
+
 template <typename In, typename Out>
 void poly_gelu_elems(const In* x, int64_t clip, int64_t pre_shift, int64_t pm, int64_t pe, int64_t k_out, int64_t m,
                      int64_t e, int64_t lo, int64_t hi, Out* out, int64_t count) {
   const int64_t one = int64_t(1) << (k_out - 2);
   const int64_t half = pre_shift > 0 ? (int64_t(1) << (pre_shift - 1)) : 0;
   const int64_t phalf = pe > 0 ? (int64_t(1) << (pe - 1)) : 0, ehalf = e > 0 ? (int64_t(1) << (e - 1)) : 0;
+  if constexpr (sizeof(In) == 1) {
+    // an int8 input has 256 values: their outputs, computed by the same span, then read per element (a lookup
+    // costs less than the five 64-bit products per element)
+    In all[256];
+    Out table[256];
+    for (int v = 0; v < 256; ++v) all[v] = In(v - 128);
+    poly_gelu_span(all, clip, pre_shift, half, pm, pe, phalf, one, m, e, ehalf, lo, hi, table, 256);
+    at::parallel_for(0, count, 16384, [&](int64_t begin, int64_t end) {
+      lookup_span(x + begin, table, out + begin, end - begin);
+    });
+    return;
+  }
   at::parallel_for(0, count, 16384, [&](int64_t begin, int64_t end) {
     poly_gelu_span(x + begin, clip, pre_shift, half, pm, pe, phalf, one, m, e, ehalf, lo, hi, out + begin, end - begin);
   });
@@ -405,22 +424,47 @@ at::Tensor combine_requantize(const at::Tensor& hi_, const at::Tensor& lo_, cons
 // once (hrow: x[lo] w_lo + x[hi] w_hi, int64), then each output row is (above r_lo + below r_hi), rounded: the
 // intops expression, whose columns are interpolated first too. The rounding division by 2 den is a shift where
 // den is a power of two (floor, as an arithmetic shift is).
-template <typename T>
-__attribute__((noinline)) void bilinear_columns(const T* __restrict x, const int64_t* __restrict clo,
-                                                const int64_t* __restrict chi, const int64_t* __restrict cwlo,
-                                                const int64_t* __restrict cwhi, int64_t* __restrict hrow, int64_t wo) {
-  for (int64_t j = 0; j < wo; ++j) hrow[j] = int64_t(x[clo[j]]) * cwlo[j] + int64_t(x[chi[j]]) * cwhi[j];
+// Acc: int64, or int32 where every intermediate fits (max|x| * 2 den + den < 2**31: int16 logits upsampled by 16
+// have den = 32 * 32), which doubles the vector lanes; the column tables in the same type.
+template <typename T, typename Acc>
+__attribute__((noinline)) void bilinear_columns(const T* __restrict x, const Acc* __restrict clo,
+                                                const Acc* __restrict chi, const Acc* __restrict cwlo,
+                                                const Acc* __restrict cwhi, Acc* __restrict hrow, int64_t wo) {
+  for (int64_t j = 0; j < wo; ++j) hrow[j] = Acc(x[clo[j]]) * cwlo[j] + Acc(x[chi[j]]) * cwhi[j];
 }
 
-template <typename T>
-__attribute__((noinline)) void bilinear_rows(const int64_t* __restrict above, const int64_t* __restrict below,
-                                             int64_t wlo, int64_t whi, int64_t den, int64_t den_shift,
+template <typename T, typename Acc>
+__attribute__((noinline)) void bilinear_rows(const Acc* __restrict above, const Acc* __restrict below,
+                                             Acc wlo, Acc whi, Acc den, int64_t den_shift,
                                              T* __restrict y, int64_t wo) {
   if (den_shift >= 0) {
     for (int64_t j = 0; j < wo; ++j) y[j] = T((2 * (above[j] * wlo + below[j] * whi) + den) >> den_shift);
   } else {
-    for (int64_t j = 0; j < wo; ++j) y[j] = T(floor_div(2 * (above[j] * wlo + below[j] * whi) + den, 2 * den));
+    for (int64_t j = 0; j < wo; ++j) y[j] = T(floor_div(int64_t(2 * (above[j] * wlo + below[j] * whi) + den), 2 * int64_t(den)));
   }
+}
+
+template <typename T, typename Acc>
+void bilinear_blocks(const T* x, const int64_t* rlo, const int64_t* rhi, const int64_t* rwlo, const int64_t* rwhi,
+                     const int64_t* clo, const int64_t* chi, const int64_t* cwlo, const int64_t* cwhi, int64_t den,
+                     int64_t den_shift, T* out, int64_t planes, int64_t h, int64_t w, int64_t ho, int64_t wo) {
+  const std::vector<Acc> cl(clo, clo + wo), ch(chi, chi + wo), cwl(cwlo, cwlo + wo), cwh(cwhi, cwhi + wo);
+  constexpr int64_t kRows = 64;  // output rows per task
+  const int64_t chunks = (ho + kRows - 1) / kRows;
+  pool_for(planes * chunks, [&](int64_t task) {
+    const int64_t plane = task / chunks, i0 = (task % chunks) * kRows, i1 = std::min(ho, i0 + kRows);
+    int64_t r0 = h, r1 = -1;  // the input rows these output rows read
+    for (int64_t i = i0; i < i1; ++i) {
+      r0 = std::min({r0, rlo[i], rhi[i]});
+      r1 = std::max({r1, rlo[i], rhi[i]});
+    }
+    std::vector<Acc> hrows((r1 - r0 + 1) * wo);
+    for (int64_t r = r0; r <= r1; ++r)
+      bilinear_columns(x + (plane * h + r) * w, cl.data(), ch.data(), cwl.data(), cwh.data(), hrows.data() + (r - r0) * wo, wo);
+    for (int64_t i = i0; i < i1; ++i)
+      bilinear_rows(hrows.data() + (rlo[i] - r0) * wo, hrows.data() + (rhi[i] - r0) * wo, Acc(rwlo[i]), Acc(rwhi[i]),
+                    Acc(den), den_shift, out + (plane * ho + i) * wo, wo);
+  });
 }
 
 template <typename T>
@@ -438,22 +482,11 @@ void upsample_rows(const T* x, const int64_t* rlo, const int64_t* rhi, const int
     return;
   }
   const int64_t den_shift = (den & (den - 1)) == 0 ? bit_length(2 * den) - 1 : -1;  // 2 den = 2**den_shift
-  constexpr int64_t kRows = 64;  // output rows per task
-  const int64_t chunks = (ho + kRows - 1) / kRows;
-  pool_for(planes * chunks, [&](int64_t task) {
-    const int64_t plane = task / chunks, i0 = (task % chunks) * kRows, i1 = std::min(ho, i0 + kRows);
-    int64_t r0 = h, r1 = -1;  // the input rows these output rows read
-    for (int64_t i = i0; i < i1; ++i) {
-      r0 = std::min({r0, rlo[i], rhi[i]});
-      r1 = std::max({r1, rlo[i], rhi[i]});
-    }
-    std::vector<int64_t> hrows((r1 - r0 + 1) * wo);
-    for (int64_t r = r0; r <= r1; ++r)
-      bilinear_columns(x + (plane * h + r) * w, clo, chi, cwlo, cwhi, hrows.data() + (r - r0) * wo, wo);
-    for (int64_t i = i0; i < i1; ++i)
-      bilinear_rows(hrows.data() + (rlo[i] - r0) * wo, hrows.data() + (rhi[i] - r0) * wo, rwlo[i], rwhi[i], den,
-                    den_shift, out + (plane * ho + i) * wo, wo);
-  });
+  const int64_t top = int64_t(1) << (8 * sizeof(T) - 1);  // max |x|
+  if (top * 2 * den + den < (int64_t(1) << 31))
+    bilinear_blocks<T, int32_t>(x, rlo, rhi, rwlo, rwhi, clo, chi, cwlo, cwhi, den, den_shift, out, planes, h, w, ho, wo);
+  else
+    bilinear_blocks<T, int64_t>(x, rlo, rhi, rwlo, rwhi, clo, chi, cwlo, cwhi, den, den_shift, out, planes, h, w, ho, wo);
 }
 
 at::Tensor upsample(const at::Tensor& x_, const at::Tensor& rows, const at::Tensor& cols, int64_t den) {
@@ -665,6 +698,107 @@ at::Tensor int8_mm_avx2(const at::Tensor& a_, const at::Tensor& b_) {
 #endif
 }
 
+// Exact int8 GEMM on AVX-512 VNNI for the fused attention's small products (a block of query rows against one
+// head's keys, or its probabilities' low bytes against the head's values). vpdpbusd multiplies u8 by s8 bytes in
+// groups of 4 along k into int32 lanes without saturation; A enters as u8 = a + 128 (a ^ 0x80) and 128 * colsum(B)
+// is taken off: C = a @ B, the integers of at::_int_mm (|(a + 128) b| sums < 255 * 128 * k < 2**31 for k < 2**16).
+// B is packed once per head, where at::_int_mm packs it at every call (once per block of query rows).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define ISEG_VNNI 1
+constexpr int64_t kVnniCols = 64;  // a panel: 4 zmm of 16 int32 columns
+constexpr int kVnniRows = 6;       // the register tile: 6 x 64 int32 (24 accumulators, 4 B vectors, 1 A word)
+
+struct PackedVnni {
+  std::vector<int8_t> data;   // panel p, group g (k = 4g..4g+3), column j, byte h: data[((p * groups + g) * 64 + j) * 4 + h]
+  std::vector<int32_t> corr;  // 128 * the column sums of B, padded to whole panels
+  int64_t n, groups, panels;
+};
+
+__attribute__((noinline)) void interleave4(const int8_t* __restrict r0, const int8_t* __restrict r1,
+                                           const int8_t* __restrict r2, const int8_t* __restrict r3,
+                                           int8_t* __restrict out, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) {
+    out[4 * j] = r0[j];
+    out[4 * j + 1] = r1[j];
+    out[4 * j + 2] = r2[j];
+    out[4 * j + 3] = r3[j];
+  }
+}
+
+PackedVnni pack_vnni(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
+  TORCH_CHECK(k < (int64_t(1) << 16), "VNNI GEMM: k < 2**16 (int32 sums)");
+  PackedVnni p{{}, {}, n, (k + 3) / 4, (n + kVnniCols - 1) / kVnniCols};
+  p.data.assign(p.panels * p.groups * kVnniCols * 4, 0);  // zeros pad k to whole groups and n to whole panels
+  p.corr.assign(p.panels * kVnniCols, 0);
+  for (int64_t kk = 0; kk < k; ++kk)  // 128 * the column sums
+    for (int64_t j = 0; j < n; ++j) p.corr[j] += 128 * int32_t(b[kk * n + j]);
+  const std::vector<int8_t> zeros(n, 0);
+  for (int64_t g = 0; g < p.groups; ++g) {  // 4 rows of b interleaved byte by byte, panel by panel
+    const int8_t* r[4];
+    for (int64_t h = 0; h < 4; ++h) r[h] = 4 * g + h < k ? b + (4 * g + h) * n : zeros.data();
+    for (int64_t panel = 0; panel < p.panels; ++panel) {
+      const int64_t c0 = panel * kVnniCols, cols = std::min(kVnniCols, n - c0);
+      interleave4(r[0] + c0, r[1] + c0, r[2] + c0, r[3] + c0, p.data.data() + (panel * p.groups + g) * kVnniCols * 4,
+                  cols);
+    }
+  }
+  return p;
+}
+
+// R x 64 of C (cols of them stored) from R int8 rows of a (lda bytes apart, 4 * groups readable each) and one panel
+template <int R>
+__attribute__((noinline)) void vnni_tile(const int8_t* a, int64_t lda, const int8_t* bp, int64_t groups,
+                                         const int32_t* corr, int32_t* c, int64_t ldc, int64_t cols) {
+  __m512i acc[R][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(char(0x80));  // a ^ 0x80 = a + 128 as u8
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* bg = bp + g * kVnniCols * 4;
+    const __m512i b0 = _mm512_loadu_si512(bg), b1 = _mm512_loadu_si512(bg + 64), b2 = _mm512_loadu_si512(bg + 128),
+                  b3 = _mm512_loadu_si512(bg + 192);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t word;
+      std::memcpy(&word, a + r * lda + 4 * g, sizeof word);
+      const __m512i ar = _mm512_xor_si512(_mm512_set1_epi32(word), flip);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], ar, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], ar, b1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], ar, b2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], ar, b3);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4 && 16 * q < cols; ++q) {
+      const __m512i v = _mm512_sub_epi32(acc[r][q], _mm512_loadu_si512(corr + 16 * q));
+      if (cols - 16 * q >= 16) _mm512_storeu_si512(c + r * ldc + 16 * q, v);
+      else _mm512_mask_storeu_epi32(c + r * ldc + 16 * q, __mmask16((1u << (cols - 16 * q)) - 1), v);
+    }
+}
+
+// c (m rows, ldc apart) int32 = a (m int8 rows, lda >= 4 * b.groups bytes apart, readable) @ b, on this thread
+void vnni_gemm(const int8_t* a, int64_t m, int64_t lda, const PackedVnni& b, int32_t* c, int64_t ldc) {
+  for (int64_t panel = 0; panel < b.panels; ++panel) {
+    const int8_t* bp = b.data.data() + panel * b.groups * kVnniCols * 4;
+    const int32_t* corr = b.corr.data() + panel * kVnniCols;
+    const int64_t c0 = panel * kVnniCols, cols = std::min(kVnniCols, b.n - c0);
+    for (int64_t r = 0; r < m; r += kVnniRows) {
+      const int8_t* ar = a + r * lda;
+      int32_t* cr = c + r * ldc + c0;
+      switch (std::min<int64_t>(kVnniRows, m - r)) {
+        case 6: vnni_tile<6>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
+        case 5: vnni_tile<5>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
+        case 4: vnni_tile<4>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
+        case 3: vnni_tile<3>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
+        case 2: vnni_tile<2>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
+        default: vnni_tile<1>(ar, lda, bp, b.groups, corr, cr, ldc, cols);
+      }
+    }
+  }
+}
+#endif
+
 // One row of the attention's softmax, as table_softmax computes it: the scores (n int32 products) requantized to
 // the softmax's input (m1, e1, [lo1, hi1]), the table exponential of (score - row max), the probabilities
 // round(e * floor(2**62 / sum e) / 2**shift) in [0, 2**(62 - shift)]. Plain loops over restrict pointers, every
@@ -757,18 +891,24 @@ __attribute__((noinline)) int64_t softmax_row_int16(const int32_t* __restrict ac
   return top > 32767 ? recip : 0;
 }
 
+// the attention's GEMMs (kernels.ATTENTION_GEMMS)
+constexpr int64_t kGemmIntMm = 0, kGemmAvx2 = 1, kGemmVnni = 2;
+
 // Attention, fused by blocks of query rows so that the scores, probabilities and their int8 halves stay in
 // cache: scores = requantize(q @ kT) (int32 GEMM, its requantization), the table softmax of table_softmax,
 // the probabilities split as split_uint16, their two int8 products with v recombined and requantized as
-// combine_requantize. The same integers as those steps one after the other (tested). The GEMMs are torch's
-// exact int8 ones (at::_int_mm: oneDNN with VNNI) or, avx2_gemm, the AVX2 kernel above, with kT and v packed
-// once per batch entry. On _int_mm, the probabilities' high bytes (p >> 8, non-zero for at most ~128 keys of a
-// row) multiply v as a sparse row (sparse_high_row) instead of a second dense int8 GEMM. The (batch entry, block) tasks run on torch's OpenMP threads (on_threads), each GEMM of a
-// task on its thread (a oneDNN call inside a parallel region runs single-threaded), into per-thread scratch.
+// combine_requantize. The same integers as those steps one after the other (tested). The GEMMs (gemm) are torch's
+// exact int8 ones (at::_int_mm: oneDNN with VNNI), the VNNI kernel above or the AVX2 one, the last two with kT and
+// v packed once per batch entry. With int8 GEMMs (_int_mm, VNNI) the probabilities' high bytes (p >> 8, non-zero
+// for at most ~128 keys of a row) multiply v as a sparse row (sparse_high_row) instead of a second dense int8 GEMM.
+// The (batch entry, block) tasks run on torch's OpenMP threads (on_threads), each GEMM of a task on its thread (a
+// oneDNN call inside a parallel region runs single-threaded), into per-thread scratch.
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tensor& v_, int64_t m1, int64_t e1,
                      int64_t lo1, int64_t hi1, const at::Tensor& table_, int64_t low, int64_t out_frac_bits,
                      int64_t m2, int64_t e2, int64_t lo2, int64_t hi2, at::ScalarType out_dtype, int64_t block,
-                     bool avx2_gemm) {
+                     int64_t gemm) {
+  TORCH_CHECK(gemm == kGemmIntMm || gemm == kGemmAvx2 || gemm == kGemmVnni, "attention: GEMM 0 (_int_mm), 1 (AVX2) or 2 (VNNI)");
+  const bool avx2_gemm = gemm == kGemmAvx2;
   const at::Tensor q = q_.contiguous(), kt = kt_.contiguous(), v = v_.contiguous();
   const at::Tensor table = table_.to(at::kLong).contiguous();
   TORCH_CHECK(q.dim() == 3 && kt.dim() == 3 && v.dim() == 3 && q.scalar_type() == at::kChar &&
@@ -851,10 +991,26 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
 #else
   TORCH_CHECK(!avx2_gemm, "attention: these kernels were built for a CPU without AVX2");
 #endif
+  // the two int8 products on the kernels' VNNI GEMM (keys and values packed once per batch entry) or at::_int_mm
+  const bool vnni = gemm == kGemmVnni;
+#ifdef ISEG_VNNI
+  std::vector<PackedVnni> kts(vnni ? batch : 0), vs(vnni ? batch : 0);
+  if (vnni)
+    pool_for(batch, [&](int64_t b) {
+      kts[b] = pack_vnni(kt.data_ptr<int8_t>() + b * d * n, d, n);
+      vs[b] = pack_vnni(v.data_ptr<int8_t>() + b * n * dv, n, dv);
+    });
+#else
+  TORCH_CHECK(!vnni, "attention: these kernels were built for a CPU without AVX-512 VNNI");
+#endif
+  // rows of the GEMMs' left operands: the VNNI GEMM reads whole groups of 4 bytes (q copied where d is not a
+  // multiple of 4; the low bytes' rows padded)
+  const int64_t qa = vnni ? (d + 3) / 4 * 4 : d, la = vnni ? (n + 3) / 4 * 4 : n;
   on_threads(batch * blocks, [&](std::atomic<int64_t>& next) {
     const auto i32 = q.options().dtype(at::kInt);
-    at::Tensor acc = at::empty({block, n}, i32), lowh = at::empty({block, n}, q.options()),
+    at::Tensor acc = at::empty({block, n}, i32), lowh = at::zeros({block, la}, q.options()),
                pv_lo = at::empty({block, dv}, i32);
+    std::vector<int8_t> qpad(qa != d ? block * qa : 0, 0);
     std::vector<uint8_t> high(n);
     std::vector<int32_t> sc(n), pv_hi(block * dv);
     std::vector<int64_t> e(n);
@@ -862,17 +1018,109 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
     for (int64_t task; (task = next.fetch_add(1)) < batch * blocks;) {
       const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
       at::Tensor a = acc.narrow(0, 0, rr), l = lowh.narrow(0, 0, rr), pl = pv_lo.narrow(0, 0, rr);
-      at::_int_mm_out(a, q[b].narrow(0, r0, rr), kt[b]);
+      const int8_t* qb = q.data_ptr<int8_t>() + (b * rows + r0) * d;
+#ifdef ISEG_VNNI
+      if (vnni) {
+        if (qa != d) {
+          for (int64_t i = 0; i < rr; ++i) std::copy(qb + i * d, qb + (i + 1) * d, qpad.data() + i * qa);
+          qb = qpad.data();
+        }
+        vnni_gemm(qb, rr, qa, kts[b], a.data_ptr<int32_t>(), n);
+      }
+#endif
+      if (!vnni) at::_int_mm_out(a, q[b].narrow(0, r0, rr), kt[b]);
       const int32_t* ap = a.data_ptr<int32_t>();
       int8_t* lp = l.data_ptr<int8_t>();
       const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
       for (int64_t i = 0; i < rr; ++i) {  // the low bytes' GEMM below; the high bytes' product here, row by row
-        if (k.table32) softmax_row_bytes(ap + i * n, sc.data(), e32.data(), high.data(), lp + i * n, n, k);
-        else softmax_row_bytes(ap + i * n, sc.data(), e.data(), high.data(), lp + i * n, n, k);
+        if (k.table32) softmax_row_bytes(ap + i * n, sc.data(), e32.data(), high.data(), lp + i * la, n, k);
+        else softmax_row_bytes(ap + i * n, sc.data(), e.data(), high.data(), lp + i * la, n, k);
         sparse_high_row(high.data(), vb, pv_hi.data() + i * dv, n, dv);
       }
-      at::_int_mm_out(pl, l, v[b]);
+#ifdef ISEG_VNNI
+      if (vnni) vnni_gemm(lp, rr, la, vs[b], pl.data_ptr<int32_t>(), dv);
+#endif
+      if (!vnni) at::_int_mm_out(pl, l, v[b]);
       store(b, r0, rr, pv_hi.data(), pl.data_ptr<int32_t>(), 0);
+    }
+  });
+  return out;
+}
+
+// y = int8(x - offset), wrapping as torch's cast to int8 does
+template <typename In>
+__attribute__((noinline)) void shift_into_int8(const In* __restrict x, int64_t offset, int8_t* __restrict y, int64_t count) {
+  const int32_t off = int32_t(offset);
+  for (int64_t i = 0; i < count; ++i) y[i] = int8_t(uint8_t(uint32_t(int32_t(x[i]) - off)));
+}
+
+// Linear: requantize(int8(x - offset) @ w + bias) of x (M, K) and w (K, N), by blocks of rows on torch's threads:
+// each block's int32 products (at::_int_mm, single-threaded inside the parallel region: oneDNN's VNNI kernel runs
+// as fast per core on ~100-row blocks as on the whole matrix) are requantized while they are in cache, and an
+// input on an asymmetric grid is shifted into int8 block by block: no int32 (M, N) tensor and no shifted copy of x
+// pass through memory. The same integers as Linear's int8_matmul, bias add and Requant one after the other (the
+// shift wraps into int8 as torch's cast does; the bias add wraps in int32 as an int32 tensor add does). ``then``:
+// an element-wise module's outputs for the 256 int8 values (LinearThen), read for each int8 output.
+at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& bias_,
+                  const at::Tensor& multiplier_, const at::Tensor& shift_, int64_t lo, int64_t hi, int64_t offset,
+                  at::ScalarType out_dtype, const std::optional<at::Tensor>& then_) {
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(0) && w.scalar_type() == at::kChar &&
+              (x.scalar_type() == at::kChar || x.scalar_type() == at::kShort),
+              "linear: int8 / int16 x (M, K), int8 w (K, N)");
+  const int64_t rows = x.size(0), k = x.size(1), n = w.size(1);
+  const at::Tensor m = multiplier_.to(at::kLong).contiguous().flatten(), e = shift_.to(at::kLong).contiguous().flatten();
+  const bool per_channel = m.numel() > 1;
+  TORCH_CHECK((m.numel() == 1 || m.numel() == n) && e.numel() == m.numel(), "linear: one multiplier, or one per output");
+  at::Tensor bias;
+  if (bias_.has_value()) {
+    bias = bias_->to(at::kInt).contiguous();
+    TORCH_CHECK(bias.numel() == n, "linear: one bias per output");
+  }
+  at::Tensor then;
+  if (then_.has_value()) {
+    then = then_->contiguous();
+    TORCH_CHECK(then.numel() == 256 && lo >= -128 && hi <= 127 && out_dtype == at::kChar,
+                "linear: an element-wise table follows int8 outputs (256 values)");
+  }
+  at::Tensor out = at::empty({rows, n}, x.options().dtype(then.defined() ? then.scalar_type() : out_dtype));
+  if (rows * n == 0) return out;
+  const bool as_is = x.scalar_type() == at::kChar && offset == 0;
+  // tasks of at most ~256 rows (fewer rows cost oneDNN more per product), a multiple of the threads in number
+  const int64_t threads = at::get_num_threads();
+  const int64_t tasks = std::min(rows, threads * ((rows + 256 * threads - 1) / (256 * threads)));
+  const int64_t per_task = (rows + tasks - 1) / tasks;
+  on_threads(tasks, [&](std::atomic<int64_t>& next) {
+    at::Tensor acc = at::empty({per_task, n}, x.options().dtype(at::kInt));
+    at::Tensor shifted = as_is ? at::Tensor() : at::empty({per_task, k}, x.options().dtype(at::kChar));
+    at::Tensor ints = then.defined() ? at::empty({per_task, n}, x.options().dtype(at::kChar)) : at::Tensor();
+    for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
+      const int64_t r0 = task * per_task, rr = std::min(per_task, rows - r0);
+      if (rr <= 0) continue;
+      at::Tensor a = x.narrow(0, r0, rr);
+      if (!as_is) {
+        at::Tensor s = shifted.narrow(0, 0, rr);
+        AT_DISPATCH_SWITCH(x.scalar_type(), "linear_shift",
+          AT_DISPATCH_CASE(at::kChar, [&] { shift_into_int8(a.data_ptr<scalar_t>(), offset, s.data_ptr<int8_t>(), rr * k); })
+          AT_DISPATCH_CASE(at::kShort, [&] { shift_into_int8(a.data_ptr<scalar_t>(), offset, s.data_ptr<int8_t>(), rr * k); }));
+        a = s;
+      }
+      at::Tensor c = acc.narrow(0, 0, rr);
+      at::_int_mm_out(c, a, w);
+      const int32_t* b = bias.defined() ? bias.data_ptr<int32_t>() : nullptr;
+      if (then.defined()) {  // the int8 outputs into scratch, then their element-wise values
+        requantize_rows<int32_t, int8_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(),
+                                         per_channel, lo, hi, ints.data_ptr<int8_t>(), rr, n);
+        AT_DISPATCH_SWITCH(then.scalar_type(), "linear_then",
+          AT_DISPATCH_CASE(at::kChar, [&] { lookup_span(ints.data_ptr<int8_t>(), then.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + r0 * n, rr * n); })
+          AT_DISPATCH_CASE(at::kShort, [&] { lookup_span(ints.data_ptr<int8_t>(), then.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + r0 * n, rr * n); })
+          AT_DISPATCH_CASE(at::kInt, [&] { lookup_span(ints.data_ptr<int8_t>(), then.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + r0 * n, rr * n); }));
+        continue;
+      }
+      AT_DISPATCH_SWITCH(out_dtype, "linear_out",
+        AT_DISPATCH_CASE(at::kChar, [&] { requantize_rows<int32_t, scalar_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>() + r0 * n, rr, n); })
+        AT_DISPATCH_CASE(at::kShort, [&] { requantize_rows<int32_t, scalar_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>() + r0 * n, rr, n); })
+        AT_DISPATCH_CASE(at::kInt, [&] { requantize_rows<int32_t, scalar_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>() + r0 * n, rr, n); }));
     }
   });
   return out;
@@ -974,10 +1222,11 @@ TORCH_LIBRARY(iseg_kernels, m) {
   m.def("split_uint16(Tensor p) -> Tensor[]");
   m.def("combine_requantize(Tensor hi, Tensor lo, Tensor colsum, int m, int e, int lo_bound, int hi_bound, ScalarType out_dtype) -> Tensor");
   m.def("argmax_channels(Tensor x, int h, int w) -> Tensor");
-  m.def("attention(Tensor q, Tensor kt, Tensor v, int m1, int e1, int lo1, int hi1, Tensor table, int low, int out_frac_bits, int m2, int e2, int lo2, int hi2, ScalarType out_dtype, int block, bool avx2_gemm) -> Tensor");
+  m.def("attention(Tensor q, Tensor kt, Tensor v, int m1, int e1, int lo1, int hi1, Tensor table, int low, int out_frac_bits, int m2, int e2, int lo2, int hi2, ScalarType out_dtype, int block, int gemm) -> Tensor");
   m.def("sigmoid_gelu(Tensor x, int i0, int cap, int frac_bits, int k_inter, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
   m.def("upsample(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
   m.def("int8_mm_avx2(Tensor a, Tensor b) -> Tensor");
+  m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor multiplier, Tensor shift, int lo, int hi, int offset, ScalarType out_dtype, Tensor? then) -> Tensor");
   m.def("pixels_to_int8(Tensor pixels, Tensor mean, Tensor multiplier, Tensor shift) -> Tensor");
   m.def("poly_gelu(Tensor x, int clip, int pre_shift, int pm, int pe, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
 }
@@ -992,6 +1241,7 @@ TORCH_LIBRARY_IMPL(iseg_kernels, CPU, m) {
   m.impl("sigmoid_gelu", &sigmoid_gelu);
   m.impl("attention", &attention);
   m.impl("int8_mm_avx2", &int8_mm_avx2);
+  m.impl("linear", &linear);
   m.impl("argmax_channels", &argmax_channels);
   m.impl("split_uint16", &split_uint16);
   m.impl("combine_requantize", &combine_requantize);

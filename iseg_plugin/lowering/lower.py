@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import intops
 from ..ops import modules as M
-from ..ops.modules import AsIntegers, Attention, MatMul, PixelsToInt8, Requant, storage_dtype
+from ..ops.modules import AsIntegers, Attention, Linear, LinearThen, MatMul, PixelsToInt8, Requant, storage_dtype
 from ..ops.observer import IsegObserver
 from ..ops.grid import Grid
 from ..ops.registry import REGISTRY, OpEntry, UnsupportedOpError
@@ -334,6 +334,7 @@ class Lowering:
             for node in self.src.graph.nodes:
                 self.env[node] = self._lower_node(node)
         self._group_attention()
+        self._group_linear_then()
         gm = fx.GraphModule(self.root, self.graph, class_name="IntegerModel")
         gm.input_formats, gm.output_scales = self.input_formats, self.output_scales
         gm.input_shapes = self.input_shapes
@@ -362,6 +363,29 @@ class Lowering:
                 fused = self.graph.call_module(name, (scores.args[0], scores.args[1], context.args[1]))
             context.replace_all_uses_with(fused)
             for node in (context, probs, scores):
+                self.graph.erase_node(node)
+                delattr(self.root, node.target)
+
+    def _group_linear_then(self) -> None:
+        """Each Linear whose output only an element-wise module reads (``ELEMENTWISE``) becomes one
+        :class:`LinearThen` with it (the blocked kernel's unit); same integers."""
+        def elementwise_after(linear: fx.Node) -> fx.Node | None:
+            (then,) = linear.users if len(linear.users) == 1 else (None,)
+            if then is None or then.op != "call_module" or then.args != (linear,) or then.kwargs:
+                return None
+            return then if getattr(getattr(self.root, then.target), "ELEMENTWISE", False) else None
+
+        pairs = [(node, elementwise_after(node)) for node in self.graph.nodes
+                 if node.op == "call_module" and isinstance(getattr(self.root, node.target), Linear)]
+        for linear, then in pairs:
+            if then is None:
+                continue
+            name = self._unique(f"{then.target}_after_linear")
+            self.root.add_module(name, LinearThen(getattr(self.root, linear.target), getattr(self.root, then.target)))
+            with self.graph.inserting_before(then):
+                fused = self.graph.call_module(name, linear.args, linear.kwargs)
+            then.replace_all_uses_with(fused)
+            for node in (then, linear):
                 self.graph.erase_node(node)
                 delattr(self.root, node.target)
 

@@ -31,21 +31,25 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 # The exact int8 GEMMs, fastest first where the CPU has them (gemm_path picks one at run time):
+# "vnni": "int_mm" with the fused attention's products on the kernels' own AVX-512 VNNI GEMM (keys and values
+#   packed once per head, where _int_mm packs them again for every block of query rows); needs AVX-512 VNNI and
+#   the kernels built.
 # "int_mm": torch._int_mm, oneDNN's VNNI kernel, several times faster than FP32; without VNNI it falls back to
 #   a naive loop ~50x slower than FP32, so it is used only with VNNI.
 # "avx2": the kernels' own (iseg_plugin/kernels, int16 pairs by vpmaddwd, on torch's threads), ~0.9x of FP32 on
 #   2 AVX2 cores (docs/avx2/performance.md); needs the kernels built.
 # "int32": a matmul of the int8 values as int32 (|sum| <= 128 * 128 * K < 2**31 for K < 2**17), ~6x slower
 #   than FP32, on every CPU. All three give the same integers (tests/test_gemm_kernels.py).
-GEMM_PATHS = ("int_mm", "avx2", "int32")
+GEMM_PATHS = ("vnni", "int_mm", "avx2", "int32")
 GEMM: str | None = None  # a path forced (tests, benchmarks); None: the fastest this CPU has
-NEEDS = {"avx2": "avx2"}  # the CPU flag a path needs to run (int_mm and int32 run on every CPU)
+NEEDS = {"vnni": "avx512_vnni", "avx2": "avx2"}  # the CPU flag a path needs to run (int_mm and int32 run on every CPU)
 
 
 @functools.lru_cache(maxsize=None)
 def available_gemm_paths() -> tuple[str, ...]:
     """The GEMM paths this CPU runs fast and exactly, fastest first ("int32" always); found once per process."""
-    return tuple(path for path, here in (("int_mm", cpu_has_vnni()),
+    return tuple(path for path, here in (("vnni", "avx512_vnni" in cpu_flags() and kernels.enabled()),
+                                         ("int_mm", cpu_has_vnni()),
                                          ("avx2", "avx2" in cpu_flags() and kernels.enabled()), ("int32", True)) if here)
 
 
@@ -110,7 +114,7 @@ def _int8_matmul_eager(a: Tensor, b: Tensor, path: str | None = None) -> Tensor:
     b3 = b.reshape(math.prod(b.shape[:-2]), b.shape[-2], b.shape[-1])
     if path == "avx2":
         out = torch.ops.iseg_kernels.int8_mm_avx2(a3, b3)
-    else:  # one 2-D _int_mm per batch entry, written in place (no stacking copy)
+    else:  # int_mm, vnni: one 2-D _int_mm per batch entry, written in place (no stacking copy)
         out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=torch.int32)
         for i in range(a3.shape[0]):
             torch._int_mm(a3[i].contiguous(), b3[i].contiguous(), out=out[i])

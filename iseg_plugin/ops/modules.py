@@ -123,7 +123,20 @@ class Linear(nn.Module):
         self.input_offset = int(input_offset)  # subtracted from the input (its bias adds it back)
         self.weight_bits = int(weight_bits)
 
+    def blocked(self, x: Tensor) -> bool:
+        """Whether the blocked kernel takes ``x``: the GEMM, bias, requantization (and the input's offset) by blocks
+        of rows on ``at::_int_mm``."""
+        return (kernels.use(x) and gemm_kernels.gemm_path() in ("int_mm", "vnni") and x.dtype in (torch.int8, torch.int16)
+                and storage_dtype(self.out.bounds) != INT64)
+
+    def blocked_forward(self, x: Tensor, out_dtype: torch.dtype, then: Tensor | None = None) -> Tensor:
+        out = kernels.linear(x.reshape(-1, x.shape[-1]), self.weight_t, self.bias, self.out, self.input_offset,
+                             out_dtype, then)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.blocked(x):
+            return self.blocked_forward(x, storage_dtype(self.out.bounds))
         x2 = x.reshape(-1, x.shape[-1])
         if self.input_offset:
             x2 = x2 - self.input_offset
@@ -134,6 +147,23 @@ class Linear(nn.Module):
         if self.bias is not None:
             acc = acc + self.bias.to(acc.dtype)
         return self.out(acc.reshape(*x.shape[:-1], acc.shape[-1]))
+
+
+class LinearThen(nn.Module):
+    """A Linear whose int8 output only an element-wise module reads (a GELU, sigmoid, clamp...: ``ELEMENTWISE``), as
+    the lowering found them in a row. Where the Linear's blocked kernel runs, the element-wise module is computed on
+    the 256 int8 values once per call and its value read for each output, in the Linear's pass (the same integers);
+    elsewhere the two run one after the other."""
+
+    def __init__(self, linear: Linear, then: nn.Module):
+        super().__init__()
+        self.linear, self.then = linear, then
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (kernels.use first: an export traces the two modules, or the nodes it put in their place)
+        if not (kernels.use(x) and self.linear.blocked(x) and storage_dtype(self.linear.out.bounds) == INT8):
+            return self.then(self.linear(x))
+        return self.linear.blocked_forward(x, INT8, self.then(torch.arange(-128, 128, dtype=INT8)))
 
 
 class PatchConv(nn.Module):
@@ -367,6 +397,7 @@ class PolyGELU(nn.Module):
                       "Poly-GELU (IPTQ-ViT), then `out`")
 
     k_out = 8  # output bits of its erf (output at S * 2**-(k_out - 1)); files written before it was stored hold 8
+    ELEMENTWISE = True  # (each output integer is a function of its input integer alone: see LinearThen)
 
     def __init__(self, params: intops.PolyGeluParams, out: Requant, k_out: int = 8):
         super().__init__()
@@ -479,6 +510,7 @@ class Clamp(nn.Module):
     rounded onto the input's grid (the float op's output, quantized on that grid, is this)."""
 
     QONNX = QonnxNode("IntClamp", (), ("bounds",), doc="`clamp(x, lo, hi)` on the input's grid")
+    ELEMENTWISE = True
 
     def __init__(self, bounds: tuple[int, int]):
         super().__init__()
@@ -494,6 +526,7 @@ class Sigmoid(nn.Module):
 
     QONNX = QonnxNode("IntSigmoid", (), ("k_out", "k_inter"), {"exponent": "Multiplier", "out": "Requant"},
                       "sigmoid of `x * exponent / (2**12 log2 e)` at 2**-(k_out-1) (`intops.sigmoid`), then `out`")
+    ELEMENTWISE = True
 
     def __init__(self, params: intops.SigmoidParams, k_out: int, k_inter: int, out: Requant):
         super().__init__()
@@ -521,6 +554,7 @@ class HardSigmoid(nn.Module):
 
     QONNX = QonnxNode("IntHardSigmoid", (), ("k_out", "swish"), {"slope": "Multiplier", "out": "Requant"},
                       "`h = clamp(rq(x, slope) + 2**(k_out-2), 0, 2**(k_out-1))` (`swish`: `x * h`), then `out`")
+    ELEMENTWISE = True
 
     def __init__(self, params: intops.HardParams, swish: bool, out: Requant):
         super().__init__()
@@ -622,7 +656,7 @@ class Attention(nn.Module):
             return self.context(self.softmax(self.scores(q, kt)), v)
         return kernels.attention(q.to(INT8), kt.to(INT8), v.to(INT8), self.scores.out, table, self.context.out,
                                  storage_dtype(self.context.out.bounds), self.softmax.bits - 1,
-                                 gemm_kernels.gemm_path() == "avx2")
+                                 gemm_kernels.gemm_path())
 
 
 class AsIntegers(nn.Module):
