@@ -58,7 +58,7 @@ def asymmetric_bounds(min_val: Tensor, scale: Tensor, bits: int) -> tuple[int, i
 def channel_minmax(x: Tensor, channel_dim: int | None = None) -> tuple[Tensor, Tensor]:
     """Min and max of ``x``: scalars if ``channel_dim`` is None, else one per channel."""
     if channel_dim is None:
-        return x.detach().amin(), x.detach().amax()
+        return torch.aminmax(x.detach())  # (one pass over x)
     flat = x.detach().movedim(channel_dim, 0).flatten(1)
     return flat.amin(1), flat.amax(1)
 
@@ -75,9 +75,15 @@ def ema_minmax(
     QAT; I-ViT's ``act_range_momentum=0.95`` is 1 - alpha). The first call (``running`` None)
     takes the batch's range as it is.
     """
+    return ema_step(running, channel_minmax(x, channel_dim), momentum)
+
+
+def ema_step(running: tuple[Tensor, Tensor] | None, current: tuple[Tensor, Tensor],
+             momentum: float) -> tuple[Tensor, Tensor]:
+    """:func:`ema_minmax` from the batch's (min, max) ``current``, already taken."""
     if not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-    cur_min, cur_max = channel_minmax(x, channel_dim)
+    cur_min, cur_max = current
     if running is None:
         return cur_min, cur_max
     run_min, run_max = running

@@ -93,10 +93,10 @@ class IsegObserver(MinMaxObserver):
             return x
         real = x.detach().float()  # ranges in float32 even in a float64 model: the same scales in both
         running = (self.min_val.float(), self.max_val.float()) if int(self.batches) else None
-        lo, hi = intops.ema_minmax(running, real, self.momentum)
+        cur_lo, cur_hi = intops.channel_minmax(real)
+        lo, hi = intops.ema_step(running, (cur_lo, cur_hi), self.momentum)
         self.min_val.resize_(lo.shape).copy_(lo)
         self.max_val.resize_(hi.shape).copy_(hi)
-        cur_lo, cur_hi = intops.channel_minmax(real)
         if int(self.batches) and self.seen_min.numel():
             cur_lo, cur_hi = torch.minimum(self.seen_min, cur_lo), torch.maximum(self.seen_max, cur_hi)
         self.seen_min, self.seen_max = cur_lo.reshape(1), cur_hi.reshape(1)
