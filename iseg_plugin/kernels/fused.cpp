@@ -1017,7 +1017,10 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
     std::vector<int32_t> e32(n);
     for (int64_t task; (task = next.fetch_add(1)) < batch * blocks;) {
       const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
-      at::Tensor a = acc.narrow(0, 0, rr), l = lowh.narrow(0, 0, rr), pl = pv_lo.narrow(0, 0, rr);
+      // (scratch by pointer; tensor views only for _int_mm's calls)
+      int32_t* ap = acc.data_ptr<int32_t>();
+      int8_t* lp = lowh.data_ptr<int8_t>();
+      int32_t* plp = pv_lo.data_ptr<int32_t>();
       const int8_t* qb = q.data_ptr<int8_t>() + (b * rows + r0) * d;
 #ifdef ISEG_VNNI
       if (vnni) {
@@ -1025,12 +1028,13 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
           for (int64_t i = 0; i < rr; ++i) std::copy(qb + i * d, qb + (i + 1) * d, qpad.data() + i * qa);
           qb = qpad.data();
         }
-        vnni_gemm(qb, rr, qa, kts[b], a.data_ptr<int32_t>(), n);
+        vnni_gemm(qb, rr, qa, kts[b], ap, n);
       }
 #endif
-      if (!vnni) at::_int_mm_out(a, q[b].narrow(0, r0, rr), kt[b]);
-      const int32_t* ap = a.data_ptr<int32_t>();
-      int8_t* lp = l.data_ptr<int8_t>();
+      if (!vnni) {
+        at::Tensor a = acc.narrow(0, 0, rr);
+        at::_int_mm_out(a, q[b].narrow(0, r0, rr), kt[b]);
+      }
       const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
       for (int64_t i = 0; i < rr; ++i) {  // the low bytes' GEMM below; the high bytes' product here, row by row
         if (k.table32) softmax_row_bytes(ap + i * n, sc.data(), e32.data(), high.data(), lp + i * la, n, k);
@@ -1038,10 +1042,13 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
         sparse_high_row(high.data(), vb, pv_hi.data() + i * dv, n, dv);
       }
 #ifdef ISEG_VNNI
-      if (vnni) vnni_gemm(lp, rr, la, vs[b], pl.data_ptr<int32_t>(), dv);
+      if (vnni) vnni_gemm(lp, rr, la, vs[b], plp, dv);
 #endif
-      if (!vnni) at::_int_mm_out(pl, l, v[b]);
-      store(b, r0, rr, pv_hi.data(), pl.data_ptr<int32_t>(), 0);
+      if (!vnni) {
+        at::Tensor pl = pv_lo.narrow(0, 0, rr);
+        at::_int_mm_out(pl, lowh.narrow(0, 0, rr), v[b]);
+      }
+      store(b, r0, rr, pv_hi.data(), plp, 0);
     }
   });
   return out;
