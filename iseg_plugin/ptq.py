@@ -207,8 +207,8 @@ def run_ptq(config: str, checkpoint: str, num_samples: int, out: str, gelu: str 
             batch_size: int = 8, fold_norms: bool = True, calib_set=None, force: bool = False,
             weight_bits: int | str | None = None, select: str | None = None, size_ratio: float | None = None,
             weight_rounding: str | None = None, int8_weights: list[str] | None = None, strict: bool = False) -> dict:
-    """Calibrate on ``num_samples`` images (EMA update 0.05), make the per-layer choices asked for, convert,
-    save; return a report.
+    """Calibrate on ``num_samples`` images (ranges: the extremes of every image), make the per-layer choices
+    asked for, convert, save; return a report.
 
     The float Segmenter is quantized op by op (:mod:`iseg_plugin.deploy.convert`). The images are the
     config's training set, or ``calib_set`` (test-pipeline outputs) if given; the deployed model is

@@ -100,7 +100,7 @@ param_scheduler = [
     dict(type='PolyLR', eta_min=1e-6, power=0.9, by_epoch=False, begin=20, end=200),
 ]
 custom_hooks = [
-    dict(type='CalibrationHook', num_samples=1, batch_size=8, momentum=0.05),
+    dict(type='CalibrationHook', num_samples=1, batch_size=8),
     dict(type='QATHook', momentum=0.01, freeze_iter=0),
     dict(type='PlainCheckpointHook'),
 ]

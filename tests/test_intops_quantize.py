@@ -70,6 +70,21 @@ def test_ema_minmax_per_channel():
     assert mn.tolist() == [1.0, -4.0] and mx.tolist() == [2.0, 8.0]
 
 
+def test_running_minmax_keeps_the_extremes_of_every_batch_in_any_order():
+    batches = [torch.tensor([-1.0, 3.0]), torch.tensor([-0.5, 7.0]), torch.tensor([-4.0, 0.0])]
+    for order in (batches, batches[::-1]):
+        running = None
+        for x in order:
+            running = intops.running_minmax(running, x, None)
+        assert [v.item() for v in running] == [-4.0, 7.0]
+    per_channel = intops.running_minmax((torch.tensor([0.0, -1.0]), torch.tensor([1.0, 1.0])),
+                                        torch.tensor([[2.0, -4.0], [-3.0, 0.5]]), None, channel_dim=1)
+    assert [v.tolist() for v in per_channel] == [[-3.0, -4.0], [2.0, 1.0]]
+    # with a momentum: the EMA (QAT's warm-up)
+    first = intops.running_minmax(None, batches[0], 0.05)
+    assert [v.item() for v in intops.running_minmax(first, batches[1], 0.05)] == pytest.approx([-0.975, 3.2])
+
+
 @pytest.mark.parametrize("momentum", [0.0, -0.1, 1.5])
 def test_ema_minmax_rejects_bad_momentum(momentum):
     with pytest.raises(ValueError, match="momentum"):

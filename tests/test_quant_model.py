@@ -234,6 +234,7 @@ def test_qat_warm_up_moves_the_ranges_and_freezing_stops_them():
     observer = next(iter(model.observers.values()))
     model.train()
     before = float(observer.max_val)
+    model.set_momentum(0.01)  # the QATHook's warm-up: an EMA of the training batches' ranges
     model.observe_in_training = True
     model.integer_logits(images(2, seed=10) * 0.2)  # darker images: the input range shrinks
     moved = float(observer.max_val)

@@ -21,7 +21,7 @@ from .segmenter import DeployedSegmenter
 
 
 def prepare_segmenter(segmentor: nn.Module, example: Tensor, gelu: str | None = None, softmax: str | None = None,
-                      momentum: float = 0.05, weight_bits: int = 8) -> fx.GraphModule:
+                      momentum: float | None = None, weight_bits: int = 8) -> fx.GraphModule:
     """The observed (fake-quant) logits forward of a float mmseg segmentor; ``example``: a normalised batch."""
     return fxp.prepare(segmentor.eval(), (example,), gelu=gelu, softmax=softmax, momentum=momentum,
                        weight_bits=weight_bits)

@@ -4,7 +4,7 @@
   with its own output observer is a pattern (shape ops are not: see below).
   ``add`` / ``mul`` / ``div`` observe only their tensor arguments (a Python number is no tensor).
 * :func:`get_iseg_qconfig_mapping`: :class:`~iseg_plugin.ops.IsegObserver` for every activation
-  (EMA ranges; the integer widths are decided at lowering) and torch.ao's per-channel INT8 observer
+  (ranges; the integer widths are decided at lowering) and torch.ao's per-channel INT8 observer
   for weights; the GELU and softmax qconfigs name the registry variant, so
   ``.set_module_name(...)`` / ``.set_object_type(...)`` choose it per layer or per op type.
 """
@@ -31,7 +31,7 @@ _SCALAR_OPS = ("add", "mul", "div")  # x + c, x * c: only the tensor argument is
 def get_iseg_backend_config() -> BackendConfig:
     config = BackendConfig("iseg")
     for entry in REGISTRY:
-        # Shape ops get no pattern: a shared observer would be called once per shape op and move its EMA
+        # Shape ops get no pattern: a shared observer would be called once per shape op and move its
         # range several times per batch. The lowering carries scales through them; an op after one gets
         # an input observer from prepare_fx (the same values, observed once).
         if entry.observation != "output":
@@ -58,7 +58,7 @@ WEIGHT_OBSERVER = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=
 TENSOR_WEIGHT_OBSERVER = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
 
 
-def _activation(momentum: float, variant: str | None, qat: bool, symmetric: bool = False, weight_bits: int = 8):
+def _activation(momentum: float | None, variant: str | None, qat: bool, symmetric: bool = False, weight_bits: int = 8):
     options = dict(momentum=momentum, variant=variant, symmetric=symmetric, weight_bits=weight_bits)
     if qat:
         return FakeQuantize.with_args(observer=IsegObserver, **options, quant_min=-128, quant_max=127,
@@ -66,10 +66,12 @@ def _activation(momentum: float, variant: str | None, qat: bool, symmetric: bool
     return IsegObserver.with_args(**options)
 
 
-def get_iseg_qconfig_mapping(gelu: str | None = None, softmax: str | None = None, momentum: float = 0.05,
+def get_iseg_qconfig_mapping(gelu: str | None = None, softmax: str | None = None, momentum: float | None = None,
                              qat: bool = False, gelu_grid: str = "asymmetric", weight_bits: int = 8) -> QConfigMapping:
     """The plugin's qconfig for every supported op; ``gelu`` / ``softmax`` name registry variants
-    (an unknown name is an error listing the known ones). ``gelu_grid``: "asymmetric" (GELU's INT8 output
+    (an unknown name is an error listing the known ones). ``momentum``: the observers' range rule (None: the
+    extremes of every calibration value; a number: an EMA with that update weight, e.g. 0.01 for QAT).
+    ``gelu_grid``: "asymmetric" (GELU's INT8 output
     on 256 levels over its one-sided range) or "symmetric" (as the Brevitas swap makes it).
     ``weight_bits``: 8 (W8A8) or 4 (W4A8: per-channel INT4 weights) for every Linear / Conv2d; a
     layer's own width is ``.set_module_name(name, ...)`` of a qconfig from :func:`iseg_qconfig`, or the
@@ -92,7 +94,7 @@ def get_iseg_qconfig_mapping(gelu: str | None = None, softmax: str | None = None
     return mapping
 
 
-def iseg_qconfig(momentum: float = 0.05, variant: str | None = None, qat: bool = False, symmetric: bool = False,
+def iseg_qconfig(momentum: float | None = None, variant: str | None = None, qat: bool = False, symmetric: bool = False,
                  weight_bits: int = 8) -> QConfig:
     """One op's qconfig: its output observer with the op's choices (registry ``variant``, GEMM ``weight_bits``)."""
     if weight_bits not in WEIGHT_BITS:

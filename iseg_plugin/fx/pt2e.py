@@ -187,12 +187,14 @@ class ISegQuantizer(Quantizer):
     """The plugin's PT2E quantizer: an :class:`IsegObserver` after every op the registry lowers.
 
     ``gelu`` / ``softmax`` name registry variants (an unknown name is an error listing the known ones);
-    ``momentum`` is the observers' EMA weight; ``weight_bits`` (8 or 4) the width of every GEMM weight.
+    ``momentum`` the observers' range rule (None: every value seen; a number: an EMA weight); ``weight_bits``
+    (8 or 4) the width of every GEMM weight.
     Shape ops and splits get no observer of their own (the lowering carries their input's scale through
     them), as in the FX flow.
     """
 
-    def __init__(self, gelu: str | None = None, softmax: str | None = None, momentum: float = 0.05, weight_bits: int = 8):
+    def __init__(self, gelu: str | None = None, softmax: str | None = None, momentum: float | None = None,
+                 weight_bits: int = 8):
         super().__init__()
         if weight_bits not in WEIGHT_BITS:
             raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")

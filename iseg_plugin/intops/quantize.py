@@ -90,6 +90,29 @@ def ema_step(running: tuple[Tensor, Tensor] | None, current: tuple[Tensor, Tenso
     return run_min + momentum * (cur_min - run_min), run_max + momentum * (cur_max - run_max)
 
 
+def running_minmax(
+    running: tuple[Tensor, Tensor] | None,
+    x: Tensor,
+    momentum: float | None,
+    channel_dim: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The observed range after batch ``x``. ``momentum`` None: the extremes of every value seen (a PTQ
+    calibration's range, as torch.ao's ``MinMaxObserver``: the same whatever the order of the batches, and no
+    calibration value lies outside it); a number: :func:`ema_minmax` with that update weight (QAT's warm-up)."""
+    return range_step(running, channel_minmax(x, channel_dim), momentum)
+
+
+def range_step(running: tuple[Tensor, Tensor] | None, current: tuple[Tensor, Tensor],
+               momentum: float | None) -> tuple[Tensor, Tensor]:
+    """:func:`running_minmax` from the batch's (min, max) ``current``, already taken."""
+    if momentum is not None:
+        return ema_step(running, current, momentum)
+    cur_min, cur_max = current
+    if running is None:
+        return cur_min, cur_max
+    return torch.minimum(running[0], cur_min), torch.maximum(running[1], cur_max)
+
+
 def round_ste(x: Tensor) -> Tensor:
     """``torch.round`` (half to even) whose gradient is the identity (straight through)."""
     return x + (torch.round(x) - x).detach()

@@ -18,12 +18,13 @@ def _unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
-def calibrate(model, dataloader, num_samples: int, momentum: float = 0.05, show_progress: bool = True,
+def calibrate(model, dataloader, num_samples: int, momentum: float | None = None, show_progress: bool = True,
               train_padding: bool = False, for_training: bool = False) -> int:
-    """Run ``num_samples`` images through the observers of an ``ISegmenter(quant=...)`` (EMA update
-    ``momentum``), in eval mode, then make the per-layer choices its ``quant`` asks for (scored on the first
-    ``SCORE_IMAGES`` images) and GPTQ of its INT4 weights (``for_training``, before QAT: the trained ones
-    start at GPTQ's integers and keep its scales). Returns the number of images seen.
+    """Run ``num_samples`` images through the observers of an ``ISegmenter(quant=...)`` (range rule
+    ``momentum``: None, the extremes of every image; a number, an EMA), in eval mode, then make the per-layer
+    choices its ``quant`` asks for (scored on the first ``SCORE_IMAGES`` images) and GPTQ of its INT4 weights
+    (``for_training``, before QAT: the trained ones start at GPTQ's integers and keep its scales). Returns the
+    number of images seen.
 
     ``train_padding`` pads batches as in training (to the crop size: for loaders with the train
     pipeline's random crops); otherwise as in testing (e.g. to a multiple of the patch)."""
@@ -59,12 +60,13 @@ class CalibrationHook(Hook):
     calibrates: whole, undistorted images, the same ones at every run. ``'train'`` keeps the loader's own
     pipeline (random crops and photometric distortion: on CamVid, ranges from one such crop left the W4A8
     model 7 mIoU lower after 50 QAT iterations than ranges from a whole image, docs/qat_diagnostics.md).
-    I-Segmenter: one image (one-shot PTQ) or 500, batch 8, EMA update 0.05.
+    I-Segmenter: one image (one-shot PTQ) or 500, batch 8, EMA update 0.05 (``momentum=0.05``; the default
+    range is the extremes of every image, which one image gives alike: :class:`~iseg_plugin.ops.IsegObserver`).
     """
 
     priority = "VERY_HIGH"
 
-    def __init__(self, num_samples: int = 1, batch_size: int = 8, momentum: float = 0.05,
+    def __init__(self, num_samples: int = 1, batch_size: int = 8, momentum: float | None = None,
                  dataloader: dict | None = None, before: str = "train", pipeline: str = "test"):
         if before not in ("train", "val", "test"):
             raise ValueError(f"before must be 'train', 'val' or 'test', got {before!r}")
@@ -103,7 +105,8 @@ class CalibrationHook(Hook):
                          train_padding=self.pipeline == "train", for_training=self.before == "train")
         if self.before == "train":  # GPTQ set the trained INT4 weights from this process's own calibration images
             share_parameters(_unwrap(runner.model))
-        runner.logger.info(f"calibrated the quantized model on {seen} images (EMA update {self.momentum})")
+        rule = "the extremes of every image" if self.momentum is None else f"EMA update {self.momentum}"
+        runner.logger.info(f"calibrated the quantized model on {seen} images (ranges: {rule})")
 
     def before_train(self, runner) -> None:
         if self.before == "train" and runner.iter == 0:  # a resumed run keeps its checkpoint's ranges and weights

@@ -13,7 +13,7 @@ as ``iseg ptq`` builds. With ``quant=dict(gelu=..., softmax=...)`` (and ``weight
 * training (``mode='loss'``): each step lowers the graph in its trainable form, runs it on the batch's
   pixels (float64 holding integers) and takes mmseg's losses of its logits; the straight-through
   gradients reach the float parameters (QAT). Until the ``QATHook`` freezes them, the observers
-  follow the float model's activations on each batch (EMA);
+  follow the float model's activations on each batch (the hook's EMA);
 * ``distill=dict(weight=1.0, temperature=1.0)`` adds a distillation loss (``decode.loss_kd``): the KL
   divergence of the integer model's class distribution per pixel from the float model's (with
   ``class_weight=[...]``, one per class: a mean over the labelled pixels weighted by their label's class, as
@@ -126,11 +126,10 @@ class ISegmenter(EncoderDecoder):
         return self._prepared
 
     @torch.no_grad()
-    def observe(self, inputs: Tensor, momentum: float | None = None) -> None:
-        """Update the activation ranges from a batch of normalised images (calibration)."""
+    def observe(self, inputs: Tensor) -> None:
+        """Update the activation ranges from a batch of normalised images (calibration; the observers' rule:
+        :meth:`set_momentum`)."""
         self._require_quant()
-        if momentum is not None:
-            self.set_momentum(momentum)
         self._prepared(inputs)
         self._forget_deployed()
 
@@ -147,7 +146,9 @@ class ISegmenter(EncoderDecoder):
         self._forget_deployed()
         return rows
 
-    def set_momentum(self, momentum: float) -> None:
+    def set_momentum(self, momentum: float | None) -> None:
+        """The observers' range rule: None, the extremes of every value seen (calibration); a number, an EMA with
+        that update weight (QAT's warm-up)."""
         for observer in self.observers.values():
             observer.momentum = momentum
 

@@ -1,7 +1,7 @@
 """Brevitas activation quantizers with the plugin's range rule.
 
 Brevitas' stock activation quantizers learn a scale initialised from a percentile; the FX / torch.ao
-front end observes an EMA of the min and max (:class:`~iseg_plugin.ops.observer.IsegObserver`) and maps
+front end observes the min and max (:class:`~iseg_plugin.ops.observer.IsegObserver`) and maps
 ``max(|min|, |max|)`` to ``2**(b-1) - 1``. ``IsegActPerTensor`` is a Brevitas quantizer whose scale is
 that rule (the same observer inside it), so a model quantized through Brevitas (:mod:`.swap`) and the
 same model through ``prepare_fx`` get the same scales from the same calibration, hence the same integers.
@@ -23,7 +23,7 @@ class IsegActScaling(nn.Module):
     divided by Brevitas' integer threshold: the plugin's grid maps the range to 2**(b-1) - 1 and clamps to
     the full signed range, which no Brevitas int-scaling gives)."""
 
-    def __init__(self, bit_width: int, iseg_momentum: float, iseg_output: bool = False):
+    def __init__(self, bit_width: int, iseg_momentum: float | None, iseg_output: bool = False):
         super().__init__()
         self.bits = int(bit_width)
         self.observer = IsegObserver(momentum=iseg_momentum)
@@ -42,12 +42,13 @@ class IsegActPerTensor(Int8ActPerTensorFloat):
     """Signed per-tensor activation quantizer with the plugin's range rule (``bit_width`` 8 or 16)."""
 
     scaling_impl = IsegActScaling
-    iseg_momentum = 0.05
+    iseg_momentum = None
     iseg_output = False
 
 
-def iseg_act_quant(bits: int, momentum: float = 0.05, output: bool = False):
-    """The plugin's activation quantizer at ``bits`` (8 or 16) with EMA weight ``momentum``; ``output``: the
+def iseg_act_quant(bits: int, momentum: float | None = None, output: bool = False):
+    """The plugin's activation quantizer at ``bits`` (8 or 16) with its observer's range rule ``momentum`` (None:
+    every value seen; a number: an EMA weight); ``output``: the
     model's output (a grid covering every value calibration saw)."""
     if bits not in (8, 16):
         raise ValueError(f"activation widths are 8 or 16 bits, got {bits}")

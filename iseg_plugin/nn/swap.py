@@ -72,10 +72,12 @@ class OnIntegers(nn.Module):
         return wrap(out) if isinstance(out, Tensor) else type(out)(wrap(v) for v in out)
 
 
-def quantize(model: nn.Module, gelu: str | None = None, softmax: str | None = None, momentum: float = 0.05) -> fx.GraphModule:
+def quantize(model: nn.Module, gelu: str | None = None, softmax: str | None = None,
+             momentum: float | None = None) -> fx.GraphModule:
     """A copy of the float ``model`` with its ops swapped for Brevitas layers (see the module docstring). Calibrate it
     under ``brevitas.graph.calibrate.calibration_mode``, then run it (eval: integers; train: QAT). ``gelu`` /
-    ``softmax`` name registry variants; ``momentum`` is the range EMA's weight (0.05 PTQ, 0.01 QAT)."""
+    ``softmax`` name registry variants; ``momentum`` is the observers' range rule (None: every calibration value;
+    0.01: QAT's EMA)."""
     return _Swap(model, REGISTRY["gelu"].variant(gelu).name, REGISTRY["softmax"].variant(softmax).name,
                  momentum).run()
 
@@ -98,7 +100,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
 
 class _Swap:
-    def __init__(self, model: nn.Module, gelu: str, softmax: str, momentum: float):
+    def __init__(self, model: nn.Module, gelu: str, softmax: str, momentum: float | None):
         self.gm = _trace(model)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.graph = self.gm.graph
@@ -133,7 +135,7 @@ class _Swap:
     # -- helpers ----------------------------------------------------------------------------------
 
     def act(self, node: fx.Node, bits: int | None = None):
-        """The output quantizer of ``node`` (or, with ``bits``, of its narrowing to ``bits``: the EMA grid)."""
+        """The output quantizer of ``node`` (or, with ``bits``, of its narrowing to ``bits``: its range's grid)."""
         return iseg_act_quant(bits or self.demand[node], self.momentum, output=bits is None and node in self.outputs)
 
     def _add_module(self, name: str, module: nn.Module) -> str:
@@ -204,7 +206,7 @@ class _Swap:
     # -- the graph --------------------------------------------------------------------------------
 
     def _input(self, node: fx.Node) -> None:
-        name = self._add_module(f"{node.name}_quant",  # (an input is quantized on its EMA grid, as in FX)
+        name = self._add_module(f"{node.name}_quant",  # (an input is quantized on its range's grid, as in FX)
                                 QuantIdentity(act_quant=self.act(node, self.demand[node]), return_quant_tensor=True))
         with self.graph.inserting_after(node):
             new = self.graph.call_module(name, (node,))

@@ -27,7 +27,7 @@ iseg_param_scheduler = [
     dict(type='PolyLR', eta_min=1e-6, power=0.9, by_epoch=False, begin=1500, end=160000),
 ]
 iseg_custom_hooks = [
-    dict(type='CalibrationHook', num_samples=1, batch_size=8, momentum=0.05),
+    dict(type='CalibrationHook', num_samples=1, batch_size=8),
     dict(type='QATHook', momentum=0.01, freeze_iter=25000),
     dict(type='PlainCheckpointHook'),  # checkpoints that torch.load(weights_only=True) reads
 ]
