@@ -212,6 +212,35 @@ def test_linear_kernel_equals_gemm_then_requantize(gemm_path, rows, in_dtype, of
         assert out.dtype == ref.dtype and torch.equal(out, ref)
 
 
+def _elementwise_modules() -> dict[type, torch.nn.Module]:
+    """One module of each class flagged ``ELEMENTWISE`` (LinearThen reads them from their 256 int8 values)."""
+    scale, out = 0.05, M.Requant.between(0.05 / 2**7, 0.02, (-128, 127))
+    return {M.PolyGELU: M.PolyGELU(intops.poly_gelu_params(-0.3, -2.0, scale), M.Requant.between(0.05 / 2**7, 0.02, (-4, 251))),
+            M.Clamp: M.Clamp((0, 100)),
+            M.Sigmoid: M.Sigmoid(intops.sigmoid_params(scale), 16, 15, M.Requant.between(2.0**-15, 0.01, (-128, 127))),
+            M.XSigmoid: M.XSigmoid(intops.sigmoid_params(scale, 1.702), 16, 15, out),
+            M.HardSigmoid: M.HardSigmoid(intops.hard_params(scale), True, out)}
+
+
+@pytest.mark.parametrize("kind", sorted(_elementwise_modules(), key=lambda cls: cls.__name__), ids=lambda c: c.__name__)
+def test_linear_then_an_elementwise_module_equals_the_two_in_a_row(gemm_path, kind):
+    """LinearThen reads the element-wise module's values from a table of its 256 int8 inputs inside the Linear's
+    blocked kernel: the integers of the two modules one after the other, for every class flagged ``ELEMENTWISE``."""
+    flagged = {cls for cls in vars(M).values() if isinstance(cls, type) and getattr(cls, "ELEMENTWISE", False)}
+    assert flagged == set(_elementwise_modules())  # a newly flagged class needs its case here
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-128, 128, (2, 65, 32), generator=g, dtype=torch.int8)
+    weight = torch.randint(-128, 128, (48, 32), generator=g, dtype=torch.int8)
+    linear = M.Linear(weight, None, M.Requant.between(1.0, 1 / 40.0, (-128, 127)))
+    then = _elementwise_modules()[kind]
+    with torch.no_grad():
+        fused = M.LinearThen(linear, then)(x)
+        with kernels.reference():
+            reference = then(linear(x))
+    assert (linear(x) == -128).any() and (linear(x) == 127).any()  # every input of the table's range is reached
+    assert fused.dtype == reference.dtype and torch.equal(fused, reference)
+
+
 @pytest.mark.parametrize("softmax", ["bit-exp", "shift", "shift-wide"])  # wide: table values past int32 (its int64 loop)
 @pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
 @pytest.mark.parametrize("keys", [70, 1])  # 1: every probability is 2**15 (the AVX2 path's int16 edge)
