@@ -466,9 +466,12 @@ void bilinear_blocks(const T* x, const int64_t* rlo, const int64_t* rhi, const i
       r0 = std::min({r0, rlo[i], rhi[i]});
       r1 = std::max({r1, rlo[i], rhi[i]});
     }
-    std::vector<Acc> hrows((r1 - r0 + 1) * wo);
-    for (int64_t r = r0; r <= r1; ++r)
-      bilinear_columns(x + (plane * h + r) * w, cl.data(), ch.data(), cwl.data(), cwh.data(), hrows.data() + (r - r0) * wo, wo);
+    std::vector<Acc> hrows((r1 - r0 + 1) * wo), row(w);
+    for (int64_t r = r0; r <= r1; ++r) {  // (the row widened first: a vector gather reads Acc, not int8 / int16)
+      const T* xr = x + (plane * h + r) * w;
+      std::copy(xr, xr + w, row.begin());
+      bilinear_columns(row.data(), cl.data(), ch.data(), cwl.data(), cwh.data(), hrows.data() + (r - r0) * wo, wo);
+    }
     for (int64_t i = i0; i < i1; ++i)
       bilinear_rows(hrows.data() + (rlo[i] - r0) * wo, hrows.data() + (rhi[i] - r0) * wo, Acc(rwlo[i]), Acc(rwhi[i]),
                     Acc(den), den_shift, out + (plane * ho + i) * wo, wo);
