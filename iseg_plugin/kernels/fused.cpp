@@ -3,10 +3,10 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-// The one ISA-specific branch is AVX2's (the int8 GEMM below and the attention's use of it), chosen at compile
-// time (-march=native): a build for this CPU cannot also hold the other branch, so it cannot be forced at run
-// time. The #else branches only refuse (Python asks for the AVX2 GEMM only where the CPU has AVX2), and the
-// route they leave, the attention on at::_int_mm, is tested on every machine under the forced "int_mm" GEMM path.
+// The ISA-specific branches are two GEMMs, AVX2's (int16 pairs) and AVX-512 VNNI's (the attention's), chosen at
+// compile time (-march=native): a build for this CPU cannot also hold the other branch, so it cannot be forced at
+// run time. The #else branches only refuse (Python asks for a GEMM only where the CPU has its instructions), and
+// the route they leave, the attention on at::_int_mm, is tested on every machine under the forced "int_mm" path.
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
