@@ -220,26 +220,34 @@ def dinov2_registers():
 
 
 class TorchEncoderViT(nn.Module):
-    """A ViT of torch's own blocks: nn.TransformerEncoderLayer (nn.MultiheadAttention inside), pre- and post-norm."""
+    """A ViT from torch's own blocks: nn.TransformerEncoderLayer (nn.MultiheadAttention inside: its projections
+    are made ``.contiguous()`` before a ``view``) in both norm orders; with ``encoder``, then an nn.TransformerEncoder
+    (a GELU module, a final norm) in place of the last LayerNorm. (tests/test_pt2e.py and
+    tests/test_normalize_attention.py build it too.)"""
 
-    def __init__(self, dim=32, heads=2, classes=10):
+    def __init__(self, dim=32, heads=2, classes=5, encoder=False):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 8, 8)
         self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
                                        norm_first=norm_first) for norm_first in (True, False))
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+        if encoder:
+            layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation=nn.GELU(), batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        else:
+            self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
 
     def forward(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x).mean(1))
+        return self.head((self.encoder(x) if hasattr(self, "encoder") else self.norm(x)).mean(1))
 
 
 def torch_encoder():
-    return TorchEncoderViT(), 32, "classifier"
+    return TorchEncoderViT(classes=10), 32, "classifier"
 
 
 class ControlViT(nn.Module):

@@ -1,6 +1,8 @@
 """Small data and configs generated at test time (no dataset ships with mmseg's wheel)."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,6 +13,17 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "mmseg_configs"
+
+
+@functools.lru_cache(maxsize=None)
+def families_harness():
+    """benchmarks/families.py (issue 39's harness) as a module, loaded once: its tests run it, and its models serve
+    other tests too."""
+    spec = importlib.util.spec_from_file_location("families_harness", REPO / "benchmarks" / "families.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["families_harness"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_ade20k(root: Path, n_train: int = 4, n_val: int = 2, size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:

@@ -1,26 +1,20 @@
 """benchmarks/families.py (issue 39's acceptance harness): one family failing does not stop the others, and every
 (family, front end) gets a row with an outcome; its report names what blocks a refused family."""
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "families.py"
+from helpers import families_harness
+
 needs_photos = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
                                   reason="scikit-image's photos are not installed: `make test` installs them")
 
 
 @pytest.fixture(scope="module")
 def families():
-    spec = importlib.util.spec_from_file_location("families_harness", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["families_harness"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("families_harness", None)
+    return families_harness()
 
 
 class Gated(nn.Module):

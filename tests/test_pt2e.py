@@ -11,6 +11,7 @@ import fx_patterns as fxp
 from iseg_plugin.fx.pt2e import decompose_attention, fuse_l2_normalize
 from iseg_plugin.deploy import OpAudit
 
+from helpers import families_harness
 from test_fx_per_op import FunctionalViT, HandViT, calibrated, check_integer_model, cosine, dequantized
 
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -245,30 +246,7 @@ def test_attention_masks_without_an_integer_lowering_are_refused_with_the_reason
             fxp.convert(prepared, (x,))
 
 
-class TorchEncoderViT(nn.Module):
-    """A ViT from torch's own blocks: nn.TransformerEncoderLayer (nn.MultiheadAttention inside: its projections
-    are made ``.contiguous()`` before a ``view``) in both norm orders; with ``encoder``, then an nn.TransformerEncoder
-    (a GELU module, a final norm) in place of the last LayerNorm."""
-
-    def __init__(self, dim=32, heads=2, classes=5, encoder=False):
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, 8, 8)
-        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=norm_first) for norm_first in (True, False))
-        if encoder:
-            layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation=nn.GELU(), batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
-        else:
-            self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        for block in self.blocks:
-            x = block(x)
-        return self.head((self.encoder(x) if hasattr(self, "encoder") else self.norm(x)).mean(1))
+TorchEncoderViT = families_harness().TorchEncoderViT  # (one model: the families harness's torch-encoder)
 
 
 def test_torch_transformer_encoder_layers_keep_their_contiguous_before_view():

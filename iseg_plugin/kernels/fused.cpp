@@ -325,12 +325,6 @@ __attribute__((noinline)) void lookup_span(const int8_t* __restrict x, const int
   for (int64_t i = 0; i < count; ++i) out[i] = Out(table[int32_t(x[i]) + 128]);
 }
 
-// a table of 256 values of T as int32 (lookup_span's)
-template <typename T>
-std::vector<int32_t> int32_table(const T* values) {
-  return std::vector<int32_t>(values, values + 256);
-}
-
 template <typename In, typename Out>
 void poly_gelu_elems(const In* x, int64_t clip, int64_t pre_shift, int64_t pm, int64_t pe, int64_t k_out, int64_t m,
                      int64_t e, int64_t lo, int64_t hi, Out* out, int64_t count) {
@@ -341,12 +335,11 @@ void poly_gelu_elems(const In* x, int64_t clip, int64_t pre_shift, int64_t pm, i
     // an int8 input has 256 values: their outputs, computed by the same span, then read per element (a lookup
     // costs less than the five 64-bit products per element)
     In all[256];
-    Out table[256];
+    int32_t table[256];  // (values of Out, clamped to its bounds: lookup_span's int32 table)
     for (int v = 0; v < 256; ++v) all[v] = In(v - 128);
     poly_gelu_span(all, clip, pre_shift, half, pm, pe, phalf, one, m, e, ehalf, lo, hi, table, 256);
-    const std::vector<int32_t> wide = int32_table(table);
     at::parallel_for(0, count, 16384, [&](int64_t begin, int64_t end) {
-      lookup_span(x + begin, wide.data(), out + begin, end - begin);
+      lookup_span(x + begin, table, out + begin, end - begin);
     });
     return;
   }
@@ -1101,12 +1094,7 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
     TORCH_CHECK(then.numel() == 256 && lo >= -128 && hi <= 127 && out_dtype == at::kChar,
                 "linear: an element-wise table follows int8 outputs (256 values)");
   }
-  std::vector<int32_t> table;
-  if (then.defined())
-    AT_DISPATCH_SWITCH(then.scalar_type(), "linear_table",
-      AT_DISPATCH_CASE(at::kChar, [&] { table = int32_table(then.data_ptr<scalar_t>()); })
-      AT_DISPATCH_CASE(at::kShort, [&] { table = int32_table(then.data_ptr<scalar_t>()); })
-      AT_DISPATCH_CASE(at::kInt, [&] { table = int32_table(then.data_ptr<scalar_t>()); }));
+  const at::Tensor table = then.defined() ? then.to(at::kInt).contiguous() : at::Tensor();  // (lookup_span's)
   at::Tensor out = at::empty({rows, n}, x.options().dtype(then.defined() ? then.scalar_type() : out_dtype));
   if (rows * n == 0) return out;
   const bool as_is = x.scalar_type() == at::kChar && offset == 0;
@@ -1136,9 +1124,9 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
         requantize_rows<int32_t, int8_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(),
                                          per_channel, lo, hi, ints.data_ptr<int8_t>(), rr, n);
         AT_DISPATCH_SWITCH(then.scalar_type(), "linear_then",
-          AT_DISPATCH_CASE(at::kChar, [&] { lookup_span(ints.data_ptr<int8_t>(), table.data(), out.data_ptr<scalar_t>() + r0 * n, rr * n); })
-          AT_DISPATCH_CASE(at::kShort, [&] { lookup_span(ints.data_ptr<int8_t>(), table.data(), out.data_ptr<scalar_t>() + r0 * n, rr * n); })
-          AT_DISPATCH_CASE(at::kInt, [&] { lookup_span(ints.data_ptr<int8_t>(), table.data(), out.data_ptr<scalar_t>() + r0 * n, rr * n); }));
+          AT_DISPATCH_CASE(at::kChar, [&] { lookup_span(ints.data_ptr<int8_t>(), table.data_ptr<int32_t>(), out.data_ptr<scalar_t>() + r0 * n, rr * n); })
+          AT_DISPATCH_CASE(at::kShort, [&] { lookup_span(ints.data_ptr<int8_t>(), table.data_ptr<int32_t>(), out.data_ptr<scalar_t>() + r0 * n, rr * n); })
+          AT_DISPATCH_CASE(at::kInt, [&] { lookup_span(ints.data_ptr<int8_t>(), table.data_ptr<int32_t>(), out.data_ptr<scalar_t>() + r0 * n, rr * n); }));
         continue;
       }
       AT_DISPATCH_SWITCH(out_dtype, "linear_out",

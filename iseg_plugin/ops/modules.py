@@ -129,14 +129,14 @@ class Linear(nn.Module):
         return (kernels.use(x) and gemm_kernels.gemm_path() in ("int_mm", "vnni") and x.dtype in (torch.int8, torch.int16)
                 and storage_dtype(self.out.bounds) != INT64)
 
-    def blocked_forward(self, x: Tensor, out_dtype: torch.dtype, then: Tensor | None = None) -> Tensor:
+    def blocked_forward(self, x: Tensor, then: Tensor | None = None) -> Tensor:
         out = kernels.linear(x.reshape(-1, x.shape[-1]), self.weight_t, self.bias, self.out, self.input_offset,
-                             out_dtype, then)
+                             storage_dtype(self.out.bounds), then)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.blocked(x):
-            return self.blocked_forward(x, storage_dtype(self.out.bounds))
+            return self.blocked_forward(x)
         x2 = x.reshape(-1, x.shape[-1])
         if self.input_offset:
             x2 = x2 - self.input_offset
@@ -163,7 +163,7 @@ class LinearThen(nn.Module):
         # (kernels.use first: an export traces the two modules, or the nodes it put in their place)
         if not (kernels.use(x) and self.linear.blocked(x) and storage_dtype(self.linear.out.bounds) == INT8):
             return self.then(self.linear(x))
-        return self.linear.blocked_forward(x, INT8, self.then(torch.arange(-128, 128, dtype=INT8)))
+        return self.linear.blocked_forward(x, self.then(torch.arange(-128, 128, dtype=INT8)))
 
 
 class PatchConv(nn.Module):
