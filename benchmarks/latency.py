@@ -340,6 +340,8 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
         if torch_int:
             print(f"   integer PyTorch (deployed, {kernels.describe()})", flush=True)
             seconds["integer PyTorch"] = median_seconds(lambda: deployed(image), runs)
+            print("   integer PyTorch, class map only (deployed.predict)", flush=True)
+            seconds["integer PyTorch, class map"] = median_seconds(lambda: deployed.predict(image), runs)
             if kernels.enabled():  # the same model on the intops reference path (fewer runs: it is slow)
                 print("   integer PyTorch (intops reference)", flush=True)
                 with kernels.reference():
@@ -372,8 +374,10 @@ def write_report(results: list[dict], docs: Path) -> None:
         f"onnxruntime's: MatMulInteger {FORMS[results[0]['gemm_kernel'].get('form', 'u8u8')]} (`iseg export --gemm auto`; "
         "its uint8 x int8 kernel, exact with AVX-512 VNNI, saturates without).",
         f"Integer PyTorch: the deployed model with {results[0].get('kernels', 'the intops reference')} (ISA path "
-        f"{results[0].get('isa', cpu_isa())}); \"intops\": the same model on the intops reference path (same integers,",
-        "same GEMMs).",
+        f"{results[0].get('isa', cpu_isa())}), its forward returning the full-size integer logits and the class map;",
+        "\"class map\": its `predict`, the class map alone (the last upsampling and the argmax in one pass, the",
+        "full-size logits never written; the FP32 and OpenVINO graphs output the full-size logits, without an argmax);",
+        "\"intops\": the same model on the intops reference path (same integers, same GEMMs).",
         "onnxruntime INT8 QDQ: onnxruntime's `quantize_static` of the FP32 graph (QDQ, per-channel INT8 weights, the",
         "same calibration image): INT8 GEMMs with float softmax / GELU / LayerNorm between them, not integer-only.",
         "OpenVINO (the extra `.[bench]`; rows absent without it): the same FP32 graph, in FP32 (f32 precision hint), at",
@@ -387,8 +391,9 @@ def write_report(results: list[dict], docs: Path) -> None:
         *[f"TVM compile time ({r['model']}): {r['tvm_compile_seconds']:.0f} s." for r in results if "tvm_compile_seconds" in r],
         "",
         "| model | " + " | ".join(f"{f} (s)" for f in forms)
-        + " | speed-up vs FP32 onnxruntime: integer onnxruntime | integer PyTorch | integer PyTorch vs OpenVINO INT8 |",
-        "|---" * (len(forms) + 4) + "|",
+        + " | speed-up vs FP32 onnxruntime: integer onnxruntime | integer PyTorch | integer PyTorch vs OpenVINO INT8 "
+        "| integer PyTorch, class map vs OpenVINO INT8 |",
+        "|---" * (len(forms) + 5) + "|",
     ]
 
     def speedup(s: dict, form: str, peer: str = "FP32 onnxruntime") -> str:
@@ -398,7 +403,8 @@ def write_report(results: list[dict], docs: Path) -> None:
         s = r["seconds"]
         lines.append(f"| {r['model']} | " + " | ".join(f"{s[f]:.3f}" if f in s else "-" for f in forms)
                      + f" | {speedup(s, 'integer onnxruntime')} | {speedup(s, 'integer PyTorch')} | "
-                     f"{speedup(s, 'integer PyTorch', 'OpenVINO INT8 (NNCF)')} |")
+                     f"{speedup(s, 'integer PyTorch', 'OpenVINO INT8 (NNCF)')} | "
+                     f"{speedup(s, 'integer PyTorch, class map', 'OpenVINO INT8 (NNCF)')} |")
     lines += ["", "| model | FP32 checkpoint (MB) | deployed integer file (MB) | size ratio | FP32 ONNX (MB) | "
               "integer ONNX (MB) | GEMM traffic FP32 (Gbit) | GEMM traffic integer (Gbit) | traffic ratio |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -86,7 +86,7 @@ def run_demo(out_dir: str | Path, data_root: str | None = None) -> dict:
         meta = dict(classes=cfg.metainfo["classes"], palette=cfg.metainfo["palette"])
         note = ("public-domain photos, not street scenes: CamVid's classes on them only show that the FP32 and "
                 "the integer model agree")
-        report = compare({"fp32": fp32}, {"deployed": deployed}, items[1:], meta, out_dir=str(out_dir),
+        report = compare({"fp32": fp32}, {"deployed": deployed.predict}, items[1:], meta, out_dir=str(out_dir),
                          note=note)
         report["source"] = (f"no CamVid at {root} (pass --data-root for mIoU): scikit-image photos "
                             f"{', '.join(PHOTOS[1:])} (unlabelled), calibration on {PHOTOS[0]}")

@@ -57,11 +57,12 @@ def evaluate(config: str, model_path: str, data_root: str | None = None, limit: 
             prepared = prepare_segmenter(float_model, example, **prepare_options(quant_options(cfg)))
             prepared.load_state_dict(calib["state_dict"])  # (with each site's choices: see IsegObserver)
             preproc = cfg.model.data_preprocessor
-            integer_forms["fake-quant"] = convert(prepared, example, preproc.mean, preproc.std).fake_quant
+            fake_quant = convert(prepared, example, preproc.mean, preproc.std).fake_quant
+            integer_forms["fake-quant"] = lambda pixels: fake_quant(pixels)[1]
         if "fp32" in forms:
             models["fp32"] = float_model
     if "deployed" in forms:
-        integer_forms["deployed"] = deployed
+        integer_forms["deployed"] = deployed.predict
     report = compare(models, integer_forms, items, val.metainfo, cfg.val_evaluator.get("ignore_index", 255), out_dir,
                      dataset_panels)
     report["selection"] = deployed.selection
@@ -95,7 +96,7 @@ def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 
     """Run every form on ``items`` (mmseg test-pipeline outputs); mIoU where the items carry labels.
 
     ``models``: mmseg segmentors (their ``predict``); ``integer_forms``: callables from uint8 RGB
-    pixels (1, 3, H, W) to ``(logits, classes)`` (the deployed model, its fake-quant form)."""
+    pixels (1, 3, H, W) to their class map (1, H, W) (the deployed model's ``predict``, its fake-quant form's)."""
     forms = [*models, *integer_forms]
     labelled = all("gt_sem_seg" in item["data_samples"] for item in items)
     metrics = {form: _metric(ignore, meta) for form in forms}
@@ -119,7 +120,7 @@ def compare(models: dict, integer_forms: dict, items, meta: dict, ignore: int = 
         for form, run in integer_forms.items():
             start = time.perf_counter()
             with torch.no_grad():
-                preds[form] = run(rgb)[1][0]
+                preds[form] = run(rgb)[0]
             seconds[form] += time.perf_counter() - start
         if labelled:
             if "deployed" in preds:

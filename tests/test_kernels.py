@@ -166,6 +166,24 @@ def test_class_map_equals_argmax(dtype):
     assert torch.equal(kernels.class_map(x, (9, 11)), x.argmax(1))
 
 
+@pytest.mark.parametrize("mode,corners", [("bilinear", False), ("bilinear", True), ("nearest", False)])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+def test_upsample_class_map_equals_class_map_of_upsample(mode, corners, dtype):
+    """The fused class map of upsampled logits: the argmax (first maximum on ties) of the upsampled integers, cropped,
+    for power-of-two denominators (x16: the Segmenter's) and others (x3 / 13 by 9: floor division)."""
+    g = torch.Generator().manual_seed(11)
+    info = torch.iinfo(dtype)
+    bound = min(info.max, 2**26)
+    for low, size, crop in (((4, 5), (64, 80), (60, 77)), ((5, 7), (15, 21), (15, 21)), ((5, 7), (13, 9), (12, 9))):
+        x = torch.randint(-bound, bound + 1, (2, 6, *low), generator=g).to(dtype)
+        x[0, :3] = bound  # ties between channels: the first wins
+        x[1, :, 0] = -bound - (bound == info.max)  # the dtype's minimum (int8 / int16)
+        x[1, 2, 1] = torch.arange(low[1], dtype=dtype) % 3  # a small spread among large ties
+        up = kernels.upsample(x, mode, size, corners)
+        assert torch.equal(kernels.upsample_class_map(x, mode, size, corners, crop), kernels.class_map(up, crop))
+        assert torch.equal(kernels.class_map(up, crop), up[..., : crop[0], : crop[1]].argmax(1))
+
+
 @pytest.mark.parametrize("scale", [0.004, 0.03, 0.31])
 @pytest.mark.parametrize("lam", [None, 6.0])
 def test_shift_gelus_equal_intops(scale, lam):
@@ -190,11 +208,11 @@ def test_shift_gelus_equal_intops(scale, lam):
 @pytest.mark.parametrize("rows", [1, 129, 1025])  # one row; blocks of uneven length
 @pytest.mark.parametrize("in_dtype,offset", [(torch.int8, 0), (torch.int16, 128), (torch.int16, -3), (torch.int8, 7)])
 @pytest.mark.parametrize("bounds", [(-128, 127), (-4, 251), (-2**31, 2**31 - 1)])
-def test_linear_kernel_equals_gemm_then_requantize(gemm_path, rows, in_dtype, offset, bounds):
-    """The Linear module on each GEMM path (the blocked kernel on int_mm) gives the integers of its steps one after
-    the other: the input shifted and cast (wrapping) into int8, the exact GEMM, the int32 bias add, the Requant."""
+@pytest.mark.parametrize("k,n", [(40, 24), (42, 70)])  # the VNNI GEMM's padding: k to groups of 4, n to 64-column panels
+def test_linear_kernel_equals_gemm_then_requantize(gemm_path, rows, in_dtype, offset, bounds, k, n):
+    """The Linear module on each GEMM path (the blocked kernel on int_mm and vnni) gives the integers of its steps one
+    after the other: the input shifted and cast (wrapping) into int8, the exact GEMM, the int32 bias add, the Requant."""
     g = torch.Generator().manual_seed(rows)
-    k, n = 40, 24
     info = torch.iinfo(in_dtype)
     x = torch.randint(max(info.min, -300), min(info.max, 300) + 1, (2, rows, k), generator=g).to(in_dtype)
     x[0, 0, :3] = torch.tensor([info.min, info.max, 0], dtype=in_dtype)  # shifted past int8: wraps
@@ -241,7 +259,9 @@ def test_linear_then_an_elementwise_module_equals_the_two_in_a_row(gemm_path, ki
     assert fused.dtype == reference.dtype and torch.equal(fused, reference)
 
 
-@pytest.mark.parametrize("softmax", ["bit-exp", "shift", "shift-wide"])  # wide: table values past int32 (its int64 loop)
+# bit-exp: its exponent clamped within ~500 of the row max; bit-exp-fine: never, over the whole int16 span (the real
+# models' scores); shift-wide: table values past int32 (its int64 loop)
+@pytest.mark.parametrize("softmax", ["bit-exp", "bit-exp-fine", "shift", "shift-wide"])
 @pytest.mark.parametrize("rows", [1, 63, 64, 130])  # block edges (ATTENTION_BLOCK = 64)
 @pytest.mark.parametrize("keys", [70, 1])  # 1: every probability is 2**15 (the AVX2 path's int16 edge)
 @pytest.mark.parametrize("dim", [16, 18])  # the VNNI GEMM reads groups of 4: 18 pads q's rows, 70 and 1 the keys
@@ -254,11 +274,14 @@ def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, ke
     v = torch.randint(-128, 128, (2, 3, keys, 16), generator=g, dtype=torch.int8)
     q[0, 0, 0] = 127  # a row of huge scores: a near one-hot softmax
     kt[0, 0, :, keys // 2] = 127
-    scores = M.MatMul(False, M.Requant.between(1e-3, 2e-2, (-32768, 32767)))
-    sm = M.BitExpSoftmax(intops.bit_exp_params(2e-2), 16, -1) if softmax == "bit-exp" else M.Shiftmax(
+    score_scale = 2e-5 if softmax == "bit-exp-fine" else 2e-2
+    scores = M.MatMul(False, M.Requant.between(1e-3, score_scale, (-32768, 32767)))
+    sm = M.BitExpSoftmax(intops.bit_exp_params(score_scale), 16, -1) if softmax.startswith("bit-exp") else M.Shiftmax(
         intops.exp_i0(2e-2 if softmax == "shift" else 1e-5), 16, -1)
     table = sm.table(row_span(torch.empty(0, dtype=torch.int16)))
     assert (int(table.values.max()) > 2**31 - 1) == (softmax == "shift-wide")
+    if softmax.startswith("bit-exp"):  # (no saturation within the int16 span for the fine one)
+        assert (table.low == -65535) == (softmax == "bit-exp-fine")
     context = M.MatMul(True, M.Requant.between(2.0**-15 * 0.05, 0.04, (-128, 127)))
     attention = M.Attention(scores, sm, context)
     calls = []

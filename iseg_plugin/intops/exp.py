@@ -187,14 +187,18 @@ def bit_exp_params(scale: float) -> Dyadic:
     return dyadic_from_ratio(float(scale) * LOG2E * 2**BITEXP_FRAC)
 
 
+def _bit_exp_mantissa(r: Tensor) -> Tensor:
+    """2**u on [0, 1) for u = r / 2**FRAC, in units of 2**-FRAC: in [2**FRAC, 2**(FRAC+1)]."""
+    return (1 << BITEXP_FRAC) + round_shift(r * (_BITEXP_C1 + round_shift(_BITEXP_C2 * r, BITEXP_FRAC)), BITEXP_FRAC)
+
+
 def _bit_exp_int(d: Tensor, m: Tensor, e: Tensor, k_inter: int) -> Tensor:
     p = requantize(d, Dyadic(m, e), bits=None)  # exponent * 2**FRAC, <= 0
     p = p.clamp_min(-k_inter << BITEXP_FRAC)
     q = -torch.bitwise_right_shift(p, BITEXP_FRAC)  # 0 <= q <= k_inter
     r = torch.bitwise_and(p, (1 << BITEXP_FRAC) - 1)  # fraction u = r / 2**FRAC in [0, 1)
-    frac = round_shift(r * (_BITEXP_C1 + round_shift(_BITEXP_C2 * r, BITEXP_FRAC)), BITEXP_FRAC)
-    mant = (1 << BITEXP_FRAC) + frac  # 2**u in [2**FRAC, 2**(FRAC+1)]
-    return torch.bitwise_right_shift(torch.bitwise_left_shift(mant, k_inter), q)  # no bits lost: q <= k_inter
+    mant = torch.bitwise_left_shift(_bit_exp_mantissa(r), k_inter)
+    return torch.bitwise_right_shift(mant, q)  # no bits lost: q <= k_inter
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,6 +211,27 @@ def _bit_exp_table(m: int, e: int, k_inter: int, span: int | None) -> _Table:
 def bit_exp_table(params: Dyadic, span: int | None, k_inter: int = 15) -> _Table:
     """Bit-exp softmax's exponential over ``[table.low, 0]`` (see :func:`shiftmax_table`)."""
     return _bit_exp_table(int(params.multiplier), int(params.shift), k_inter, span)
+
+
+class BitExpForm(NamedTuple):
+    """Bit-exp's exponential as a fused kernel computes it element by element, with no table (a table over an int16
+    difference has 2**16 values: its gathers, not the arithmetic, were the softmax's cost): ``_bit_exp_int`` step by
+    step, ``p = max(round_half_up(d * multiplier / 2**shift), low)``, ``q = -(p >> frac_bits)``, ``r = p & (2**frac_bits
+    - 1)``, ``mant = 2**frac_bits + round_half_up(r (c1 + round_half_up(c2 r / 2**frac_bits)) / 2**frac_bits)``,
+    ``e = (mant << k_inter) >> q``. Every step after the product fits int32 (the kernel checks)."""
+    multiplier: int
+    shift: int
+    low: int  # the exponent's clamp, -k_inter * 2**frac_bits
+    frac_bits: int
+    c1: int
+    c2: int
+    k_inter: int
+
+
+def bit_exp_form(params: Dyadic, k_inter: int = 15) -> BitExpForm:
+    """Bit-exp softmax's exponential in the kernels' element-wise form (:class:`BitExpForm`)."""
+    return BitExpForm(int(params.multiplier), int(params.shift), -k_inter << BITEXP_FRAC, BITEXP_FRAC, _BITEXP_C1,
+                      _BITEXP_C2, k_inter)
 
 
 def _bit_exp_softmax_int(x: Tensor, m: Tensor, e: Tensor, k_out: int, k_inter: int, dim: int,

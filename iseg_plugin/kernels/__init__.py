@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..intops.exp import BitExpForm
 from .cpu import cpu_isa
 
 SOURCE = Path(__file__).with_name("fused.cpp")
@@ -126,12 +127,18 @@ def poly_gelu(x, params, out_dyadic, bounds, out_dtype, k_out: int):
                                             int(out_dyadic.shift), int(bounds[0]), int(bounds[1]), out_dtype)
 
 
-def linear(x, weight_t, bias, out, input_offset: int, out_dtype, then=None):
-    """``out(int8(x - input_offset) @ weight_t + bias)`` of (M, K) int8 / int16 ``x`` on ``at::_int_mm``, by blocks
-    of rows (the module :class:`~iseg_plugin.ops.modules.Linear`; ``out``: its Requant); ``then``: the values of an
-    element-wise module at the 256 int8 outputs, read for each output instead."""
+def linear(x, weight_t, bias, out, input_offset: int, out_dtype, then=None, packed=()):
+    """``out(int8(x - input_offset) @ weight_t + bias)`` of (M, K) int8 / int16 ``x``, by blocks of rows (the module
+    :class:`~iseg_plugin.ops.modules.Linear`; ``out``: its Requant), on the kernels' VNNI GEMM with ``packed``
+    (:func:`pack_vnni_weight` of ``weight_t``), else on ``at::_int_mm``; ``then``: the values of an element-wise
+    module at the 256 int8 outputs, read for each output instead."""
     return torch.ops.iseg_kernels.linear(x, weight_t, bias, out.multiplier, out.shift, int(out.bounds[0]),
-                                         int(out.bounds[1]), int(input_offset), out_dtype, then)
+                                         int(out.bounds[1]), int(input_offset), out_dtype, then, list(packed))
+
+
+def pack_vnni_weight(weight_t):
+    """(K, N) int8 weights packed once for the VNNI GEMM of :func:`linear`: (data, 128 x column sums)."""
+    return tuple(torch.ops.iseg_kernels.pack_vnni_weight(weight_t))
 
 
 def uint16_matmul_requantize(p, v, out_dyadic, bounds, out_dtype, int8_matmul):
@@ -165,6 +172,15 @@ def upsample(x, mode: str, size: tuple[int, int], align_corners: bool):
     return torch.ops.iseg_kernels.upsample(x, rows, cols, den_r * den_c)
 
 
+def upsample_class_map(x, mode: str, size: tuple[int, int], align_corners: bool, crop: tuple[int, int]):
+    """``class_map(upsample(x, mode, size, align_corners), crop)`` without the upsampled logits: (N, h, w) int64."""
+    rows, den_r = _axis(mode, x.shape[-2], size[0], align_corners)
+    cols, den_c = _axis(mode, x.shape[-1], size[1], align_corners)
+    if not (crop[0] <= size[0] and crop[1] <= size[1]):
+        raise ValueError(f"upsample_class_map: a crop {crop} within the upsampled size {size}")
+    return torch.ops.iseg_kernels.upsample_class_map(x, rows[:, : crop[0]], cols[:, : crop[1]], den_r * den_c)
+
+
 def class_map(logits, size: tuple[int, int]):
     """``logits[..., :h, :w].argmax(1)`` of (N, C, H, W) integer logits, in one pass."""
     return torch.ops.iseg_kernels.argmax_channels(logits, int(size[0]), int(size[1]))
@@ -180,15 +196,21 @@ ATTENTION_BLOCK = 64  # query rows per task: their scores and probabilities stay
 ATTENTION_GEMMS = {"int_mm": 0, "avx2": 1, "vnni": 2}
 
 
-def attention(q, kt, v, scores_out, table, context_out, out_dtype, frac_bits: int, gemm: str):
-    """``context_out(uint16 p @ v)`` of ``p = softmax(scores_out(q @ kt))`` (the softmax's ``table``), fused by
-    blocks of query rows; q, kt, v: int8 (..., M, D), (..., D, N), (..., N, Dv) of one batch shape. Its GEMMs
-    are ``gemm``'s (a key of ATTENTION_GEMMS: the caller's GEMM path)."""
+def attention(q, kt, v, scores_out, exp, context_out, out_dtype, frac_bits: int, gemm: str):
+    """``context_out(uint16 p @ v)`` of ``p = softmax(scores_out(q @ kt))`` (the softmax's exponential ``exp``: its
+    table, or bit-exp's element-wise form ``intops.exp.BitExpForm``), fused by blocks of query rows; q, kt, v: int8
+    (..., M, D), (..., D, N), (..., N, Dv) of one batch shape. Its GEMMs are ``gemm``'s (a key of ATTENTION_GEMMS:
+    the caller's GEMM path)."""
+    if isinstance(exp, BitExpForm):
+        table, bit_exp = torch.empty(0, dtype=torch.int64), [exp.multiplier, exp.shift, exp.frac_bits, exp.c1, exp.c2,
+                                                             exp.k_inter]
+    else:
+        table, bit_exp = exp.values, []
     batch = q.shape[:-2]
     out = torch.ops.iseg_kernels.attention(
         q.reshape(-1, *q.shape[-2:]), kt.reshape(-1, *kt.shape[-2:]), v.reshape(-1, *v.shape[-2:]),
         int(scores_out.multiplier), int(scores_out.shift), int(scores_out.bounds[0]), int(scores_out.bounds[1]),
-        table.values, int(table.low), int(frac_bits), int(context_out.multiplier), int(context_out.shift),
+        table, int(exp.low), [int(c) for c in bit_exp], int(frac_bits), int(context_out.multiplier), int(context_out.shift),
         int(context_out.bounds[0]), int(context_out.bounds[1]), out_dtype, ATTENTION_BLOCK, ATTENTION_GEMMS[gemm])
     return out.reshape(*batch, *out.shape[-2:])
 

@@ -511,6 +511,93 @@ at::Tensor upsample(const at::Tensor& x_, const at::Tensor& rows, const at::Tens
   return out;
 }
 
+// The class map of upsampled logits without the upsampled logits: for each output pixel, the first channel whose
+// upsampled value (upsample's integers, computed as upsample does) is the largest, as argmax_channels of upsample's
+// output. The full-size logits (a 150-class ViT-S at 512 x 512: 78 MB of int16) are neither written nor read
+// again; each task keeps a block of output rows' best values and channels in cache, channel by channel.
+template <typename Acc>
+__attribute__((noinline)) void best_of_rows(const Acc* __restrict above, const Acc* __restrict below, Acc wlo, Acc whi,
+                                            Acc den, int64_t den_shift, int32_t channel, Acc* __restrict best,
+                                            int32_t* __restrict idx, int64_t wo) {
+  if (den_shift >= 0) {
+    for (int64_t j = 0; j < wo; ++j) {
+      const Acc v = (2 * (above[j] * wlo + below[j] * whi) + den) >> den_shift;
+      const bool more = v > best[j];
+      best[j] = more ? v : best[j];
+      idx[j] = more ? channel : idx[j];
+    }
+  } else {
+    for (int64_t j = 0; j < wo; ++j) {
+      const Acc v = Acc(floor_div(int64_t(2 * (above[j] * wlo + below[j] * whi) + den), 2 * int64_t(den)));
+      const bool more = v > best[j];
+      best[j] = more ? v : best[j];
+      idx[j] = more ? channel : idx[j];
+    }
+  }
+}
+
+template <typename T, typename Acc>
+void class_map_blocks(const T* x, const int64_t* rlo, const int64_t* rhi, const int64_t* rwlo, const int64_t* rwhi,
+                      const int64_t* clo, const int64_t* chi, const int64_t* cwlo, const int64_t* cwhi, int64_t den,
+                      int64_t den_shift, int64_t* out, int64_t n, int64_t c, int64_t h, int64_t w, int64_t ho,
+                      int64_t wo) {
+  const std::vector<Acc> cl(clo, clo + wo), ch(chi, chi + wo), cwl(cwlo, cwlo + wo), cwh(cwhi, cwhi + wo);
+  constexpr int64_t kRows = 64;  // output rows per task: their best values and channels stay in L1 / L2
+  const int64_t chunks = (ho + kRows - 1) / kRows;
+  pool_for(n * chunks, [&](int64_t task) {
+    const int64_t b = task / chunks, i0 = (task % chunks) * kRows, i1 = std::min(ho, i0 + kRows);
+    int64_t r0 = h, r1 = -1;  // the input rows these output rows read
+    for (int64_t i = i0; i < i1; ++i) {
+      r0 = std::min({r0, rlo[i], rhi[i]});
+      r1 = std::max({r1, rlo[i], rhi[i]});
+    }
+    std::vector<Acc> hrows((r1 - r0 + 1) * wo), row(w), best((i1 - i0) * wo, std::numeric_limits<Acc>::min());
+    std::vector<int32_t> idx((i1 - i0) * wo, 0);
+    for (int64_t k = 0; k < c; ++k) {
+      const T* plane = x + (b * c + k) * h * w;
+      for (int64_t r = r0; r <= r1; ++r) {
+        std::copy(plane + r * w, plane + (r + 1) * w, row.begin());
+        bilinear_columns(row.data(), cl.data(), ch.data(), cwl.data(), cwh.data(), hrows.data() + (r - r0) * wo, wo);
+      }
+      for (int64_t i = i0; i < i1; ++i)  // (values within T's range: > Acc's minimum, so channel 0 sets every pixel)
+        best_of_rows(hrows.data() + (rlo[i] - r0) * wo, hrows.data() + (rhi[i] - r0) * wo, Acc(rwlo[i]), Acc(rwhi[i]),
+                     Acc(den), den_shift, int32_t(k), best.data() + (i - i0) * wo, idx.data() + (i - i0) * wo, wo);
+    }
+    std::copy(idx.begin(), idx.end(), out + (b * ho + i0) * wo);
+  });
+}
+
+// int32 intermediates where they fit, as upsample_rows decides; rp, cp: the (4, ho) and (4, wo) tables
+template <typename T>
+void class_map_dispatch(const T* x, const int64_t* rp, const int64_t* cp, int64_t den, int64_t* out, int64_t n,
+                        int64_t c, int64_t h, int64_t w, int64_t ho, int64_t wo) {
+  const int64_t den_shift = (den & (den - 1)) == 0 ? bit_length(2 * den) - 1 : -1;  // 2 den = 2**den_shift
+  const int64_t top = int64_t(1) << (8 * sizeof(T) - 1);  // max |x|
+  if (top * 2 * den + den < (int64_t(1) << 31))
+    class_map_blocks<T, int32_t>(x, rp, rp + ho, rp + 2 * ho, rp + 3 * ho, cp, cp + wo, cp + 2 * wo, cp + 3 * wo, den,
+                                 den_shift, out, n, c, h, w, ho, wo);
+  else
+    class_map_blocks<T, int64_t>(x, rp, rp + ho, rp + 2 * ho, rp + 3 * ho, cp, cp + wo, cp + 2 * wo, cp + 3 * wo, den,
+                                 den_shift, out, n, c, h, w, ho, wo);
+}
+
+// x: (N, C, H, W) logits; rows, cols: upsample's tables, cropped to the (ho, wo) pixels wanted
+at::Tensor upsample_class_map(const at::Tensor& x_, const at::Tensor& rows, const at::Tensor& cols, int64_t den) {
+  const at::Tensor x = x_.contiguous(), r = rows.to(at::kLong).contiguous(), c = cols.to(at::kLong).contiguous();
+  TORCH_CHECK(x.dim() == 4 && x.size(1) > 0 && r.dim() == 2 && r.size(0) == 4 && c.dim() == 2 && c.size(0) == 4 && den >= 1,
+              "upsample_class_map: (N, C, H, W) logits, (4, H_out) and (4, W_out) tables");
+  const int64_t n = x.size(0), ch = x.size(1), h = x.size(2), w = x.size(3), ho = r.size(1), wo = c.size(1);
+  at::Tensor out = at::empty({n, ho, wo}, x.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  const int64_t* rp = r.data_ptr<int64_t>();
+  const int64_t* cp = c.data_ptr<int64_t>();
+  AT_DISPATCH_SWITCH(x.scalar_type(), "upsample_class_map",
+    AT_DISPATCH_CASE(at::kChar, [&] { class_map_dispatch(x.data_ptr<scalar_t>(), rp, cp, den, out.data_ptr<int64_t>(), n, ch, h, w, ho, wo); })
+    AT_DISPATCH_CASE(at::kShort, [&] { class_map_dispatch(x.data_ptr<scalar_t>(), rp, cp, den, out.data_ptr<int64_t>(), n, ch, h, w, ho, wo); })
+    AT_DISPATCH_CASE(at::kInt, [&] { class_map_dispatch(x.data_ptr<scalar_t>(), rp, cp, den, out.data_ptr<int64_t>(), n, ch, h, w, ho, wo); }));
+  return out;
+}
+
 // The class map: argmax over the channels of (N, C, H, W) integers, cropped to (h, w), the first maximum on ties
 // (as torch.argmax); channel-outer loops over one output row keep the reads contiguous.
 template <typename T>
@@ -707,16 +794,21 @@ at::Tensor int8_mm_avx2(const at::Tensor& a_, const at::Tensor& b_) {
 // groups of 4 along k into int32 lanes without saturation; A enters as u8 = a + 128 (a ^ 0x80) and 128 * colsum(B)
 // is taken off: C = a @ B, the integers of at::_int_mm (|(a + 128) b| sums < 255 * 128 * k < 2**31 for k < 2**16).
 // B is packed once per head, where at::_int_mm packs it at every call (once per block of query rows).
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define ISEG_VNNI 1
 constexpr int64_t kVnniCols = 64;  // a panel: 4 zmm of 16 int32 columns
 constexpr int kVnniRows = 6;       // the register tile: 6 x 64 int32 (24 accumulators, 4 B vectors, 1 A word)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define ISEG_VNNI 1
 
-struct PackedVnni {
-  std::vector<int8_t> data;   // panel p, group g (k = 4g..4g+3), column j, byte h: data[((p * groups + g) * 64 + j) * 4 + h]
-  std::vector<int32_t> corr;  // 128 * the column sums of B, padded to whole panels
+// B packed (a view): panel p, group g (k = 4g..4g+3), column j, byte h at data[((p * groups + g) * 64 + j) * 4 + h];
+// corr: 128 * the column sums of B, padded to whole panels
+struct VnniB {
+  const int8_t* data;
+  const int32_t* corr;
   int64_t n, groups, panels;
 };
+
+inline int64_t vnni_groups(int64_t k) { return (k + 3) / 4; }
+inline int64_t vnni_panels(int64_t n) { return (n + kVnniCols - 1) / kVnniCols; }
 
 __attribute__((noinline)) void interleave4(const int8_t* __restrict r0, const int8_t* __restrict r1,
                                            const int8_t* __restrict r2, const int8_t* __restrict r3,
@@ -729,23 +821,36 @@ __attribute__((noinline)) void interleave4(const int8_t* __restrict r0, const in
   }
 }
 
-PackedVnni pack_vnni(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
+// b (k, n) row-major packed into data (vnni_panels(n) * vnni_groups(k) * 256 bytes) and corr (vnni_panels(n) * 64),
+// both zeroed first: zeros pad k to whole groups and n to whole panels
+void pack_vnni_into(const int8_t* b, int64_t k, int64_t n, int8_t* data, int32_t* corr) {
   TORCH_CHECK(k < (int64_t(1) << 16), "VNNI GEMM: k < 2**16 (int32 sums)");
-  PackedVnni p{{}, {}, n, (k + 3) / 4, (n + kVnniCols - 1) / kVnniCols};
-  p.data.assign(p.panels * p.groups * kVnniCols * 4, 0);  // zeros pad k to whole groups and n to whole panels
-  p.corr.assign(p.panels * kVnniCols, 0);
+  const int64_t groups = vnni_groups(k), panels = vnni_panels(n);
   for (int64_t kk = 0; kk < k; ++kk)  // 128 * the column sums
-    for (int64_t j = 0; j < n; ++j) p.corr[j] += 128 * int32_t(b[kk * n + j]);
+    for (int64_t j = 0; j < n; ++j) corr[j] += 128 * int32_t(b[kk * n + j]);
   const std::vector<int8_t> zeros(n, 0);
-  for (int64_t g = 0; g < p.groups; ++g) {  // 4 rows of b interleaved byte by byte, panel by panel
+  for (int64_t g = 0; g < groups; ++g) {  // 4 rows of b interleaved byte by byte, panel by panel
     const int8_t* r[4];
     for (int64_t h = 0; h < 4; ++h) r[h] = 4 * g + h < k ? b + (4 * g + h) * n : zeros.data();
-    for (int64_t panel = 0; panel < p.panels; ++panel) {
+    for (int64_t panel = 0; panel < panels; ++panel) {
       const int64_t c0 = panel * kVnniCols, cols = std::min(kVnniCols, n - c0);
-      interleave4(r[0] + c0, r[1] + c0, r[2] + c0, r[3] + c0, p.data.data() + (panel * p.groups + g) * kVnniCols * 4,
-                  cols);
+      interleave4(r[0] + c0, r[1] + c0, r[2] + c0, r[3] + c0, data + (panel * groups + g) * kVnniCols * 4, cols);
     }
   }
+}
+
+struct PackedVnni {  // B packed into vectors of its own (the attention's keys and values, per head)
+  std::vector<int8_t> data;
+  std::vector<int32_t> corr;
+  int64_t n, groups, panels;
+  VnniB view() const { return {data.data(), corr.data(), n, groups, panels}; }
+};
+
+PackedVnni pack_vnni(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
+  PackedVnni p{{}, {}, n, vnni_groups(k), vnni_panels(n)};
+  p.data.assign(p.panels * p.groups * kVnniCols * 4, 0);
+  p.corr.assign(p.panels * kVnniCols, 0);
+  pack_vnni_into(b, k, n, p.data.data(), p.corr.data());
   return p;
 }
 
@@ -782,10 +887,10 @@ __attribute__((noinline)) void vnni_tile(const int8_t* a, int64_t lda, const int
 }
 
 // c (m rows, ldc apart) int32 = a (m int8 rows, lda >= 4 * b.groups bytes apart, readable) @ b, on this thread
-void vnni_gemm(const int8_t* a, int64_t m, int64_t lda, const PackedVnni& b, int32_t* c, int64_t ldc) {
+void vnni_gemm(const int8_t* a, int64_t m, int64_t lda, const VnniB& b, int32_t* c, int64_t ldc) {
   for (int64_t panel = 0; panel < b.panels; ++panel) {
-    const int8_t* bp = b.data.data() + panel * b.groups * kVnniCols * 4;
-    const int32_t* corr = b.corr.data() + panel * kVnniCols;
+    const int8_t* bp = b.data + panel * b.groups * kVnniCols * 4;
+    const int32_t* corr = b.corr + panel * kVnniCols;
     const int64_t c0 = panel * kVnniCols, cols = std::min(kVnniCols, b.n - c0);
     for (int64_t r = 0; r < m; r += kVnniRows) {
       const int8_t* ar = a + r * lda;
@@ -804,31 +909,64 @@ void vnni_gemm(const int8_t* a, int64_t m, int64_t lda, const PackedVnni& b, int
 #endif
 
 // One row of the attention's softmax, as table_softmax computes it: the scores (n int32 products) requantized to
-// the softmax's input (m1, e1, [lo1, hi1]), the table exponential of (score - row max), the probabilities
-// round(e * floor(2**62 / sum e) / 2**shift) in [0, 2**(62 - shift)]. Plain loops over restrict pointers, every
-// constant a local: the compiler vectorises them (-march=native), so the same source is exact on every ISA.
-struct SoftmaxRow {
-  int64_t m1, half1, e1, lo1, hi1;  // the scores' requantization
-  const int64_t* table;             // the exponential over [low, 0]
-  const int32_t* table32;           // the same where every value fits int32 (half the gathers), else null
-  int64_t low, shift, half;
+// the softmax's input (m1, e1, [lo1, hi1]), the exponential of (score - row max), the probabilities
+// round(e * floor(2**62 / sum e) / 2**shift) in [0, 2**(62 - shift)]. The exponential is read from a table over
+// [low, 0], or computed element by element in bit-exp's form (intops.exp.BitExpForm): the table over an int16
+// difference has 2**16 values, and its gathers cost more than the arithmetic (Zen 4: 9.9 vs 10.7 ms per ViT-S
+// attention, one thread; a table of the 2**12 mantissas, in L1, was no faster: the gather itself is the cost).
+// Plain loops over restrict pointers, every constant a local: the compiler vectorises them (-march=native), so the
+// same source is exact on every ISA. Multipliers are int32 (< 2**31): their products are widening 32 x 32 -> 64
+// multiplies.
+struct BitExp {  // intops.exp.BitExpForm; every step after the exponent's product fits int32
+  int32_t m;
+  int64_t half, e, low;
+  int32_t frac_bits, c1, c2, k_inter;
 };
 
-// the exponentials e (n of E: int32 with table32, else int64) of the row of products acc; returns floor(2**62 / sum e)
+struct SoftmaxRow {
+  int32_t m1;                        // the scores' requantization
+  int64_t half1, e1, lo1, hi1;
+  const int64_t* table;              // the exponential over [low, 0], or null (bit-exp's form)
+  const int32_t* table32;            // the same where every value fits int32 (half the gathers), else null
+  int64_t low, shift, half;
+  BitExp bit_exp;
+  bool int32_exps() const { return table32 || !table; }  // every exponential fits int32
+};
+
+// the exponentials e (n of E: int32 where int32_exps, else int64) of the row of products acc; returns
+// floor(2**62 / sum e)
 template <typename E>
 __attribute__((always_inline)) inline int64_t softmax_exp(const int32_t* __restrict acc, int32_t* __restrict sc,
                                                           E* __restrict e, int64_t n, const SoftmaxRow& k) {
-  const int64_t m1 = k.m1, half1 = k.half1, e1 = k.e1, lo1 = k.lo1, hi1 = k.hi1, low = k.low;
-  const E* __restrict table;
-  if constexpr (sizeof(E) == 4) table = k.table32; else table = k.table;
+  const int32_t m1 = k.m1;
+  const int64_t half1 = k.half1, e1 = k.e1, lo1 = k.lo1, hi1 = k.hi1, low = k.low;
   int32_t top = std::numeric_limits<int32_t>::min();
   for (int64_t j = 0; j < n; ++j) {
-    int64_t s = (int64_t(acc[j]) * m1 + half1) >> e1;
+    int64_t s = (int64_t(acc[j]) * int64_t(m1) + half1) >> e1;
     s = std::min(std::max(s, lo1), hi1);  // int8 / int16 bounds (the table's span): fits int32
     sc[j] = int32_t(s);
     top = std::max(top, int32_t(s));
   }
   int64_t sum = 0;
+  if constexpr (sizeof(E) == 4) {
+    if (!k.table) {
+      const int32_t m = k.bit_exp.m, frac_bits = k.bit_exp.frac_bits, c1 = k.bit_exp.c1, c2 = k.bit_exp.c2,
+                    k_inter = k.bit_exp.k_inter;
+      const int32_t mask = (int32_t(1) << frac_bits) - 1, one = int32_t(1) << frac_bits, fhalf = one >> 1;
+      const int64_t half = k.bit_exp.half, shift = k.bit_exp.e, plow = k.bit_exp.low;
+      for (int64_t j = 0; j < n; ++j) {
+        // the exponent (scores span < 2**31: no int32 overflow in the difference), then int32 steps
+        const int32_t p = int32_t(std::max((int64_t(sc[j] - top) * int64_t(m) + half) >> shift, plow));
+        const int32_t r = p & mask;
+        const int32_t mant = one + ((r * (c1 + ((c2 * r + fhalf) >> frac_bits)) + fhalf) >> frac_bits);
+        e[j] = (mant << k_inter) >> -(p >> frac_bits);
+        sum += e[j];
+      }
+      return (int64_t(1) << 62) / sum;
+    }
+  }
+  const E* __restrict table;
+  if constexpr (sizeof(E) == 4) table = k.table32; else table = k.table;
   for (int64_t j = 0; j < n; ++j) {
     const int32_t d = std::max<int32_t>(sc[j] - top, int32_t(low));  // >= -(2**16 - 1): no int32 overflow
     e[j] = table[d - int32_t(low)];
@@ -908,8 +1046,8 @@ constexpr int64_t kGemmIntMm = 0, kGemmAvx2 = 1, kGemmVnni = 2;
 // The (batch entry, block) tasks run on torch's OpenMP threads (on_threads), each GEMM of a task on its thread (a
 // oneDNN call inside a parallel region runs single-threaded), into per-thread scratch.
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tensor& v_, int64_t m1, int64_t e1,
-                     int64_t lo1, int64_t hi1, const at::Tensor& table_, int64_t low, int64_t out_frac_bits,
-                     int64_t m2, int64_t e2, int64_t lo2, int64_t hi2, at::ScalarType out_dtype, int64_t block,
+                     int64_t lo1, int64_t hi1, const at::Tensor& table_, int64_t low, at::IntArrayRef bit_exp,
+                     int64_t out_frac_bits, int64_t m2, int64_t e2, int64_t lo2, int64_t hi2, at::ScalarType out_dtype, int64_t block,
                      int64_t gemm) {
   TORCH_CHECK(gemm == kGemmIntMm || gemm == kGemmAvx2 || gemm == kGemmVnni, "attention: GEMM 0 (_int_mm), 1 (AVX2) or 2 (VNNI)");
   const bool avx2_gemm = gemm == kGemmAvx2;
@@ -937,9 +1075,22 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
   std::vector<int32_t> table32;
   if (std::all_of(tp, tp + table.numel(), [](int64_t t) { return t <= std::numeric_limits<int32_t>::max(); }))
     table32.assign(tp, tp + table.numel());  // (table values are > 0)
-  TORCH_CHECK(low > -(int64_t(1) << 16) && low <= 0, "attention: a table spans int8 / int16 scores");
-  const SoftmaxRow k{m1, e1 > 0 ? (int64_t(1) << (e1 - 1)) : 0, e1, lo1, hi1, tp, table32.empty() ? nullptr : table32.data(),
-                     low, shift, int64_t(1) << (shift - 1)};
+  TORCH_CHECK(m1 > 0 && m1 <= std::numeric_limits<int32_t>::max(), "attention: a scores multiplier in [1, 2**31)");
+  BitExp bx{};
+  if (!bit_exp.empty()) {  // m, e, frac_bits, c1, c2, k_inter; low: the exponent's clamp
+    TORCH_CHECK(bit_exp.size() == 6 && table.numel() == 0, "attention: bit-exp's form, m, e, frac_bits, c1, c2, k_inter");
+    const int64_t m = bit_exp[0], e = bit_exp[1], f = bit_exp[2], c1 = bit_exp[3], c2 = bit_exp[4], ki = bit_exp[5];
+    // int32 steps: c2 r, r (c1 + ...) < 2**(2 f + 1); mant << k_inter <= 2**(f + 1 + k_inter); q = -(p >> f) < 32
+    TORCH_CHECK(m > 0 && m <= std::numeric_limits<int32_t>::max() && e >= 0 && e < 63 && f >= 1 && f <= 14 &&
+                c1 >= 0 && c2 >= 0 && c1 + c2 <= (int64_t(1) << f) && ki >= 0 && f + 1 + ki <= 30 && low <= 0 &&
+                -(low >> f) <= ki, "attention: bit-exp's constants out of their int32 ranges");
+    bx = BitExp{int32_t(m), e > 0 ? (int64_t(1) << (e - 1)) : 0, e, low, int32_t(f), int32_t(c1), int32_t(c2), int32_t(ki)};
+  } else {
+    TORCH_CHECK(low > -(int64_t(1) << 16) && low <= 0, "attention: a table spans int8 / int16 scores");
+  }
+  const SoftmaxRow k{int32_t(m1), e1 > 0 ? (int64_t(1) << (e1 - 1)) : 0, e1, lo1, hi1,
+                     bit_exp.empty() ? tp : nullptr, bit_exp.empty() && !table32.empty() ? table32.data() : nullptr,
+                     low, shift, int64_t(1) << (shift - 1), bx};
   // the block's context rows, int32 products pv (rr, Dv) (hi and lo halves: _int_mm), requantized into out
   const auto store = [&](int64_t b, int64_t r0, int64_t rr, const int32_t* pv, const int32_t* pv_low, int64_t high_offset) {
     AT_DISPATCH_SWITCH(out_dtype, "attention_out",
@@ -976,12 +1127,12 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
         // v's row once more. |p @ v| <= (2**15 + N) * 128 (rows sum to 2**15 up to rounding): no int32 overflow.
         whole.clear();
         for (int64_t i = 0; i < rr; ++i) {
-          const int64_t recip = k.table32
+          const int64_t recip = k.int32_exps()
               ? softmax_row_int16(acc.data() + i * n, sc.data(), e32.data(), probs.data() + i * lda, n, k)
               : softmax_row_int16(acc.data() + i * n, sc.data(), e.data(), probs.data() + i * lda, n, k);
           if (recip)
             for (int64_t j = 0; j < n; ++j)
-              if (((int64_t(k.table32 ? e32[j] : e[j]) * recip + k.half) >> k.shift) > 32767) whole.emplace_back(i, j);
+              if (((int64_t(k.int32_exps() ? e32[j] : e[j]) * recip + k.half) >> k.shift) > 32767) whole.emplace_back(i, j);
         }
         gemm_packed(probs.data(), rr, vs[b], pv.data());
         const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
@@ -1032,7 +1183,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
           for (int64_t i = 0; i < rr; ++i) std::copy(qb + i * d, qb + (i + 1) * d, qpad.data() + i * qa);
           qb = qpad.data();
         }
-        vnni_gemm(qb, rr, qa, kts[b], ap, n);
+        vnni_gemm(qb, rr, qa, kts[b].view(), ap, n);
       }
 #endif
       if (!vnni) {
@@ -1041,12 +1192,12 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
       }
       const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
       for (int64_t i = 0; i < rr; ++i) {  // the low bytes' GEMM below; the high bytes' product here, row by row
-        if (k.table32) softmax_row_bytes(ap + i * n, sc.data(), e32.data(), high.data(), lp + i * la, n, k);
+        if (k.int32_exps()) softmax_row_bytes(ap + i * n, sc.data(), e32.data(), high.data(), lp + i * la, n, k);
         else softmax_row_bytes(ap + i * n, sc.data(), e.data(), high.data(), lp + i * la, n, k);
         sparse_high_row(high.data(), vb, pv_hi.data() + i * dv, n, dv);
       }
 #ifdef ISEG_VNNI
-      if (vnni) vnni_gemm(lp, rr, la, vs[b], plp, dv);
+      if (vnni) vnni_gemm(lp, rr, la, vs[b].view(), plp, dv);
 #endif
       if (!vnni) {
         at::Tensor pl = pv_lo.narrow(0, 0, rr);
@@ -1058,6 +1209,22 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
   return out;
 }
 
+// w (K, N) int8 packed for the VNNI GEMM once (a Linear's weights): [data, 128 * column sums] (linear's ``packed``)
+std::vector<at::Tensor> pack_vnni_weight(const at::Tensor& w_) {
+  const at::Tensor w = w_.contiguous();
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "pack_vnni_weight: int8 w (K, N)");
+#ifdef ISEG_VNNI
+  const int64_t k = w.size(0), n = w.size(1);
+  at::Tensor data = at::zeros({vnni_panels(n) * vnni_groups(k) * kVnniCols * 4}, w.options());
+  at::Tensor corr = at::zeros({vnni_panels(n) * kVnniCols}, w.options().dtype(at::kInt));
+  pack_vnni_into(w.data_ptr<int8_t>(), k, n, data.data_ptr<int8_t>(), corr.data_ptr<int32_t>());
+  return {data, corr};
+#else
+  TORCH_CHECK(false, "pack_vnni_weight: these kernels were built for a CPU without AVX-512 VNNI");
+  return {};
+#endif
+}
+
 // y = int8(x - offset), wrapping as torch's cast to int8 does
 template <typename In>
 __attribute__((noinline)) void shift_into_int8(const In* __restrict x, int64_t offset, int8_t* __restrict y, int64_t count) {
@@ -1066,15 +1233,19 @@ __attribute__((noinline)) void shift_into_int8(const In* __restrict x, int64_t o
 }
 
 // Linear: requantize(int8(x - offset) @ w + bias) of x (M, K) and w (K, N), by blocks of rows on torch's threads:
-// each block's int32 products (at::_int_mm, single-threaded inside the parallel region: oneDNN's VNNI kernel runs
-// as fast per core on ~100-row blocks as on the whole matrix) are requantized while they are in cache, and an
-// input on an asymmetric grid is shifted into int8 block by block: no int32 (M, N) tensor and no shifted copy of x
-// pass through memory. The same integers as Linear's int8_matmul, bias add and Requant one after the other (the
-// shift wraps into int8 as torch's cast does; the bias add wraps in int32 as an int32 tensor add does). ``then``:
-// an element-wise module's outputs for the 256 int8 values (LinearThen), read for each int8 output.
+// each block's int32 products are requantized while they are in cache, and an input on an asymmetric grid is
+// shifted into int8 block by block: no int32 (M, N) tensor and no shifted copy of x pass through memory. The
+// products: the kernels' VNNI GEMM with w packed once (``packed``: pack_vnni_weight's data and column sums, which
+// the module keeps; blocks of 48 rows, whose products stay in L2), or at::_int_mm (single-threaded inside the
+// parallel region; ~256-row blocks: it packs w again at every call, and its cost per row grows on fewer rows).
+// _int_mm with its own epilogue pass cost 20-45 % over the bare product on a ViT-S's Linears (its int32 block
+// left L2, and w was repacked per block). The same integers as Linear's int8_matmul, bias add and Requant one
+// after the other (the shift wraps into int8 as torch's cast does; the bias add wraps in int32 as an int32 tensor
+// add does). ``then``: an element-wise module's outputs for the 256 int8 values (LinearThen), read for each int8
+// output.
 at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& bias_,
                   const at::Tensor& multiplier_, const at::Tensor& shift_, int64_t lo, int64_t hi, int64_t offset,
-                  at::ScalarType out_dtype, const std::optional<at::Tensor>& then_) {
+                  at::ScalarType out_dtype, const std::optional<at::Tensor>& then_, at::TensorList packed) {
   const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(0) && w.scalar_type() == at::kChar &&
               (x.scalar_type() == at::kChar || x.scalar_type() == at::kShort),
@@ -1094,17 +1265,34 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
     TORCH_CHECK(then.numel() == 256 && lo >= -128 && hi <= 127 && out_dtype == at::kChar,
                 "linear: an element-wise table follows int8 outputs (256 values)");
   }
+  const bool vnni = !packed.empty();
+#ifdef ISEG_VNNI
+  VnniB wb{};
+  if (vnni) {
+    TORCH_CHECK(packed.size() == 2 && packed[0].scalar_type() == at::kChar && packed[1].scalar_type() == at::kInt &&
+                packed[0].is_contiguous() && packed[1].is_contiguous() &&
+                packed[0].numel() == vnni_panels(n) * vnni_groups(k) * kVnniCols * 4 &&
+                packed[1].numel() == vnni_panels(n) * kVnniCols, "linear: w packed by pack_vnni_weight");
+    wb = VnniB{packed[0].data_ptr<int8_t>(), packed[1].data_ptr<int32_t>(), n, vnni_groups(k), vnni_panels(n)};
+  }
+#else
+  TORCH_CHECK(!vnni, "linear: these kernels were built for a CPU without AVX-512 VNNI");
+#endif
   const at::Tensor table = then.defined() ? then.to(at::kInt).contiguous() : at::Tensor();  // (lookup_span's)
   at::Tensor out = at::empty({rows, n}, x.options().dtype(then.defined() ? then.scalar_type() : out_dtype));
   if (rows * n == 0) return out;
-  const bool as_is = x.scalar_type() == at::kChar && offset == 0;
-  // tasks of at most ~256 rows (fewer rows cost oneDNN more per product), a multiple of the threads in number
-  const int64_t threads = at::get_num_threads();
-  const int64_t tasks = std::min(rows, threads * ((rows + 256 * threads - 1) / (256 * threads)));
-  const int64_t per_task = (rows + tasks - 1) / tasks;
+  // the GEMM's left operand: x's rows as they are, or shifted into int8 (and, for the VNNI GEMM, which reads whole
+  // groups of 4 bytes, zero-padded to them) block by block
+  const int64_t lda = vnni ? (k + 3) / 4 * 4 : k;
+  const bool as_is = x.scalar_type() == at::kChar && offset == 0 && lda == k;
+  // tasks of 48 rows (VNNI) or at most ~256 rows (_int_mm), a multiple of the threads in number
+  const int64_t threads = at::get_num_threads(), target = vnni ? 48 : 256;
+  const int64_t tasks = std::min(rows, threads * ((rows + target * threads - 1) / (target * threads)));
+  const int64_t per_task = vnni ? ((rows + tasks - 1) / tasks + kVnniRows - 1) / kVnniRows * kVnniRows  // whole tiles
+                                : (rows + tasks - 1) / tasks;
   on_threads(tasks, [&](std::atomic<int64_t>& next) {
     at::Tensor acc = at::empty({per_task, n}, x.options().dtype(at::kInt));
-    at::Tensor shifted = as_is ? at::Tensor() : at::empty({per_task, k}, x.options().dtype(at::kChar));
+    at::Tensor shifted = as_is ? at::Tensor() : at::zeros({per_task, lda}, x.options().dtype(at::kChar));
     at::Tensor ints = then.defined() ? at::empty({per_task, n}, x.options().dtype(at::kChar)) : at::Tensor();
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
       const int64_t r0 = task * per_task, rr = std::min(per_task, rows - r0);
@@ -1113,12 +1301,15 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
       if (!as_is) {
         at::Tensor s = shifted.narrow(0, 0, rr);
         AT_DISPATCH_SWITCH(x.scalar_type(), "linear_shift",
-          AT_DISPATCH_CASE(at::kChar, [&] { shift_into_int8(a.data_ptr<scalar_t>(), offset, s.data_ptr<int8_t>(), rr * k); })
-          AT_DISPATCH_CASE(at::kShort, [&] { shift_into_int8(a.data_ptr<scalar_t>(), offset, s.data_ptr<int8_t>(), rr * k); }));
+          AT_DISPATCH_CASE(at::kChar, [&] { for (int64_t i = 0; i < rr; ++i) shift_into_int8(a.data_ptr<scalar_t>() + i * k, offset, s.data_ptr<int8_t>() + i * lda, k); })
+          AT_DISPATCH_CASE(at::kShort, [&] { for (int64_t i = 0; i < rr; ++i) shift_into_int8(a.data_ptr<scalar_t>() + i * k, offset, s.data_ptr<int8_t>() + i * lda, k); }));
         a = s;
       }
       at::Tensor c = acc.narrow(0, 0, rr);
-      at::_int_mm_out(c, a, w);
+#ifdef ISEG_VNNI
+      if (vnni) vnni_gemm(a.data_ptr<int8_t>(), rr, lda, wb, c.data_ptr<int32_t>(), n);
+#endif
+      if (!vnni) at::_int_mm_out(c, a, w);
       const int32_t* b = bias.defined() ? bias.data_ptr<int32_t>() : nullptr;
       if (then.defined()) {  // the int8 outputs into scratch, then their element-wise values
         requantize_rows<int32_t, int8_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(),
@@ -1234,11 +1425,13 @@ TORCH_LIBRARY(iseg_kernels, m) {
   m.def("split_uint16(Tensor p) -> Tensor[]");
   m.def("combine_requantize(Tensor hi, Tensor lo, Tensor colsum, int m, int e, int lo_bound, int hi_bound, ScalarType out_dtype) -> Tensor");
   m.def("argmax_channels(Tensor x, int h, int w) -> Tensor");
-  m.def("attention(Tensor q, Tensor kt, Tensor v, int m1, int e1, int lo1, int hi1, Tensor table, int low, int out_frac_bits, int m2, int e2, int lo2, int hi2, ScalarType out_dtype, int block, int gemm) -> Tensor");
+  m.def("upsample_class_map(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
+  m.def("attention(Tensor q, Tensor kt, Tensor v, int m1, int e1, int lo1, int hi1, Tensor table, int low, int[] bit_exp, int out_frac_bits, int m2, int e2, int lo2, int hi2, ScalarType out_dtype, int block, int gemm) -> Tensor");
   m.def("sigmoid_gelu(Tensor x, int i0, int cap, int frac_bits, int k_inter, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
   m.def("upsample(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
   m.def("int8_mm_avx2(Tensor a, Tensor b) -> Tensor");
-  m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor multiplier, Tensor shift, int lo, int hi, int offset, ScalarType out_dtype, Tensor? then) -> Tensor");
+  m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor multiplier, Tensor shift, int lo, int hi, int offset, ScalarType out_dtype, Tensor? then, Tensor[] packed) -> Tensor");
+  m.def("pack_vnni_weight(Tensor w) -> Tensor[]");
   m.def("pixels_to_int8(Tensor pixels, Tensor mean, Tensor multiplier, Tensor shift) -> Tensor");
   m.def("poly_gelu(Tensor x, int clip, int pre_shift, int pm, int pe, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
 }
@@ -1254,7 +1447,9 @@ TORCH_LIBRARY_IMPL(iseg_kernels, CPU, m) {
   m.impl("attention", &attention);
   m.impl("int8_mm_avx2", &int8_mm_avx2);
   m.impl("linear", &linear);
+  m.impl("pack_vnni_weight", &pack_vnni_weight);
   m.impl("argmax_channels", &argmax_channels);
+  m.impl("upsample_class_map", &upsample_class_map);
   m.impl("split_uint16", &split_uint16);
   m.impl("combine_requantize", &combine_requantize);
   m.impl("pixels_to_int8", &pixels_to_int8);

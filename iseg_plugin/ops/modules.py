@@ -20,7 +20,7 @@ from . import gemm as gemm_kernels
 from .gemm import INT8, INT64, int8_matmul, uint16_matmul
 from ..intops import Dyadic
 from ..intops.conv import columns, transposed_as_conv
-from ..intops.exp import bit_exp_table, row_span, shiftmax_table
+from ..intops.exp import bit_exp_form, bit_exp_table, row_span, shiftmax_table
 
 INT32 = torch.int32
 
@@ -125,13 +125,23 @@ class Linear(nn.Module):
 
     def blocked(self, x: Tensor) -> bool:
         """Whether the blocked kernel takes ``x``: the GEMM, bias, requantization (and the input's offset) by blocks
-        of rows on ``at::_int_mm``."""
+        of rows, on the kernels' VNNI GEMM or ``at::_int_mm`` (the GEMM path's)."""
         return (kernels.use(x) and gemm_kernels.gemm_path() in ("int_mm", "vnni") and x.dtype in (torch.int8, torch.int16)
                 and storage_dtype(self.out.bounds) != INT64)
 
+    def _packed(self) -> tuple:
+        """The weights packed for the VNNI GEMM (on the "vnni" path; else none), once per weight tensor: a cache, not
+        state (the deployed file holds ``weight_t``)."""
+        if gemm_kernels.gemm_path() != "vnni":
+            return ()
+        key = (self.weight_t.data_ptr(), self.weight_t._version)
+        if getattr(self, "_vnni_key", None) != key:
+            self._vnni, self._vnni_key = kernels.pack_vnni_weight(self.weight_t), key
+        return self._vnni
+
     def blocked_forward(self, x: Tensor, then: Tensor | None = None) -> Tensor:
         out = kernels.linear(x.reshape(-1, x.shape[-1]), self.weight_t, self.bias, self.out, self.input_offset,
-                             storage_dtype(self.out.bounds), then)
+                             storage_dtype(self.out.bounds), then, self._packed())
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -440,6 +450,11 @@ class Shiftmax(nn.Module):
         """The exponential table the fused kernels read for inputs whose rows span at most ``span``."""
         return shiftmax_table(self.i0, span)
 
+    def kernel_exp(self, span: int | None):
+        """The exponential as the fused attention computes it (its table), None where there is no table."""
+        table = self.table(span)
+        return table if table.values is not None else None
+
     def forward(self, x: Tensor) -> Tensor:
         fused = _fused_softmax(self, x)
         if fused is not None:
@@ -461,6 +476,11 @@ class BitExpSoftmax(nn.Module):
     def table(self, span: int | None):
         """The exponential table the fused kernels read (see :meth:`Shiftmax.table`)."""
         return bit_exp_table(self.exponent.dyadic(), span)
+
+    def kernel_exp(self, span: int | None):
+        """The exponential as the fused attention computes it: element by element
+        (:class:`~iseg_plugin.intops.exp.BitExpForm`), for every span."""
+        return bit_exp_form(self.exponent.dyadic())
 
     def forward(self, x: Tensor) -> Tensor:
         fused = _fused_softmax(self, x)
@@ -639,22 +659,21 @@ class Attention(nn.Module):
         super().__init__()
         self.scores, self.softmax, self.context = scores, softmax, context
 
-    def _fused_table(self, q: Tensor, kt: Tensor, v: Tensor):
-        """The softmax's exponential table if the fused kernel takes these operands, else None."""
+    def _fused_exp(self, q: Tensor, kt: Tensor, v: Tensor):
+        """The softmax's exponential (``kernel_exp``) if the fused kernel takes these operands, else None."""
         # (its GEMMs are at::_int_mm or the AVX2 kernel: on the int32-matmul path the three modules run, each fused)
         if not (gemm_kernels.gemm_path() != "int32" and kernels.use(q) and q.dim() >= 3 and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2]
                 and self.scores.out.multiplier.dim() == 0 and self.context.out.multiplier.dim() == 0
                 and storage_dtype(self.context.out.bounds) in (torch.int8, torch.int16)
                 and _last_dim(q, self.softmax.dim) and self.softmax.bits == 16):
             return None
-        table = self.softmax.table(row_span(torch.empty(0, dtype=storage_dtype(self.scores.out.bounds))))
-        return table if table.values is not None else None
+        return self.softmax.kernel_exp(row_span(torch.empty(0, dtype=storage_dtype(self.scores.out.bounds))))
 
     def forward(self, q: Tensor, kt: Tensor, v: Tensor) -> Tensor:
-        table = self._fused_table(q, kt, v)
-        if table is None:
+        exp = self._fused_exp(q, kt, v)
+        if exp is None:
             return self.context(self.softmax(self.scores(q, kt)), v)
-        return kernels.attention(q.to(INT8), kt.to(INT8), v.to(INT8), self.scores.out, table, self.context.out,
+        return kernels.attention(q.to(INT8), kt.to(INT8), v.to(INT8), self.scores.out, exp, self.context.out,
                                  storage_dtype(self.context.out.bounds), self.softmax.bits - 1,
                                  gemm_kernels.gemm_path())
 
