@@ -289,6 +289,13 @@ def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, ke
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "attention", lambda *a, **k: calls.append(1) or fuse(*a, **k))
         fused = attention(q, kt, v)
+        # views as a qkv Linear's output gives them (rows apart by more than their length, kt a transposed view of
+        # the keys' rows): the VNNI path reads them where they lie
+        dense = (q, kt.transpose(-2, -1), v)
+        views = [torch.zeros(*t.shape[:-1], t.shape[-1] + 7, dtype=torch.int8)[..., : t.shape[-1]] for t in dense]
+        for view, t in zip(views, dense):
+            view.copy_(t)
+        assert torch.equal(attention(views[0], views[1].transpose(-2, -1), views[2]), fused)
         with kernels.reference():
             reference = attention(q, kt, v)
             assert (sm(scores(q, kt)) == 2**15).any() == (keys == 1)

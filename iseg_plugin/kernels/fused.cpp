@@ -821,17 +821,17 @@ __attribute__((noinline)) void interleave4(const int8_t* __restrict r0, const in
   }
 }
 
-// b (k, n) row-major packed into data (vnni_panels(n) * vnni_groups(k) * 256 bytes) and corr (vnni_panels(n) * 64),
-// both zeroed first: zeros pad k to whole groups and n to whole panels
-void pack_vnni_into(const int8_t* b, int64_t k, int64_t n, int8_t* data, int32_t* corr) {
+// b (k, n), its rows ldb bytes apart, packed into data (vnni_panels(n) * vnni_groups(k) * 256 bytes) and corr
+// (vnni_panels(n) * 64), both zeroed first: zeros pad k to whole groups and n to whole panels
+void pack_vnni_into(const int8_t* b, int64_t k, int64_t n, int64_t ldb, int8_t* data, int32_t* corr) {
   TORCH_CHECK(k < (int64_t(1) << 16), "VNNI GEMM: k < 2**16 (int32 sums)");
   const int64_t groups = vnni_groups(k), panels = vnni_panels(n);
   for (int64_t kk = 0; kk < k; ++kk)  // 128 * the column sums
-    for (int64_t j = 0; j < n; ++j) corr[j] += 128 * int32_t(b[kk * n + j]);
+    for (int64_t j = 0; j < n; ++j) corr[j] += 128 * int32_t(b[kk * ldb + j]);
   const std::vector<int8_t> zeros(n, 0);
   for (int64_t g = 0; g < groups; ++g) {  // 4 rows of b interleaved byte by byte, panel by panel
     const int8_t* r[4];
-    for (int64_t h = 0; h < 4; ++h) r[h] = 4 * g + h < k ? b + (4 * g + h) * n : zeros.data();
+    for (int64_t h = 0; h < 4; ++h) r[h] = 4 * g + h < k ? b + (4 * g + h) * ldb : zeros.data();
     for (int64_t panel = 0; panel < panels; ++panel) {
       const int64_t c0 = panel * kVnniCols, cols = std::min(kVnniCols, n - c0);
       interleave4(r[0] + c0, r[1] + c0, r[2] + c0, r[3] + c0, data + (panel * groups + g) * kVnniCols * 4, cols);
@@ -846,11 +846,30 @@ struct PackedVnni {  // B packed into vectors of its own (the attention's keys a
   VnniB view() const { return {data.data(), corr.data(), n, groups, panels}; }
 };
 
-PackedVnni pack_vnni(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
+PackedVnni pack_vnni(const int8_t* b, int64_t k, int64_t n, int64_t ldb) {  // b: (k, n), rows ldb bytes apart
   PackedVnni p{{}, {}, n, vnni_groups(k), vnni_panels(n)};
   p.data.assign(p.panels * p.groups * kVnniCols * 4, 0);
   p.corr.assign(p.panels * kVnniCols, 0);
-  pack_vnni_into(b, k, n, p.data.data(), p.corr.data());
+  pack_vnni_into(b, k, n, ldb, p.data.data(), p.corr.data());
+  return p;
+}
+
+// B = the transpose of the (n, k) rows of a, ``lda`` bytes apart (an attention's keys, where kt is a transposed
+// view of them): B's group g of column j is bytes 4g..4g+3 of a's row j, one 4-byte word
+PackedVnni pack_vnni_transposed(const int8_t* a, int64_t n, int64_t k, int64_t lda) {
+  PackedVnni p{{}, {}, n, vnni_groups(k), vnni_panels(n)};
+  p.data.assign(p.panels * p.groups * kVnniCols * 4, 0);
+  p.corr.assign(p.panels * kVnniCols, 0);
+  for (int64_t j = 0; j < n; ++j) {
+    const int8_t* row = a + j * lda;
+    int32_t sum = 0;
+    for (int64_t kk = 0; kk < k; ++kk) sum += row[kk];
+    p.corr[j] = 128 * sum;
+    const int64_t panel = j / kVnniCols, jj = j % kVnniCols;
+    int8_t* out = p.data.data() + (panel * p.groups * kVnniCols + jj) * 4;
+    for (int64_t g = 0; g < p.groups; ++g)
+      std::memcpy(out + g * kVnniCols * 4, row + 4 * g, std::min<int64_t>(4, k - 4 * g));
+  }
   return p;
 }
 
@@ -999,7 +1018,7 @@ __attribute__((always_inline)) inline void add_scaled_row(int32_t* __restrict ct
 }
 
 __attribute__((noinline)) void sparse_high_row(const uint8_t* __restrict high, const int8_t* __restrict v,
-                                               int32_t* __restrict ctx, int64_t n, int64_t dv) {
+                                               int64_t ldv, int32_t* __restrict ctx, int64_t n, int64_t dv) {
   std::fill(ctx, ctx + dv, 0);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {  // 8 bytes at a time: most words are zero
@@ -1008,12 +1027,12 @@ __attribute__((noinline)) void sparse_high_row(const uint8_t* __restrict high, c
     while (word) {
       const int bit = __builtin_ctzll(word) & ~7;
       const int64_t jj = j + bit / 8;
-      add_scaled_row(ctx, high[jj], v + jj * dv, dv);
+      add_scaled_row(ctx, high[jj], v + jj * ldv, dv);
       word &= ~(uint64_t(0xff) << bit);
     }
   }
   for (; j < n; ++j)
-    if (high[j]) add_scaled_row(ctx, high[j], v + j * dv, dv);
+    if (high[j]) add_scaled_row(ctx, high[j], v + j * ldv, dv);
 }
 
 // the AVX2 GEMM's operand: the probabilities as int16, 2**15 entered as 2**15 - 1; returns the row's reciprocal if
@@ -1050,8 +1069,13 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
                      int64_t out_frac_bits, int64_t m2, int64_t e2, int64_t lo2, int64_t hi2, at::ScalarType out_dtype, int64_t block,
                      int64_t gemm) {
   TORCH_CHECK(gemm == kGemmIntMm || gemm == kGemmAvx2 || gemm == kGemmVnni, "attention: GEMM 0 (_int_mm), 1 (AVX2) or 2 (VNNI)");
-  const bool avx2_gemm = gemm == kGemmAvx2;
-  const at::Tensor q = q_.contiguous(), kt = kt_.contiguous(), v = v_.contiguous();
+  const bool avx2_gemm = gemm == kGemmAvx2, vnni = gemm == kGemmVnni;
+  // The VNNI GEMM reads q's and v's rows, and the keys' rows (kt a transposed view of them), where they lie (views of
+  // the qkv Linear's output: no copies); the other GEMMs take contiguous operands.
+  const bool strided = vnni && q_.dim() == 3 && kt_.dim() == 3 && v_.dim() == 3 && q_.stride(2) == 1 &&
+                       v_.stride(2) == 1 && kt_.stride(1) == 1;
+  const at::Tensor q = strided ? q_ : q_.contiguous(), kt = strided ? kt_ : kt_.contiguous(),
+                   v = strided ? v_ : v_.contiguous();
   const at::Tensor table = table_.to(at::kLong).contiguous();
   TORCH_CHECK(q.dim() == 3 && kt.dim() == 3 && v.dim() == 3 && q.scalar_type() == at::kChar &&
               kt.scalar_type() == at::kChar && v.scalar_type() == at::kChar, "attention: int8 (B, M, D), (B, D, N), (B, N, Dv)");
@@ -1060,12 +1084,15 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
   TORCH_CHECK(out_frac_bits >= 0 && out_frac_bits <= 15, "attention: probabilities of at most 2**15 (their bytes, or int16)");
   TORCH_CHECK(lo1 <= hi1 && hi1 - lo1 <= std::numeric_limits<int32_t>::max() && lo1 >= std::numeric_limits<int32_t>::min() &&
               hi1 <= std::numeric_limits<int32_t>::max() && e1 >= 0, "attention: scores within 31 bits of span");
+  // element strides: batch entries and rows of q, of v, of the keys (contiguous: (B, D, N) kt's, else k's rows)
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), vs0 = v.stride(0), vs1 = v.stride(1), ks0 = kt.stride(0),
+                ks1 = strided ? kt.stride(2) : kt.stride(1);
   std::vector<int64_t> colsum(avx2_gemm ? 0 : batch * dv, 0);  // (B, Dv) column sums of v, for _int_mm's halves
   for (int64_t b = 0; b < (avx2_gemm ? 0 : batch); ++b) {
-    const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
+    const int8_t* vb = v.data_ptr<int8_t>() + b * vs0;
     int64_t* c = colsum.data() + b * dv;
     for (int64_t j = 0; j < n; ++j)
-      for (int64_t col = 0; col < dv; ++col) c[col] += vb[j * dv + col];
+      for (int64_t col = 0; col < dv; ++col) c[col] += vb[j * vs1 + col];
   }
   at::Tensor out = at::empty({batch, rows, dv}, q.options().dtype(out_dtype));
   if (batch * rows * dv == 0) return out;
@@ -1147,13 +1174,13 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
   TORCH_CHECK(!avx2_gemm, "attention: these kernels were built for a CPU without AVX2");
 #endif
   // the two int8 products on the kernels' VNNI GEMM (keys and values packed once per batch entry) or at::_int_mm
-  const bool vnni = gemm == kGemmVnni;
 #ifdef ISEG_VNNI
   std::vector<PackedVnni> kts(vnni ? batch : 0), vs(vnni ? batch : 0);
   if (vnni)
     pool_for(batch, [&](int64_t b) {
-      kts[b] = pack_vnni(kt.data_ptr<int8_t>() + b * d * n, d, n);
-      vs[b] = pack_vnni(v.data_ptr<int8_t>() + b * n * dv, n, dv);
+      const int8_t* kb = kt.data_ptr<int8_t>() + b * ks0;
+      kts[b] = strided ? pack_vnni_transposed(kb, n, d, ks1) : pack_vnni(kb, d, n, ks1);
+      vs[b] = pack_vnni(v.data_ptr<int8_t>() + b * vs0, n, dv, vs1);
     });
 #else
   TORCH_CHECK(!vnni, "attention: these kernels were built for a CPU without AVX-512 VNNI");
@@ -1176,25 +1203,27 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
       int32_t* ap = acc.data_ptr<int32_t>();
       int8_t* lp = lowh.data_ptr<int8_t>();
       int32_t* plp = pv_lo.data_ptr<int32_t>();
-      const int8_t* qb = q.data_ptr<int8_t>() + (b * rows + r0) * d;
+      const int8_t* qb = q.data_ptr<int8_t>() + b * qs0 + r0 * qs1;
 #ifdef ISEG_VNNI
       if (vnni) {
+        int64_t lda = qs1;
         if (qa != d) {
-          for (int64_t i = 0; i < rr; ++i) std::copy(qb + i * d, qb + (i + 1) * d, qpad.data() + i * qa);
+          for (int64_t i = 0; i < rr; ++i) std::copy(qb + i * qs1, qb + i * qs1 + d, qpad.data() + i * qa);
           qb = qpad.data();
+          lda = qa;
         }
-        vnni_gemm(qb, rr, qa, kts[b].view(), ap, n);
+        vnni_gemm(qb, rr, lda, kts[b].view(), ap, n);
       }
 #endif
       if (!vnni) {
         at::Tensor a = acc.narrow(0, 0, rr);
         at::_int_mm_out(a, q[b].narrow(0, r0, rr), kt[b]);
       }
-      const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
+      const int8_t* vb = v.data_ptr<int8_t>() + b * vs0;
       for (int64_t i = 0; i < rr; ++i) {  // the low bytes' GEMM below; the high bytes' product here, row by row
         if (k.int32_exps()) softmax_row_bytes(ap + i * n, sc.data(), e32.data(), high.data(), lp + i * la, n, k);
         else softmax_row_bytes(ap + i * n, sc.data(), e.data(), high.data(), lp + i * la, n, k);
-        sparse_high_row(high.data(), vb, pv_hi.data() + i * dv, n, dv);
+        sparse_high_row(high.data(), vb, vs1, pv_hi.data() + i * dv, n, dv);
       }
 #ifdef ISEG_VNNI
       if (vnni) vnni_gemm(lp, rr, la, vs[b].view(), plp, dv);
@@ -1217,7 +1246,7 @@ std::vector<at::Tensor> pack_vnni_weight(const at::Tensor& w_) {
   const int64_t k = w.size(0), n = w.size(1);
   at::Tensor data = at::zeros({vnni_panels(n) * vnni_groups(k) * kVnniCols * 4}, w.options());
   at::Tensor corr = at::zeros({vnni_panels(n) * kVnniCols}, w.options().dtype(at::kInt));
-  pack_vnni_into(w.data_ptr<int8_t>(), k, n, data.data_ptr<int8_t>(), corr.data_ptr<int32_t>());
+  pack_vnni_into(w.data_ptr<int8_t>(), k, n, n, data.data_ptr<int8_t>(), corr.data_ptr<int32_t>());
   return {data, corr};
 #else
   TORCH_CHECK(false, "pack_vnni_weight: these kernels were built for a CPU without AVX-512 VNNI");
