@@ -873,10 +873,11 @@ PackedVnni pack_vnni_transposed(const int8_t* a, int64_t n, int64_t k, int64_t l
   return p;
 }
 
-// R x 64 of C (cols of them stored) from R int8 rows of a (lda bytes apart, 4 * groups readable each) and one panel
-template <int R>
-__attribute__((noinline)) void vnni_tile(const int8_t* a, int64_t lda, const int8_t* bp, int64_t groups,
-                                         const int32_t* corr, int32_t* c, int64_t ldc, int64_t cols) {
+// The R x 64 products of R int8 rows of a (lda bytes apart, 4 * groups readable each) and one panel, each 16-column
+// vector handed to store(r, q, acc) (acc: the products plus 128 x the column sums, which store takes off)
+template <int R, typename Store>
+__attribute__((always_inline)) inline void vnni_tile_with(const int8_t* a, int64_t lda, const int8_t* bp, int64_t groups,
+                                                          const Store& store) {
   __m512i acc[R][4];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_si512();
@@ -898,11 +899,104 @@ __attribute__((noinline)) void vnni_tile(const int8_t* a, int64_t lda, const int
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int q = 0; q < 4 && 16 * q < cols; ++q) {
-      const __m512i v = _mm512_sub_epi32(acc[r][q], _mm512_loadu_si512(corr + 16 * q));
-      if (cols - 16 * q >= 16) _mm512_storeu_si512(c + r * ldc + 16 * q, v);
-      else _mm512_mask_storeu_epi32(c + r * ldc + 16 * q, __mmask16((1u << (cols - 16 * q)) - 1), v);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) store(r, q, acc[r][q]);
+}
+
+inline __mmask16 column_mask(int64_t cols, int q) {  // the columns of vector q that exist among cols of a panel
+  const int64_t left = cols - 16 * q;
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+// R x 64 of C (cols of them stored) from R int8 rows of a and one panel (vnni_tile_with)
+template <int R>
+__attribute__((noinline)) void vnni_tile(const int8_t* a, int64_t lda, const int8_t* bp, int64_t groups,
+                                         const int32_t* corr, int32_t* c, int64_t ldc, int64_t cols) {
+  vnni_tile_with<R>(a, lda, bp, groups, [&](int r, int q, __m512i acc) {
+    const __mmask16 mask = column_mask(cols, q);
+    if (mask) _mm512_mask_storeu_epi32(c + r * ldc + 16 * q, mask, _mm512_sub_epi32(acc, _mm512_loadu_si512(corr + 16 * q)));
+  });
+}
+
+// A Linear's epilogue in registers: (product + bias, wrapping in int32) requantized per output column (int32
+// multiplier, shift and half as int64: one widening multiply), clamped, then either stored as Out or read through
+// ``table`` (256 values of Out, at the int8 output + 128): by word permutes (vpermt2w, 64 entries per pair of
+// registers, the four quarters picked by the index's bits 6 and 7) where every value fits int16 (the GELU into fc2:
+// an fc1 with its GELU 3.9 -> 3.1 ms), else by a gather (Zen 4: ~30 cycles per 16). Constants padded to whole panels.
+struct LinearConsts {
+  const int32_t* bias;    // (panels * 64) zeros where there is no bias
+  const int64_t* m;       // multipliers (int32 values)
+  const int64_t* half;
+  const int64_t* shift;
+  int64_t lo, hi;
+  const int32_t* table;   // or null
+  const int16_t* table16; // the table as int16 where every value fits, else null
+};
+
+template <typename Out>
+inline void store_out(Out* y, __mmask16 mask, __m512i v) {
+  if constexpr (sizeof(Out) == 1) _mm512_mask_cvtepi32_storeu_epi8(y, mask, v);
+  else if constexpr (sizeof(Out) == 2) _mm512_mask_cvtepi32_storeu_epi16(y, mask, v);
+  else _mm512_mask_storeu_epi32(y, mask, v);
+}
+
+// R rows x one panel of the Linear's output (columns c0.. of rows y, ldy apart)
+template <int R, typename Out>
+__attribute__((noinline)) void vnni_linear_tile(const int8_t* a, int64_t lda, const int8_t* bp, int64_t groups,
+                                                const int32_t* corr, const LinearConsts& k, int64_t c0, Out* y,
+                                                int64_t ldy, int64_t cols) {
+  const __m512i lo = _mm512_set1_epi64(k.lo), hi = _mm512_set1_epi64(k.hi), off = _mm512_set1_epi32(128);
+  __m512i t[8];  // the int16 table, 32 values a register
+  for (int i = 0; i < 8; ++i) t[i] = k.table16 ? _mm512_loadu_si512(k.table16 + 32 * i) : _mm512_setzero_si512();
+  const __m512i bit6 = _mm512_set1_epi16(64), bit7 = _mm512_set1_epi16(128);
+  vnni_tile_with<R>(a, lda, bp, groups, [&](int r, int q, __m512i acc) {
+    const __mmask16 mask = column_mask(cols, q);
+    if (!mask) return;
+    const int64_t col = c0 + 16 * q;
+    const __m512i v = _mm512_add_epi32(_mm512_sub_epi32(acc, _mm512_loadu_si512(corr + 16 * q)),
+                                       _mm512_loadu_si512(k.bias + col));
+    __m512i p0 = _mm512_mul_epi32(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)), _mm512_loadu_si512(k.m + col));
+    __m512i p1 = _mm512_mul_epi32(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)), _mm512_loadu_si512(k.m + col + 8));
+    p0 = _mm512_srav_epi64(_mm512_add_epi64(p0, _mm512_loadu_si512(k.half + col)), _mm512_loadu_si512(k.shift + col));
+    p1 = _mm512_srav_epi64(_mm512_add_epi64(p1, _mm512_loadu_si512(k.half + col + 8)), _mm512_loadu_si512(k.shift + col + 8));
+    p0 = _mm512_min_epi64(_mm512_max_epi64(p0, lo), hi);
+    p1 = _mm512_min_epi64(_mm512_max_epi64(p1, lo), hi);
+    __m512i out = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(p0)), _mm512_cvtepi64_epi32(p1), 1);
+    if (k.table16) {  // 16 word indices in [0, 256), looked up by quarters
+      const __m512i idx = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_add_epi32(out, off)));
+      const __mmask32 b6 = _mm512_test_epi16_mask(idx, bit6), b7 = _mm512_test_epi16_mask(idx, bit7);
+      const __m512i low = _mm512_mask_blend_epi16(b6, _mm512_permutex2var_epi16(t[0], idx, t[1]),
+                                                  _mm512_permutex2var_epi16(t[2], idx, t[3]));
+      const __m512i high = _mm512_mask_blend_epi16(b6, _mm512_permutex2var_epi16(t[4], idx, t[5]),
+                                                   _mm512_permutex2var_epi16(t[6], idx, t[7]));
+      out = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(_mm512_mask_blend_epi16(b7, low, high)));
+    } else if (k.table) {
+      out = _mm512_i32gather_epi32(_mm512_add_epi32(out, off), k.table, 4);
     }
+    store_out(y + r * ldy + 16 * q, mask, out);
+  });
+}
+
+// rows [0, m) of the Linear's output y (n columns, ldy apart) = the epilogue of a (m int8 rows, lda apart) @ b
+template <typename Out>
+void vnni_linear(const int8_t* a, int64_t m, int64_t lda, const VnniB& b, const LinearConsts& k, Out* y, int64_t ldy) {
+  for (int64_t panel = 0; panel < b.panels; ++panel) {
+    const int8_t* bp = b.data + panel * b.groups * kVnniCols * 4;
+    const int32_t* corr = b.corr + panel * kVnniCols;
+    const int64_t c0 = panel * kVnniCols, cols = std::min(kVnniCols, b.n - c0);
+    for (int64_t r = 0; r < m; r += kVnniRows) {
+      const int8_t* ar = a + r * lda;
+      Out* yr = y + r * ldy + c0;
+      switch (std::min<int64_t>(kVnniRows, m - r)) {
+        case 6: vnni_linear_tile<6>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
+        case 5: vnni_linear_tile<5>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
+        case 4: vnni_linear_tile<4>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
+        case 3: vnni_linear_tile<3>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
+        case 2: vnni_linear_tile<2>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
+        default: vnni_linear_tile<1>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols);
+      }
+    }
+  }
 }
 
 // c (m rows, ldc apart) int32 = a (m int8 rows, lda >= 4 * b.groups bytes apart, readable) @ b, on this thread
@@ -1261,17 +1355,16 @@ __attribute__((noinline)) void shift_into_int8(const In* __restrict x, int64_t o
   for (int64_t i = 0; i < count; ++i) y[i] = int8_t(uint8_t(uint32_t(int32_t(x[i]) - off)));
 }
 
-// Linear: requantize(int8(x - offset) @ w + bias) of x (M, K) and w (K, N), by blocks of rows on torch's threads:
-// each block's int32 products are requantized while they are in cache, and an input on an asymmetric grid is
-// shifted into int8 block by block: no int32 (M, N) tensor and no shifted copy of x pass through memory. The
-// products: the kernels' VNNI GEMM with w packed once (``packed``: pack_vnni_weight's data and column sums, which
-// the module keeps; blocks of 48 rows, whose products stay in L2), or at::_int_mm (single-threaded inside the
-// parallel region; ~256-row blocks: it packs w again at every call, and its cost per row grows on fewer rows).
-// _int_mm with its own epilogue pass cost 20-45 % over the bare product on a ViT-S's Linears (its int32 block
-// left L2, and w was repacked per block). The same integers as Linear's int8_matmul, bias add and Requant one
-// after the other (the shift wraps into int8 as torch's cast does; the bias add wraps in int32 as an int32 tensor
-// add does). ``then``: an element-wise module's outputs for the 256 int8 values (LinearThen), read for each int8
-// output.
+// Linear: requantize(int8(x - offset) @ w + bias) of x (M, K) and w (K, N), by blocks of rows on torch's threads, an
+// input on an asymmetric grid shifted into int8 block by block (no shifted copy of x passes through memory). The
+// products: the kernels' VNNI GEMM with w packed once (``packed``: pack_vnni_weight's data and column sums, which the
+// module keeps; blocks of 48 rows), the bias, requantization, clamp (and element-wise table) applied to each tile in
+// registers and stored as the output type: no int32 products pass through memory. Else at::_int_mm
+// (single-threaded inside the parallel region; ~256-row blocks: it packs w again at every call, and its cost per row
+// grows on fewer rows), each block's int32 products requantized while they are in cache. The same integers as
+// Linear's int8_matmul, bias add and Requant one after the other (the shift wraps into int8 as torch's cast does;
+// the bias add wraps in int32 as an int32 tensor add does). ``then``: an element-wise module's outputs for the 256
+// int8 values (LinearThen), read for each int8 output.
 at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& bias_,
                   const at::Tensor& multiplier_, const at::Tensor& shift_, int64_t lo, int64_t hi, int64_t offset,
                   at::ScalarType out_dtype, const std::optional<at::Tensor>& then_, at::TensorList packed) {
@@ -1319,10 +1412,31 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
   const int64_t tasks = std::min(rows, threads * ((rows + target * threads - 1) / (target * threads)));
   const int64_t per_task = vnni ? ((rows + tasks - 1) / tasks + kVnniRows - 1) / kVnniRows * kVnniRows  // whole tiles
                                 : (rows + tasks - 1) / tasks;
+#ifdef ISEG_VNNI
+  // the VNNI GEMM's epilogue constants, per output column, padded to whole panels
+  const int64_t padded = vnni ? wb.panels * kVnniCols : 0;
+  std::vector<int32_t> bias_p(padded, 0);
+  std::vector<int64_t> m_p(padded, 0), half_p(padded, 0), shift_p(padded, 0);
+  for (int64_t c = 0; c < (vnni ? n : 0); ++c) {
+    const int64_t i = per_channel ? c : 0;
+    m_p[c] = int32_t(m.data_ptr<int64_t>()[i]);
+    shift_p[c] = e.data_ptr<int64_t>()[i];
+    half_p[c] = shift_p[c] > 0 ? (int64_t(1) << (shift_p[c] - 1)) : 0;
+    if (bias.defined()) bias_p[c] = bias.data_ptr<int32_t>()[c];
+  }
+  std::vector<int16_t> table16;
+  if (then.defined()) {
+    const int32_t* tv = table.data_ptr<int32_t>();
+    if (std::all_of(tv, tv + 256, [](int32_t t) { return t >= INT16_MIN && t <= INT16_MAX; })) table16.assign(tv, tv + 256);
+  }
+  const LinearConsts consts{bias_p.data(), m_p.data(), half_p.data(), shift_p.data(), lo, hi,
+                            then.defined() ? table.data_ptr<int32_t>() : nullptr,
+                            table16.empty() ? nullptr : table16.data()};
+#endif
   on_threads(tasks, [&](std::atomic<int64_t>& next) {
-    at::Tensor acc = at::empty({per_task, n}, x.options().dtype(at::kInt));
+    at::Tensor acc = vnni ? at::Tensor() : at::empty({per_task, n}, x.options().dtype(at::kInt));
     at::Tensor shifted = as_is ? at::Tensor() : at::zeros({per_task, lda}, x.options().dtype(at::kChar));
-    at::Tensor ints = then.defined() ? at::empty({per_task, n}, x.options().dtype(at::kChar)) : at::Tensor();
+    at::Tensor ints = then.defined() && !vnni ? at::empty({per_task, n}, x.options().dtype(at::kChar)) : at::Tensor();
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
       const int64_t r0 = task * per_task, rr = std::min(per_task, rows - r0);
       if (rr <= 0) continue;
@@ -1334,11 +1448,17 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
           AT_DISPATCH_CASE(at::kShort, [&] { for (int64_t i = 0; i < rr; ++i) shift_into_int8(a.data_ptr<scalar_t>() + i * k, offset, s.data_ptr<int8_t>() + i * lda, k); }));
         a = s;
       }
-      at::Tensor c = acc.narrow(0, 0, rr);
 #ifdef ISEG_VNNI
-      if (vnni) vnni_gemm(a.data_ptr<int8_t>(), rr, lda, wb, c.data_ptr<int32_t>(), n);
+      if (vnni) {  // the products and their epilogue in registers, straight into the output
+        AT_DISPATCH_SWITCH(out.scalar_type(), "linear_vnni",
+          AT_DISPATCH_CASE(at::kChar, [&] { vnni_linear(a.data_ptr<int8_t>(), rr, lda, wb, consts, out.data_ptr<scalar_t>() + r0 * n, n); })
+          AT_DISPATCH_CASE(at::kShort, [&] { vnni_linear(a.data_ptr<int8_t>(), rr, lda, wb, consts, out.data_ptr<scalar_t>() + r0 * n, n); })
+          AT_DISPATCH_CASE(at::kInt, [&] { vnni_linear(a.data_ptr<int8_t>(), rr, lda, wb, consts, out.data_ptr<scalar_t>() + r0 * n, n); }));
+        continue;
+      }
 #endif
-      if (!vnni) at::_int_mm_out(c, a, w);
+      at::Tensor c = acc.narrow(0, 0, rr);
+      at::_int_mm_out(c, a, w);
       const int32_t* b = bias.defined() ? bias.data_ptr<int32_t>() : nullptr;
       if (then.defined()) {  // the int8 outputs into scratch, then their element-wise values
         requantize_rows<int32_t, int8_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(),
