@@ -169,8 +169,9 @@ def test_class_map_equals_argmax(dtype):
 @pytest.mark.parametrize("mode,corners", [("bilinear", False), ("bilinear", True), ("nearest", False)])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
 def test_upsample_class_map_equals_class_map_of_upsample(mode, corners, dtype):
-    """The fused class map of upsampled logits: the argmax (first maximum on ties) of the upsampled integers, cropped,
-    for power-of-two denominators (x16: the Segmenter's) and others (x3 / 13 by 9: floor division)."""
+    """The class map of upsampled logits in the upsampling's pass: the argmax (first maximum on ties) of the upsampled
+    integers, cropped, without them or with them (the same as upsample's), for power-of-two denominators (x16: the
+    Segmenter's) and others (x3 / 13 by 9: floor division)."""
     g = torch.Generator().manual_seed(11)
     info = torch.iinfo(dtype)
     bound = min(info.max, 2**26)
@@ -182,6 +183,8 @@ def test_upsample_class_map_equals_class_map_of_upsample(mode, corners, dtype):
         up = kernels.upsample(x, mode, size, corners)
         assert torch.equal(kernels.upsample_class_map(x, mode, size, corners, crop), kernels.class_map(up, crop))
         assert torch.equal(kernels.class_map(up, crop), up[..., : crop[0], : crop[1]].argmax(1))
+        full, classes = kernels.upsample_class_map(x, mode, size, corners, crop, logits=True)  # both in one pass
+        assert full.dtype == dtype and torch.equal(full, up) and torch.equal(classes, kernels.class_map(up, crop))
 
 
 @pytest.mark.parametrize("scale", [0.004, 0.03, 0.31])

@@ -62,13 +62,35 @@ class DeployedSegmenter(nn.Module):
         self.logit_scale = float(logit_scale)
         self.selection = selection
 
-    def _run(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        # the graph is lowered for one image (shapes are folded into it): a batch runs image by image
-        outs = [self.graph(image[None]) for image in images]
-        logits = outs[0] if len(outs) == 1 else torch.cat(outs)  # (one image: no copy of the full-size logits)
-        if logits.dtype in (torch.int8, torch.int16, torch.int32) and kernels.use(logits):
-            return logits, kernels.class_map(logits, self.input_size)
-        return logits, logits[..., : self.input_size[0], : self.input_size[1]].argmax(1)
+    def _run(self, images: Tensor, logits: bool = True):
+        """(logits, classes), or the classes alone without ``logits``. The graph is lowered for one image (shapes are
+        folded into it): a batch runs image by image. Where the graph ends with an upsampling of its logits (the
+        Segmenter's resize to the image) and the kernels run, the upsampling and the argmax are one pass
+        (:func:`kernels.upsample_class_map`): the full-size logits (150 x 512 x 512 int16: 78 MB per image) are
+        written once and not read back, or not written at all for the classes alone."""
+        split = self._split_last_upsample() if kernels.use(images) else None
+        outs = [self._one(image[None], split, logits) for image in images]
+        if not logits:
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        full, classes = zip(*outs)  # (one image: no copy of the full-size logits)
+        return (full[0], classes[0]) if len(outs) == 1 else (torch.cat(full), torch.cat(classes))
+
+    def _one(self, image: Tensor, split, logits: bool):
+        """One image's (logits, classes), or classes (see :meth:`_run`); ``split``: the graph split at its last
+        upsampling, or None."""
+        if split is not None:
+            trunk, up = split
+            low = trunk(image)
+            if low.dtype in (torch.int8, torch.int16, torch.int32):
+                return kernels.upsample_class_map(low, up.mode, up.size, bool(up.align_corners), self.input_size, logits)
+            full = up(low)
+        else:
+            full = self.graph(image)
+        if full.dtype in (torch.int8, torch.int16, torch.int32) and kernels.use(full):
+            classes = kernels.class_map(full, self.input_size)
+        else:
+            classes = full[..., : self.input_size[0], : self.input_size[1]].argmax(1)
+        return (full, classes) if logits else classes
 
     def forward(self, images: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
         images = as_pixels(images)
@@ -76,22 +98,11 @@ class DeployedSegmenter(nn.Module):
         return self._run(images)
 
     def predict(self, images: Tensor | np.ndarray) -> Tensor:
-        """The class map (B, H, W) alone: ``forward(images)[1]``, the same integers. Where the graph ends with an
-        upsampling of its logits (the Segmenter's resize to the image) and the kernels run, the upsampling and the
-        argmax are one pass that never writes the full-size logits (150 x 512 x 512 int16: 78 MB per image)."""
+        """The class map (B, H, W) alone: ``forward(images)[1]``, the same integers, without the full-size logits
+        where the graph ends with their upsampling (see :meth:`_run`)."""
         images = as_pixels(images)
         check_pixels(images, self.input_size)
-        split = self._split_last_upsample()
-        if split is None or not kernels.enabled():
-            return self._run(images)[1]
-        trunk, up = split
-        maps = []
-        for image in images:  # (image by image, as _run)
-            low = trunk(image[None])
-            if not (low.dtype in (torch.int8, torch.int16, torch.int32) and kernels.use(low)):
-                return self._run(images)[1]
-            maps.append(kernels.upsample_class_map(low, up.mode, up.size, bool(up.align_corners), self.input_size))
-        return maps[0] if len(maps) == 1 else torch.cat(maps)
+        return self._run(images, logits=False)
 
     def _split_last_upsample(self):
         """(the graph up to its output's upsampling, that Upsample module) where the output is one Upsample of its

@@ -172,13 +172,17 @@ def upsample(x, mode: str, size: tuple[int, int], align_corners: bool):
     return torch.ops.iseg_kernels.upsample(x, rows, cols, den_r * den_c)
 
 
-def upsample_class_map(x, mode: str, size: tuple[int, int], align_corners: bool, crop: tuple[int, int]):
-    """``class_map(upsample(x, mode, size, align_corners), crop)`` without the upsampled logits: (N, h, w) int64."""
+def upsample_class_map(x, mode: str, size: tuple[int, int], align_corners: bool, crop: tuple[int, int],
+                       logits: bool = False):
+    """``class_map(upsample(x, mode, size, align_corners), crop)`` in the upsampling's pass: the (N, h, w) int64 class
+    map alone (the upsampled logits never written), or with ``logits`` the pair (upsampled logits, class map)."""
     rows, den_r = _axis(mode, x.shape[-2], size[0], align_corners)
     cols, den_c = _axis(mode, x.shape[-1], size[1], align_corners)
     if not (crop[0] <= size[0] and crop[1] <= size[1]):
         raise ValueError(f"upsample_class_map: a crop {crop} within the upsampled size {size}")
-    return torch.ops.iseg_kernels.upsample_class_map(x, rows[:, : crop[0]], cols[:, : crop[1]], den_r * den_c)
+    classes, full = torch.ops.iseg_kernels.upsample_class_map(x, rows, cols, den_r * den_c, int(crop[0]), int(crop[1]),
+                                                              bool(logits))
+    return (full, classes) if logits else classes
 
 
 def class_map(logits, size: tuple[int, int]):

@@ -511,17 +511,19 @@ at::Tensor upsample(const at::Tensor& x_, const at::Tensor& rows, const at::Tens
   return out;
 }
 
-// The class map of upsampled logits without the upsampled logits: for each output pixel, the first channel whose
+// The class map of upsampled logits in the upsampling's pass: for each output pixel, the first channel whose
 // upsampled value (upsample's integers, computed as upsample does) is the largest, as argmax_channels of upsample's
-// output. The full-size logits (a 150-class ViT-S at 512 x 512: 78 MB of int16) are neither written nor read
-// again; each task keeps a block of output rows' best values and channels in cache, channel by channel.
-template <typename Acc>
+// output. Each task keeps a block of output rows' best values and channels in cache, channel by channel. Without
+// ``logits`` the full-size logits (a 150-class ViT-S at 512 x 512: 78 MB of int16) are neither written nor read
+// again, and only the cropped pixels are computed; with them, they are written once and not read back.
+template <typename T, typename Acc, bool kStore>
 __attribute__((noinline)) void best_of_rows(const Acc* __restrict above, const Acc* __restrict below, Acc wlo, Acc whi,
                                             Acc den, int64_t den_shift, int32_t channel, Acc* __restrict best,
-                                            int32_t* __restrict idx, int64_t wo) {
+                                            int32_t* __restrict idx, T* __restrict y, int64_t wo) {
   if (den_shift >= 0) {
     for (int64_t j = 0; j < wo; ++j) {
       const Acc v = (2 * (above[j] * wlo + below[j] * whi) + den) >> den_shift;
+      if constexpr (kStore) y[j] = T(v);
       const bool more = v > best[j];
       best[j] = more ? v : best[j];
       idx[j] = more ? channel : idx[j];
@@ -529,6 +531,7 @@ __attribute__((noinline)) void best_of_rows(const Acc* __restrict above, const A
   } else {
     for (int64_t j = 0; j < wo; ++j) {
       const Acc v = Acc(floor_div(int64_t(2 * (above[j] * wlo + below[j] * whi) + den), 2 * int64_t(den)));
+      if constexpr (kStore) y[j] = T(v);
       const bool more = v > best[j];
       best[j] = more ? v : best[j];
       idx[j] = more ? channel : idx[j];
@@ -536,66 +539,83 @@ __attribute__((noinline)) void best_of_rows(const Acc* __restrict above, const A
   }
 }
 
+// out: the (n, crop_h, crop_w) class map; logits: the (n, c, ho, wo) upsampled logits, or null
 template <typename T, typename Acc>
 void class_map_blocks(const T* x, const int64_t* rlo, const int64_t* rhi, const int64_t* rwlo, const int64_t* rwhi,
                       const int64_t* clo, const int64_t* chi, const int64_t* cwlo, const int64_t* cwhi, int64_t den,
-                      int64_t den_shift, int64_t* out, int64_t n, int64_t c, int64_t h, int64_t w, int64_t ho,
-                      int64_t wo) {
-  const std::vector<Acc> cl(clo, clo + wo), ch(chi, chi + wo), cwl(cwlo, cwlo + wo), cwh(cwhi, cwhi + wo);
-  constexpr int64_t kRows = 64;  // output rows per task: their best values and channels stay in L1 / L2
-  const int64_t chunks = (ho + kRows - 1) / kRows;
+                      int64_t den_shift, int64_t* out, T* logits, int64_t n, int64_t c, int64_t h, int64_t w,
+                      int64_t ho, int64_t wo, int64_t crop_h, int64_t crop_w) {
+  const int64_t rows = logits ? ho : crop_h, cols = logits ? wo : crop_w;  // the pixels computed
+  const std::vector<Acc> cl(clo, clo + cols), ch(chi, chi + cols), cwl(cwlo, cwlo + cols), cwh(cwhi, cwhi + cols);
+  constexpr int64_t kRows = 64;  // output rows per task: their best values and channels stay in L2
+  const int64_t chunks = (rows + kRows - 1) / kRows;
   pool_for(n * chunks, [&](int64_t task) {
-    const int64_t b = task / chunks, i0 = (task % chunks) * kRows, i1 = std::min(ho, i0 + kRows);
+    const int64_t b = task / chunks, i0 = (task % chunks) * kRows, i1 = std::min(rows, i0 + kRows);
     int64_t r0 = h, r1 = -1;  // the input rows these output rows read
     for (int64_t i = i0; i < i1; ++i) {
       r0 = std::min({r0, rlo[i], rhi[i]});
       r1 = std::max({r1, rlo[i], rhi[i]});
     }
-    std::vector<Acc> hrows((r1 - r0 + 1) * wo), row(w), best((i1 - i0) * wo, std::numeric_limits<Acc>::min());
-    std::vector<int32_t> idx((i1 - i0) * wo, 0);
+    std::vector<Acc> hrows((r1 - r0 + 1) * cols), row(w), best((i1 - i0) * cols, std::numeric_limits<Acc>::min());
+    std::vector<int32_t> idx((i1 - i0) * cols, 0);
     for (int64_t k = 0; k < c; ++k) {
       const T* plane = x + (b * c + k) * h * w;
       for (int64_t r = r0; r <= r1; ++r) {
         std::copy(plane + r * w, plane + (r + 1) * w, row.begin());
-        bilinear_columns(row.data(), cl.data(), ch.data(), cwl.data(), cwh.data(), hrows.data() + (r - r0) * wo, wo);
+        bilinear_columns(row.data(), cl.data(), ch.data(), cwl.data(), cwh.data(), hrows.data() + (r - r0) * cols, cols);
       }
-      for (int64_t i = i0; i < i1; ++i)  // (values within T's range: > Acc's minimum, so channel 0 sets every pixel)
-        best_of_rows(hrows.data() + (rlo[i] - r0) * wo, hrows.data() + (rhi[i] - r0) * wo, Acc(rwlo[i]), Acc(rwhi[i]),
-                     Acc(den), den_shift, int32_t(k), best.data() + (i - i0) * wo, idx.data() + (i - i0) * wo, wo);
+      for (int64_t i = i0; i < i1; ++i) {  // (values within T's range: > Acc's minimum, so channel 0 sets every pixel)
+        const Acc* above = hrows.data() + (rlo[i] - r0) * cols;
+        const Acc* below = hrows.data() + (rhi[i] - r0) * cols;
+        Acc* bi = best.data() + (i - i0) * cols;
+        int32_t* ii = idx.data() + (i - i0) * cols;
+        if (logits)
+          best_of_rows<T, Acc, true>(above, below, Acc(rwlo[i]), Acc(rwhi[i]), Acc(den), den_shift, int32_t(k), bi, ii,
+                                     logits + ((b * c + k) * ho + i) * wo, cols);
+        else
+          best_of_rows<T, Acc, false>(above, below, Acc(rwlo[i]), Acc(rwhi[i]), Acc(den), den_shift, int32_t(k), bi, ii,
+                                      nullptr, cols);
+      }
     }
-    std::copy(idx.begin(), idx.end(), out + (b * ho + i0) * wo);
+    for (int64_t i = i0; i < std::min(i1, crop_h); ++i)
+      std::copy(idx.begin() + (i - i0) * cols, idx.begin() + (i - i0) * cols + crop_w, out + (b * crop_h + i) * crop_w);
   });
 }
 
 // int32 intermediates where they fit, as upsample_rows decides; rp, cp: the (4, ho) and (4, wo) tables
 template <typename T>
-void class_map_dispatch(const T* x, const int64_t* rp, const int64_t* cp, int64_t den, int64_t* out, int64_t n,
-                        int64_t c, int64_t h, int64_t w, int64_t ho, int64_t wo) {
+void class_map_dispatch(const T* x, const int64_t* rp, const int64_t* cp, int64_t den, int64_t* out, T* logits,
+                        int64_t n, int64_t c, int64_t h, int64_t w, int64_t ho, int64_t wo, int64_t crop_h,
+                        int64_t crop_w) {
   const int64_t den_shift = (den & (den - 1)) == 0 ? bit_length(2 * den) - 1 : -1;  // 2 den = 2**den_shift
   const int64_t top = int64_t(1) << (8 * sizeof(T) - 1);  // max |x|
   if (top * 2 * den + den < (int64_t(1) << 31))
     class_map_blocks<T, int32_t>(x, rp, rp + ho, rp + 2 * ho, rp + 3 * ho, cp, cp + wo, cp + 2 * wo, cp + 3 * wo, den,
-                                 den_shift, out, n, c, h, w, ho, wo);
+                                 den_shift, out, logits, n, c, h, w, ho, wo, crop_h, crop_w);
   else
     class_map_blocks<T, int64_t>(x, rp, rp + ho, rp + 2 * ho, rp + 3 * ho, cp, cp + wo, cp + 2 * wo, cp + 3 * wo, den,
-                                 den_shift, out, n, c, h, w, ho, wo);
+                                 den_shift, out, logits, n, c, h, w, ho, wo, crop_h, crop_w);
 }
 
-// x: (N, C, H, W) logits; rows, cols: upsample's tables, cropped to the (ho, wo) pixels wanted
-at::Tensor upsample_class_map(const at::Tensor& x_, const at::Tensor& rows, const at::Tensor& cols, int64_t den) {
+// x: (N, C, H, W) logits; rows, cols: upsample's (4, H_out), (4, W_out) tables; the class map of the first (crop_h,
+// crop_w) pixels, and (with_logits) the upsampled logits
+std::vector<at::Tensor> upsample_class_map(const at::Tensor& x_, const at::Tensor& rows, const at::Tensor& cols,
+                                           int64_t den, int64_t crop_h, int64_t crop_w, bool with_logits) {
   const at::Tensor x = x_.contiguous(), r = rows.to(at::kLong).contiguous(), c = cols.to(at::kLong).contiguous();
   TORCH_CHECK(x.dim() == 4 && x.size(1) > 0 && r.dim() == 2 && r.size(0) == 4 && c.dim() == 2 && c.size(0) == 4 && den >= 1,
               "upsample_class_map: (N, C, H, W) logits, (4, H_out) and (4, W_out) tables");
   const int64_t n = x.size(0), ch = x.size(1), h = x.size(2), w = x.size(3), ho = r.size(1), wo = c.size(1);
-  at::Tensor out = at::empty({n, ho, wo}, x.options().dtype(at::kLong));
-  if (out.numel() == 0) return out;
+  TORCH_CHECK(crop_h >= 0 && crop_h <= ho && crop_w >= 0 && crop_w <= wo, "upsample_class_map: a crop within the output");
+  at::Tensor out = at::empty({n, crop_h, crop_w}, x.options().dtype(at::kLong));
+  at::Tensor logits = with_logits ? at::empty({n, ch, ho, wo}, x.options()) : at::Tensor();
+  if (n * ho * wo == 0 || (!with_logits && out.numel() == 0)) return {out, logits.defined() ? logits : out};
   const int64_t* rp = r.data_ptr<int64_t>();
   const int64_t* cp = c.data_ptr<int64_t>();
   AT_DISPATCH_SWITCH(x.scalar_type(), "upsample_class_map",
-    AT_DISPATCH_CASE(at::kChar, [&] { class_map_dispatch(x.data_ptr<scalar_t>(), rp, cp, den, out.data_ptr<int64_t>(), n, ch, h, w, ho, wo); })
-    AT_DISPATCH_CASE(at::kShort, [&] { class_map_dispatch(x.data_ptr<scalar_t>(), rp, cp, den, out.data_ptr<int64_t>(), n, ch, h, w, ho, wo); })
-    AT_DISPATCH_CASE(at::kInt, [&] { class_map_dispatch(x.data_ptr<scalar_t>(), rp, cp, den, out.data_ptr<int64_t>(), n, ch, h, w, ho, wo); }));
-  return out;
+    AT_DISPATCH_CASE(at::kChar, [&] { class_map_dispatch(x.data_ptr<scalar_t>(), rp, cp, den, out.data_ptr<int64_t>(), with_logits ? logits.data_ptr<scalar_t>() : nullptr, n, ch, h, w, ho, wo, crop_h, crop_w); })
+    AT_DISPATCH_CASE(at::kShort, [&] { class_map_dispatch(x.data_ptr<scalar_t>(), rp, cp, den, out.data_ptr<int64_t>(), with_logits ? logits.data_ptr<scalar_t>() : nullptr, n, ch, h, w, ho, wo, crop_h, crop_w); })
+    AT_DISPATCH_CASE(at::kInt, [&] { class_map_dispatch(x.data_ptr<scalar_t>(), rp, cp, den, out.data_ptr<int64_t>(), with_logits ? logits.data_ptr<scalar_t>() : nullptr, n, ch, h, w, ho, wo, crop_h, crop_w); }));
+  return {out, logits.defined() ? logits : out};
 }
 
 // The class map: argmax over the channels of (N, C, H, W) integers, cropped to (h, w), the first maximum on ties
@@ -1182,12 +1202,13 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), vs0 = v.stride(0), vs1 = v.stride(1), ks0 = kt.stride(0),
                 ks1 = strided ? kt.stride(2) : kt.stride(1);
   std::vector<int64_t> colsum(avx2_gemm ? 0 : batch * dv, 0);  // (B, Dv) column sums of v, for _int_mm's halves
-  for (int64_t b = 0; b < (avx2_gemm ? 0 : batch); ++b) {
-    const int8_t* vb = v.data_ptr<int8_t>() + b * vs0;
-    int64_t* c = colsum.data() + b * dv;
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t col = 0; col < dv; ++col) c[col] += vb[j * vs1 + col];
-  }
+  if (!avx2_gemm)
+    pool_for(batch, [&](int64_t b) {
+      const int8_t* vb = v.data_ptr<int8_t>() + b * vs0;
+      int64_t* c = colsum.data() + b * dv;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t col = 0; col < dv; ++col) c[col] += vb[j * vs1 + col];
+    });
   at::Tensor out = at::empty({batch, rows, dv}, q.options().dtype(out_dtype));
   if (batch * rows * dv == 0) return out;
   const int64_t blocks = (rows + block - 1) / block;
@@ -1574,7 +1595,7 @@ TORCH_LIBRARY(iseg_kernels, m) {
   m.def("split_uint16(Tensor p) -> Tensor[]");
   m.def("combine_requantize(Tensor hi, Tensor lo, Tensor colsum, int m, int e, int lo_bound, int hi_bound, ScalarType out_dtype) -> Tensor");
   m.def("argmax_channels(Tensor x, int h, int w) -> Tensor");
-  m.def("upsample_class_map(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
+  m.def("upsample_class_map(Tensor x, Tensor rows, Tensor cols, int den, int crop_h, int crop_w, bool with_logits) -> Tensor[]");
   m.def("attention(Tensor q, Tensor kt, Tensor v, int m1, int e1, int lo1, int hi1, Tensor table, int low, int[] bit_exp, int out_frac_bits, int m2, int e2, int lo2, int hi2, ScalarType out_dtype, int block, int gemm) -> Tensor");
   m.def("sigmoid_gelu(Tensor x, int i0, int cap, int frac_bits, int k_inter, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
   m.def("upsample(Tensor x, Tensor rows, Tensor cols, int den) -> Tensor");
