@@ -53,7 +53,7 @@ BITS = {TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, Tensor
         TensorProto.INT64: 64, TensorProto.INT16: 16}
 GEMMS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger")
 FORMS = {"u8u8": "uint8 x uint8", "u8s8": "uint8 x int8"}
-PYTORCH_GEMMS = {"vnni": "torch._int_mm (oneDNN, VNNI); in the attention the kernels' own AVX-512 VNNI GEMM",
+PYTORCH_GEMMS = {"vnni": "the kernels' own AVX-512 VNNI GEMM (weights packed once, epilogues in registers)",
                  "int_mm": "torch._int_mm (oneDNN, VNNI)",
                  "avx2": "the kernels' AVX2 int8 GEMM (no VNNI; int16 pairs by vpmaddwd, exact)",
                  "int32": "int32 matmul (no VNNI: _int_mm is ~50x slower)"}
@@ -61,14 +61,18 @@ PYTORCH_GEMMS = {"vnni": "torch._int_mm (oneDNN, VNNI); in the attention the ker
 _INT8_ATTENTION = [
     "The probabilities' low bytes enter an int8 GEMM, their high bytes (non-zero for at most ~128 keys of a row) a",
     "sparse product. Attention runs by (head, 64-row block) tasks on both threads, each GEMM of a task on one",
-    "thread; its softmax rows are vectorised, their exponential-table gather the larger part (docs/architecture.md).",
-    "Linears run by blocks of rows, their requantization (and a following element-wise GELU, read from its 256",
-    "int8 values) in cache. OpenVINO INT8 keeps softmax, LayerNorm and GELU in float (its own kernels) between",
+    "thread; its softmax rows are three vectorised passes, bit-exp's exponential computed element by element",
+    "(docs/architecture.md). OpenVINO INT8 keeps softmax, LayerNorm and GELU in float (its own kernels) between",
     "INT8 GEMMs: not integer-only."]
 PROFILE_NOTES = {
-    "vnni": ["The attention's GEMMs run on the kernels' AVX-512 VNNI GEMM (keys and values packed once per head).",
-             *_INT8_ATTENTION],
-    "int_mm": ["The attention's GEMMs are at::_int_mm calls, one per block of query rows.", *_INT8_ATTENTION],
+    "vnni": ["The Linears and the attention's GEMMs run on the kernels' AVX-512 VNNI GEMM (weights packed once; keys",
+             "and values once per head, read where the qkv Linear left them); a Linear's bias, requantization and",
+             "following element-wise GELU (its 256 int8 values, read by word permutes) are applied to each tile in",
+             "registers. The last upsampling and the class map are one pass, outside the graph's modules: it is",
+             "in \"(between modules)\", with the Python between them.", *_INT8_ATTENTION],
+    "int_mm": ["The attention's GEMMs are at::_int_mm calls, one per block of query rows; Linears run by blocks of",
+               "rows on at::_int_mm, each block requantized (and its GELU read from its 256 int8 values) in cache.",
+               *_INT8_ATTENTION],
     "avx2": ["The probabilities enter the AVX2 GEMM whole (int16): two GEMMs per head, as FP32. Without VNNI the GEMMs",
              "are the limit: the exact AVX2 kernel (int16 pairs, 16 products per vpmaddwd) runs about as fast as torch's",
              "FP32 matmul (ratio above), so the integer model is about as fast as FP32 PyTorch, without VNNI's margin."],

@@ -51,9 +51,11 @@ def test_deployed_is_integer_only_bit_exact_and_close_to_float(variants, head_ex
     assert len(audit.records) > 100 and audit.float_ops() == []  # no float tensor created or consumed
     assert fake_logits.dtype == torch.float64 and torch.equal(logits.long(), fake_logits.long())
     assert torch.equal(classes, fake_classes)
+    state = set(deployed.state_dict())
     with torch.no_grad(), OpAudit() as audit:  # the class map alone: the last upsampling and the argmax in one pass
         assert torch.equal(deployed.predict(rgb), classes)
     assert deployed._split_last_upsample() is not None and audit.float_ops() == []
+    assert set(deployed.state_dict()) == state  # (the split graph is a cache, not state)
     real = logits.double() * deployed.logit_scale
     cosine = torch.nn.functional.cosine_similarity(real.flatten(), float_logits.double().flatten(), 0)
     assert cosine > 0.97, float(cosine)

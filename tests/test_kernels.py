@@ -5,7 +5,7 @@ import torch
 
 import fx_patterns as fxp
 from iseg_plugin import intops, kernels
-from iseg_plugin.intops.exp import bit_exp_table, row_span, shiftmax_table
+from iseg_plugin.intops.exp import BitExpForm, bit_exp_table, row_span, shiftmax_table
 from iseg_plugin.ops import modules as M
 from iseg_plugin.ops.gemm import int8_matmul
 
@@ -304,6 +304,15 @@ def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, ke
             assert (sm(scores(q, kt)) == 2**15).any() == (keys == 1)
     assert bool(calls) == (gemm_path != "int32")
     assert fused.dtype == reference.dtype == torch.int8 and torch.equal(fused, reference)
+
+
+def test_bit_exp_outside_the_kernels_int32_range_reads_its_table():
+    """The attention computes bit-exp element by element only for an exponent dyadic in its int32 range; a shift of
+    63 or more (a tiny score scale) takes the table, which holds the same integers."""
+    inside = M.BitExpSoftmax(intops.bit_exp_params(2e-5), 16, -1).kernel_exp(65535)
+    assert isinstance(inside, BitExpForm)
+    outside = M.BitExpSoftmax(intops.Dyadic(torch.tensor(2**30), torch.tensor(63)), 16, -1).kernel_exp(65535)
+    assert not isinstance(outside, BitExpForm) and outside.values is not None
 
 
 @pytest.mark.parametrize("gelu,softmax", [("poly", "bit-exp"), ("lambda-shift", "shift")])

@@ -7,6 +7,7 @@ argmax. Nothing in it is written for the Segmenter: every operator is a registry
 from __future__ import annotations
 
 import copy
+import weakref
 
 import numpy as np
 import torch
@@ -106,9 +107,10 @@ class DeployedSegmenter(nn.Module):
 
     def _split_last_upsample(self):
         """(the graph up to its output's upsampling, that Upsample module) where the output is one Upsample of its
-        own grid (no requantization), else None; built once (a cache, not state)."""
-        if not hasattr(self, "_split"):
-            self._split = None
+        own grid (no requantization), else None; built once per graph (a cache, not state)."""
+        built_for = getattr(self, "_split_of", None)  # (a weak reference: the graph is not registered twice)
+        if built_for is None or built_for() is not self.graph:
+            self._split, self._split_of = None, weakref.ref(self.graph)
             out = next(node for node in self.graph.graph.nodes if node.op == "output")
             last = out.args[0]
             if isinstance(last, fx.Node) and last.op == "call_module":

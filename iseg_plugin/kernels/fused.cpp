@@ -942,7 +942,8 @@ __attribute__((noinline)) void vnni_tile(const int8_t* a, int64_t lda, const int
 // multiplier, shift and half as int64: one widening multiply), clamped, then either stored as Out or read through
 // ``table`` (256 values of Out, at the int8 output + 128): by word permutes (vpermt2w, 64 entries per pair of
 // registers, the four quarters picked by the index's bits 6 and 7) where every value fits int16 (the GELU into fc2:
-// an fc1 with its GELU 3.9 -> 3.1 ms), else by a gather (Zen 4: ~30 cycles per 16). Constants padded to whole panels.
+// a ViT-S fc1 with its GELU 3.9 -> 3.5 ms), else by a gather (Zen 4: ~30 cycles per 16). Constants padded to whole
+// panels.
 struct LinearConsts {
   const int32_t* bias;    // (panels * 64) zeros where there is no bias
   const int64_t* m;       // multipliers (int32 values)
@@ -997,47 +998,40 @@ __attribute__((noinline)) void vnni_linear_tile(const int8_t* a, int64_t lda, co
   });
 }
 
-// rows [0, m) of the Linear's output y (n columns, ldy apart) = the epilogue of a (m int8 rows, lda apart) @ b
-template <typename Out>
-void vnni_linear(const int8_t* a, int64_t m, int64_t lda, const VnniB& b, const LinearConsts& k, Out* y, int64_t ldy) {
+// tile.template operator()<R>(r, panel, c0, cols) for each R-row tile (6 rows, then the rest) of m rows, panel by
+// panel of b (its first column c0, cols of its 64 that exist)
+template <typename Tile>
+void for_each_tile(int64_t m, const VnniB& b, const Tile& tile) {
   for (int64_t panel = 0; panel < b.panels; ++panel) {
-    const int8_t* bp = b.data + panel * b.groups * kVnniCols * 4;
-    const int32_t* corr = b.corr + panel * kVnniCols;
     const int64_t c0 = panel * kVnniCols, cols = std::min(kVnniCols, b.n - c0);
     for (int64_t r = 0; r < m; r += kVnniRows) {
-      const int8_t* ar = a + r * lda;
-      Out* yr = y + r * ldy + c0;
       switch (std::min<int64_t>(kVnniRows, m - r)) {
-        case 6: vnni_linear_tile<6>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
-        case 5: vnni_linear_tile<5>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
-        case 4: vnni_linear_tile<4>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
-        case 3: vnni_linear_tile<3>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
-        case 2: vnni_linear_tile<2>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols); break;
-        default: vnni_linear_tile<1>(ar, lda, bp, b.groups, corr, k, c0, yr, ldy, cols);
+        case 6: tile.template operator()<6>(r, panel, c0, cols); break;
+        case 5: tile.template operator()<5>(r, panel, c0, cols); break;
+        case 4: tile.template operator()<4>(r, panel, c0, cols); break;
+        case 3: tile.template operator()<3>(r, panel, c0, cols); break;
+        case 2: tile.template operator()<2>(r, panel, c0, cols); break;
+        default: tile.template operator()<1>(r, panel, c0, cols);
       }
     }
   }
 }
 
+inline const int8_t* panel_data(const VnniB& b, int64_t panel) { return b.data + panel * b.groups * kVnniCols * 4; }
+
+// rows [0, m) of the Linear's output y (n columns, ldy apart) = the epilogue of a (m int8 rows, lda apart) @ b
+template <typename Out>
+void vnni_linear(const int8_t* a, int64_t m, int64_t lda, const VnniB& b, const LinearConsts& k, Out* y, int64_t ldy) {
+  for_each_tile(m, b, [&]<int R>(int64_t r, int64_t panel, int64_t c0, int64_t cols) {
+    vnni_linear_tile<R>(a + r * lda, lda, panel_data(b, panel), b.groups, b.corr + c0, k, c0, y + r * ldy + c0, ldy, cols);
+  });
+}
+
 // c (m rows, ldc apart) int32 = a (m int8 rows, lda >= 4 * b.groups bytes apart, readable) @ b, on this thread
 void vnni_gemm(const int8_t* a, int64_t m, int64_t lda, const VnniB& b, int32_t* c, int64_t ldc) {
-  for (int64_t panel = 0; panel < b.panels; ++panel) {
-    const int8_t* bp = b.data + panel * b.groups * kVnniCols * 4;
-    const int32_t* corr = b.corr + panel * kVnniCols;
-    const int64_t c0 = panel * kVnniCols, cols = std::min(kVnniCols, b.n - c0);
-    for (int64_t r = 0; r < m; r += kVnniRows) {
-      const int8_t* ar = a + r * lda;
-      int32_t* cr = c + r * ldc + c0;
-      switch (std::min<int64_t>(kVnniRows, m - r)) {
-        case 6: vnni_tile<6>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
-        case 5: vnni_tile<5>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
-        case 4: vnni_tile<4>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
-        case 3: vnni_tile<3>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
-        case 2: vnni_tile<2>(ar, lda, bp, b.groups, corr, cr, ldc, cols); break;
-        default: vnni_tile<1>(ar, lda, bp, b.groups, corr, cr, ldc, cols);
-      }
-    }
-  }
+  for_each_tile(m, b, [&]<int R>(int64_t r, int64_t panel, int64_t c0, int64_t cols) {
+    vnni_tile<R>(a + r * lda, lda, panel_data(b, panel), b.groups, b.corr + c0, c + r * ldc + c0, ldc, cols);
+  });
 }
 #endif
 
@@ -1217,13 +1211,14 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
   std::vector<int32_t> table32;
   if (std::all_of(tp, tp + table.numel(), [](int64_t t) { return t <= std::numeric_limits<int32_t>::max(); }))
     table32.assign(tp, tp + table.numel());  // (table values are > 0)
-  TORCH_CHECK(m1 > 0 && m1 <= std::numeric_limits<int32_t>::max(), "attention: a scores multiplier in [1, 2**31)");
+  TORCH_CHECK(m1 >= std::numeric_limits<int32_t>::min() && m1 <= std::numeric_limits<int32_t>::max(),
+              "attention: a scores multiplier of |m| < 2**31 (intops.requantize's)");
   BitExp bx{};
   if (!bit_exp.empty()) {  // m, e, frac_bits, c1, c2, k_inter; low: the exponent's clamp
     TORCH_CHECK(bit_exp.size() == 6 && table.numel() == 0, "attention: bit-exp's form, m, e, frac_bits, c1, c2, k_inter");
     const int64_t m = bit_exp[0], e = bit_exp[1], f = bit_exp[2], c1 = bit_exp[3], c2 = bit_exp[4], ki = bit_exp[5];
     // int32 steps: c2 r, r (c1 + ...) < 2**(2 f + 1); mant << k_inter <= 2**(f + 1 + k_inter); q = -(p >> f) < 32
-    TORCH_CHECK(m > 0 && m <= std::numeric_limits<int32_t>::max() && e >= 0 && e < 63 && f >= 1 && f <= 14 &&
+    TORCH_CHECK(m >= 0 && m <= std::numeric_limits<int32_t>::max() && e >= 0 && e < 63 && f >= 1 && f <= 14 &&
                 c1 >= 0 && c2 >= 0 && c1 + c2 <= (int64_t(1) << f) && ki >= 0 && f + 1 + ki <= 30 && low <= 0 &&
                 -(low >> f) <= ki, "attention: bit-exp's constants out of their int32 ranges");
     bx = BitExp{int32_t(m), e > 0 ? (int64_t(1) << (e - 1)) : 0, e, low, int32_t(f), int32_t(c1), int32_t(c2), int32_t(ki)};

@@ -479,8 +479,13 @@ class BitExpSoftmax(nn.Module):
 
     def kernel_exp(self, span: int | None):
         """The exponential as the fused attention computes it: element by element
-        (:class:`~iseg_plugin.intops.exp.BitExpForm`), for every span."""
-        return bit_exp_form(self.exponent.dyadic())
+        (:class:`~iseg_plugin.intops.exp.BitExpForm`) where its exponent's dyadic is in the kernel's int32 range (a
+        multiplier below 2**31, a shift below 63), else read from its table (None where there is none)."""
+        form = bit_exp_form(self.exponent.dyadic())
+        if 0 <= form.multiplier < 2**31 and 0 <= form.shift < 63:
+            return form
+        table = self.table(span)
+        return table if table.values is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         fused = _fused_softmax(self, x)
