@@ -233,6 +233,25 @@ def test_linear_kernel_equals_gemm_then_requantize(gemm_path, rows, in_dtype, of
         assert out.dtype == ref.dtype and torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("then_dtype,span", [(torch.int8, 128), (torch.int16, 2**15), (torch.int32, 2**20)])
+def test_linear_kernel_element_wise_table_on_each_gemm(gemm_path, then_dtype, span):
+    """The blocked Linear's element-wise table (LinearThen's) gives the same integers on _int_mm and, where the CPU
+    has it, on the packed VNNI GEMM, whose tile reads the table by word permutes where its values fit int16 and by
+    a gather where they do not (int32 values past 2**15)."""
+    if gemm_path not in ("int_mm", "vnni"):
+        pytest.skip("the blocked Linear kernel runs on the int_mm and vnni GEMM paths")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-128, 128, (70, 36), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (36, 80), generator=g, dtype=torch.int8)
+    m, e = torch.randint(2**30, 2**31, (80,), generator=g), torch.full((80,), 32)
+    table = torch.randint(-span, span, (256,), generator=g).to(then_dtype)
+    ints = intops.requantize(x.long() @ w.long(), intops.Dyadic(m, e), (-128, 127))
+    assert ints.min() == -128 and ints.max() == 127 and ((ints + 128) // 64).unique().numel() == 4  # every quarter
+    packed = list(torch.ops.iseg_kernels.pack_vnni_weight(w)) if gemm_path == "vnni" else []
+    out = torch.ops.iseg_kernels.linear(x, w, None, m, e, -128, 127, 0, torch.int8, table, packed)
+    assert out.dtype == then_dtype and torch.equal(out, table[ints + 128])
+
+
 def _elementwise_modules() -> dict[type, torch.nn.Module]:
     """One module of each class flagged ``ELEMENTWISE`` (LinearThen reads them from their 256 int8 values)."""
     scale, out = 0.05, M.Requant.between(0.05 / 2**7, 0.02, (-128, 127))
