@@ -445,6 +445,16 @@ __attribute__((noinline)) void bilinear_rows(const Acc* __restrict above, const 
   }
 }
 
+// the first and last input rows that output rows [i0, i1) read (their lo and hi rows)
+inline std::pair<int64_t, int64_t> input_rows(const int64_t* rlo, const int64_t* rhi, int64_t i0, int64_t i1, int64_t h) {
+  int64_t r0 = h, r1 = -1;
+  for (int64_t i = i0; i < i1; ++i) {
+    r0 = std::min({r0, rlo[i], rhi[i]});
+    r1 = std::max({r1, rlo[i], rhi[i]});
+  }
+  return {r0, r1};
+}
+
 template <typename T, typename Acc>
 void bilinear_blocks(const T* x, const int64_t* rlo, const int64_t* rhi, const int64_t* rwlo, const int64_t* rwhi,
                      const int64_t* clo, const int64_t* chi, const int64_t* cwlo, const int64_t* cwhi, int64_t den,
@@ -454,11 +464,7 @@ void bilinear_blocks(const T* x, const int64_t* rlo, const int64_t* rhi, const i
   const int64_t chunks = (ho + kRows - 1) / kRows;
   pool_for(planes * chunks, [&](int64_t task) {
     const int64_t plane = task / chunks, i0 = (task % chunks) * kRows, i1 = std::min(ho, i0 + kRows);
-    int64_t r0 = h, r1 = -1;  // the input rows these output rows read
-    for (int64_t i = i0; i < i1; ++i) {
-      r0 = std::min({r0, rlo[i], rhi[i]});
-      r1 = std::max({r1, rlo[i], rhi[i]});
-    }
+    const auto [r0, r1] = input_rows(rlo, rhi, i0, i1, h);
     std::vector<Acc> hrows((r1 - r0 + 1) * wo), row(w);
     for (int64_t r = r0; r <= r1; ++r) {  // (the row widened first: a vector gather reads Acc, not int8 / int16)
       const T* xr = x + (plane * h + r) * w;
@@ -551,11 +557,7 @@ void class_map_blocks(const T* x, const int64_t* rlo, const int64_t* rhi, const 
   const int64_t chunks = (rows + kRows - 1) / kRows;
   pool_for(n * chunks, [&](int64_t task) {
     const int64_t b = task / chunks, i0 = (task % chunks) * kRows, i1 = std::min(rows, i0 + kRows);
-    int64_t r0 = h, r1 = -1;  // the input rows these output rows read
-    for (int64_t i = i0; i < i1; ++i) {
-      r0 = std::min({r0, rlo[i], rhi[i]});
-      r1 = std::max({r1, rlo[i], rhi[i]});
-    }
+    const auto [r0, r1] = input_rows(rlo, rhi, i0, i1, h);
     std::vector<Acc> hrows((r1 - r0 + 1) * cols), row(w), best((i1 - i0) * cols, std::numeric_limits<Acc>::min());
     std::vector<int32_t> idx((i1 - i0) * cols, 0);
     for (int64_t k = 0; k < c; ++k) {
