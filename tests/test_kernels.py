@@ -6,6 +6,7 @@ import torch
 import fx_patterns as fxp
 from iseg_plugin import intops, kernels
 from iseg_plugin.intops.exp import BitExpForm, bit_exp_table, row_span, shiftmax_table
+from iseg_plugin.ops import gemm as gemm_kernels
 from iseg_plugin.ops import modules as M
 from iseg_plugin.ops.gemm import int8_matmul
 
@@ -234,12 +235,13 @@ def test_linear_kernel_equals_gemm_then_requantize(gemm_path, rows, in_dtype, of
 
 
 @pytest.mark.parametrize("then_dtype,span", [(torch.int8, 128), (torch.int16, 2**15), (torch.int32, 2**20)])
+@pytest.mark.parametrize("gemm_path", ["int_mm", "vnni"])  # (the blocked Linear kernel's two GEMMs)
 def test_linear_kernel_element_wise_table_on_each_gemm(gemm_path, then_dtype, span):
     """The blocked Linear's element-wise table (LinearThen's) gives the same integers on _int_mm and, where the CPU
     has it, on the packed VNNI GEMM, whose tile reads the table by word permutes where its values fit int16 and by
     a gather where they do not (int32 values past 2**15)."""
-    if gemm_path not in ("int_mm", "vnni"):
-        pytest.skip("the blocked Linear kernel runs on the int_mm and vnni GEMM paths")
+    if gemm_path not in gemm_kernels.runnable_gemm_paths():
+        pytest.skip(f"the CPU lacks {gemm_kernels.NEEDS[gemm_path]} (or the kernels did not build)")
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-128, 128, (70, 36), generator=g, dtype=torch.int8)
     w = torch.randint(-128, 128, (36, 80), generator=g, dtype=torch.int8)
