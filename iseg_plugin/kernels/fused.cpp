@@ -3,10 +3,11 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-// The ISA-specific branches are two GEMMs, AVX2's (int16 pairs) and AVX-512 VNNI's (the attention's), chosen at
-// compile time (-march=native): a build for this CPU cannot also hold the other branch, so it cannot be forced at
-// run time. The #else branches only refuse (Python asks for a GEMM only where the CPU has its instructions), and
-// the route they leave, the attention on at::_int_mm, is tested on every machine under the forced "int_mm" path.
+// The ISA-specific branches are two GEMMs, AVX2's (int16 pairs) and AVX-512 VNNI's (the attention's and the
+// Linears', with their epilogues in registers), chosen at compile time (-march=native): a build for this CPU cannot
+// also hold the other branch, so it cannot be forced at run time. The #else branches only refuse (Python asks for a
+// GEMM only where the CPU has its instructions), and the route they leave, the attention and the Linears on
+// at::_int_mm, is tested on every machine under the forced "int_mm" path.
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
