@@ -90,18 +90,32 @@ __attribute__((noinline)) void requantize_span_channels(const In* __restrict x, 
   }
 }
 
-template <typename In, typename Out>
-void requantize_rows(const In* x, const int32_t* bias, const int64_t* m, const int64_t* e, bool per_channel,
-                     int64_t lo, int64_t hi, Out* out, int64_t rows, int64_t channels) {
-  std::vector<int32_t> add(channels, 0);
-  std::vector<int64_t> mult(channels), half(channels), shift(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    const int64_t k = per_channel ? c : 0;
-    mult[c] = int64_t(int32_t(m[k]));
-    shift[c] = e[k];
-    half[c] = e[k] > 0 ? (int64_t(1) << (e[k] - 1)) : 0;
-    if (bias) add[c] = bias[c];
+// A requantization's constants per channel (one multiplier and shift, or one per channel; the int32 bias or 0),
+// padded with zeros to ``padded`` entries (the VNNI Linear's whole panels): built once per call, read by the row loops
+// below and by the VNNI Linear's epilogue.
+struct ChannelRequant {
+  bool per_channel;
+  std::vector<int32_t> add;
+  std::vector<int64_t> mult, half, shift;  // (multipliers: int32 values)
+  ChannelRequant(const int32_t* bias, const int64_t* m, const int64_t* e, bool per_channel, int64_t channels,
+                 int64_t padded)
+      : per_channel(per_channel), add(padded, 0), mult(padded, 0), half(padded, 0), shift(padded, 0) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t k = per_channel ? c : 0;
+      mult[c] = int64_t(int32_t(m[k]));
+      shift[c] = e[k];
+      half[c] = e[k] > 0 ? (int64_t(1) << (e[k] - 1)) : 0;
+      if (bias) add[c] = bias[c];
+    }
   }
+};
+
+template <typename In, typename Out>
+void requantize_rows(const In* x, const ChannelRequant& k, int64_t lo, int64_t hi, Out* out, int64_t rows,
+                     int64_t channels) {
+  const std::vector<int32_t>& add = k.add;
+  const std::vector<int64_t>& mult = k.mult, & half = k.half, & shift = k.shift;
+  const bool per_channel = k.per_channel;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(channels, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (per_channel)
@@ -111,6 +125,12 @@ void requantize_rows(const In* x, const int32_t* bias, const int64_t* m, const i
         requantize_span(x + r * channels, add.data(), out + r * channels, channels, mult[0], half[0], shift[0], lo, hi);
     }
   });
+}
+
+template <typename In, typename Out>
+void requantize_rows(const In* x, const int32_t* bias, const int64_t* m, const int64_t* e, bool per_channel,
+                     int64_t lo, int64_t hi, Out* out, int64_t rows, int64_t channels) {
+  requantize_rows(x, ChannelRequant(bias, m, e, per_channel, channels, channels), lo, hi, out, rows, channels);
 }
 
 template <typename In>
@@ -1433,24 +1453,16 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
   const int64_t units = (rows + unit - 1) / unit;
   const int64_t tasks = std::min(units, threads * ((units + target * threads - 1) / (target * threads)));
   const int64_t per_task = unit * ((units + tasks - 1) / tasks);  // rows of the largest task
+  // the requantization's constants per output column, once (the VNNI epilogue reads whole panels of them)
+  const ChannelRequant cr(bias.defined() ? bias.data_ptr<int32_t>() : nullptr, m.data_ptr<int64_t>(),
+                          e.data_ptr<int64_t>(), per_channel, n, vnni ? (n + kVnniCols - 1) / kVnniCols * kVnniCols : n);
 #ifdef ISEG_VNNI
-  // the VNNI GEMM's epilogue constants, per output column, padded to whole panels
-  const int64_t padded = vnni ? wb.panels * kVnniCols : 0;
-  std::vector<int32_t> bias_p(padded, 0);
-  std::vector<int64_t> m_p(padded, 0), half_p(padded, 0), shift_p(padded, 0);
-  for (int64_t c = 0; c < (vnni ? n : 0); ++c) {
-    const int64_t i = per_channel ? c : 0;
-    m_p[c] = int32_t(m.data_ptr<int64_t>()[i]);
-    shift_p[c] = e.data_ptr<int64_t>()[i];
-    half_p[c] = shift_p[c] > 0 ? (int64_t(1) << (shift_p[c] - 1)) : 0;
-    if (bias.defined()) bias_p[c] = bias.data_ptr<int32_t>()[c];
-  }
   std::vector<int16_t> table16;
   if (then.defined()) {
     const int32_t* tv = table.data_ptr<int32_t>();
     if (std::all_of(tv, tv + 256, [](int32_t t) { return t >= INT16_MIN && t <= INT16_MAX; })) table16.assign(tv, tv + 256);
   }
-  const LinearConsts consts{bias_p.data(), m_p.data(), half_p.data(), shift_p.data(), lo, hi,
+  const LinearConsts consts{cr.add.data(), cr.mult.data(), cr.half.data(), cr.shift.data(), lo, hi,
                             then.defined() ? table.data_ptr<int32_t>() : nullptr,
                             table16.empty() ? nullptr : table16.data()};
 #endif
@@ -1480,10 +1492,8 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
 #endif
       at::Tensor c = acc.narrow(0, 0, rr);
       at::_int_mm_out(c, a, w);
-      const int32_t* b = bias.defined() ? bias.data_ptr<int32_t>() : nullptr;
       if (then.defined()) {  // the int8 outputs into scratch, then their element-wise values
-        requantize_rows<int32_t, int8_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(),
-                                         per_channel, lo, hi, ints.data_ptr<int8_t>(), rr, n);
+        requantize_rows<int32_t, int8_t>(c.data_ptr<int32_t>(), cr, lo, hi, ints.data_ptr<int8_t>(), rr, n);
         AT_DISPATCH_SWITCH(then.scalar_type(), "linear_then",
           AT_DISPATCH_CASE(at::kChar, [&] { lookup_span(ints.data_ptr<int8_t>(), table.data_ptr<int32_t>(), out.data_ptr<scalar_t>() + r0 * n, rr * n); })
           AT_DISPATCH_CASE(at::kShort, [&] { lookup_span(ints.data_ptr<int8_t>(), table.data_ptr<int32_t>(), out.data_ptr<scalar_t>() + r0 * n, rr * n); })
@@ -1491,9 +1501,9 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
         continue;
       }
       AT_DISPATCH_SWITCH(out_dtype, "linear_out",
-        AT_DISPATCH_CASE(at::kChar, [&] { requantize_rows<int32_t, scalar_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>() + r0 * n, rr, n); })
-        AT_DISPATCH_CASE(at::kShort, [&] { requantize_rows<int32_t, scalar_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>() + r0 * n, rr, n); })
-        AT_DISPATCH_CASE(at::kInt, [&] { requantize_rows<int32_t, scalar_t>(c.data_ptr<int32_t>(), b, m.data_ptr<int64_t>(), e.data_ptr<int64_t>(), per_channel, lo, hi, out.data_ptr<scalar_t>() + r0 * n, rr, n); }));
+        AT_DISPATCH_CASE(at::kChar, [&] { requantize_rows<int32_t, scalar_t>(c.data_ptr<int32_t>(), cr, lo, hi, out.data_ptr<scalar_t>() + r0 * n, rr, n); })
+        AT_DISPATCH_CASE(at::kShort, [&] { requantize_rows<int32_t, scalar_t>(c.data_ptr<int32_t>(), cr, lo, hi, out.data_ptr<scalar_t>() + r0 * n, rr, n); })
+        AT_DISPATCH_CASE(at::kInt, [&] { requantize_rows<int32_t, scalar_t>(c.data_ptr<int32_t>(), cr, lo, hi, out.data_ptr<scalar_t>() + r0 * n, rr, n); }));
     }
   });
   return out;
