@@ -3,7 +3,8 @@
 The intops reference makes one int64 pass over memory per integer step; each kernel here does an
 operator's steps in one pass, in integer types only, and returns what the intops functions return
 (tests compare them to the bit). Built on first use with torch's C++ extension tooling (ninja, the
-system C++ compiler, torch's headers) for this CPU (``-march=native``; cached per source, flags and ISA),
+system C++ compiler, torch's headers) for this CPU (``-march=native``, or a lower level forced by
+``ISEG_KERNELS_ISA``: :mod:`.cpu`; cached per source, flags and ISA),
 and used by the deployed modules on integer tensors (not on the fake-quant / QAT float path, and not
 while an ONNX export traces the model: the exported graph is the intops one).
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..intops.exp import BitExpForm
-from .cpu import cpu_isa
+from .cpu import cpu_isa, isa_compile_flags
 
 SOURCE = Path(__file__).with_name("fused.cpp")
 
@@ -36,7 +37,7 @@ def _build() -> str | None:
 
     # -fopenmp: at::parallel_for in the kernels runs on torch's own OpenMP threads (the extension resolves libgomp to
     # the copy torch has loaded: one pool, no second set of spinning workers; docs/architecture.md)
-    flags = ["-O3", "-march=native", "-fopenmp"]
+    flags = ["-O3", "-march=native", *isa_compile_flags(), "-fopenmp"]
     # (the source's path is in the key: checkouts side by side each keep their own build instead of rebuilding
     # one shared build directory in turn)
     key = SOURCE.read_bytes() + " ".join([str(SOURCE), cpu_isa(), torch.__version__, *flags]).encode()
