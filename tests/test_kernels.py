@@ -327,6 +327,28 @@ def test_fused_attention_equals_its_three_operators(gemm_path, softmax, rows, ke
     assert fused.dtype == reference.dtype == torch.int8 and torch.equal(fused, reference)
 
 
+@pytest.mark.parametrize("multiplier", [2**31 - 1, 2**30 + 12345])
+@pytest.mark.parametrize("shift", [16, 17, 32, 47, 48])  # the kernel's int32 split of the exponent's product: 17..47
+def test_fused_bit_exp_over_the_whole_int16_span(gemm_path, multiplier, shift):
+    """Scores clamped at both ends of int16 in one row (differences down to -(2**16 - 1)), the exponent's multiplier
+    at its largest: the attention's bit-exp gives the reference integers with its exponent's product computed in int32
+    halves (shifts 17 to 47) or widened (16, 48), with its clamp acting (16, 17) or not (32 and up)."""
+    g = torch.Generator().manual_seed(shift)
+    q = torch.randint(-128, 128, (2, 70, 16), generator=g, dtype=torch.int8)
+    kt = torch.randint(-128, 128, (2, 16, 500), generator=g, dtype=torch.int8)  # rows of 2 sum chunks (240) and a tail
+    v = torch.randint(-128, 128, (2, 500, 16), generator=g, dtype=torch.int8)
+    scores = M.MatMul(False, M.Requant.between(1e-3, 5e-4, (-32768, 32767)))
+    sm = M.BitExpSoftmax(intops.Dyadic(torch.tensor(multiplier), torch.tensor(shift)), 16, -1)
+    attention = M.Attention(scores, sm, M.MatMul(True, M.Requant.between(2.0**-15 * 0.05, 0.04, (-128, 127))))
+    with torch.no_grad():
+        s = scores(q, kt)
+        assert ((s == -32768).any(-1) & (s == 32767).any(-1)).any()  # a row spans the whole int16 range
+        fused = attention(q, kt, v)
+        with kernels.reference():
+            reference = attention(q, kt, v)
+    assert torch.equal(fused, reference)
+
+
 def test_bit_exp_outside_the_kernels_int32_range_reads_its_table():
     """The attention computes bit-exp element by element only for an exponent dyadic in its int32 range; a shift of
     63 or more (a tiny score scale) takes the table, which holds the same integers."""

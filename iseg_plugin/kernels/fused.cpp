@@ -1072,7 +1072,52 @@ struct BitExp {  // intops.exp.BitExpForm; every step after the exponent's produ
   int32_t m;
   int64_t half, e, low;
   int32_t frac_bits, c1, c2, k_inter;
+  bool split;          // the exponent's product in int32 halves (bit_exp_row): scores span <= 2**16 - 1, 17 <= e <= 47
+  bool clamps;         // the clamp at low can act: the row's lowest exponent (scores span) lies below it
+  int64_t lane_terms;  // exponentials (each <= 2**(frac_bits + 1 + k_inter)) a uint32 lane of the row sum can add
 };
+
+// bit-exp's exponentials (BitExpForm's steps) of the row sc - top into e, and floor(2**62 / their sum). With Split,
+// the exponent p = floor((d m + 2**(e-1)) / 2**e) of d = sc - top in [-(2**16 - 1), 0] in int32 lanes (no widening
+// multiply): with nd = -d, m = mh 2**16 + ml (mh < 2**15, ml < 2**16), -floor(d m / 2**16) = nd mh + ceil(nd ml /
+// 2**16) = P < 2**31 (nd ml + 2**16 - 1 < 2**32 as uint32), and p = (2**(e-17) - P) >> (e - 16): the half adds
+// 2**(e-17) to d m / 2**16, and dropping d m's low 16 bits (the fraction below that) does not change a floor by
+// 2**(e-16). e = mant << (k_inter - q) is intops' (mant << k_inter) >> q (its low k_inter bits are zero, q <= k_inter).
+// The sum: uint32 lanes of lane_terms exponentials each, added into int64 (the vectorised sum has no widening).
+template <bool Split, bool Clamp>
+__attribute__((always_inline)) inline int64_t bit_exp_row(const int32_t* __restrict sc, int32_t top,
+                                                          int32_t* __restrict e, int64_t n, const BitExp& x) {
+  const int32_t m = x.m, frac_bits = x.frac_bits, c1 = x.c1, c2 = x.c2, k_inter = x.k_inter;
+  const int32_t mask = (int32_t(1) << frac_bits) - 1, one = int32_t(1) << frac_bits, fhalf = one >> 1;
+  const uint32_t mh = uint32_t(m) >> 16, ml = uint32_t(m) & 0xffffu;
+  const int32_t carry = Split ? int32_t(1) << (x.e - 17) : 0, split_shift = int32_t(x.e - 16);
+  const int64_t half = x.half, shift = x.e, plow = x.low;
+  for (int64_t j = 0; j < n; ++j) {
+    int32_t p;
+    if constexpr (Split) {
+      const uint32_t nd = uint32_t(top - sc[j]);
+      p = (carry - int32_t(nd * mh + ((nd * ml + 0xffffu) >> 16))) >> split_shift;
+      if constexpr (Clamp) p = std::max(p, int32_t(plow));
+    } else {  // (scores span < 2**31: no int32 overflow in the difference)
+      const int64_t wide = (int64_t(sc[j] - top) * int64_t(m) + half) >> shift;
+      p = int32_t(Clamp ? std::max(wide, plow) : wide);
+    }
+    const int32_t r = p & mask;
+    const int32_t mant = one + ((r * (c1 + ((c2 * r + fhalf) >> frac_bits)) + fhalf) >> frac_bits);
+    e[j] = mant << (k_inter + (p >> frac_bits));
+  }
+  constexpr int64_t kLanes = 16;
+  const int64_t chunk = x.lane_terms * kLanes;
+  int64_t sum = 0, j = 0;
+  for (; j + chunk <= n; j += chunk) {
+    uint32_t lanes[kLanes] = {};
+    for (int64_t t = j; t < j + chunk; t += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += uint32_t(e[t + l]);
+    for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  }
+  for (; j < n; ++j) sum += e[j];
+  return (int64_t(1) << 62) / sum;
+}
 
 struct SoftmaxRow {
   int32_t m1;                        // the scores' requantization
@@ -1101,19 +1146,9 @@ __attribute__((always_inline)) inline int64_t softmax_exp(const int32_t* __restr
   int64_t sum = 0;
   if constexpr (sizeof(E) == 4) {
     if (!k.table) {
-      const int32_t m = k.bit_exp.m, frac_bits = k.bit_exp.frac_bits, c1 = k.bit_exp.c1, c2 = k.bit_exp.c2,
-                    k_inter = k.bit_exp.k_inter;
-      const int32_t mask = (int32_t(1) << frac_bits) - 1, one = int32_t(1) << frac_bits, fhalf = one >> 1;
-      const int64_t half = k.bit_exp.half, shift = k.bit_exp.e, plow = k.bit_exp.low;
-      for (int64_t j = 0; j < n; ++j) {
-        // the exponent (scores span < 2**31: no int32 overflow in the difference), then int32 steps
-        const int32_t p = int32_t(std::max((int64_t(sc[j] - top) * int64_t(m) + half) >> shift, plow));
-        const int32_t r = p & mask;
-        const int32_t mant = one + ((r * (c1 + ((c2 * r + fhalf) >> frac_bits)) + fhalf) >> frac_bits);
-        e[j] = (mant << k_inter) >> -(p >> frac_bits);
-        sum += e[j];
-      }
-      return (int64_t(1) << 62) / sum;
+      const BitExp& x = k.bit_exp;
+      if (x.split) return x.clamps ? bit_exp_row<true, true>(sc, top, e, n, x) : bit_exp_row<true, false>(sc, top, e, n, x);
+      return x.clamps ? bit_exp_row<false, true>(sc, top, e, n, x) : bit_exp_row<false, false>(sc, top, e, n, x);
     }
   }
   const E* __restrict table;
@@ -1245,7 +1280,11 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
     TORCH_CHECK(m >= 0 && m <= std::numeric_limits<int32_t>::max() && e >= 0 && e < 63 && f >= 1 && f <= 14 &&
                 c1 >= 0 && c2 >= 0 && c1 + c2 <= (int64_t(1) << f) && ki >= 0 && f + 1 + ki <= 30 && low <= 0 &&
                 -(low >> f) <= ki, "attention: bit-exp's constants out of their int32 ranges");
-    bx = BitExp{int32_t(m), e > 0 ? (int64_t(1) << (e - 1)) : 0, e, low, int32_t(f), int32_t(c1), int32_t(c2), int32_t(ki)};
+    const int64_t half = e > 0 ? (int64_t(1) << (e - 1)) : 0;
+    const bool split = hi1 - lo1 < (int64_t(1) << 16) && e >= 17 && e <= 47;
+    const bool clamps = (((lo1 - hi1) * m + half) >> e) < low;  // (|lo1 - hi1| < 2**32, m < 2**31: fits int64)
+    const int64_t lane_terms = std::numeric_limits<uint32_t>::max() / (int64_t(1) << (f + 1 + ki));
+    bx = BitExp{int32_t(m), half, e, low, int32_t(f), int32_t(c1), int32_t(c2), int32_t(ki), split, clamps, lane_terms};
   } else {
     TORCH_CHECK(low > -(int64_t(1) << 16) && low <= 0, "attention: a table spans int8 / int16 scores");
   }
