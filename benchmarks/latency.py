@@ -15,6 +15,11 @@ no tuning; where apache-tvm is installed: the extra ``.[tvm]``) and the deployed
 the median of ``--runs`` runs after one warm-up. It profiles the
 integer onnxruntime graph by op type, computes the memory traffic of its Linear / Conv / MatMul
 nodes in bits (I-Segmenter's Table 7) from the graph, and writes docs/performance.md and .png.
+
+The rows' timed runs are interleaved round by round, so a drift of the machine's speed (a shared VM's) moves them
+alike and their ratios hold. ``ISEG_KERNELS_ISA=avx2`` (with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) times
+the integer model built for AVX2 on a wider CPU; the peers still use the whole CPU, so its ratios to them are lower
+bounds of an AVX2-only CPU's.
 """
 from __future__ import annotations
 
@@ -97,6 +102,27 @@ def median_seconds(fn, runs: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+SETTLE_SECONDS = 0.1  # the pause before each interleaved run
+
+
+def interleaved_medians(rows: dict, runs: int) -> dict[str, float]:
+    """Median seconds per row of ``{row: fn}``, the rows timed in turn within each of ``runs`` rounds, after one
+    warm-up each: a machine whose speed drifts moves every row alike, so their ratios hold (this shared VM's speed
+    moves by 5-10 % over minutes, which row-after-row medians turned into a ratio moving by as much). The pause before
+    each run lets the previous runtime's worker threads stop spinning."""
+    for fn in rows.values():
+        fn()
+    times = defaultdict(list)
+    for round_ in range(runs):
+        print(f"   round {round_ + 1}/{runs} of {len(rows)} rows", flush=True)
+        for row, fn in rows.items():
+            time.sleep(SETTLE_SECONDS)
+            start = time.perf_counter()
+            fn()
+            times[row].append(time.perf_counter() - start)
+    return {row: statistics.median(t) for row, t in times.items()}
 
 
 def ort_session(path: Path, profile: str | None = None) -> ort.InferenceSession:
@@ -319,37 +345,31 @@ def run(name: str, runs: int, work: Path, torch_int: bool = True, tvm: bool = Tr
         return result
     fp32_sess, int_sess = ort_session(paths["fp32_onnx"]), onnx_session(paths["int_onnx"], torch.get_num_threads())
     qdq_sess = ort_session(ort_int8_qdq(paths["fp32_onnx"], work / f"{name}_qdq.onnx", fp32_feed))
-    seconds = {}
+    # every row's runs interleaved, round by round (interleaved_medians): FP32 PyTorch and onnxruntime (FP32, its INT8
+    # QDQ: quantize_static, not integer-only), OpenVINO's rows, the integer graph in onnxruntime and TVM, the deployed
+    # model's forward and its class map alone (predict)
+    rows = {"FP32 PyTorch": lambda: float_model._forward(x), "FP32 onnxruntime": lambda: fp32_sess.run(None, fp32_feed),
+            "onnxruntime INT8 QDQ": lambda: qdq_sess.run(None, fp32_feed)}
+    rows.update(openvino_runs(paths["fp32_onnx"], fp32_feed))
+    rows["integer onnxruntime"] = lambda: int_sess.run(None, int_feed)
+    if tvm:
+        try:
+            start = time.perf_counter()
+            tvm_model = TvmModel(paths["int_onnx"])
+            result["tvm_compile_seconds"] = time.perf_counter() - start
+            rows["integer TVM"] = lambda: tvm_model(int_feed["pixels"])
+        except TvmMissingError as err:
+            print(f"   integer TVM: skipped ({err})", flush=True)
+    if torch_int:
+        rows["integer PyTorch"] = lambda: deployed(image)
+        rows["integer PyTorch, class map"] = lambda: deployed.predict(image)
     with torch.no_grad():
-        print("   FP32 PyTorch", flush=True)
-        seconds["FP32 PyTorch"] = median_seconds(lambda: float_model._forward(x), runs)
-        print("   FP32 onnxruntime", flush=True)
-        seconds["FP32 onnxruntime"] = median_seconds(lambda: fp32_sess.run(None, fp32_feed), runs)
-        print("   onnxruntime INT8 QDQ (quantize_static; not integer-only)", flush=True)
-        seconds["onnxruntime INT8 QDQ"] = median_seconds(lambda: qdq_sess.run(None, fp32_feed), runs)
-        for row, infer in openvino_runs(paths["fp32_onnx"], fp32_feed).items():
-            print(f"   {row}", flush=True)
-            seconds[row] = median_seconds(infer, runs)
-        print("   integer onnxruntime", flush=True)
-        seconds["integer onnxruntime"] = median_seconds(lambda: int_sess.run(None, int_feed), runs)
-        if tvm:
-            try:
-                start = time.perf_counter()
-                tvm_model = TvmModel(paths["int_onnx"])
-                result["tvm_compile_seconds"] = time.perf_counter() - start
-                print("   integer TVM", flush=True)
-                seconds["integer TVM"] = median_seconds(lambda: tvm_model(int_feed["pixels"]), runs)
-            except TvmMissingError as err:
-                print(f"   integer TVM: skipped ({err})", flush=True)
-        if torch_int:
-            print(f"   integer PyTorch (deployed, {kernels.describe()})", flush=True)
-            seconds["integer PyTorch"] = median_seconds(lambda: deployed(image), runs)
-            print("   integer PyTorch, class map only (deployed.predict)", flush=True)
-            seconds["integer PyTorch, class map"] = median_seconds(lambda: deployed.predict(image), runs)
-            if kernels.enabled():  # the same model on the intops reference path (fewer runs: it is slow)
-                print("   integer PyTorch (intops reference)", flush=True)
-                with kernels.reference():
-                    seconds["integer PyTorch, intops"] = median_seconds(lambda: deployed(image), max(1, runs // 2))
+        print(f"   timing, interleaved: {', '.join(rows)} (integer PyTorch: {kernels.describe()})", flush=True)
+        seconds = interleaved_medians(rows, runs)
+        if torch_int and kernels.enabled():  # the same model on the intops reference path (fewer runs: it is slow)
+            print("   integer PyTorch (intops reference)", flush=True)
+            with kernels.reference():
+                seconds["integer PyTorch, intops"] = median_seconds(lambda: deployed(image), max(1, runs // 2))
     result["seconds"] = seconds
     result["kernels"], result["isa"], result["gemm"] = kernels.describe(), cpu_isa(), gemm_path()
     result["gemm_kernel"] = gemm_kernel_speedup(runs)
@@ -370,7 +390,8 @@ def write_report(results: list[dict], docs: Path) -> None:
     lines = [
         "# Latency, size and memory traffic: FP32 vs integer-only Segmenter (512x512, batch 1)",
         "",
-        f"Generated by `benchmarks/latency.py` (do not edit by hand): median of {results[0]['runs']} runs after one warm-up, one",
+        f"Generated by `benchmarks/latency.py` (do not edit by hand): median of {results[0]['runs']} runs after one warm-up, the",
+        "rows' runs interleaved round by round (a drift of the machine's speed moves every row alike), one",
         f"process, {torch.get_num_threads()} threads, on `{platform.processor() or platform.machine()}` with "
         f"{', '.join(flags)}; onnxruntime {ort.__version__}, torch {torch.__version__}. Random weights (time does not",
         "depend on their values); mmseg's Segmenter ADE20K configs (150 classes) with the plugin's decoder.",

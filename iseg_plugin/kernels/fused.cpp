@@ -1067,7 +1067,7 @@ void vnni_gemm(const int8_t* a, int64_t m, int64_t lda, const VnniB& b, int32_t*
 // attention, one thread; a table of the 2**12 mantissas, in L1, was no faster: the gather itself is the cost).
 // Plain loops over restrict pointers, every constant a local: the compiler vectorises them (-march=native), so the
 // same source is exact on every ISA. Multipliers are int32 (< 2**31): their products are widening 32 x 32 -> 64
-// multiplies.
+// multiplies, except bit-exp's exponent, taken in int32 halves where that is exact (bit_exp_row).
 struct BitExp {  // intops.exp.BitExpForm; every step after the exponent's product fits int32
   int32_t m;
   int64_t half, e, low;
