@@ -17,9 +17,14 @@ integer onnxruntime graph by op type, computes the memory traffic of its Linear 
 nodes in bits (I-Segmenter's Table 7) from the graph, and writes docs/performance.md and .png.
 
 The rows take turns round by round, each timing its second run of the turn, so a drift of the machine's speed (a
-shared VM's) moves them alike and their ratios hold. ``ISEG_KERNELS_ISA=avx2`` (with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) times
-the integer model built for AVX2 on a wider CPU; the peers still use the whole CPU, so its ratios to them are lower
-bounds of an AVX2-only CPU's.
+shared VM's) moves them alike and their ratios hold.
+
+    # the integer model built for AVX2 on a wider CPU (docs/avx2_level/)
+    ISEG_KERNELS_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python benchmarks/latency.py --models vit-s,vit-b
+        --docs docs/avx2_level --results docs/avx2_level/latency.json   # (one command line)
+
+The peers still use the whole CPU, so the model's ratios to them are lower bounds of an AVX2-only CPU's. (Not with
+``ONEDNN_MAX_CPU_ISA=AVX2``: NNCF's quantization crashes under it, a segmentation fault in OpenVINO.)
 """
 from __future__ import annotations
 
@@ -523,6 +528,8 @@ def main() -> None:
                         help="recompute only the GEMM traffic and the profiles of --models (no end-to-end timing)")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
+    for folder in (Path(args.docs), Path(args.results).parent):  # (before the long work, not after it)
+        folder.mkdir(parents=True, exist_ok=True)
     saved = Path(args.results)
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     for name in [] if args.report_only else args.models.split(","):
