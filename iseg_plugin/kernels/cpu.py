@@ -17,8 +17,8 @@ ISA_ENV = "ISEG_KERNELS_ISA"
 # level: (cpuinfo flag prefixes dropped, compiler flags added after -march=native)
 ISA_LEVELS = {
     "native": ((), ()),
-    "avx2": (("avx512", "amx", "avx_vnni"), ("-mno-avx512f", "-mno-avxvnni", "-mno-amx-tile")),
-    "generic": (("avx", "amx", "fma"), ("-mno-avx", "-mno-amx-tile")),
+    "avx2": (("avx512", "amx", "avx_vnni"), ("-mno-avx512f", "-mno-avxvnni")),
+    "generic": (("avx", "amx", "fma"), ("-mno-avx",)),
 }
 
 

@@ -1282,7 +1282,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
                 -(low >> f) <= ki, "attention: bit-exp's constants out of their int32 ranges");
     const int64_t half = e > 0 ? (int64_t(1) << (e - 1)) : 0;
     const bool split = hi1 - lo1 < (int64_t(1) << 16) && e >= 17 && e <= 47;
-    const bool clamps = (((lo1 - hi1) * m + half) >> e) < low;  // (|lo1 - hi1| < 2**32, m < 2**31: fits int64)
+    const bool clamps = (((lo1 - hi1) * m + half) >> e) < low;  // (|lo1 - hi1| < 2**31, m < 2**31: fits int64)
     const int64_t lane_terms = std::numeric_limits<uint32_t>::max() / (int64_t(1) << (f + 1 + ki));
     bx = BitExp{int32_t(m), half, e, low, int32_t(f), int32_t(c1), int32_t(c2), int32_t(ki), split, clamps, lane_terms};
   } else {
