@@ -14,10 +14,11 @@ def extremes(shape, generator):
 
 def test_int8_matmul_is_exact(gemm_path):
     g = torch.Generator().manual_seed(0)
-    # odd K (the AVX2 kernel's int16 pairs), N beyond one 16-column panel, M beyond one 4-row tile and one 48-row
-    # task, K beyond one 256-deep cache block, empty K, batches
+    # odd K (the AVX2 kernel's int16 pairs), N beyond one 16-column panel, M beyond one 6-row tile (and not a
+    # multiple of it) and one 48-row task, K beyond one and two 512-deep cache blocks, empty K, batches
     for shape_a, shape_b in (((17, 64), (64, 33)), ((2, 3, 20, 48), (2, 3, 48, 20)), ((1, 1), (1, 1)),
-                             ((53, 7), (7, 40)), ((100, 301), (301, 17)), ((6, 600), (600, 16)), ((3, 0), (0, 5))):
+                             ((53, 7), (7, 40)), ((100, 301), (301, 17)), ((6, 600), (600, 16)), ((13, 1101), (1101, 19)),
+                             ((3, 0), (0, 5))):
         a, b = extremes(shape_a, g), extremes(shape_b, g)
         assert torch.equal(gemm.int8_matmul(a, b).long(), a.long() @ b.long())
     worst = torch.full((4, 1024), -128, dtype=torch.int8)  # the largest sums: -128 * -128 * K

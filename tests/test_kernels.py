@@ -1,5 +1,7 @@
 """The fused C++ kernels give the intops reference's integers, to the bit, on random and adversarial
 inputs, alone and inside a whole converted model (on this CPU's ISA path)."""
+import types
+
 import pytest
 import torch
 
@@ -212,10 +214,12 @@ def test_shift_gelus_equal_intops(scale, lam):
 @pytest.mark.parametrize("rows", [1, 129, 1025])  # one row; blocks of uneven length
 @pytest.mark.parametrize("in_dtype,offset", [(torch.int8, 0), (torch.int16, 128), (torch.int16, -3), (torch.int8, 7)])
 @pytest.mark.parametrize("bounds", [(-128, 127), (-4, 251), (-2**31, 2**31 - 1)])
-@pytest.mark.parametrize("k,n", [(40, 24), (42, 70)])  # the VNNI GEMM's padding: k to groups of 4, n to 64-column panels
+# the GEMMs' padding: VNNI's k to groups of 4 and n to 64-column panels, AVX2's k to pairs and n to 16-column panels
+@pytest.mark.parametrize("k,n", [(40, 24), (42, 70), (41, 17)])
 def test_linear_kernel_equals_gemm_then_requantize(gemm_path, rows, in_dtype, offset, bounds, k, n):
-    """The Linear module on each GEMM path (the blocked kernel on int_mm and vnni) gives the integers of its steps one
-    after the other: the input shifted and cast (wrapping) into int8, the exact GEMM, the int32 bias add, the Requant."""
+    """The Linear module on each GEMM path (the blocked kernel on int_mm, vnni and avx2) gives the integers of its steps
+    one after the other: the input shifted and cast (wrapping) into int8, the exact GEMM, the int32 bias add, the
+    Requant."""
     g = torch.Generator().manual_seed(rows)
     info = torch.iinfo(in_dtype)
     x = torch.randint(max(info.min, -300), min(info.max, 300) + 1, (2, rows, k), generator=g).to(in_dtype)
@@ -235,11 +239,11 @@ def test_linear_kernel_equals_gemm_then_requantize(gemm_path, rows, in_dtype, of
 
 
 @pytest.mark.parametrize("then_dtype,span", [(torch.int8, 128), (torch.int16, 2**15), (torch.int32, 2**20)])
-@pytest.mark.parametrize("gemm_path", ["int_mm", "vnni"])  # (the blocked Linear kernel's two GEMMs)
+@pytest.mark.parametrize("gemm_path", ["int_mm", "vnni", "avx2"])  # (the blocked Linear kernel's three GEMMs)
 def test_linear_kernel_element_wise_table_on_each_gemm(gemm_path, then_dtype, span):
     """The blocked Linear's element-wise table (LinearThen's) gives the same integers on _int_mm and, where the CPU
-    has it, on the packed VNNI GEMM, whose tile reads the table by word permutes where its values fit int16 and by
-    a gather where they do not (int32 values past 2**15)."""
+    has them, on the packed AVX2 GEMM and on the packed VNNI GEMM, whose tile reads the table by word permutes where
+    its values fit int16 and by a gather where they do not (int32 values past 2**15)."""
     if gemm_path not in gemm_kernels.runnable_gemm_paths():
         pytest.skip(f"the CPU lacks {gemm_kernels.NEEDS[gemm_path]} (or the kernels did not build)")
     g = torch.Generator().manual_seed(3)
@@ -249,8 +253,8 @@ def test_linear_kernel_element_wise_table_on_each_gemm(gemm_path, then_dtype, sp
     table = torch.randint(-span, span, (256,), generator=g).to(then_dtype)
     ints = intops.requantize(x.long() @ w.long(), intops.Dyadic(m, e), (-128, 127))
     assert ints.min() == -128 and ints.max() == 127 and ((ints + 128) // 64).unique().numel() == 4  # every quarter
-    packed = list(torch.ops.iseg_kernels.pack_vnni_weight(w)) if gemm_path == "vnni" else []
-    out = torch.ops.iseg_kernels.linear(x, w, None, m, e, -128, 127, 0, torch.int8, table, packed)
+    out = torch.ops.iseg_kernels.linear(x, w, None, m, e, -128, 127, 0, torch.int8, table,
+                                        list(kernels.pack_weight(w, gemm_path)))
     assert out.dtype == then_dtype and torch.equal(out, table[ints + 128])
 
 
@@ -346,6 +350,31 @@ def test_fused_bit_exp_over_the_whole_int16_span(gemm_path, multiplier, shift):
         fused = attention(q, kt, v)
         with kernels.reference():
             reference = attention(q, kt, v)
+    assert torch.equal(fused, reference)
+
+
+def test_fused_attention_probabilities_of_two_to_the_15_among_many_keys(gemm_path):
+    """Probabilities of 2**15 in rows of 40 keys (an exponential table spanning 2**30: where one score tops the others
+    by far, every other key's probability rounds to 0) and ordinary rows, where the kernel's vectorised loops take them (16 and 32 at a time): the AVX2 GEMM's
+    int16 operand saturates 2**15 and adds v's row once more. The integers of the steps one after the other."""
+    if gemm_path == "int32":
+        pytest.skip("the int32 path runs the modules, not the attention kernel")
+    g = torch.Generator().manual_seed(40)
+    q = torch.randint(-8, 8, (2, 9, 16), generator=g, dtype=torch.int8)  # ordinary rows: scores within ~300
+    kt = torch.randint(-128, 128, (2, 16, 40), generator=g, dtype=torch.int8)
+    v = torch.randint(-3, 3, (2, 40, 16), generator=g, dtype=torch.int8)
+    q[:, :4], kt[..., 20] = 127, 127  # rows whose score at key 20 (in the second vector of 16) tops the others by far
+    low = -4000
+    values = (2**30 >> (-torch.arange(low, 1) // 64).clamp(max=30)).clamp(min=1)  # e(d) halves every 64 below 0
+    scores_out = M.Requant(intops.dyadic_from_ratio(torch.tensor(0.05)), (-32768, 32767))
+    context_out = M.Requant(intops.dyadic_from_ratio(torch.tensor(0.25)), (-32768, 32767))  # p @ v to the unit
+    s = intops.requantize(q.long() @ kt.long(), scores_out.dyadic(), scores_out.bounds)
+    e = values[(s - s.amax(-1, keepdim=True)).clamp(min=low) - low]
+    p = (e * ((1 << 62) // e.sum(-1, keepdim=True)) + (1 << 46)) >> 47
+    assert (p[:, :4].amax(-1) == 2**15).all() and (p[:, 4:] < 2**15).all()
+    reference = intops.requantize(p @ v.long(), context_out.dyadic(), context_out.bounds).to(torch.int16)
+    fused = kernels.attention(q, kt, v, scores_out, types.SimpleNamespace(values=values, low=low), context_out,
+                              torch.int16, 15, gemm_path)
     assert torch.equal(fused, reference)
 
 

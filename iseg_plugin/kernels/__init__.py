@@ -130,16 +130,21 @@ def poly_gelu(x, params, out_dyadic, bounds, out_dtype, k_out: int):
 
 def linear(x, weight_t, bias, out, input_offset: int, out_dtype, then=None, packed=()):
     """``out(int8(x - input_offset) @ weight_t + bias)`` of (M, K) int8 / int16 ``x``, by blocks of rows (the module
-    :class:`~iseg_plugin.ops.modules.Linear`; ``out``: its Requant), on the kernels' VNNI GEMM with ``packed``
-    (:func:`pack_vnni_weight` of ``weight_t``), else on ``at::_int_mm``; ``then``: the values of an element-wise
-    module at the 256 int8 outputs, read for each output instead."""
+    :class:`~iseg_plugin.ops.modules.Linear`; ``out``: its Requant), on the kernels' VNNI or AVX2 GEMM with ``packed``
+    (:func:`pack_weight` of ``weight_t`` for that GEMM), else on ``at::_int_mm``; ``then``: the values of an
+    element-wise module at the 256 int8 outputs, read for each output instead."""
     return torch.ops.iseg_kernels.linear(x, weight_t, bias, out.multiplier, out.shift, int(out.bounds[0]),
                                          int(out.bounds[1]), int(input_offset), out_dtype, then, list(packed))
 
 
-def pack_vnni_weight(weight_t):
-    """(K, N) int8 weights packed once for the VNNI GEMM of :func:`linear`: (data, 128 x column sums)."""
-    return tuple(torch.ops.iseg_kernels.pack_vnni_weight(weight_t))
+def pack_weight(weight_t, gemm: str):
+    """(K, N) int8 weights packed once for :func:`linear` on the GEMM path ``gemm``: the VNNI GEMM's (int8 panels,
+    128 x column sums), the AVX2 GEMM's (int16 panels,); none for the others."""
+    if gemm == "vnni":
+        return tuple(torch.ops.iseg_kernels.pack_vnni_weight(weight_t))
+    if gemm == "avx2":
+        return tuple(torch.ops.iseg_kernels.pack_avx2_weight(weight_t))
+    return ()
 
 
 def uint16_matmul_requantize(p, v, out_dyadic, bounds, out_dtype, int8_matmul):

@@ -687,42 +687,63 @@ at::Tensor argmax_channels(const at::Tensor& x_, int64_t ho, int64_t wo) {
 // VNNI and a naive loop elsewhere (~50x slower than FP32); AVX2's int8 instruction (vpmaddubsw) saturates its
 // int16 pair sums, so it is not exact. Here both operands are sign-extended to int16 and vpmaddwd multiplies
 // pairs along k: a pair sum is at most 2 * 128 * 128 = 2**15 in magnitude, exact in its int32 lane, and the int32
-// accumulator of k < 2**17 terms cannot overflow. B is packed once per product (16-column panels of int16 pairs
-// (k, k+1)), A as int16 rows; each task owns a block of rows, cache-blocked along k.
-#ifdef __AVX2__
-constexpr int64_t kTileRows = 4;     // the register tile: 4 x 16 int32 (8 accumulators, 2 B vectors, 1 A word)
+// accumulator of k < 2**17 terms cannot overflow. B is packed into 16-column panels of int16 pairs (k, k+1) (once
+// per product, or once per weight: pack_avx2_weight), A into int16 rows; each task owns a block of rows,
+// cache-blocked along k.
+constexpr int64_t kTileRows = 6;     // the register tile: 6 x 16 int32 (12 accumulators, 2 B vectors, 1 A pair, 1 product)
 constexpr int64_t kTileCols = 16;
-constexpr int64_t kBlockPairs = 128; // k-pairs per cache block: a 16 x 256 int16 B panel (8 KiB) stays in L1
-constexpr int64_t kTaskRows = 48;    // rows per parallel task
+#ifdef __AVX2__
+constexpr int64_t kBlockPairs = 256; // k-pairs per cache block: a B panel's 256 pairs (16 KiB) stay in L1
+constexpr int64_t kTaskRows = 48;    // rows per parallel task (whole tiles)
 
-struct PackedB {
-  std::vector<int16_t> data;  // panel-major: panel p, pair t, column j -> data[((p * pairs + t) * 16 + j) * 2 + h]
+inline int64_t avx2_pairs(int64_t k) { return (k + 1) / 2; }
+inline int64_t avx2_panels(int64_t n) { return (n + kTileCols - 1) / kTileCols; }
+inline int64_t whole_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows * kTileRows; }
+
+struct Avx2B {  // B packed (a view): panel p, pair t, column j, half h at data[((p * pairs + t) * 16 + j) * 2 + h]
+  const int16_t* data;
   int64_t n, pairs, panels;
 };
 
-PackedB pack_b(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
-  PackedB p{{}, n, (k + 1) / 2, (n + kTileCols - 1) / kTileCols};
-  p.data.assign(p.panels * p.pairs * 2 * kTileCols, 0);  // zeros pad an odd k and the last panel
-  // on the calling thread: one parallel region less per product (a region waits for both threads, which costs a
-  // scheduler time slice where other processes hold the other core)
-  for (int64_t panel = 0; panel < p.panels; ++panel) {
+// b (k, n) row-major packed into data (avx2_panels(n) * avx2_pairs(k) * 32 int16), zeroed first: zeros pad an odd k
+// and the last panel
+void pack_avx2_into(const int8_t* b, int64_t k, int64_t n, int16_t* data) {
+  const int64_t pairs = avx2_pairs(k);
+  for (int64_t panel = 0; panel < avx2_panels(n); ++panel) {
     const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, n - c0);
-    for (int64_t t = 0; t < p.pairs; ++t) {
-      int16_t* out = p.data.data() + (panel * p.pairs + t) * 2 * kTileCols;
+    for (int64_t t = 0; t < pairs; ++t) {
+      int16_t* out = data + (panel * pairs + t) * 2 * kTileCols;
       for (int64_t h = 0; h < 2 && 2 * t + h < k; ++h) {
         const int8_t* row = b + (2 * t + h) * n + c0;
         for (int64_t j = 0; j < cols; ++j) out[2 * j + h] = row[j];
       }
     }
   }
+}
+
+struct PackedB {  // B packed for one product (the attention's keys and values, per head)
+  std::vector<int16_t> data;
+  int64_t n, k;
+  Avx2B view() const { return {data.data(), n, avx2_pairs(k), avx2_panels(n)}; }
+};
+
+// (on the calling thread: one parallel region less per product; a region waits for both threads, which costs a
+// scheduler time slice where other processes hold the other core)
+PackedB pack_b(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
+  PackedB p{std::vector<int16_t>(avx2_panels(n) * avx2_pairs(k) * 2 * kTileCols, 0), n, k};
+  pack_avx2_into(b, k, n, p.data.data());
   return p;
 }
 
-// rows [r0, r1) of a (m, k) int8 row-major as int16 rows of 2 * pairs (zero-padded) into out
-void pack_a_rows(const int8_t* a, int64_t r0, int64_t r1, int64_t k, int64_t pairs, int16_t* out) {
+// rows [r0, r1) of a (m, k) row-major as int16 rows of 2 * pairs (zero-padded) into out, int8(x - offset) of each
+// value x (wrapping as torch's cast to int8 does: the Linear's input on an asymmetric grid)
+template <typename In>
+void pack_a_rows(const In* a, int64_t r0, int64_t r1, int64_t k, int64_t pairs, int16_t* out, int64_t offset = 0) {
+  const int32_t off = int32_t(offset);
   for (int64_t i = r0; i < r1; ++i) {
-    int16_t* o = out + (i - r0) * 2 * pairs;
-    std::copy(a + i * k, a + (i + 1) * k, o);
+    const In* __restrict x = a + i * k;
+    int16_t* __restrict o = out + (i - r0) * 2 * pairs;
+    for (int64_t c = 0; c < k; ++c) o[c] = int8_t(uint8_t(uint32_t(int32_t(x[c]) - off)));
     std::fill(o + k, o + 2 * pairs, int16_t(0));
   }
 }
@@ -746,69 +767,100 @@ __attribute__((always_inline)) inline void store_tile_row(int32_t* row, __m256i 
   for (int64_t j = 0; j < cols; ++j) row[j] = add ? row[j] + tile[j] : tile[j];
 }
 
-// R x 16 of C (cols of them kept) from pairs [t0, t1) of int16 rows a and one B panel; add: onto C. The
-// accumulators are two arrays indexed by constants only (the loops over r unroll), so they stay in registers.
-template <int R>
-__attribute__((noinline)) void gemm_tile(const int16_t* a, int64_t lda, const int16_t* b, int64_t t0, int64_t t1,
-                                         int32_t* c, int64_t ldc, int64_t cols, bool add) {
-  __m256i lo[R], hi[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-  for (int64_t t = t0; t < t1; ++t) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + t * 2 * kTileCols));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + t * 2 * kTileCols + kTileCols));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * t, sizeof pair);
-      const __m256i ar = _mm256_set1_epi32(pair);
-      lo[r] = _mm256_add_epi32(_mm256_madd_epi16(ar, b0), lo[r]);
-      hi[r] = _mm256_add_epi32(_mm256_madd_epi16(ar, b1), hi[r]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) store_tile_row(c + r * ldc, lo[r], hi[r], cols, add);
+// acc (6 x 16 int32, row-major) = 6 int16 rows of a (lda int16 apart, from their pair t0) @ pairs >= 1 pairs of one
+// B panel (from its pair t0). Assembly, because GCC 12 compiles the same loop in intrinsics with a B load folded
+// into each of its 12 vpmaddwd (with the 6 A broadcasts over the core's load rate) or with an accumulator spilled:
+// one thread, ViT shapes, 53 or 42 GMAC/s where this loop runs at 85-90 (Zen 4; a vpmaddwd + vpaddd stream peaks at
+// ~98). Per pair step: 2 B loads, and for each row an A pair broadcast, 2 vpmaddwd, 2 vpaddd.
+__attribute__((noinline)) void tile_6x16(const int16_t* a, int64_t lda, const int16_t* b, int64_t pairs, int32_t* acc) {
+  const int16_t* a3 = a + 3 * lda;
+  const int64_t row_bytes = 2 * lda;
+#define ISEG_TILE_ROW(pair, lo, hi)                 \
+  "vpbroadcastd " pair ", %%ymm14\n\t"              \
+  "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"          \
+  "vpaddd %%ymm15, %%" lo ", %%" lo "\n\t"          \
+  "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"          \
+  "vpaddd %%ymm15, %%" hi ", %%" hi "\n\t"
+  asm volatile(
+      "vpxor %%xmm0, %%xmm0, %%xmm0\n\t"
+      "vpxor %%xmm1, %%xmm1, %%xmm1\n\t"
+      "vpxor %%xmm2, %%xmm2, %%xmm2\n\t"
+      "vpxor %%xmm3, %%xmm3, %%xmm3\n\t"
+      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"
+      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"
+      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"
+      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"
+      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"
+      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"
+      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"
+      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"
+      "1:\n\t"
+      "vmovdqu (%[b]), %%ymm12\n\t"
+      "vmovdqu 32(%[b]), %%ymm13\n\t"
+      ISEG_TILE_ROW("(%[a])", "ymm0", "ymm1")
+      ISEG_TILE_ROW("(%[a],%[ld])", "ymm2", "ymm3")
+      ISEG_TILE_ROW("(%[a],%[ld],2)", "ymm4", "ymm5")
+      ISEG_TILE_ROW("(%[a3])", "ymm6", "ymm7")
+      ISEG_TILE_ROW("(%[a3],%[ld])", "ymm8", "ymm9")
+      ISEG_TILE_ROW("(%[a3],%[ld],2)", "ymm10", "ymm11")
+      "add $4, %[a]\n\t"
+      "add $4, %[a3]\n\t"
+      "add $64, %[b]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      "vmovdqu %%ymm0, (%[acc])\n\t"
+      "vmovdqu %%ymm1, 32(%[acc])\n\t"
+      "vmovdqu %%ymm2, 64(%[acc])\n\t"
+      "vmovdqu %%ymm3, 96(%[acc])\n\t"
+      "vmovdqu %%ymm4, 128(%[acc])\n\t"
+      "vmovdqu %%ymm5, 160(%[acc])\n\t"
+      "vmovdqu %%ymm6, 192(%[acc])\n\t"
+      "vmovdqu %%ymm7, 224(%[acc])\n\t"
+      "vmovdqu %%ymm8, 256(%[acc])\n\t"
+      "vmovdqu %%ymm9, 288(%[acc])\n\t"
+      "vmovdqu %%ymm10, 320(%[acc])\n\t"
+      "vmovdqu %%ymm11, 352(%[acc])\n\t"
+      : [a] "+r"(a), [a3] "+r"(a3), [b] "+r"(b), [n] "+r"(pairs)
+      : [ld] "r"(row_bytes), [acc] "r"(acc)
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
+        "xmm13", "xmm14", "xmm15", "memory", "cc");
+#undef ISEG_TILE_ROW
 }
 
-// rows [r0, r1) of c (m, b.n) int32 = a16 (rows r0.. of lda = 2 * b.pairs int16, starting at row r0) @ b
-void gemm_rows(const int16_t* a16, int64_t r0, int64_t r1, const PackedB& b, int32_t* c) {
+// rows [0, m) of c (m, b.n) int32 = a16 (int16 rows of lda = 2 * b.pairs; whole_tiles(m) of them readable: the
+// last tile's extra rows are computed, not stored) @ b, on this thread
+void gemm_rows(const int16_t* a16, int64_t m, const Avx2B& b, int32_t* c) {
   const int64_t lda = 2 * b.pairs, ldc = b.n;
   if (b.pairs == 0) {
-    std::fill(c + r0 * ldc, c + r1 * ldc, 0);
+    std::fill(c, c + m * ldc, 0);
     return;
   }
+  alignas(32) int32_t acc[kTileRows * kTileCols];
   for (int64_t t0 = 0; t0 < b.pairs; t0 += kBlockPairs) {
     const int64_t t1 = std::min(b.pairs, t0 + kBlockPairs);
     for (int64_t panel = 0; panel < b.panels; ++panel) {
-      const int16_t* bp = b.data.data() + panel * b.pairs * 2 * kTileCols;
+      const int16_t* bp = b.data + (panel * b.pairs + t0) * 2 * kTileCols;
       const int64_t c0 = panel * kTileCols, cols = std::min(kTileCols, b.n - c0);
-      for (int64_t r = r0; r < r1; r += kTileRows) {
-        const int16_t* ar = a16 + (r - r0) * lda;
-        int32_t* cr = c + r * ldc + c0;
-        switch (std::min(kTileRows, r1 - r)) {
-          case 4: gemm_tile<4>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
-          case 3: gemm_tile<3>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
-          case 2: gemm_tile<2>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0); break;
-          default: gemm_tile<1>(ar, lda, bp, t0, t1, cr, ldc, cols, t0 > 0);
-        }
+      for (int64_t r = 0; r < m; r += kTileRows) {
+        tile_6x16(a16 + r * lda + 2 * t0, lda, bp, t1 - t0, acc);
+        for (int64_t i = 0; i < std::min(kTileRows, m - r); ++i)
+          store_tile_row(c + (r + i) * ldc + c0, _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + i * kTileCols)),
+                         _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + i * kTileCols + 8)), cols, t0 > 0);
       }
     }
   }
 }
 
-// c (m, b.n) int32 = a16 (m, 2 * b.pairs) int16 @ b, on the calling thread
-void gemm_packed(const int16_t* a16, int64_t m, const PackedB& b, int32_t* c) { gemm_rows(a16, 0, m, b, c); }
-
 // (m, k) int8 rows @ packed B -> (m, n) int32 at c: tasks of kTaskRows rows on torch's threads, each packing its own
 // rows to int16 (one parallel region per product)
-void mm_packed(const int8_t* a, int64_t m, int64_t k, const PackedB& b, int32_t* c) {
+void mm_packed(const int8_t* a, int64_t m, int64_t k, const Avx2B& b, int32_t* c) {
   const int64_t tasks = (m + kTaskRows - 1) / kTaskRows;
   on_threads(tasks, [&](std::atomic<int64_t>& next) {
     std::vector<int16_t> a16(kTaskRows * 2 * b.pairs);
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
       const int64_t r0 = task * kTaskRows, r1 = std::min(m, r0 + kTaskRows);
       pack_a_rows(a, r0, r1, k, b.pairs, a16.data());
-      gemm_rows(a16.data(), r0, r1, b, c);
+      gemm_rows(a16.data(), r1 - r0, b, c + r0 * b.n);
     }
   });
 }
@@ -824,7 +876,7 @@ at::Tensor int8_mm_avx2(const at::Tensor& a_, const at::Tensor& b_) {
   const int64_t batch = a.dim() == 3 ? a.size(0) : 1, m = a.size(-2), k = a.size(-1), n = b.size(-1);
   at::Tensor out = at::empty({batch, m, n}, a.options().dtype(at::kInt));
   for (int64_t i = 0; i < batch; ++i)
-    mm_packed(a.data_ptr<int8_t>() + i * m * k, m, k, pack_b(b.data_ptr<int8_t>() + i * k * n, k, n),
+    mm_packed(a.data_ptr<int8_t>() + i * m * k, m, k, pack_b(b.data_ptr<int8_t>() + i * k * n, k, n).view(),
               out.data_ptr<int32_t>() + i * m * n);
   return a.dim() == 3 ? out : out[0];
 #else
@@ -1161,6 +1213,38 @@ __attribute__((always_inline)) inline int64_t softmax_exp(const int32_t* __restr
   return (int64_t(1) << 62) / sum;  // sum >= 1: every table value is > 0
 }
 
+// A probability (e recip + half) >> shift of one exponential e of a row (0 < e <= sum, recip = floor(2**62 / sum):
+// e recip <= 2**62, so p <= 2**(62 - shift) <= 2**15; 47 <= shift <= 62, half = 2**(shift - 1)).
+template <typename E>
+__attribute__((always_inline)) inline int64_t probability(E e, int64_t recip, int64_t half, int64_t shift) {
+  return (int64_t(e) * recip + half) >> shift;
+}
+
+// AVX2 without AVX-512: probability() of 8 int32 exponentials (e < 2**31), with recip = rh 2**32 + rl, as
+// (e rh + ((e rl + half) >> 32)) >> (shift - 32) (a floor of a floor quotient; e rl + half < 2**64): uint32 x uint32
+// -> uint64 products (vpmuludq, which multiplies the even lanes: the odd ones shifted down for a second product, each
+// p < 2**32 put back in its lane) and logical shifts. GCC vectorises the scalar form with three vpmuludq per int64 product, and an int64
+// arithmetic shift has no instruction before AVX-512: the loops below on this were 2x slower (ViT-S, AVX2 level).
+// With AVX-512 the compiler's vpmullq loop was faster (ViT-S attention, VNNI path: 8.9 vs 9.4 ms).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define ISEG_PROBABILITIES8 1
+struct Probabilities8 {
+  __m256i rl, rh, half;
+  __m128i shift;  // shift - 32
+  Probabilities8(int64_t recip, int64_t h, int64_t s)
+      : rl(_mm256_set1_epi64x(int64_t(uint32_t(recip)))), rh(_mm256_set1_epi64x(int64_t(uint64_t(recip) >> 32))),
+        half(_mm256_set1_epi64x(h)), shift(_mm_cvtsi64_si128(s - 32)) {}
+  __m256i operator()(const int32_t* e) const {
+    const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e)), odd = _mm256_srli_epi64(even, 32);
+    return _mm256_or_si256(of_even(even), _mm256_slli_epi64(of_even(odd), 32));
+  }
+  __m256i of_even(__m256i x) const {
+    const __m256i low = _mm256_srli_epi64(_mm256_add_epi64(_mm256_mul_epu32(x, rl), half), 32);
+    return _mm256_srl_epi64(_mm256_add_epi64(_mm256_mul_epu32(x, rh), low), shift);
+  }
+};
+#endif
+
 // the probabilities' high bytes p >> 8 (uint8, at most 128) as they are, and their low bytes as _int_mm's int8 operand
 // (p & 255) - 128
 template <typename E>
@@ -1169,8 +1253,29 @@ __attribute__((noinline)) void softmax_row_bytes(const int32_t* __restrict acc, 
                                                  int64_t n, const SoftmaxRow& k) {
   const int64_t recip = softmax_exp(acc, sc, e, n, k);
   const int64_t shift = k.shift, half = k.half;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t p = (int64_t(e[j]) * recip + half) >> shift;
+  int64_t j = 0;
+#ifdef ISEG_PROBABILITIES8
+  if constexpr (sizeof(E) == 4) {  // 32 at a time: p >> 8 and (p & 255) ^ 128 packed to bytes (packs interleave
+    const Probabilities8 probs(recip, half, shift);  // 128-bit lanes: a dword permute puts them back in order)
+    const __m256i low_byte = _mm256_set1_epi32(255), flip = _mm256_set1_epi8(char(0x80));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; j + 32 <= n; j += 32) {
+      const __m256i p0 = probs(e + j), p1 = probs(e + j + 8), p2 = probs(e + j + 16), p3 = probs(e + j + 24);
+      const auto bytes = [&](__m256i a, __m256i b, __m256i c, __m256i d) {
+        return _mm256_permutevar8x32_epi32(
+            _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d)), order);
+      };
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(high + j),
+                          bytes(_mm256_srli_epi32(p0, 8), _mm256_srli_epi32(p1, 8), _mm256_srli_epi32(p2, 8),
+                                _mm256_srli_epi32(p3, 8)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lowh + j),
+                          _mm256_xor_si256(bytes(_mm256_and_si256(p0, low_byte), _mm256_and_si256(p1, low_byte),
+                                                 _mm256_and_si256(p2, low_byte), _mm256_and_si256(p3, low_byte)), flip));
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    const int64_t p = probability(e[j], recip, half, shift);
     high[j] = uint8_t(p >> 8);
     lowh[j] = int8_t((p & 255) - 128);
   }
@@ -1210,9 +1315,24 @@ __attribute__((noinline)) int64_t softmax_row_int16(const int32_t* __restrict ac
                                                  const SoftmaxRow& k) {
   const int64_t recip = softmax_exp(acc, sc, e, n, k);
   const int64_t shift = k.shift, half = k.half;
-  int64_t top = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t p = (int64_t(e[j]) * recip + half) >> shift;
+  int64_t top = 0, j = 0;
+#ifdef ISEG_PROBABILITIES8
+  if constexpr (sizeof(E) == 4) {  // 16 at a time, packed to int16 with signed saturation (2**15 -> 2**15 - 1)
+    const Probabilities8 probabilities(recip, half, shift);
+    __m256i most = _mm256_setzero_si256();
+    for (; j + 16 <= n; j += 16) {
+      const __m256i p0 = probabilities(e + j), p1 = probabilities(e + j + 8);
+      most = _mm256_max_epi32(most, _mm256_max_epi32(p0, p1));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(p0, p1), 0xd8));
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), most);
+    top = *std::max_element(lanes, lanes + 8);
+  }
+#endif
+  for (; j < n; ++j) {
+    const int64_t p = probability(e[j], recip, half, shift);
     probs[j] = int16_t(std::min<int64_t>(p, 32767));
     top = std::max(top, p);
   }
@@ -1312,16 +1432,16 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
       kts[b] = pack_b(kt.data_ptr<int8_t>() + b * d * n, d, n);
       vs[b] = pack_b(v.data_ptr<int8_t>() + b * n * dv, n, dv);
     });
-    const int64_t lda = 2 * vs[0].pairs;
+    const int64_t lda = 2 * avx2_pairs(n);
     on_threads(batch * blocks, [&](std::atomic<int64_t>& next) {
       std::vector<int32_t> acc(block * n), sc(n), pv(block * dv);
       std::vector<int64_t> e(n);
       std::vector<int32_t> e32(n);
-      std::vector<int16_t> probs(block * lda, 0);  // (the columns past n stay 0: pairs pad an odd n)
+      std::vector<int16_t> probs(whole_tiles(block) * lda, 0);  // (the columns past n stay 0: pairs pad an odd n)
       std::vector<std::pair<int64_t, int64_t>> whole;  // (i, j) of the p = 2**15 entries
       for (int64_t task; (task = next.fetch_add(1)) < batch * blocks;) {
         const int64_t b = task / blocks, r0 = (task % blocks) * block, rr = std::min(block, rows - r0);
-        mm_packed(q.data_ptr<int8_t>() + (b * rows + r0) * d, rr, d, kts[b], acc.data());
+        mm_packed(q.data_ptr<int8_t>() + (b * rows + r0) * d, rr, d, kts[b].view(), acc.data());
         // The AVX2 GEMM takes int16 operands: the probabilities enter it whole, one GEMM where _int_mm needs one
         // per int8 half. p = 2**15 (a one-hot row) does not fit int16: it enters as 2**15 - 1 and the row gets
         // v's row once more. |p @ v| <= (2**15 + N) * 128 (rows sum to 2**15 up to rounding): no int32 overflow.
@@ -1332,9 +1452,10 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& kt_, const at::Tens
               : softmax_row_int16(acc.data() + i * n, sc.data(), e.data(), probs.data() + i * lda, n, k);
           if (recip)
             for (int64_t j = 0; j < n; ++j)
-              if (((int64_t(k.int32_exps() ? e32[j] : e[j]) * recip + k.half) >> k.shift) > 32767) whole.emplace_back(i, j);
+              if ((k.int32_exps() ? probability(e32[j], recip, k.half, k.shift) : probability(e[j], recip, k.half, k.shift)) > 32767)
+                whole.emplace_back(i, j);
         }
-        gemm_packed(probs.data(), rr, vs[b], pv.data());
+        gemm_rows(probs.data(), rr, vs[b].view(), pv.data());
         const int8_t* vb = v.data_ptr<int8_t>() + b * n * dv;
         for (const auto& [i, j] : whole)
           for (int64_t col = 0; col < dv; ++col) pv[i * dv + col] += vb[j * dv + col];
@@ -1427,6 +1548,21 @@ std::vector<at::Tensor> pack_vnni_weight(const at::Tensor& w_) {
 #endif
 }
 
+// w (K, N) int8 packed for the AVX2 GEMM once (a Linear's weights): [int16 panels] (linear's ``packed``)
+std::vector<at::Tensor> pack_avx2_weight(const at::Tensor& w_) {
+  const at::Tensor w = w_.contiguous();
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "pack_avx2_weight: int8 w (K, N)");
+#ifdef __AVX2__
+  const int64_t k = w.size(0), n = w.size(1);
+  at::Tensor data = at::zeros({avx2_panels(n) * avx2_pairs(k) * 2 * kTileCols}, w.options().dtype(at::kShort));
+  pack_avx2_into(w.data_ptr<int8_t>(), k, n, data.data_ptr<int16_t>());
+  return {data};
+#else
+  TORCH_CHECK(false, "pack_avx2_weight: these kernels were built for a CPU without AVX2");
+  return {};
+#endif
+}
+
 // y = int8(x - offset), wrapping as torch's cast to int8 does
 template <typename In>
 __attribute__((noinline)) void shift_into_int8(const In* __restrict x, int64_t offset, int8_t* __restrict y, int64_t count) {
@@ -1438,9 +1574,10 @@ __attribute__((noinline)) void shift_into_int8(const In* __restrict x, int64_t o
 // input on an asymmetric grid shifted into int8 block by block (no shifted copy of x passes through memory). The
 // products: the kernels' VNNI GEMM with w packed once (``packed``: pack_vnni_weight's data and column sums, which the
 // module keeps; blocks of 48 rows), the bias, requantization, clamp (and element-wise table) applied to each tile in
-// registers and stored as the output type: no int32 products pass through memory. Else at::_int_mm
-// (single-threaded inside the parallel region; ~256-row blocks: it packs w again at every call, and its cost per row
-// grows on fewer rows), each block's int32 products requantized while they are in cache. The same integers as
+// registers and stored as the output type: no int32 products pass through memory. Else the kernels' AVX2 GEMM with w
+// packed once (``packed``: pack_avx2_weight's panels; blocks of 48 rows, shifted and widened to int16 in one pass)
+// or at::_int_mm (single-threaded inside the parallel region; ~256-row blocks: it packs w again at every call, and its
+// cost per row grows on fewer rows), each block's int32 products requantized while they are in cache. The same integers as
 // Linear's int8_matmul, bias add and Requant one after the other (the shift wraps into int8 as torch's cast does;
 // the bias add wraps in int32 as an int32 tensor add does). ``then``: an element-wise module's outputs for the 256
 // int8 values (LinearThen), read for each int8 output.
@@ -1466,7 +1603,18 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
     TORCH_CHECK(then.numel() == 256 && lo >= -128 && hi <= 127 && out_dtype == at::kChar,
                 "linear: an element-wise table follows int8 outputs (256 values)");
   }
-  const bool vnni = !packed.empty();
+  // packed weights: VNNI's (int8 panels and int32 column sums) or AVX2's (int16 panels)
+  const bool avx2 = packed.size() == 1 && packed[0].scalar_type() == at::kShort, vnni = !packed.empty() && !avx2;
+#ifdef __AVX2__
+  Avx2B wa{};
+  if (avx2) {
+    TORCH_CHECK(packed[0].is_contiguous() && packed[0].numel() == avx2_panels(n) * avx2_pairs(k) * 2 * kTileCols,
+                "linear: w packed by pack_avx2_weight");
+    wa = Avx2B{packed[0].data_ptr<int16_t>(), n, avx2_pairs(k), avx2_panels(n)};
+  }
+#else
+  TORCH_CHECK(!avx2, "linear: these kernels were built for a CPU without AVX2");
+#endif
 #ifdef ISEG_VNNI
   VnniB wb{};
   if (vnni) {
@@ -1484,12 +1632,13 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
   if (rows * n == 0) return out;
   // the GEMM's left operand: x's rows as they are, or shifted into int8 (and, for the VNNI GEMM, which reads whole
   // groups of 4 bytes, zero-padded to them) block by block
+  // (the AVX2 GEMM's operand: int16 rows, shifted as they are widened)
   const int64_t lda = vnni ? (k + 3) / 4 * 4 : k;
-  const bool as_is = x.scalar_type() == at::kChar && offset == 0 && lda == k;
-  // tasks of ~48 rows (VNNI: whole 6-row tiles) or at most ~256 rows (_int_mm), a multiple of the threads in number
-  // and within one unit (a tile, a row) of each other in size: a last task much smaller than the others left one
-  // thread idle at the end of each Linear (~2 % of a ViT-B forward)
-  const int64_t threads = at::get_num_threads(), unit = vnni ? kVnniRows : 1, target = (vnni ? 48 : 256) / unit;
+  const bool as_is = avx2 || (x.scalar_type() == at::kChar && offset == 0 && lda == k);
+  // tasks of ~48 rows (VNNI, AVX2: whole 6-row tiles) or at most ~256 rows (_int_mm), a multiple of the threads in
+  // number and within one unit (a tile, a row) of each other in size: a last task much smaller than the others left
+  // one thread idle at the end of each Linear (~2 % of a ViT-B forward)
+  const int64_t threads = at::get_num_threads(), unit = vnni ? kVnniRows : avx2 ? kTileRows : 1, target = (vnni || avx2 ? 48 : 256) / unit;
   const int64_t units = (rows + unit - 1) / unit;
   const int64_t tasks = std::min(units, threads * ((units + target * threads - 1) / (target * threads)));
   const int64_t per_task = unit * ((units + tasks - 1) / tasks);  // rows of the largest task
@@ -1508,6 +1657,9 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
 #endif
   on_threads(tasks, [&](std::atomic<int64_t>& next) {
     at::Tensor acc = vnni ? at::Tensor() : at::empty({per_task, n}, x.options().dtype(at::kInt));
+#ifdef __AVX2__
+    std::vector<int16_t> a16(avx2 ? per_task * 2 * wa.pairs : 0);
+#endif
     at::Tensor shifted = as_is ? at::Tensor() : at::zeros({per_task, lda}, x.options().dtype(at::kChar));
     at::Tensor ints = then.defined() && !vnni ? at::empty({per_task, n}, x.options().dtype(at::kChar)) : at::Tensor();
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
@@ -1531,7 +1683,15 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
       }
 #endif
       at::Tensor c = acc.narrow(0, 0, rr);
-      at::_int_mm_out(c, a, w);
+#ifdef __AVX2__
+      if (avx2) {
+        AT_DISPATCH_SWITCH(x.scalar_type(), "linear_avx2",
+          AT_DISPATCH_CASE(at::kChar, [&] { pack_a_rows(x.data_ptr<scalar_t>(), r0, r0 + rr, k, wa.pairs, a16.data(), offset); })
+          AT_DISPATCH_CASE(at::kShort, [&] { pack_a_rows(x.data_ptr<scalar_t>(), r0, r0 + rr, k, wa.pairs, a16.data(), offset); }));
+        gemm_rows(a16.data(), rr, wa, c.data_ptr<int32_t>());
+      }
+#endif
+      if (!avx2) at::_int_mm_out(c, a, w);
       if (then.defined()) {  // the int8 outputs into scratch, then their element-wise values
         requantize_rows<int32_t, int8_t>(c.data_ptr<int32_t>(), cr, lo, hi, ints.data_ptr<int8_t>(), rr, n);
         AT_DISPATCH_SWITCH(then.scalar_type(), "linear_then",
@@ -1652,6 +1812,7 @@ TORCH_LIBRARY(iseg_kernels, m) {
   m.def("int8_mm_avx2(Tensor a, Tensor b) -> Tensor");
   m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor multiplier, Tensor shift, int lo, int hi, int offset, ScalarType out_dtype, Tensor? then, Tensor[] packed) -> Tensor");
   m.def("pack_vnni_weight(Tensor w) -> Tensor[]");
+  m.def("pack_avx2_weight(Tensor w) -> Tensor[]");
   m.def("pixels_to_int8(Tensor pixels, Tensor mean, Tensor multiplier, Tensor shift) -> Tensor");
   m.def("poly_gelu(Tensor x, int clip, int pre_shift, int pm, int pe, int k_out, int m, int e, int lo, int hi, ScalarType out_dtype) -> Tensor");
 }
@@ -1668,6 +1829,7 @@ TORCH_LIBRARY_IMPL(iseg_kernels, CPU, m) {
   m.impl("int8_mm_avx2", &int8_mm_avx2);
   m.impl("linear", &linear);
   m.impl("pack_vnni_weight", &pack_vnni_weight);
+  m.impl("pack_avx2_weight", &pack_avx2_weight);
   m.impl("argmax_channels", &argmax_channels);
   m.impl("upsample_class_map", &upsample_class_map);
   m.impl("split_uint16", &split_uint16);

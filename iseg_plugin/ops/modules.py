@@ -125,19 +125,18 @@ class Linear(nn.Module):
 
     def blocked(self, x: Tensor) -> bool:
         """Whether the blocked kernel takes ``x``: the GEMM, bias, requantization (and the input's offset) by blocks
-        of rows, on the kernels' VNNI GEMM or ``at::_int_mm`` (the GEMM path's)."""
-        return (kernels.use(x) and gemm_kernels.gemm_path() in ("int_mm", "vnni") and x.dtype in (torch.int8, torch.int16)
-                and storage_dtype(self.out.bounds) != INT64)
+        of rows, on the kernels' VNNI or AVX2 GEMM or ``at::_int_mm`` (the GEMM path's)."""
+        return (kernels.use(x) and gemm_kernels.gemm_path() in ("int_mm", "vnni", "avx2")
+                and x.dtype in (torch.int8, torch.int16) and storage_dtype(self.out.bounds) != INT64)
 
     def _packed(self) -> tuple:
-        """The weights packed for the VNNI GEMM (on the "vnni" path; else none), once per weight tensor: a cache, not
-        state (the deployed file holds ``weight_t``)."""
-        if gemm_kernels.gemm_path() != "vnni":
-            return ()
-        key = (self.weight_t.data_ptr(), self.weight_t._version)
-        if getattr(self, "_vnni_key", None) != key:
-            self._vnni, self._vnni_key = kernels.pack_vnni_weight(self.weight_t), key
-        return self._vnni
+        """The weights packed for the GEMM path's kernel (VNNI, AVX2; none for ``at::_int_mm``), once per weight tensor
+        and path: a cache, not state (the deployed file holds ``weight_t``)."""
+        path = gemm_kernels.gemm_path()
+        key = (path, self.weight_t.data_ptr(), self.weight_t._version)
+        if getattr(self, "_packed_key", None) != key:
+            self._packed_weight, self._packed_key = kernels.pack_weight(self.weight_t, path), key
+        return self._packed_weight
 
     def blocked_forward(self, x: Tensor, then: Tensor | None = None) -> Tensor:
         out = kernels.linear(x.reshape(-1, x.shape[-1]), self.weight_t, self.bias, self.out, self.input_offset,
