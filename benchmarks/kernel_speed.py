@@ -5,7 +5,8 @@
 * attention: 6 heads x 1025 query rows x 1025 keys x 64, int16 scores, bit-exp softmax (its element-wise form, and
   its table as Shiftmax reads one), int8 context;
 * linear: the four Linears of a ViT-S block (qkv, proj, fc1 with a GELU table, fc2 from an int16 input), on the
-  GEMM path this CPU takes, with and without the weights packed for the VNNI GEMM where it has one;
+  GEMM path this CPU takes: on ``at::_int_mm`` (not on the AVX2 path, where it is a naive loop) and with the weights
+  packed for the kernels' VNNI or AVX2 GEMM where the path is one of those;
 * class map: 150 x 32 x 32 int16 logits upsampled to 512 x 512, then argmax, against the one-pass kernel.
 
 Prints the ISA, the GEMM path and the median of 15 runs per kernel (ms). Each timed call is checked equal to its
@@ -66,15 +67,17 @@ def linear_rows(gemm: str) -> dict[str, float]:
         m = torch.randint(2**30, 2**31 - 1, (n,), generator=g, dtype=torch.int64)
         e = torch.full((n,), 38, dtype=torch.int64)
         table = torch.randint(-4, 252, (256,), generator=g, dtype=torch.int16) if then else None
-        packings = {"_int_mm": []}
-        if gemm == "vnni":
-            packings["VNNI, packed"] = list(ops.pack_vnni_weight(w))
+        # (_int_mm: a naive loop ~50x slower than FP32 on the AVX2 path's CPUs, so not timed there)
+        packings = {} if gemm == "avx2" else {"_int_mm": []}
+        if gemm in ("vnni", "avx2"):
+            packings[f"{gemm}, packed"] = list(kernels.pack_weight(w, gemm))
         outs = {}
         for how, packed in packings.items():
             call = lambda packed=packed: ops.linear(x, w, bias, m, e, -128, 127, offset, torch.int8, table, packed)  # noqa: E731
             outs[how] = call()
             rows[f"linear {name}, {how}"] = median_ms(call)
-        assert all(torch.equal(o, outs["_int_mm"]) for o in outs.values()), f"linear {name}: the GEMMs differ"
+        first = next(iter(outs.values()))
+        assert all(torch.equal(o, first) for o in outs.values()), f"linear {name}: the GEMMs differ"
     return rows
 
 
@@ -100,8 +103,8 @@ def main() -> None:
     gemm = gemm_path()
     print(f"ISA {cpu_isa()}, GEMM path {gemm}, {torch.get_num_threads()} threads, {kernels.describe()}")
     attention_gemm = gemm if gemm in kernels.ATTENTION_GEMMS else "int_mm"
-    # (the blocked Linear kernel runs on the int8 GEMM paths only: at::_int_mm is a naive loop without VNNI)
-    linears = linear_rows(gemm) if gemm in ("int_mm", "vnni") else {}
+    # (the blocked Linear kernel runs on the int8 GEMM paths, not on the int32 matmul)
+    linears = linear_rows(gemm) if gemm in ("int_mm", "vnni", "avx2") else {}
     for name, ms in {**attention_rows(attention_gemm), **linears, **class_map_rows()}.items():
         print(f"{name:45s} {ms:8.3f} ms")
 

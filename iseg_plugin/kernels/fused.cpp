@@ -4,11 +4,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 // The ISA-specific branches are two GEMMs, AVX2's (int16 pairs) and AVX-512 VNNI's (the attention's and the
-// Linears', with their epilogues in registers), chosen at compile time (-march=native): one build holds one CPU's
-// branches. A process built for a lower level (ISEG_KERNELS_ISA=avx2 | generic: no AVX-512, no AVX) runs the others
-// a wider CPU does not take, and tests/test_isa_builds.py runs the kernels' tests in each. The #else branches only
-// refuse (Python asks for a GEMM only where the CPU has its instructions), and the route they leave, the attention
-// and the Linears on at::_int_mm, is tested on every machine under the forced "int_mm" path.
+// Linears', with their epilogues in registers), and AVX2's softmax probabilities (where AVX-512 is absent), chosen at
+// compile time (-march=native): one build holds one CPU's branches. A process built for a lower level
+// (ISEG_KERNELS_ISA=avx2 | generic: no AVX-512, no AVX) runs the others a wider CPU does not take, and
+// tests/test_isa_builds.py runs the kernels' tests in each. The GEMMs' #else branches only refuse (Python asks for a
+// GEMM only where the CPU has its instructions), and the route they leave, the attention and the Linears on
+// at::_int_mm, is tested on every machine under the forced "int_mm" path; the probabilities' is the scalar loop.
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif

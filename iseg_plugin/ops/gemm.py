@@ -36,8 +36,9 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
 #   the kernels built.
 # "int_mm": torch._int_mm, oneDNN's VNNI kernel, several times faster than FP32; without VNNI it falls back to
 #   a naive loop ~50x slower than FP32, so it is used only with VNNI.
-# "avx2": the kernels' own (iseg_plugin/kernels, int16 pairs by vpmaddwd, on torch's threads), ~0.9x of FP32 on
-#   2 AVX2 cores (docs/avx2/performance.md); needs the kernels built.
+# "avx2": the kernels' own (iseg_plugin/kernels, int16 pairs by vpmaddwd, on torch's threads); the deployed ViT-S /
+#   ViT-B on it run 1.3x / 1.4x faster than FP32 onnxruntime (kernels built for AVX2 on a Zen 4 CPU:
+#   docs/avx2_level/performance.md); needs the kernels built.
 # "int32": a matmul of the int8 values as int32 (|sum| <= 128 * 128 * K < 2**31 for K < 2**17), ~6x slower
 #   than FP32, on every CPU. All three give the same integers (tests/test_gemm_kernels.py).
 GEMM_PATHS = ("vnni", "int_mm", "avx2", "int32")
