@@ -139,7 +139,7 @@ def linear(x, weight_t, bias, out, input_offset: int, out_dtype, then=None, pack
 
 def pack_weight(weight_t, gemm: str):
     """(K, N) int8 weights packed once for :func:`linear` on the GEMM path ``gemm``: the VNNI GEMM's (int8 panels,
-    128 x column sums), the AVX2 GEMM's (int16 panels,); none for the others."""
+    128 x column sums), the AVX2 GEMM's (int16 panels: twice the weights' bytes); none for the others."""
     if gemm == "vnni":
         return tuple(torch.ops.iseg_kernels.pack_vnni_weight(weight_t))
     if gemm == "avx2":
