@@ -30,6 +30,9 @@ inline int64_t dyadic(int64_t v, int64_t m, int64_t e) {
   return (v * m + half) >> e;  // arithmetic shift: floor, as torch.bitwise_right_shift
 }
 
+// int8(x - offset), wrapping as torch's cast to int8 does (a Linear's input on an asymmetric grid shifted into int8)
+inline int8_t wrap_int8(int32_t x, int32_t offset) { return int8_t(uint8_t(uint32_t(x - offset))); }
+
 // Runs body(next) on each of torch's OpenMP threads (at::parallel_for; inline, on this thread, when nested in a
 // parallel region): body takes tasks i = next++ while i < n, so a thread slowed by other work on the machine takes
 // fewer of them (a static split would wait for it). Per-thread scratch lives in body.
@@ -700,13 +703,14 @@ constexpr int64_t kTaskRows = 48;    // rows per parallel task (whole tiles)
 inline int64_t avx2_pairs(int64_t k) { return (k + 1) / 2; }
 inline int64_t avx2_panels(int64_t n) { return (n + kTileCols - 1) / kTileCols; }
 inline int64_t whole_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows * kTileRows; }
+inline int64_t avx2_packed_size(int64_t k, int64_t n) { return avx2_panels(n) * avx2_pairs(k) * 2 * kTileCols; }  // int16
 
 struct Avx2B {  // B packed (a view): panel p, pair t, column j, half h at data[((p * pairs + t) * 16 + j) * 2 + h]
   const int16_t* data;
   int64_t n, pairs, panels;
 };
 
-// b (k, n) row-major packed into data (avx2_panels(n) * avx2_pairs(k) * 32 int16), zeroed first: zeros pad an odd k
+// b (k, n) row-major packed into data (avx2_packed_size(k, n) int16), zeroed first: zeros pad an odd k
 // and the last panel
 void pack_avx2_into(const int8_t* b, int64_t k, int64_t n, int16_t* data) {
   const int64_t pairs = avx2_pairs(k);
@@ -731,20 +735,20 @@ struct PackedB {  // B packed for one product (the attention's keys and values, 
 // (on the calling thread: one parallel region less per product; a region waits for both threads, which costs a
 // scheduler time slice where other processes hold the other core)
 PackedB pack_b(const int8_t* b, int64_t k, int64_t n) {  // b: (k, n) row-major
-  PackedB p{std::vector<int16_t>(avx2_panels(n) * avx2_pairs(k) * 2 * kTileCols, 0), n, k};
+  PackedB p{std::vector<int16_t>(avx2_packed_size(k, n), 0), n, k};
   pack_avx2_into(b, k, n, p.data.data());
   return p;
 }
 
-// rows [r0, r1) of a (m, k) row-major as int16 rows of 2 * pairs (zero-padded) into out, int8(x - offset) of each
-// value x (wrapping as torch's cast to int8 does: the Linear's input on an asymmetric grid)
+// rows [r0, r1) of a (m, k) row-major as int16 rows of 2 * pairs (zero-padded) into out, wrap_int8(x, offset) of
+// each value x
 template <typename In>
 void pack_a_rows(const In* a, int64_t r0, int64_t r1, int64_t k, int64_t pairs, int16_t* out, int64_t offset = 0) {
   const int32_t off = int32_t(offset);
   for (int64_t i = r0; i < r1; ++i) {
     const In* __restrict x = a + i * k;
     int16_t* __restrict o = out + (i - r0) * 2 * pairs;
-    for (int64_t c = 0; c < k; ++c) o[c] = int8_t(uint8_t(uint32_t(int32_t(x[c]) - off)));
+    for (int64_t c = 0; c < k; ++c) o[c] = wrap_int8(x[c], off);
     std::fill(o + k, o + 2 * pairs, int16_t(0));
   }
 }
@@ -1224,8 +1228,9 @@ __attribute__((always_inline)) inline int64_t probability(E e, int64_t recip, in
 // AVX2 without AVX-512: probability() of 8 int32 exponentials (e < 2**31), with recip = rh 2**32 + rl, as
 // (e rh + ((e rl + half) >> 32)) >> (shift - 32) (a floor of a floor quotient; e rl + half < 2**64): uint32 x uint32
 // -> uint64 products (vpmuludq, which multiplies the even lanes: the odd ones shifted down for a second product, each
-// p < 2**32 put back in its lane) and logical shifts. GCC vectorises the scalar form with three vpmuludq per int64 product, and an int64
-// arithmetic shift has no instruction before AVX-512: the loops below on this were 2x slower (ViT-S, AVX2 level).
+// p < 2**32 put back in its lane) and logical shifts. GCC vectorises the scalar form with three vpmuludq per int64
+// product, and an int64 arithmetic shift has no instruction before AVX-512: the loops below on this were 2x slower
+// (ViT-S, AVX2 level).
 // With AVX-512 the compiler's vpmullq loop was faster (ViT-S attention, VNNI path: 8.9 vs 9.4 ms).
 #if defined(__AVX2__) && !defined(__AVX512F__)
 #define ISEG_PROBABILITIES8 1
@@ -1555,7 +1560,7 @@ std::vector<at::Tensor> pack_avx2_weight(const at::Tensor& w_) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "pack_avx2_weight: int8 w (K, N)");
 #ifdef __AVX2__
   const int64_t k = w.size(0), n = w.size(1);
-  at::Tensor data = at::zeros({avx2_panels(n) * avx2_pairs(k) * 2 * kTileCols}, w.options().dtype(at::kShort));
+  at::Tensor data = at::zeros({avx2_packed_size(k, n)}, w.options().dtype(at::kShort));
   pack_avx2_into(w.data_ptr<int8_t>(), k, n, data.data_ptr<int16_t>());
   return {data};
 #else
@@ -1568,7 +1573,7 @@ std::vector<at::Tensor> pack_avx2_weight(const at::Tensor& w_) {
 template <typename In>
 __attribute__((noinline)) void shift_into_int8(const In* __restrict x, int64_t offset, int8_t* __restrict y, int64_t count) {
   const int32_t off = int32_t(offset);
-  for (int64_t i = 0; i < count; ++i) y[i] = int8_t(uint8_t(uint32_t(int32_t(x[i]) - off)));
+  for (int64_t i = 0; i < count; ++i) y[i] = wrap_int8(x[i], off);
 }
 
 // Linear: requantize(int8(x - offset) @ w + bias) of x (M, K) and w (K, N), by blocks of rows on torch's threads, an
@@ -1609,7 +1614,7 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w_, const std::optiona
 #ifdef __AVX2__
   Avx2B wa{};
   if (avx2) {
-    TORCH_CHECK(packed[0].is_contiguous() && packed[0].numel() == avx2_panels(n) * avx2_pairs(k) * 2 * kTileCols,
+    TORCH_CHECK(packed[0].is_contiguous() && packed[0].numel() == avx2_packed_size(k, n),
                 "linear: w packed by pack_avx2_weight");
     wa = Avx2B{packed[0].data_ptr<int16_t>(), n, avx2_pairs(k), avx2_panels(n)};
   }
